@@ -1,0 +1,151 @@
+"""The MoE feed-forward layer: a pure function over capacity groups and a thin NNX module.
+
+A capacity group is a set of tokens routed together: each expert accepts at most C of a
+group's assignments. Groups are contiguous, equal slices of the flattened global batch,
+`num_groups` of them; by default one per device. Fixing `num_groups` fixes which tokens are
+dropped, whatever the mesh, so the layer gives the same numbers on any data x expert layout.
+"""
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from moejax.moe import router
+from moejax.moe.dispatch import combine, dispatch, slots
+from moejax.moe.experts import ffn, is_gated
+from moejax.parallel import EXPERT_AXIS, TOKEN_AXES, num_token_shards
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int
+    top_k: int  # choices per token: 1 = Switch, 2 = GShard / Mixtral
+    capacity_factor: float  # training; C = ceil(cf * tokens_per_group * k / E)
+    eval_capacity_factor: float
+    min_capacity: int
+    renormalize: bool  # gates of the k choices sum to 1 (Mixtral) or stay raw softmax (Switch)
+    jitter_eps: float  # multiplicative router-input noise in training; 0 = off
+    num_groups: int | None  # capacity groups in the global batch; None = one per device
+
+
+def moe_ffn(x, router_w, experts, *, top_k, capacity_factor, min_capacity, renormalize,
+            activation, noise=None, expert_axis=None, token_axes=()):
+    """One MoE FFN over this device's groups.
+
+    x: [G, T, d] groups held here; noise: like x or None; router_w: [d, E];
+    experts: dict of w_in, w_gate (or None), w_out with this device's experts [E_local, ...].
+    Inside shard_map, `expert_axis` names the axis experts are split over and `token_axes`
+    the axes the groups are split over; outside, both are empty and everything is local.
+    Returns y: [G, T, d] and a dict of aux losses and routing statistics over all groups.
+    """
+    num_groups, group_size, d = x.shape
+    num_experts = router_w.shape[1]
+    ep = jax.lax.axis_size(expert_axis) if expert_axis else 1
+    experts_here = num_experts // ep
+    cap = router.capacity(group_size, num_experts, top_k, capacity_factor, min_capacity)
+
+    router_in = x.astype(jnp.float32) if noise is None else x.astype(jnp.float32) * noise
+    logits = jnp.einsum("gtd,de->gte", router_in, router_w.astype(jnp.float32))
+    r = jax.vmap(partial(router.route, k=top_k, capacity=cap, renormalize=renormalize))(logits)
+    slot, source = jax.vmap(partial(slots, capacity=cap, num_experts=num_experts))(
+        r.expert_ids, r.positions, r.keep)
+
+    # [G, E*C, d] -> [G, ep, E_local, C, d]: axis 1 is the device that owns the expert.
+    buf = jax.vmap(dispatch)(x, slot, source).reshape(num_groups, ep, experts_here, cap, d)
+    if expert_axis:  # afterwards axis 1 is the device the tokens came from
+        buf = jax.lax.all_to_all(buf, expert_axis, 1, 1, tiled=True)
+    xe = buf.transpose(2, 1, 0, 3, 4).reshape(experts_here, ep * num_groups * cap, d)
+    ye = ffn(xe, experts["w_in"], experts["w_gate"], experts["w_out"], activation)
+    ye = ye.reshape(experts_here, ep, num_groups, cap, d).transpose(2, 1, 0, 3, 4)
+    if expert_axis:
+        ye = jax.lax.all_to_all(ye, expert_axis, 1, 1, tiled=True)
+    y = jax.vmap(combine)(ye.reshape(num_groups, num_experts * cap, d), r.gates, slot, source)
+
+    def total(v):
+        return jax.lax.psum(v, token_axes) if token_axes else v
+
+    num_tokens = total(num_groups * group_size)
+    tokens_per_expert = total(r.tokens_per_expert.sum(0))
+    aux = {
+        "balance_loss": router.balance_loss_from_sums(
+            total(r.probs.sum((0, 1))), tokens_per_expert, num_tokens, top_k),
+        "z_loss": total(router.z_loss(logits) * num_groups * group_size) / num_tokens,
+        "tokens_per_expert": tokens_per_expert,
+        "dropped_frac": 1.0 - total(r.keep.sum()) / (num_tokens * top_k),
+        "entropy": total(router.entropy(r.probs.reshape(-1, num_experts)) * x[..., 0].size)
+        / num_tokens,
+        "top1_prob": total(r.probs.max(-1).sum()) / num_tokens,
+    }
+    return y, aux
+
+
+class ExpertParam(nnx.Param):
+    """A parameter with a leading expert axis: counted as active only k/E of the time."""
+
+
+class MoE(nnx.Module):
+    """Router and expert weights with their shardings; the math is `moe_ffn`."""
+
+    def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, activation: str, *,
+                 mesh: Mesh | None, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.cfg, self.activation, self.mesh, self.dtype = cfg, activation, mesh, dtype
+        e = cfg.num_experts
+        init = nnx.initializers.lecun_normal()
+        # Layout names only: parallel.shard_model places the arrays once the model is built.
+        self.router = nnx.Param(init(rngs.params(), (d_model, e), jnp.float32),
+                                out_sharding=(None, None), eager_sharding=False)
+
+        def expert_weight(shape):
+            keys = jax.random.split(rngs.params(), e)
+            w = jax.vmap(lambda key: init(key, shape, param_dtype))(keys)
+            return ExpertParam(w, out_sharding=(EXPERT_AXIS, None, None), eager_sharding=False)
+
+        self.w_in = expert_weight((d_model, d_ff))
+        self.w_gate = expert_weight((d_model, d_ff)) if is_gated(activation) else None
+        self.w_out = expert_weight((d_ff, d_model))
+
+    def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None):
+        """x: [B, S, d] -> ([B, S, d], aux). `rng` drives router jitter when training."""
+        cfg = self.cfg
+        shards = num_token_shards(self.mesh)
+        num_groups = cfg.num_groups or shards
+        if num_groups % shards or x.shape[0] * x.shape[1] % num_groups:
+            raise ValueError(
+                f"moe.num_groups={num_groups} must be a multiple of the {shards} token shards "
+                f"and divide the {x.shape[0] * x.shape[1]} tokens of the batch")
+        noise = None
+        if train and cfg.jitter_eps > 0:
+            noise = router.jitter_noise(rng, x.shape, cfg.jitter_eps)
+        experts = {
+            "w_in": self.w_in[...].astype(self.dtype),
+            "w_gate": None if self.w_gate is None else self.w_gate[...].astype(self.dtype),
+            "w_out": self.w_out[...].astype(self.dtype),
+        }
+        sharded = self.mesh is not None
+
+        def local(x, noise, router_w, experts):
+            def grouped(a):  # [B_local, S, d] -> [groups here, tokens per group, d]
+                return None if a is None else a.reshape(num_groups // shards, -1, a.shape[-1])
+
+            y, aux = moe_ffn(
+                grouped(x),
+                router_w, experts, top_k=cfg.top_k,
+                capacity_factor=cfg.capacity_factor if train else cfg.eval_capacity_factor,
+                min_capacity=cfg.min_capacity, renormalize=cfg.renormalize,
+                activation=self.activation,
+                noise=grouped(noise),
+                expert_axis=EXPERT_AXIS if sharded else None,
+                token_axes=TOKEN_AXES if sharded else ())
+            return y.reshape(x.shape), aux
+
+        if sharded:
+            local = jax.shard_map(
+                local, mesh=self.mesh,
+                in_specs=(P(TOKEN_AXES), None if noise is None else P(TOKEN_AXES), P(),
+                          P(EXPERT_AXIS)),
+                out_specs=(P(TOKEN_AXES), P()))
+        return local(x.astype(self.dtype), noise, self.router[...], experts)

@@ -1,0 +1,87 @@
+"""Switch-style token-choice router: pure functions on arrays, float32 inside.
+
+Conventions (docs/architecture.md repeats them):
+- `k` choices per token from `lax.top_k` of the softmax; on ties the lower expert id wins.
+- Capacity is granted in priority order: every token's 1st choice (in token order), then every
+  token's 2nd choice, and so on. An assignment past its expert's capacity is dropped.
+- Balance loss `E * sum_e f_e * P_e`: f_e counts all k choices before dropping, divided by T*k,
+  so a perfectly balanced router scores exactly 1 for any k.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+    probs: jax.Array  # [T, E] float32 softmax of the router logits
+    gates: jax.Array  # [T, k] float32 combine weights (renormalized to sum 1 if asked)
+    expert_ids: jax.Array  # [T, k] int32
+    positions: jax.Array  # [T, k] int32 slot in the expert's queue (may exceed capacity)
+    keep: jax.Array  # [T, k] bool, False where the expert was already full
+    tokens_per_expert: jax.Array  # [E] int32 assignments before dropping
+
+
+def capacity(tokens_per_group: int, num_experts: int, k: int, capacity_factor: float,
+             min_capacity: int = 1) -> int:
+    """Slots per expert per group: ceil(capacity_factor * tokens_per_group * k / E)."""
+    return max(min_capacity, math.ceil(capacity_factor * tokens_per_group * k / num_experts))
+
+
+def jitter_noise(rng: jax.Array, shape, eps: float) -> jax.Array:
+    """Multiplicative uniform noise in [1 - eps, 1 + eps] for the router input (train only)."""
+    return jax.random.uniform(rng, shape, jnp.float32, 1.0 - eps, 1.0 + eps)
+
+
+def expert_positions(expert_ids: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Queue position of each assignment at its expert, by a stable sort (cost flat in E).
+
+    expert_ids: [T, k]. Returns positions [T, k] and tokens_per_expert [E].
+    """
+    num_tokens, k = expert_ids.shape
+    flat = expert_ids.T.reshape(-1)  # choice-major: all 1st choices come before any 2nd choice
+    order = jnp.argsort(flat, stable=True)
+    counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    first_slot = jnp.cumsum(counts) - counts
+    pos_sorted = jnp.arange(flat.size, dtype=jnp.int32) - first_slot[flat[order]]
+    positions = jnp.zeros_like(flat).at[order].set(pos_sorted)
+    return positions.reshape(k, num_tokens).T, counts
+
+
+def route(logits: jax.Array, k: int, capacity: int, renormalize: bool) -> Routing:
+    """logits: [T, E] for one capacity group."""
+    num_experts = logits.shape[-1]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    gates, expert_ids = jax.lax.top_k(probs, k)
+    if renormalize:
+        gates = gates / gates.sum(axis=-1, keepdims=True)
+    expert_ids = expert_ids.astype(jnp.int32)
+    positions, counts = expert_positions(expert_ids, num_experts)
+    return Routing(probs, gates, expert_ids, positions, positions < capacity, counts)
+
+
+def z_loss(logits: jax.Array) -> jax.Array:
+    """mean over tokens of logsumexp(logits)^2; logits: [..., E]."""
+    return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)
+
+
+def balance_loss_from_sums(prob_sum: jax.Array, tokens_per_expert: jax.Array, num_tokens,
+                           k: int) -> jax.Array:
+    """E * sum_e f_e * P_e from per-expert sums, so shards can add them before dividing."""
+    num_experts = prob_sum.shape[-1]
+    f = tokens_per_expert / (num_tokens * k)
+    p = prob_sum / num_tokens
+    return num_experts * jnp.sum(f * p)
+
+
+def balance_loss(probs: jax.Array, expert_ids: jax.Array) -> jax.Array:
+    """Switch balance loss of one group; probs: [T, E], expert_ids: [T, k]."""
+    counts = jnp.bincount(expert_ids.reshape(-1), length=probs.shape[-1])
+    return balance_loss_from_sums(probs.sum(0), counts, probs.shape[0], expert_ids.shape[-1])
+
+
+def entropy(probs: jax.Array) -> jax.Array:
+    """Mean router entropy in nats over tokens; probs: [T, E]."""
+    return -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1))

@@ -1,0 +1,138 @@
+"""The MoE layer against the all-experts NumPy reference, and across mesh layouts.
+
+Capacity group: a contiguous 1/num_groups slice of the flattened batch. The tests fix
+num_groups = 8, so the single-device run (8 groups on one device) and every 8-device mesh
+(one group per device, devices in (data, expert) order) route and drop the same tokens.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax import parallel
+from moejax.moe.layer import MoE, MoEConfig
+from moejax.params import bytes_per_device, param_counts
+from tests import reference
+
+D, F = 16, 32
+
+
+def make(num_experts, top_k, cf, *, mesh=None, activation="swiglu", renormalize=False, groups=8):
+    cfg = MoEConfig(num_experts=num_experts, top_k=top_k, capacity_factor=cf,
+                    eval_capacity_factor=cf, min_capacity=1, renormalize=renormalize,
+                    jitter_eps=0.0, num_groups=groups)
+    model = MoE(D, F, cfg, activation, mesh=mesh, rngs=nnx.Rngs(0))
+    if mesh is not None:
+        parallel.shard_model(model, mesh)
+    return model
+
+
+def tokens(batch=16, seq=8):
+    return jax.random.normal(jax.random.key(1), (batch, seq, D))
+
+
+def reference_run(model, x, cf):
+    cfg = model.cfg
+    n = x.shape[0] * x.shape[1]
+    from moejax.moe.router import capacity
+
+    cap = capacity(n // cfg.num_groups, cfg.num_experts, cfg.top_k, cf, cfg.min_capacity)
+    w = {k: None if getattr(model, k) is None else np.asarray(getattr(model, k)[...], np.float64)
+         for k in ("w_in", "w_gate", "w_out")}
+    return reference.moe(np.asarray(x).reshape(n, D), np.asarray(model.router[...], np.float64),
+                         w["w_in"], w["w_gate"], w["w_out"], k=cfg.top_k, capacity=cap,
+                         renormalize=cfg.renormalize, activation=model.activation,
+                         num_groups=cfg.num_groups)
+
+
+@pytest.mark.parametrize("top_k,renormalize,activation,cf", [
+    (1, False, "swiglu", 8.0),  # capacity = all tokens: nothing can be dropped
+    (2, False, "swiglu", 8.0),
+    (2, True, "relu", 8.0),
+    (2, False, "gelu", 8.0),
+    (2, False, "swiglu", 1.0),  # tight capacity: the reference drops the same assignments
+    (1, True, "swiglu", 0.5),
+])
+def test_layer_equals_all_experts_reference(top_k, renormalize, activation, cf):
+    model = make(4, top_k, cf, activation=activation, renormalize=renormalize)
+    x = tokens()
+    y, aux = model(x, train=True)
+    want_y, want_balance, want_z = reference_run(model, x, cf)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want_y, atol=1e-5)
+    np.testing.assert_allclose(aux["balance_loss"], want_balance, atol=1e-5)
+    np.testing.assert_allclose(aux["z_loss"], want_z, rtol=1e-5)
+    if cf >= 8.0:
+        assert float(aux["dropped_frac"]) == 0.0
+    else:
+        assert float(aux["dropped_frac"]) > 0.0
+
+
+def loss_and_grads(model, x):
+    ct = jax.random.normal(jax.random.key(2), x.shape)
+
+    def loss(model, x):
+        y, aux = model(x, train=True)
+        return jnp.sum(y * ct) + aux["balance_loss"] + aux["z_loss"], (y, aux)
+
+    (value, (y, aux)), grads = jax.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        model, x)
+    return value, y, aux, grads
+
+
+@pytest.mark.parametrize("num_experts", [8, 16])
+@pytest.mark.parametrize("data,expert", [(8, 1), (4, 2), (2, 4), (1, 8)])
+def test_same_numbers_on_every_mesh(num_experts, data, expert):
+    x = tokens()
+    _, y0, aux0, (g0, gx0) = loss_and_grads(make(num_experts, 2, 1.0), x)
+    assert float(aux0["dropped_frac"]) > 0.05  # dropping is really exercised
+
+    mesh = parallel.make_mesh(data, expert)
+    model = make(num_experts, 2, 1.0, mesh=mesh)
+    assert model.w_in[...].sharding.spec[0] == "expert"
+    xs = jax.device_put(x, parallel.token_sharding(mesh))
+    _, y, aux, (g, gx) = loss_and_grads(model, xs)
+
+    np.testing.assert_allclose(y, y0, atol=1e-5)
+    for key in ("balance_loss", "z_loss", "dropped_frac", "tokens_per_expert"):
+        np.testing.assert_allclose(aux[key], aux0[key], atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(gx, gx0, atol=1e-5)
+    flat0, flat = nnx.to_flat_state(nnx.state(g0)), nnx.to_flat_state(nnx.state(g))
+    assert len(flat) == len(flat0) == 4
+    for (path, v0), (_, v) in zip(flat0, flat, strict=True):
+        np.testing.assert_allclose(v[...], v0[...], atol=1e-5, err_msg=str(path))
+
+
+def test_compiled_layer_uses_all_to_all_and_never_gathers_experts():
+    mesh = parallel.make_mesh(2, 4)
+    model = make(8, 2, 1.25, mesh=mesh)
+    xs = jax.device_put(tokens(), parallel.token_sharding(mesh))
+    graphdef, state = nnx.split(model)
+
+    def loss(state, x):
+        y, aux = nnx.merge(graphdef, state)(x, train=True)
+        return jnp.sum(y**2) + aux["balance_loss"]
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, xs).compile().as_text()
+    assert hlo.count("all-to-all(") >= 4  # dispatch and return, forward and backward
+    assert "all-gather" not in hlo
+
+
+def test_eval_ignores_jitter_and_train_uses_it():
+    cfg = MoEConfig(8, 2, 1.0, 1.0, 1, False, 0.5, 8)
+    model = MoE(D, F, cfg, "swiglu", mesh=None, rngs=nnx.Rngs(0))
+    x = tokens()
+    clean = model(x, train=False)[0]
+    np.testing.assert_array_equal(model(x, train=False, rng=jax.random.key(3))[0], clean)
+    noisy = model(x, train=True, rng=jax.random.key(3))[0]
+    assert not np.allclose(noisy, clean, atol=1e-3)
+
+
+def test_param_counts_and_bytes():
+    model = make(8, 2, 1.0)
+    router, experts = D * 8, 3 * 8 * D * F
+    assert param_counts(model, top_k=2, num_experts=8) == {
+        "total": router + experts, "active": router + experts // 4, "expert": experts}
+    mesh = parallel.make_mesh(2, 4)
+    assert bytes_per_device(model, mesh) == 4 * (router + experts // 4)
