@@ -39,3 +39,12 @@ def shard_model(model, mesh: Mesh) -> None:
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                              is_leaf=lambda s: isinstance(s, P))
     nnx.update(model, jax.device_put(state, shardings))
+
+
+def replicate_unplaced(tree, mesh: Mesh):
+    """Give every leaf not already laid out on `mesh` (optimizer step counts, say) a replicated
+    layout there, so checkpoints restore every leaf onto the mesh."""
+    def place(x):
+        s = x.sharding
+        return s if isinstance(s, NamedSharding) and s.mesh == mesh else NamedSharding(mesh, P())
+    return jax.device_put(tree, jax.tree.map(place, tree))

@@ -32,13 +32,16 @@ ACTIVATIONS = {
 }
 
 
-def expert_ffn(x, w_in, w_gate, w_out, activation):
+def expert_ffn(x, w_in, w_out, activation):
+    """Gated: w_in = [w_gate | w_lin] along its columns."""
     act, gated = ACTIVATIONS[activation]
-    h = act(x @ w_gate) * (x @ w_in) if gated else act(x @ w_in)
-    return h @ w_out
+    if gated:
+        w_gate, w_lin = np.split(w_in, 2, axis=1)
+        return (act(x @ w_gate) * (x @ w_lin)) @ w_out
+    return act(x @ w_in) @ w_out
 
 
-def moe(x, router_w, w_in, w_gate, w_out, *, k, capacity, renormalize, activation, num_groups):
+def moe(x, router_w, w_in, w_out, *, k, capacity, renormalize, activation, num_groups):
     """Run every expert on every token, then keep what the router chose and had room for.
 
     x: [N, d]. Groups are contiguous slices of N. Returns y [N, d], balance loss, z-loss.
@@ -52,8 +55,7 @@ def moe(x, router_w, w_in, w_gate, w_out, *, k, capacity, renormalize, activatio
     for g, xg in enumerate(np.split(x, num_groups)):
         logits = xg @ router_w
         probs, gates, ids, _, keep = route(logits, k, capacity, renormalize)
-        outs = [expert_ffn(xg, w_in[e], None if w_gate is None else w_gate[e], w_out[e], activation)
-                for e in range(num_experts)]
+        outs = [expert_ffn(xg, w_in[e], w_out[e], activation) for e in range(num_experts)]
         rows = slice(g * len(xg), (g + 1) * len(xg))
         for t in range(len(xg)):
             for j in range(k):

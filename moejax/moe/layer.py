@@ -16,7 +16,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from moejax.moe import router
 from moejax.moe.dispatch import combine, dispatch, slots
-from moejax.moe.experts import ffn, is_gated
+from moejax.moe.experts import ffn, in_width
 from moejax.parallel import EXPERT_AXIS, TOKEN_AXES, num_token_shards
 
 
@@ -37,7 +37,7 @@ def moe_ffn(x, router_w, experts, *, top_k, capacity_factor, min_capacity, renor
     """One MoE FFN over this device's groups.
 
     x: [G, T, d] groups held here; noise: like x or None; router_w: [d, E];
-    experts: dict of w_in, w_gate (or None), w_out with this device's experts [E_local, ...].
+    experts: dict of w_in, w_out with this device's experts [E_local, ...].
     Inside shard_map, `expert_axis` names the axis experts are split over and `token_axes`
     the axes the groups are split over; outside, both are empty and everything is local.
     Returns y: [G, T, d] and a dict of aux losses and routing statistics over all groups.
@@ -59,7 +59,7 @@ def moe_ffn(x, router_w, experts, *, top_k, capacity_factor, min_capacity, renor
     if expert_axis:  # afterwards axis 1 is the device the tokens came from
         buf = jax.lax.all_to_all(buf, expert_axis, 1, 1, tiled=True)
     xe = buf.transpose(2, 1, 0, 3, 4).reshape(experts_here, ep * num_groups * cap, d)
-    ye = ffn(xe, experts["w_in"], experts["w_gate"], experts["w_out"], activation)
+    ye = ffn(xe, experts["w_in"], experts["w_out"], activation)
     ye = ye.reshape(experts_here, ep, num_groups, cap, d).transpose(2, 1, 0, 3, 4)
     if expert_axis:
         ye = jax.lax.all_to_all(ye, expert_axis, 1, 1, tiled=True)
@@ -104,8 +104,7 @@ class MoE(nnx.Module):
             w = jax.vmap(lambda key: init(key, shape, param_dtype))(keys)
             return ExpertParam(w, out_sharding=(EXPERT_AXIS, None, None), eager_sharding=False)
 
-        self.w_in = expert_weight((d_model, d_ff))
-        self.w_gate = expert_weight((d_model, d_ff)) if is_gated(activation) else None
+        self.w_in = expert_weight((d_model, in_width(d_ff, activation)))
         self.w_out = expert_weight((d_ff, d_model))
 
     def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None):
@@ -120,11 +119,8 @@ class MoE(nnx.Module):
         noise = None
         if train and cfg.jitter_eps > 0:
             noise = router.jitter_noise(rng, x.shape, cfg.jitter_eps)
-        experts = {
-            "w_in": self.w_in[...].astype(self.dtype),
-            "w_gate": None if self.w_gate is None else self.w_gate[...].astype(self.dtype),
-            "w_out": self.w_out[...].astype(self.dtype),
-        }
+        experts = {"w_in": self.w_in[...].astype(self.dtype),
+                   "w_out": self.w_out[...].astype(self.dtype)}
         sharded = self.mesh is not None
 
         def local(x, noise, router_w, experts):

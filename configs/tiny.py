@@ -1,0 +1,82 @@
+"""The embedded default: a 4-layer, 8-expert top-2 MoE LM on the Python standard library.
+
+Trains in a few minutes on 2 CPU cores with nothing to download:
+  python -m moejax.train --config configs/tiny.py --workdir runs/tiny
+Variants: `:dense` (num_experts = 0, same active FLOPs), `:smoke` (seconds, for tests).
+"""
+
+from moejax.config_lib import config_dict, parse_variant
+
+
+def get_config(arg=None):
+    variant = parse_variant(arg, ("dense", "smoke"))
+    config = config_dict(
+        seed=0,
+        model=dict(
+            vocab_size=0,  # 0 = the tokenizer's vocabulary size
+            d_model=128,
+            num_layers=4,
+            num_heads=4,
+            head_dim=32,
+            d_ff=256,  # per expert; a dense model uses top_k * d_ff
+            activation="swiglu",  # swiglu | geglu | gelu | relu
+            rope_theta=10_000.0,
+            max_seq_len=2048,  # longest sequence the positions are meant for
+            tie_embeddings=True,
+            dtype="float32",  # activations: float32 | bfloat16 (the router is always float32)
+            param_dtype="float32",
+            num_experts=8,  # 0 = dense
+            top_k=2,
+            moe_every=1,  # MoE in every n-th layer, dense FFN in the others
+            first_dense_layers=0,
+            capacity_factor=1.25,
+            eval_capacity_factor=2.0,
+            min_capacity=4,
+            renormalize=False,  # True: the k gates sum to 1 (Mixtral)
+            jitter_eps=0.0,  # router input noise in training
+            num_groups=0,  # capacity groups per global batch; 0 = one per device
+        ),
+        mesh=dict(data=-1, expert=1),  # -1: all remaining devices
+        data=dict(
+            source="stdlib",  # stdlib | files | hub
+            path="",  # files: a glob of local files; hub: the dataset name
+            format="text",  # files: text | json | parquet
+            hub_config="",  # hub: the dataset's config name
+            split="train",
+            streaming=False,  # hub: stream instead of downloading the whole set
+            text_key="text",
+            eval_fraction=0.05,  # share of whole documents held out for evaluation
+            tokenizer="byte",  # byte | a Hugging Face tokenizer name or path
+            seq_len=128,
+            batch_size=32,  # sequences per step, all hosts together
+        ),
+        train=dict(
+            steps=600,
+            lr=3e-3,
+            schedule="cosine",  # cosine | rsqrt
+            warmup_steps=50,
+            min_lr_ratio=0.1,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            grad_clip=1.0,
+            grad_accum=1,  # micro-batches per step
+            balance_coef=1e-2,
+            z_coef=1e-3,
+            log_every=25,
+            eval_every=200,
+            eval_batches=8,
+            ckpt_every=200,
+            keep_checkpoints=2,
+            keep_best=True,  # also keep the checkpoint with the lowest eval loss
+            peak_tflops=0.0,  # per device, for MFU; 0 = look the device up
+        ),
+    )
+    if variant == "dense":
+        config.model.num_experts = 0
+    if variant == "smoke":
+        config.model.update(d_model=32, num_layers=2, num_heads=2, head_dim=16, d_ff=64)
+        config.data.update(seq_len=32, batch_size=16)
+        config.train.update(steps=6, warmup_steps=2, log_every=2, eval_every=3, eval_batches=2,
+                            ckpt_every=3)
+    return config

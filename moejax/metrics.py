@@ -1,0 +1,90 @@
+"""TensorBoard scalars and images, metrics.jsonl, and the console progress line.
+
+Only process 0 writes; on other processes every method is a no-op.
+"""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+# A short perceptual ramp (dark blue -> green -> yellow), interpolated per cell.
+_RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
+                 np.float32) / 255.0
+
+
+def heatmap(values: np.ndarray, cell: int = 12) -> np.ndarray:
+    """values: [layers, experts] in [0, max] -> CHW float image, one colored block per cell."""
+    v = values / max(float(values.max()), 1e-9)
+    pos = v * (len(_RAMP) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(_RAMP) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = _RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac  # [L, E, 3]
+    rgb = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
+    return rgb.transpose(2, 0, 1)
+
+
+class Writer:
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
+        from tensorboardX import SummaryWriter
+
+        os.makedirs(workdir, exist_ok=True)
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def scalars(self, step: int, values: dict):
+        if not self.active:
+            return
+        for name, v in values.items():
+            self.tb.add_scalar(name, float(v), step)
+        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}})
+                         + "\n")
+        self.jsonl.flush()
+
+    def expert_load(self, step: int, layers: list[int], load: np.ndarray, dropped: np.ndarray):
+        """load: [moe layers, E] fraction of assignments per expert; dropped: [moe layers]."""
+        if not self.active or not layers:
+            return
+        values = {}
+        for row, layer in enumerate(layers):
+            values[f"moe/layer_{layer:02d}/dropped_frac"] = dropped[row]
+            for e, v in enumerate(load[row]):
+                values[f"moe/layer_{layer:02d}/load/expert_{e:02d}"] = v
+        self.scalars(step, values)
+        self.tb.add_image("moe/expert_load", heatmap(load), step)
+
+    def print(self, *args):
+        if self.active:
+            print(*args, flush=True)
+
+    def close(self):
+        if self.active:
+            self.tb.close()
+            self.jsonl.close()
+
+
+class Progress:
+    """Tokens/s, step time and ETA over the steps since the last report."""
+
+    def __init__(self, total_steps: int, tokens_per_step: int, start_step: int):
+        self.total, self.tokens_per_step = total_steps, tokens_per_step
+        self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def tick(self, step: int) -> dict:
+        now = time.perf_counter()
+        steps = max(step - self.last_step, 1)
+        step_s = (now - self.last_time) / steps
+        self.last_step, self.last_time = step, now
+        return {"perf/step_ms": 1e3 * step_s, "perf/tokens_per_s": self.tokens_per_step / step_s,
+                "eta_s": step_s * (self.total - step)}
+
+
+def format_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

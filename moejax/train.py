@@ -1,0 +1,226 @@
+"""Train an MoE (or dense) language model.
+
+  python -m moejax.train --config configs/tiny.py --workdir runs/tiny [--config.a.b=value]
+
+Order of work: check the config -> mesh -> data -> model and optimizer (sharded) -> resume
+from the newest checkpoint in workdir, if any -> loop (step, log, eval, checkpoint).
+"""
+
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from moejax import config_lib, data, parallel
+from moejax.checkpoint import Checkpoints
+from moejax.flops import device_peak_flops, train_flops_per_token
+from moejax.metrics import Progress, Writer, format_eta
+from moejax.model import Transformer, is_moe_layer
+from moejax.params import param_counts
+
+
+def make_optimizer(tc):
+    if tc.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup_steps, tc.steps,
+                                                tc.lr * tc.min_lr_ratio)
+    else:  # rsqrt: linear warmup, then lr * sqrt(warmup / step)
+        def lr(step):
+            step = jnp.maximum(step, 1)
+            return tc.lr * jnp.minimum(step / tc.warmup_steps,
+                                       jnp.sqrt(tc.warmup_steps / step))
+    decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)  # no decay on norms
+    tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                     optax.adamw(lr, tc.b1, tc.b2, weight_decay=tc.weight_decay,
+                                 mask=decay_mask))
+    return tx, lr
+
+
+def loss_fn(params, graphdef, tokens, rng, tc):
+    """tokens: [B, S + 1]. Returns CE + balance_coef * balance + z_coef * z, and metrics."""
+    logits, aux = nnx.merge(graphdef, params)(tokens[:, :-1], train=True, rng=rng)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    metrics = {"ce_loss": ce}
+    loss = ce
+    if aux:  # averaged over MoE layers
+        metrics["balance_loss"] = jnp.mean(jnp.stack([a["balance_loss"] for a in aux]))
+        metrics["z_loss"] = jnp.mean(jnp.stack([a["z_loss"] for a in aux]))
+        metrics["expert_load"] = jnp.stack([a["tokens_per_expert"] for a in aux])
+        metrics["dropped_frac"] = jnp.stack([a["dropped_frac"] for a in aux])
+        loss = ce + tc.balance_coef * metrics["balance_loss"] + tc.z_coef * metrics["z_loss"]
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def train_step(state, tokens, step, *, graphdef, tx, lr, config):
+    """One optimizer step over `grad_accum` micro-batches of the global batch `tokens`."""
+    tc = config.train
+    rng = jax.random.fold_in(jax.random.key(config.seed), step)
+    # [B, S+1] -> [A, B/A, S+1], taking every A-th row so each device keeps its own rows.
+    micro = tokens.reshape(-1, tc.grad_accum, tokens.shape[-1]).swapaxes(0, 1)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(carry, i):
+        (_, m), g = grad_fn(state["params"], graphdef, micro[i], jax.random.fold_in(rng, i), tc)
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+    zeros = jax.eval_shape(lambda: grad_fn(state["params"], graphdef, micro[0], rng, tc))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+    (grads, metrics), _ = jax.lax.scan(accumulate, zeros, jnp.arange(tc.grad_accum))
+    grads, metrics = jax.tree.map(lambda x: x / tc.grad_accum, (grads, metrics))
+
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics.update(grad_norm=optax.tree.norm(grads), lr=lr(step))
+    return {"params": params, "opt_state": opt_state}, metrics
+
+
+def eval_step(params, tokens, *, graphdef):
+    logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1], train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def global_batch(batches: data.Batches, step: int, sharding, seq_len: int):
+    """Assemble global batch `step` from the rows this host holds."""
+    shape = (batches.batch_size, seq_len + 1)
+    spans = [idx[0] for idx in sharding.addressable_devices_indices_map(shape).values()]
+    rows = slice(min(s.start or 0 for s in spans), max(s.stop or shape[0] for s in spans))
+    return jax.make_array_from_process_local_data(sharding, batches.host_rows(step, rows), shape)
+
+
+def bytes_on_device(tree) -> int:
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
+def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict:
+    """Train to config.train.steps (or stop after step `stop_at`); returns the losses seen."""
+    tc, mc = config.train, config.model
+    config_lib.validate(config, jax.device_count())
+    mesh = parallel.make_mesh(*config_lib.mesh_shape(config, jax.device_count()))
+    writer = Writer(workdir)
+
+    tokenizer = data.make_tokenizer(config.data.tokenizer)
+    with config.unlocked():
+        mc.vocab_size = mc.vocab_size or tokenizer.vocab_size
+    seq_len = config.data.seq_len
+    train_data = data.Batches(data.pack(data.load_documents(config.data, "train"), tokenizer,
+                                        seq_len), config.data.batch_size, config.seed, True)
+    eval_data = data.Batches(data.pack(data.load_documents(config.data, "eval"), tokenizer,
+                                       seq_len), config.data.batch_size, config.seed, False)
+
+    # Model and optimizer state, created directly in their sharded layout.
+    tx, lr = make_optimizer(tc)
+    abstract = nnx.eval_shape(lambda: Transformer(mc, mesh=mesh, rngs=nnx.Rngs(config.seed)))
+    graphdef, abstract_params = nnx.split(abstract)
+    shardings = nnx.get_named_sharding(abstract_params, mesh)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init_params():
+        return nnx.split(Transformer(mc, mesh=mesh, rngs=nnx.Rngs(config.seed)))[1]
+
+    params = init_params()
+    state = parallel.replicate_unplaced({"params": params, "opt_state": jax.jit(tx.init)(params)},
+                                        mesh)
+
+    ckpt = Checkpoints(workdir, tc.keep_checkpoints, tc.keep_best)
+    start_step = 0
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(ckpt.latest_step(), state)
+        start_step = meta["step"]
+        writer.print(f"resumed from {workdir} at step {start_step}")
+
+    counts = param_counts(abstract, mc.top_k, mc.num_experts)
+    tokens_per_step = config.data.batch_size * seq_len
+    flops_per_token = train_flops_per_token(counts["active"], mc, seq_len)
+    peak = device_peak_flops(jax.devices()[0].device_kind, tc.peak_tflops)
+    moe_layers = [i for i in range(mc.num_layers) if is_moe_layer(mc, i)]
+    writer.print(
+        f"model: {counts['total'] / 1e6:.2f}M params total, {counts['active'] / 1e6:.2f}M active "
+        f"per token ({mc.num_experts} experts, top-{mc.top_k}, MoE layers {moe_layers})\n"
+        f"memory per device: params {bytes_on_device(state['params']) / 2**20:.1f} MiB + "
+        f"optimizer {bytes_on_device(state['opt_state']) / 2**20:.1f} MiB\n"
+        f"mesh: data={mesh.shape['data']} x expert={mesh.shape['expert']}; "
+        f"{jax.process_count()} host(s), {jax.device_count()} devices "
+        f"({jax.devices()[0].device_kind})\n"
+        f"global batch: {config.data.batch_size} x {seq_len} = {tokens_per_step} tokens; "
+        f"{flops_per_token / 1e6:.1f} MFLOP per token")
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    token_sharding = parallel.token_sharding(mesh)
+    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, lr=lr,
+                                        config=config), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef))
+
+    def evaluate(step):
+        losses = [eval_fn(state["params"], global_batch(eval_data, i, token_sharding, seq_len))
+                  for i in range(tc.eval_batches)]
+        loss = float(np.mean(jax.device_get(losses)))
+        writer.scalars(step, {"eval/loss": loss, "eval/ppl": float(np.exp(loss))})
+        writer.print(f"step {step}: eval loss {loss:.4f}, ppl {np.exp(loss):.2f}")
+        history["eval_loss"][step] = loss
+        return loss
+
+    history = {"train_loss": {}, "eval_loss": {}}
+    if start_step == 0:
+        evaluate(0)
+    progress = Progress(tc.steps, tokens_per_step, start_step)
+    last = min(tc.steps, stop_at or tc.steps)
+    pending = {}  # step -> device loss, read at the next log point so the device never waits
+    for step in range(start_step + 1, last + 1):
+        batch = global_batch(train_data, step - 1, token_sharding, seq_len)
+        state, metrics = step_fn(state, batch, jnp.int32(step - 1))
+        pending[step] = metrics["loss"]
+
+        if step % tc.log_every == 0 or step == last:
+            history["train_loss"].update(
+                {s: float(v) for s, v in jax.device_get(pending).items()})
+            pending = {}
+            m = jax.device_get(metrics)
+            perf = progress.tick(step)
+            values = {"train/loss": m["loss"], "train/ce_loss": m["ce_loss"],
+                      "opt/lr": m["lr"], "opt/grad_norm": m["grad_norm"],
+                      "perf/tokens_per_s": perf["perf/tokens_per_s"],
+                      "perf/step_ms": perf["perf/step_ms"]}
+            if peak:
+                achieved = perf["perf/tokens_per_s"] * flops_per_token / jax.device_count()
+                values["perf/mfu"] = achieved / peak
+            if moe_layers:
+                values["train/balance_loss"] = m["balance_loss"]
+                values["train/z_loss"] = m["z_loss"]
+                load = m["expert_load"] / m["expert_load"].sum(-1, keepdims=True)
+                writer.expert_load(step, moe_layers, load, m["dropped_frac"])
+            writer.scalars(step, values)
+            writer.print(f"step {step}/{tc.steps} loss {m['loss']:.4f} "
+                         f"tok/s {perf['perf/tokens_per_s']:,.0f} "
+                         f"step {perf['perf/step_ms']:.0f} ms ETA {format_eta(perf['eta_s'])}")
+
+        eval_loss = evaluate(step) if step % tc.eval_every == 0 or step == tc.steps else None
+        if step % tc.ckpt_every == 0 or step == last:
+            ckpt.save(step, state, {"step": step, "tokens_seen": step * tokens_per_step},
+                      eval_loss)
+
+    ckpt.close()
+    writer.close()
+    return history
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    try:
+        train_and_evaluate(config, workdir)
+    except config_lib.ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    config_lib.run(main)
