@@ -14,3 +14,6 @@ lint:
 
 bench:
 	python -m moejax.bench layer
+
+train-tiny:
+	python -m moejax.train --config configs/tiny.py --workdir runs/tiny

@@ -79,9 +79,32 @@ def run(main) -> None:
     config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:variant]",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and config.json")
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host, not needed "
+                        "on Cloud TPU pods or under SLURM, where it is detected)")
+    flags.DEFINE_integer("num_processes", None, "processes in the job (with --coordinator)")
+    flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator)")
     flags.mark_flags_as_required(["config", "workdir"])
     try:
         argv = flags.FLAGS(sys.argv)
     except (flags.Error, ValueError, KeyError, AttributeError) as e:
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    f = flags.FLAGS
+    init_distributed(f.coordinator, f.num_processes, f.process_id)
     main(argv)
+
+
+def init_distributed(coordinator: str | None, num_processes: int | None,
+                     process_id: int | None) -> None:
+    """Join the multi-host job, if this is one; a single process needs nothing."""
+    import os
+
+    import jax
+
+    if coordinator:
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            # CPU processes exchange collectives over TCP with gloo (tests, launch/local.sh).
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1
+          or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")):
+        jax.distributed.initialize()  # detects the coordinator from SLURM / the TPU metadata

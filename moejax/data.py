@@ -18,6 +18,8 @@ import zlib
 
 import numpy as np
 
+from moejax.config_lib import ConfigError
+
 
 class ByteTokenizer:
     """UTF-8 bytes plus one end-of-document token: no vocabulary file, nothing to download."""
@@ -74,10 +76,21 @@ def is_eval_doc(key: str, eval_fraction: float) -> bool:
     return zlib.crc32(key.encode()) / 2**32 < eval_fraction
 
 
-def load_documents(cfg, split: str) -> list[str]:
-    """All documents of `split` ('train' or 'eval') as strings (non-streaming sources)."""
+def hf_dataset(cfg, streaming: bool):
+    """The `files` or `hub` source as a Hugging Face dataset (iterable when streaming)."""
     import datasets
 
+    if cfg.source == "files":
+        files = sorted(glob.glob(cfg.path, recursive=True))
+        kwargs = {"sample_by": "document"} if cfg.format == "text" else {}
+        return datasets.load_dataset(cfg.format, data_files=files, split="train",
+                                     streaming=streaming, **kwargs)
+    return datasets.load_dataset(cfg.path, cfg.hub_config or None, split=cfg.split,
+                                 streaming=streaming)
+
+
+def load_documents(cfg, split: str) -> list[str]:
+    """All documents of `split` ('train' or 'eval') as strings (non-streaming sources)."""
     if cfg.source == "stdlib":
         root = sysconfig.get_paths()["stdlib"]
         names = [f for f in stdlib_files()
@@ -87,13 +100,7 @@ def load_documents(cfg, split: str) -> list[str]:
             with open(name, encoding="utf-8", errors="replace") as f:
                 texts.append(f.read())
         return texts
-    if cfg.source == "files":
-        files = sorted(glob.glob(cfg.path, recursive=True))
-        kwargs = {"sample_by": "document"} if cfg.format == "text" else {}
-        ds = datasets.load_dataset(cfg.format, data_files=files, split="train", **kwargs)
-    else:  # hub
-        ds = datasets.load_dataset(cfg.path, cfg.hub_config or None, split=cfg.split)
-    texts = ds[cfg.text_key]
+    texts = hf_dataset(cfg, streaming=False)[cfg.text_key]
     return [t for i, t in enumerate(texts)
             if is_eval_doc(str(i), cfg.eval_fraction) == (split == "eval")]
 
@@ -112,7 +119,7 @@ class Batches:
 
     def __init__(self, sequences: np.ndarray, batch_size: int, seed: int, shuffle: bool):
         if len(sequences) < batch_size:
-            raise ValueError(f"data: {len(sequences)} sequences, fewer than data.batch_size="
+            raise ConfigError(f"data: {len(sequences)} sequences, fewer than data.batch_size="
                              f"{batch_size}; use more text or a smaller batch / seq_len")
         self.sequences, self.batch_size, self.seed, self.shuffle = (
             sequences, batch_size, seed, shuffle)
@@ -130,3 +137,53 @@ class Batches:
     def host_rows(self, step: int, rows: slice) -> np.ndarray:
         """This host's rows `rows` of global batch `step`: [rows, seq_len + 1]."""
         return self.sequences[self.indices(step)[rows]]
+
+
+class StreamBatches:
+    """Batches from a streamed dataset too large to hold: each host streams its own 1/P of the
+    documents (`split_dataset_by_node`) and packs its rows on the fly.
+
+    Order is deterministic given (seed, step) for a fixed number of hosts; resuming at step s
+    re-reads the stream and skips the s * rows sequences already consumed.
+    """
+
+    def __init__(self, cfg, tokenizer, batch_size: int, split: str):
+        self.cfg, self.tokenizer, self.batch_size, self.split = cfg, tokenizer, batch_size, split
+        self.next_step, self.rows_iter = None, None
+
+    def _sequences(self):
+        import jax
+        from datasets.distributed import split_dataset_by_node
+
+        ds = split_dataset_by_node(hf_dataset(self.cfg, streaming=True),
+                                   rank=jax.process_index(), world_size=jax.process_count())
+        buffer = np.zeros((0,), np.int32)
+        width = self.cfg.seq_len + 1
+        for i, example in enumerate(ds):
+            if is_eval_doc(str(i), self.cfg.eval_fraction) != (self.split == "eval"):
+                continue
+            buffer = np.concatenate([buffer, self.tokenizer.encode(example[self.cfg.text_key]),
+                                     [self.tokenizer.eos_id]])
+            while len(buffer) >= width:
+                yield buffer[:width]
+                buffer = buffer[width:]
+
+    def host_rows(self, step: int, rows: slice) -> np.ndarray:
+        count = rows.stop - rows.start
+        if step != self.next_step:  # first call, a resume or a new eval pass: (re)start
+            self.rows_iter = self._sequences()
+            for _ in range(step * count):
+                next(self.rows_iter)
+        self.next_step = step + 1
+        out = [next(self.rows_iter, None) for _ in range(count)]
+        if out[-1] is None:
+            raise ValueError(f"data: the {self.split} stream ran out at step {step}")
+        return np.stack(out)
+
+
+def make_batches(cfg, tokenizer, split: str, seed: int):
+    """Training batches are shuffled; eval batches are the first ones of the held-out split."""
+    if cfg.streaming:
+        return StreamBatches(cfg, tokenizer, cfg.batch_size, split)
+    sequences = pack(load_documents(cfg, split), tokenizer, cfg.seq_len)
+    return Batches(sequences, cfg.batch_size, seed, shuffle=split == "train")

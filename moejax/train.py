@@ -84,7 +84,7 @@ def eval_step(params, tokens, *, graphdef):
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-def global_batch(batches: data.Batches, step: int, sharding, seq_len: int):
+def global_batch(batches, step: int, sharding, seq_len: int):
     """Assemble global batch `step` from the rows this host holds."""
     shape = (batches.batch_size, seq_len + 1)
     spans = [idx[0] for idx in sharding.addressable_devices_indices_map(shape).values()]
@@ -107,10 +107,8 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
     with config.unlocked():
         mc.vocab_size = mc.vocab_size or tokenizer.vocab_size
     seq_len = config.data.seq_len
-    train_data = data.Batches(data.pack(data.load_documents(config.data, "train"), tokenizer,
-                                        seq_len), config.data.batch_size, config.seed, True)
-    eval_data = data.Batches(data.pack(data.load_documents(config.data, "eval"), tokenizer,
-                                       seq_len), config.data.batch_size, config.seed, False)
+    train_data = data.make_batches(config.data, tokenizer, "train", config.seed)
+    eval_data = data.make_batches(config.data, tokenizer, "eval", config.seed)
 
     # Model and optimizer state, created directly in their sharded layout.
     tx, lr = make_optimizer(tc)
