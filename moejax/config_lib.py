@@ -106,5 +106,5 @@ def init_distributed(coordinator: str | None, num_processes: int | None,
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes, process_id)
     elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1
-          or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")):
+          or os.environ.get("MOEJAX_DISTRIBUTED") == "1"):  # set by launch/tpu_pod.sh
         jax.distributed.initialize()  # detects the coordinator from SLURM / the TPU metadata
