@@ -52,6 +52,7 @@ def get_config(arg=None):
         ),
         train=dict(
             steps=600,
+            stop_at=0,  # stop (with a checkpoint) after this step, schedule unchanged; 0 = never
             lr=3e-3,
             schedule="cosine",  # cosine | rsqrt
             warmup_steps=50,

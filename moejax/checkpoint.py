@@ -31,6 +31,8 @@ class Checkpoints:
                                   meta=ocp.args.JsonSave(meta))
         self.latest.save(step, args=args, force=True)
         if self.best is not None and eval_loss is not None:
+            # Both managers name their cross-host barriers by step: let one finish first.
+            self.latest.wait_until_finished()
             self.best.save(step, args=args, metrics={"eval_loss": float(eval_loss)}, force=True)
 
     def restore(self, step: int, like):

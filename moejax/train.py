@@ -96,8 +96,8 @@ def bytes_on_device(tree) -> int:
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
 
-def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict:
-    """Train to config.train.steps (or stop after step `stop_at`); returns the losses seen."""
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train to config.train.steps (or stop early at train.stop_at); returns the losses seen."""
     tc, mc = config.train, config.model
     config_lib.validate(config, jax.device_count())
     mesh = parallel.make_mesh(*config_lib.mesh_shape(config, jax.device_count()))
@@ -169,7 +169,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
     if start_step == 0:
         evaluate(0)
     progress = Progress(tc.steps, tokens_per_step, start_step)
-    last = min(tc.steps, stop_at or tc.steps)
+    last = min(tc.steps, tc.stop_at or tc.steps)
     pending = {}  # step -> device loss, read at the next log point so the device never waits
     for step in range(start_step + 1, last + 1):
         batch = global_batch(train_data, step - 1, token_sharding, seq_len)

@@ -26,7 +26,7 @@ def smoke(**overrides):
 
 def test_resume_is_exact(tmp_path):
     straight = train_and_evaluate(smoke(), str(tmp_path / "a"))["train_loss"]
-    first = train_and_evaluate(smoke(), str(tmp_path / "b"), stop_at=3)["train_loss"]
+    first = train_and_evaluate(smoke(**{"train.stop_at": 3}), str(tmp_path / "b"))["train_loss"]
     second = train_and_evaluate(smoke(), str(tmp_path / "b"))["train_loss"]
     assert sorted(first) == [1, 2, 3] and sorted(second) == [4, 5, 6]
     resumed = {**first, **second}
