@@ -147,8 +147,8 @@ class StreamBatches:
     re-reads the stream and skips the s * rows sequences already consumed.
     """
 
-    def __init__(self, cfg, tokenizer, batch_size: int, split: str):
-        self.cfg, self.tokenizer, self.batch_size, self.split = cfg, tokenizer, batch_size, split
+    def __init__(self, cfg, tokenizer, split: str):
+        self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
         self.next_step, self.rows_iter = None, None
 
     def _sequences(self):
@@ -184,6 +184,6 @@ class StreamBatches:
 def make_batches(cfg, tokenizer, split: str, seed: int):
     """Training batches are shuffled; eval batches are the first ones of the held-out split."""
     if cfg.streaming:
-        return StreamBatches(cfg, tokenizer, cfg.batch_size, split)
+        return StreamBatches(cfg, tokenizer, split)
     sequences = pack(load_documents(cfg, split), tokenizer, cfg.seq_len)
     return Batches(sequences, cfg.batch_size, seed, shuffle=split == "train")

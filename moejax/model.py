@@ -1,7 +1,7 @@
 """Decoder-only transformer LM: RMSNorm, rotary causal attention, dense or MoE FFN blocks.
 
 A dense model is the same config with num_experts = 0. Parameters carry layout names
-(`out_sharding`); parallel.shard_model places them on a mesh.
+(`out_sharding`); the trainer creates them in that layout (nnx.get_named_sharding under jit).
 """
 
 import jax
@@ -15,10 +15,10 @@ from moejax.moe.layer import MoE, MoEConfig
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def param(rngs, shape, dtype, fan_in, names=None):
+def param(rngs, shape, dtype, fan_in):
+    """A replicated weight, normal with std 1/sqrt(fan_in)."""
     w = jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5
-    return nnx.Param(w.astype(dtype), out_sharding=names or (None,) * len(shape),
-                     eager_sharding=False)
+    return nnx.Param(w.astype(dtype), out_sharding=(None,) * len(shape), eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
