@@ -19,10 +19,11 @@ from tests import reference
 D, F = 16, 32
 
 
-def make(num_experts, top_k, cf, *, mesh=None, activation="swiglu", renormalize=False, groups=8):
+def make(num_experts, top_k, cf, *, mesh=None, activation="swiglu", renormalize=False, groups=8,
+         dropless=False):
     cfg = MoEConfig(num_experts=num_experts, top_k=top_k, capacity_factor=cf,
                     eval_capacity_factor=cf, min_capacity=1, renormalize=renormalize,
-                    jitter_eps=0.0, num_groups=groups)
+                    jitter_eps=0.0, num_groups=groups, dropless=dropless)
     model = MoE(D, F, cfg, activation, mesh=mesh, rngs=nnx.Rngs(0))
     if mesh is not None:
         parallel.shard_model(model, mesh)
@@ -103,6 +104,49 @@ def test_same_numbers_on_every_mesh(num_experts, data, expert):
     assert len(flat) == len(flat0) == 3
     for (path, v0), (_, v) in zip(flat0, flat, strict=True):
         np.testing.assert_allclose(v[...], v0[...], atol=1e-5, err_msg=str(path))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_dropless_equals_reference_and_padded_path(top_k):
+    x = tokens()
+    model = make(4, top_k, 0.5, dropless=True)
+    model.router[...] = model.router[...].at[:, 0].add(0.5)  # skewed: capacity would drop
+    assert float(make(4, top_k, 0.5)(x, train=True)[1]["dropped_frac"]) > 0.2
+    y, aux = model(x, train=True)
+    assert float(aux["dropped_frac"]) == 0.0
+
+    # Independent check 1: every expert on every token, nothing dropped (capacity = T).
+    n = x.shape[0] * x.shape[1]
+    want_y, want_balance, _ = reference.moe(
+        np.asarray(x).reshape(n, D), *(np.asarray(p[...], np.float64)
+                                       for p in (model.router, model.w_in, model.w_out)),
+        k=top_k, capacity=n, renormalize=False, activation="swiglu", num_groups=8)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want_y, atol=1e-5)
+    np.testing.assert_allclose(aux["balance_loss"], want_balance, atol=1e-5)
+
+    # Independent check 2: gradients equal the padded capacity path with room for everything.
+    padded = make(4, top_k, 4.0 / top_k)
+    nnx.update(padded, nnx.state(model))
+    _, y1, _, (g1, gx1) = loss_and_grads(padded, x)
+    _, y2, _, (g2, gx2) = loss_and_grads(model, x)
+    np.testing.assert_allclose(y2, y1, atol=1e-5)
+    np.testing.assert_allclose(gx2, gx1, atol=1e-5)
+    for (path, v1), (_, v2) in zip(nnx.to_flat_state(nnx.state(g1)),
+                                   nnx.to_flat_state(nnx.state(g2)), strict=True):
+        np.testing.assert_allclose(v2[...], v1[...], atol=1e-5, err_msg=str(path))
+
+
+def test_dropless_expert_parallel_falls_back_to_worst_case_capacity():
+    x = tokens()
+    _, y0, aux0, (g0, gx0) = loss_and_grads(make(8, 2, 1.0, dropless=True), x)
+    mesh = parallel.make_mesh(2, 4)
+    with pytest.warns(UserWarning, match="worst-case capacity"):
+        model = make(8, 2, 1.0, dropless=True, mesh=mesh)
+    _, y, aux, (g, gx) = loss_and_grads(model, jax.device_put(x, parallel.token_sharding(mesh)))
+    assert float(aux["dropped_frac"]) == 0.0
+    np.testing.assert_allclose(y, y0, atol=1e-5)
+    np.testing.assert_allclose(gx, gx0, atol=1e-5)
+    np.testing.assert_allclose(g.w_in[...], g0.w_in[...], atol=1e-5)
 
 
 def test_compiled_layer_uses_all_to_all_and_never_gathers_experts():

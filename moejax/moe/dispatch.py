@@ -25,6 +25,19 @@ def slots(expert_ids: jax.Array, positions: jax.Array, keep: jax.Array, capacity
     return slot, source
 
 
+def sorted_slots(expert_ids: jax.Array, num_experts: int):
+    """Dropless layout: every assignment gets a row of a [T*k, d] buffer sorted by expert.
+
+    expert_ids: [T, k]. Returns slot [T, k] (row of each assignment), source [T*k] (the
+    assignment t*k + j in each row) and group_sizes [E] (rows per expert), the same contract
+    as `slots`, so `dispatch` and `combine` work unchanged.
+    """
+    flat = expert_ids.reshape(-1)
+    source = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    slot = jnp.zeros_like(source).at[source].set(jnp.arange(flat.size, dtype=jnp.int32))
+    return slot.reshape(expert_ids.shape), source, jnp.bincount(flat, length=num_experts)
+
+
 def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
     """x[idx] along axis 0, zeros where idx is out of range (dropped / empty)."""
     return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)

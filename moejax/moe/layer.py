@@ -7,6 +7,7 @@ dropped, whatever the mesh, so the layer gives the same numbers on any data x ex
 """
 
 import dataclasses
+import warnings
 from functools import partial
 
 import jax
@@ -15,8 +16,8 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from moejax.moe import router
-from moejax.moe.dispatch import combine, dispatch, slots
-from moejax.moe.experts import ffn, in_width
+from moejax.moe.dispatch import combine, dispatch, slots, sorted_slots
+from moejax.moe.experts import experts_ffn, grouped_ffn, in_width
 from moejax.parallel import EXPERT_AXIS, TOKEN_AXES, num_token_shards
 
 
@@ -30,10 +31,11 @@ class MoEConfig:
     renormalize: bool  # gates of the k choices sum to 1 (Mixtral) or stay raw softmax (Switch)
     jitter_eps: float  # multiplicative router-input noise in training; 0 = off
     num_groups: int | None  # capacity groups in the global batch; None = one per device
+    dropless: bool = False  # no capacity: every assignment is computed (see moe_ffn)
 
 
 def moe_ffn(x, router_w, experts, *, top_k, capacity_factor, min_capacity, renormalize,
-            activation, noise=None, expert_axis=None, token_axes=()):
+            activation, dropless=False, noise=None, expert_axis=None, token_axes=()):
     """One MoE FFN over this device's groups.
 
     x: [G, T, d] groups held here; noise: like x or None; router_w: [d, E];
@@ -41,16 +43,42 @@ def moe_ffn(x, router_w, experts, *, top_k, capacity_factor, min_capacity, renor
     Inside shard_map, `expert_axis` names the axis experts are split over and `token_axes`
     the axes the groups are split over; outside, both are empty and everything is local.
     Returns y: [G, T, d] and a dict of aux losses and routing statistics over all groups.
+
+    dropless: with all experts on this device, tokens are sorted by expert and run through a
+    grouped matmul (no padding). With experts split over devices it would need
+    `lax.ragged_all_to_all`, which XLA:CPU lacks, so it runs the capacity path with the worst
+    case C = T (an expert can get every token of a group once): exact, but E/k times the work.
     """
     num_groups, group_size, d = x.shape
-    num_experts = router_w.shape[1]
     ep = jax.lax.axis_size(expert_axis) if expert_axis else 1
-    experts_here = num_experts // ep
-    cap = router.capacity(group_size, num_experts, top_k, capacity_factor, min_capacity)
+    cap = (group_size if dropless else
+           router.capacity(group_size, router_w.shape[1], top_k, capacity_factor, min_capacity))
 
     router_in = x.astype(jnp.float32) if noise is None else x.astype(jnp.float32) * noise
     logits = jnp.einsum("gtd,de->gte", router_in, router_w.astype(jnp.float32))
     r = jax.vmap(partial(router.route, k=top_k, capacity=cap, renormalize=renormalize))(logits)
+    if dropless and ep == 1:
+        y = _sorted_ffn(x.reshape(-1, d), r.gates.reshape(-1, top_k),
+                        r.expert_ids.reshape(-1, top_k), experts, activation).reshape(x.shape)
+    else:
+        y = _capacity_ffn(x, r, experts, cap, activation, expert_axis)
+    return y, _aux(x, logits, r, top_k, token_axes)
+
+
+def _sorted_ffn(x, gates, expert_ids, experts, activation):
+    """Dropless on one device: x [N, d] -> [N, d] through a grouped matmul."""
+    slot, source, sizes = sorted_slots(expert_ids, experts["w_in"].shape[0])
+    ys = grouped_ffn(dispatch(x, slot, source), experts["w_in"], experts["w_out"], sizes,
+                     activation)
+    return combine(ys, gates, slot, source)
+
+
+def _capacity_ffn(x, r, experts, cap, activation, expert_axis):
+    """x [G, T, d] -> [G, T, d] through [E, C, d] buffers, all_to_all'd to the experts."""
+    num_groups, _, d = x.shape
+    ep = jax.lax.axis_size(expert_axis) if expert_axis else 1
+    experts_here = experts["w_in"].shape[0]
+    num_experts = experts_here * ep
     slot, source = jax.vmap(partial(slots, capacity=cap, num_experts=num_experts))(
         r.expert_ids, r.positions, r.keep)
 
@@ -59,11 +87,17 @@ def moe_ffn(x, router_w, experts, *, top_k, capacity_factor, min_capacity, renor
     if expert_axis:  # afterwards axis 1 is the device the tokens came from
         buf = jax.lax.all_to_all(buf, expert_axis, 1, 1, tiled=True)
     xe = buf.transpose(2, 1, 0, 3, 4).reshape(experts_here, ep * num_groups * cap, d)
-    ye = ffn(xe, experts["w_in"], experts["w_out"], activation)
+    ye = experts_ffn(xe, experts["w_in"], experts["w_out"], activation)
     ye = ye.reshape(experts_here, ep, num_groups, cap, d).transpose(2, 1, 0, 3, 4)
     if expert_axis:
         ye = jax.lax.all_to_all(ye, expert_axis, 1, 1, tiled=True)
-    y = jax.vmap(combine)(ye.reshape(num_groups, num_experts * cap, d), r.gates, slot, source)
+    return jax.vmap(combine)(ye.reshape(num_groups, num_experts * cap, d), r.gates, slot, source)
+
+
+def _aux(x, logits, r, top_k, token_axes):
+    """Aux losses and routing statistics summed over the groups of every token shard."""
+    num_groups, group_size, _ = x.shape
+    num_experts = logits.shape[-1]
 
     def total(v):
         return jax.lax.psum(v, token_axes) if token_axes else v
@@ -80,7 +114,7 @@ def moe_ffn(x, router_w, experts, *, top_k, capacity_factor, min_capacity, renor
         / num_tokens,
         "top1_prob": total(r.probs.max(-1).sum()) / num_tokens,
     }
-    return y, aux
+    return aux
 
 
 class ExpertParam(nnx.Param):
@@ -93,6 +127,10 @@ class MoE(nnx.Module):
     def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, activation: str, *,
                  mesh: Mesh | None, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.cfg, self.activation, self.mesh, self.dtype = cfg, activation, mesh, dtype
+        if cfg.dropless and mesh is not None and mesh.shape[EXPERT_AXIS] > 1:
+            warnings.warn("dropless MoE with experts split over devices runs the capacity path "
+                          "at worst-case capacity (no ragged all-to-all here): exact but "
+                          f"{cfg.num_experts // cfg.top_k}x the expert FLOPs", stacklevel=2)
         e = cfg.num_experts
         init = nnx.initializers.lecun_normal()
         # Layout names only: parallel.shard_model places the arrays once the model is built.
@@ -132,7 +170,7 @@ class MoE(nnx.Module):
                 router_w, experts, top_k=cfg.top_k,
                 capacity_factor=cfg.capacity_factor if train else cfg.eval_capacity_factor,
                 min_capacity=cfg.min_capacity, renormalize=cfg.renormalize,
-                activation=self.activation,
+                activation=self.activation, dropless=cfg.dropless,
                 noise=grouped(noise),
                 expert_axis=EXPERT_AXIS if sharded else None,
                 token_axes=TOKEN_AXES if sharded else ())
