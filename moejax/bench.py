@@ -1,10 +1,17 @@
-"""Benchmarks: `python -m moejax.bench layer`.
+"""Benchmarks: `python -m moejax.bench layer` and `python -m moejax.bench train`.
 
 layer: median fwd+bwd time of one MoE FFN against a dense SwiGLU FFN doing the same active
-FLOPs (d_ff_dense = k * d_ff), both jitted and timed in this process, one device.
+FLOPs (d_ff_dense = k * d_ff), one device. The `experts` column times the expert FFN alone on
+its [E, C, d] buffers, so moe - experts is what routing, dispatch and combine cost.
+train: step time and tokens/s of whole train steps (optimizer included) of a config and of
+its dense twin with equal active FLOPs (`num_experts = 0`), on all local devices.
+
+Every timed function runs once per round, round-robin, so load from anything else on the
+machine hits all columns alike; the ratios are medians over rounds.
 """
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -12,18 +19,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.moe.experts import ffn
+from moejax.moe.experts import experts_ffn, ffn
 from moejax.moe.layer import MoE, MoEConfig
+from moejax.moe.router import capacity
 
 
-def median_seconds(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
+def median_ms(fns: dict, repeats: int) -> dict:
+    """{name: (fn, args)} -> {name: median ms}, timing the functions round-robin."""
+    for fn, args in fns.values():
+        jax.block_until_ready(fn(*args))  # compile and warm up
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, (fn, args) in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def fwd_bwd(apply):
@@ -35,9 +46,9 @@ def fwd_bwd(apply):
 
 def bench_layer(num_experts: int, tokens: int, d_model: int, d_ff: int, top_k: int,
                 capacity_factor: float, repeats: int) -> dict:
-    rng = jax.random.key(0)
-    x = jax.random.normal(rng, (1, tokens, d_model), jnp.float32)
-    ct = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (1, tokens, d_model), jnp.float32)
+    ct = jax.random.normal(keys[1], x.shape, jnp.float32)
 
     cfg = MoEConfig(num_experts, top_k, capacity_factor, capacity_factor, 1, False, 0.0, 1)
     graphdef, params = nnx.split(MoE(d_model, d_ff, cfg, "swiglu", mesh=None, rngs=nnx.Rngs(0)))
@@ -45,42 +56,106 @@ def bench_layer(num_experts: int, tokens: int, d_model: int, d_ff: int, top_k: i
     def moe_apply(params, x):
         return nnx.merge(graphdef, params)(x, train=True)[0]
 
+    cap = capacity(tokens, num_experts, top_k, capacity_factor)
+    buffers = jax.random.normal(keys[2], (num_experts, cap, d_model), jnp.float32)
+    weights = {"w_in": params["w_in"][...], "w_out": params["w_out"][...]}
+
+    def experts_apply(w, xe):
+        return experts_ffn(xe, w["w_in"], w["w_out"], "swiglu")
+
     dense_ff = top_k * d_ff
-    keys = jax.random.split(rng, 2)
     dense = {
-        "w_in": jax.random.normal(keys[0], (d_model, 2 * dense_ff)) * d_model**-0.5,
-        "w_out": jax.random.normal(keys[1], (dense_ff, d_model)) * dense_ff**-0.5,
+        "w_in": jax.random.normal(keys[3], (d_model, 2 * dense_ff)) * d_model**-0.5,
+        "w_out": jax.random.normal(keys[4], (dense_ff, d_model)) * dense_ff**-0.5,
     }
 
-    def dense_apply(w, x):  # plain 2-D matmuls: XLA:CPU runs batched dots markedly slower
+    def dense_apply(w, x):  # plain 2-D matmuls, XLA:CPU's fastest form
         return ffn(x[0], w["w_in"], w["w_out"], "swiglu")[None]
 
-    moe_s = median_seconds(fwd_bwd(moe_apply), params, x, ct, repeats=repeats)
-    dense_s = median_seconds(fwd_bwd(dense_apply), dense, x, ct, repeats=repeats)
-    return {"E": num_experts, "moe_ms": 1e3 * moe_s, "dense_ms": 1e3 * dense_s,
-            "ratio": moe_s / dense_s}
+    ms = median_ms({"moe": (fwd_bwd(moe_apply), (params, x, ct)),
+                    "experts": (fwd_bwd(experts_apply), (weights, buffers, buffers)),
+                    "dense": (fwd_bwd(dense_apply), (dense, x, ct))}, repeats)
+    return {"E": num_experts, "C": cap, **ms, "ratio": ms["moe"] / ms["dense"],
+            "routing": (ms["moe"] - ms["experts"]) / ms["dense"]}
+
+
+def bench_train(config, steps: int) -> dict:
+    """Median ms per train step and tokens/s for `config` and its dense twin."""
+    from moejax import config_lib, parallel, train
+    from moejax.model import Transformer
+
+    mesh = parallel.make_mesh(*config_lib.mesh_shape(config, jax.device_count()))
+    seq_len, batch = config.data.seq_len, config.data.batch_size
+    tokens = jax.random.randint(jax.random.key(0), (batch, seq_len + 1), 0, 256)
+    tokens = jax.device_put(tokens, parallel.token_sharding(mesh))
+    fns = {}
+    for name in ("moe", "dense"):
+        c = config.copy_and_resolve_references()
+        c.model.vocab_size = c.model.vocab_size or 257
+        if name == "dense":
+            c.model.num_experts = 0
+        config_lib.validate(c, jax.device_count())
+        model = Transformer(c.model, mesh=mesh, rngs=nnx.Rngs(0))
+        parallel.shard_model(model, mesh)
+        graphdef, params = nnx.split(model)
+        tx, lr = train.make_optimizer(c.train)
+        state = parallel.replicate_unplaced({"params": params, "opt_state": tx.init(params)},
+                                            mesh)
+        step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, lr=lr,
+                                         config=c))
+        fns[name] = (step, (state, tokens, jnp.int32(0)))
+    ms = median_ms(fns, steps)
+    per_step = batch * seq_len
+    return {name: {"step_ms": v, "tokens_per_s": per_step / (v / 1e3)} for name, v in ms.items()}
+
+
+def load_config(spec: str):
+    """`configs/x.py[:variant]` -> the ConfigDict its get_config returns."""
+    import importlib.util
+
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant or None)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["layer"])
-    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("mode", choices=["layer", "train"])
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--d_model", type=int, default=512)
     parser.add_argument("--d_ff", type=int, default=1024)
     parser.add_argument("--top_k", type=int, default=2)
     parser.add_argument("--capacity_factor", type=float, default=1.25)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--config", default="configs/tiny.py", help="train: config file[:variant]")
     args = parser.parse_args()
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; tokens={args.tokens} "
-          f"d_model={args.d_model} d_ff={args.d_ff} top_k={args.top_k} "
-          f"capacity_factor={args.capacity_factor}; fwd+bwd, float32, median of {args.repeats}")
-    print(f"{'E':>5} {'moe ms':>9} {'dense ms':>9} {'ratio':>6}")
+    device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+
+    if args.mode == "train":
+        config = load_config(args.config)
+        r = bench_train(config, args.repeats)
+        print(f"device: {device}; {args.config}: batch {config.data.batch_size} x "
+              f"{config.data.seq_len} tokens, median of {args.repeats} steps")
+        print(f"{'model':>6} {'step ms':>9} {'tokens/s':>10}")
+        for name, v in r.items():
+            print(f"{name:>6} {v['step_ms']:>9.1f} {v['tokens_per_s']:>10,.0f}")
+        print(f"MoE / dense step time: {r['moe']['step_ms'] / r['dense']['step_ms']:.2f}")
+        return
+
+    print(f"device: {device}; tokens={args.tokens} d_model={args.d_model} d_ff={args.d_ff} "
+          f"top_k={args.top_k} capacity_factor={args.capacity_factor}; fwd+bwd, float32, "
+          f"median of {args.repeats}")
+    print(f"{'E':>5} {'C':>5} {'moe ms':>9} {'experts ms':>11} {'dense ms':>9} {'ratio':>6} "
+          f"{'routing':>8}")
     for e in args.experts:
         r = bench_layer(e, args.tokens, args.d_model, args.d_ff, args.top_k,
                         args.capacity_factor, args.repeats)
-        print(f"{e:>5} {r['moe_ms']:>9.1f} {r['dense_ms']:>9.1f} {r['ratio']:>6.2f}", flush=True)
+        print(f"{e:>5} {r['C']:>5} {r['moe']:>9.1f} {r['experts']:>11.1f} {r['dense']:>9.1f} "
+              f"{r['ratio']:>6.2f} {r['routing']:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":
