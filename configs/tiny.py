@@ -35,6 +35,11 @@ def get_config(arg=None):
             renormalize=False,  # True: the k gates sum to 1 (Mixtral)
             jitter_eps=0.0,  # router input noise in training
             num_groups=0,  # capacity groups per global batch; 0 = one per device
+            dropless=False,  # compute every assignment: no capacity, nothing dropped
+            router_score="softmax",  # softmax | sigmoid (DeepSeek-V3)
+            routing="tokens",  # tokens: token choice | experts: expert choice (non-causal!)
+            bias_rate=0.0,  # auxiliary-loss-free balancing step (DeepSeek-V3: 1e-3); 0 = off
+            num_shared_experts=0,  # always-on experts added to the routed ones
         ),
         mesh=dict(data=-1, expert=1),  # -1: all remaining devices
         data=dict(

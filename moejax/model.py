@@ -79,7 +79,9 @@ def moe_config(cfg) -> MoEConfig:
                      capacity_factor=cfg.capacity_factor,
                      eval_capacity_factor=cfg.eval_capacity_factor,
                      min_capacity=cfg.min_capacity, renormalize=cfg.renormalize,
-                     jitter_eps=cfg.jitter_eps, num_groups=cfg.num_groups or None)
+                     jitter_eps=cfg.jitter_eps, num_groups=cfg.num_groups or None,
+                     dropless=cfg.dropless, score=cfg.router_score, routing=cfg.routing,
+                     bias_rate=cfg.bias_rate, num_shared=cfg.num_shared_experts)
 
 
 class Block(nnx.Module):

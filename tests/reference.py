@@ -8,12 +8,19 @@ def softmax(logits):
     return z / z.sum(-1, keepdims=True)
 
 
-def route(logits, k, capacity, renormalize):
+def scores(logits, score):
+    logits = np.asarray(logits, np.float64)
+    return softmax(logits) if score == "softmax" else 1 / (1 + np.exp(-logits))
+
+
+def route(logits, k, capacity, renormalize, score="softmax", bias=None):
     """One group. Priority: every token's 1st choice in token order, then every 2nd choice."""
-    probs = softmax(np.asarray(logits, np.float64))
+    s = scores(logits, score)
+    probs = s / s.sum(-1, keepdims=True)
     num_tokens, num_experts = probs.shape
-    expert_ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]  # ties: lower id first
-    gates = np.take_along_axis(probs, expert_ids, -1)
+    select = s if bias is None else s + bias
+    expert_ids = np.argsort(-select, axis=-1, kind="stable")[:, :k]  # ties: lower id first
+    gates = np.take_along_axis(s, expert_ids, -1)
     if renormalize:
         gates = gates / gates.sum(-1, keepdims=True)
     filled = np.zeros(num_experts, int)
@@ -41,7 +48,8 @@ def expert_ffn(x, w_in, w_out, activation):
     return act(x @ w_in) @ w_out
 
 
-def moe(x, router_w, w_in, w_out, *, k, capacity, renormalize, activation, num_groups):
+def moe(x, router_w, w_in, w_out, *, k, capacity, renormalize, activation, num_groups,
+        score="softmax", bias=None):
     """Run every expert on every token, then keep what the router chose and had room for.
 
     x: [N, d]. Groups are contiguous slices of N. Returns y [N, d], balance loss, z-loss.
@@ -54,7 +62,7 @@ def moe(x, router_w, w_in, w_out, *, k, capacity, renormalize, activation, num_g
     lse_sq = []
     for g, xg in enumerate(np.split(x, num_groups)):
         logits = xg @ router_w
-        probs, gates, ids, _, keep = route(logits, k, capacity, renormalize)
+        probs, gates, ids, _, keep = route(logits, k, capacity, renormalize, score, bias)
         outs = [expert_ffn(xg, w_in[e], w_out[e], activation) for e in range(num_experts)]
         rows = slice(g * len(xg), (g + 1) * len(xg))
         for t in range(len(xg)):
@@ -68,3 +76,19 @@ def moe(x, router_w, w_in, w_out, *, k, capacity, renormalize, activation, num_g
     n = len(x)
     balance = num_experts * np.sum(counts / (n * k) * prob_sum / n)
     return y, balance, np.mean(lse_sq)
+
+
+def expert_choice_moe(x, router_w, w_in, w_out, *, capacity, activation, num_groups,
+                      score="softmax"):
+    """Each expert takes the `capacity` highest-scoring tokens of each group (ties: lower
+    token index) and adds score * its output to them. Returns y [N, d]."""
+    x = np.asarray(x, np.float64)
+    y = np.zeros_like(x)
+    for g, xg in enumerate(np.split(x, num_groups)):
+        s = scores(xg @ router_w, score)
+        rows = slice(g * len(xg), (g + 1) * len(xg))
+        for e in range(router_w.shape[1]):
+            out = expert_ffn(xg, w_in[e], w_out[e], activation)
+            for t in np.argsort(-s[:, e], kind="stable")[:capacity]:
+                y[rows][t] += s[t, e] * out[t]
+    return y

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from moejax.moe import router
 from moejax.moe.dispatch import combine, dispatch, slots, sorted_slots
-from moejax.moe.experts import experts_ffn, grouped_ffn, in_width
+from moejax.moe.experts import experts_ffn, ffn, grouped_ffn, in_width
 from moejax.parallel import EXPERT_AXIS, TOKEN_AXES, num_token_shards
 
 
@@ -28,17 +28,24 @@ class MoEConfig:
     capacity_factor: float  # training; C = ceil(cf * tokens_per_group * k / E)
     eval_capacity_factor: float
     min_capacity: int
-    renormalize: bool  # gates of the k choices sum to 1 (Mixtral) or stay raw softmax (Switch)
+    renormalize: bool  # gates of the k choices sum to 1 (Mixtral) or stay raw scores (Switch)
     jitter_eps: float  # multiplicative router-input noise in training; 0 = off
     num_groups: int | None  # capacity groups in the global batch; None = one per device
     dropless: bool = False  # no capacity: every assignment is computed (see moe_ffn)
+    score: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
+    routing: str = "tokens"  # tokens: each token picks k experts | experts: expert choice
+    bias_rate: float = 0.0  # auxiliary-loss-free balancing: bias step per train step; 0 = off
+    num_shared: int = 0  # always-on shared experts (DeepSeek), each d_ff wide
 
 
-def moe_ffn(x, router_w, experts, *, top_k, capacity_factor, min_capacity, renormalize,
-            activation, dropless=False, noise=None, expert_axis=None, token_axes=()):
+ROUTINGS = ("tokens", "experts")
+
+
+def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=None, noise=None,
+            expert_axis=None, token_axes=()):
     """One MoE FFN over this device's groups.
 
-    x: [G, T, d] groups held here; noise: like x or None; router_w: [d, E];
+    x: [G, T, d] groups held here; noise: like x or None; router_w: [d, E]; bias: [E] or None;
     experts: dict of w_in, w_out with this device's experts [E_local, ...].
     Inside shard_map, `expert_axis` names the axis experts are split over and `token_axes`
     the axes the groups are split over; outside, both are empty and everything is local.
@@ -51,18 +58,25 @@ def moe_ffn(x, router_w, experts, *, top_k, capacity_factor, min_capacity, renor
     """
     num_groups, group_size, d = x.shape
     ep = jax.lax.axis_size(expert_axis) if expert_axis else 1
-    cap = (group_size if dropless else
-           router.capacity(group_size, router_w.shape[1], top_k, capacity_factor, min_capacity))
+    cf = cfg.capacity_factor if train else cfg.eval_capacity_factor
+    cap = (group_size if cfg.dropless else  # an expert can take each token once at most
+           min(group_size, router.capacity(group_size, cfg.num_experts, cfg.top_k, cf,
+                                           cfg.min_capacity)))
 
     router_in = x.astype(jnp.float32) if noise is None else x.astype(jnp.float32) * noise
     logits = jnp.einsum("gtd,de->gte", router_in, router_w.astype(jnp.float32))
-    r = jax.vmap(partial(router.route, k=top_k, capacity=cap, renormalize=renormalize))(logits)
-    if dropless and ep == 1:
-        y = _sorted_ffn(x.reshape(-1, d), r.gates.reshape(-1, top_k),
-                        r.expert_ids.reshape(-1, top_k), experts, activation).reshape(x.shape)
+    if cfg.routing == "experts":
+        r = jax.vmap(partial(router.expert_choice, capacity=cap, score=cfg.score))(logits)
+    else:
+        r = jax.vmap(partial(router.route, k=cfg.top_k, capacity=cap,
+                             renormalize=cfg.renormalize, score=cfg.score, bias=bias))(logits)
+    if cfg.dropless and ep == 1 and cfg.routing == "tokens":
+        k = cfg.top_k
+        y = _sorted_ffn(x.reshape(-1, d), r.gates.reshape(-1, k), r.expert_ids.reshape(-1, k),
+                        experts, activation).reshape(x.shape)
     else:
         y = _capacity_ffn(x, r, experts, cap, activation, expert_axis)
-    return y, _aux(x, logits, r, top_k, token_axes)
+    return y, _aux(x, logits, r, cfg.top_k, cfg.routing == "experts", token_axes)
 
 
 def _sorted_ffn(x, gates, expert_ids, experts, activation):
@@ -94,7 +108,7 @@ def _capacity_ffn(x, r, experts, cap, activation, expert_axis):
     return jax.vmap(combine)(ye.reshape(num_groups, num_experts * cap, d), r.gates, slot, source)
 
 
-def _aux(x, logits, r, top_k, token_axes):
+def _aux(x, logits, r, top_k, expert_choice, token_axes):
     """Aux losses and routing statistics summed over the groups of every token shard."""
     num_groups, group_size, _ = x.shape
     num_experts = logits.shape[-1]
@@ -109,7 +123,9 @@ def _aux(x, logits, r, top_k, token_axes):
             total(r.probs.sum((0, 1))), tokens_per_expert, num_tokens, top_k),
         "z_loss": total(router.z_loss(logits) * num_groups * group_size) / num_tokens,
         "tokens_per_expert": tokens_per_expert,
-        "dropped_frac": 1.0 - total(r.keep.sum()) / (num_tokens * top_k),
+        # Token choice: assignments past capacity. Expert choice: tokens no expert took.
+        "dropped_frac": (total((~r.keep.any(-1)).sum()) / num_tokens if expert_choice else
+                         1.0 - total(r.keep.sum()) / (num_tokens * top_k)),
         "entropy": total(router.entropy(r.probs.reshape(-1, num_experts)) * x[..., 0].size)
         / num_tokens,
         "top1_prob": total(r.probs.max(-1).sum()) / num_tokens,
@@ -121,8 +137,13 @@ class ExpertParam(nnx.Param):
     """A parameter with a leading expert axis: counted as active only k/E of the time."""
 
 
+class RouterBias(nnx.Variable):
+    """Selection bias of auxiliary-loss-free balancing: not trained by the optimizer, moved
+    by `router.bias_update` from each step's expert load (see train.train_step)."""
+
+
 class MoE(nnx.Module):
-    """Router and expert weights with their shardings; the math is `moe_ffn`."""
+    """Router, expert and shared-expert weights with their shardings; the math is `moe_ffn`."""
 
     def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, activation: str, *,
                  mesh: Mesh | None, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -136,6 +157,9 @@ class MoE(nnx.Module):
         # Layout names only: parallel.shard_model places the arrays once the model is built.
         self.router = nnx.Param(init(rngs.params(), (d_model, e), jnp.float32),
                                 out_sharding=(None, None), eager_sharding=False)
+        if cfg.bias_rate > 0:
+            self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,),
+                                          eager_sharding=False)
 
         def expert_weight(shape):
             keys = jax.random.split(rngs.params(), e)
@@ -144,6 +168,13 @@ class MoE(nnx.Module):
 
         self.w_in = expert_weight((d_model, in_width(d_ff, activation)))
         self.w_out = expert_weight((d_ff, d_model))
+        if cfg.num_shared:  # one FFN as wide as all shared experts together
+            shared_ff = cfg.num_shared * d_ff
+            self.shared_in = nnx.Param(
+                init(rngs.params(), (d_model, in_width(shared_ff, activation)), param_dtype),
+                out_sharding=(None, None), eager_sharding=False)
+            self.shared_out = nnx.Param(init(rngs.params(), (shared_ff, d_model), param_dtype),
+                                        out_sharding=(None, None), eager_sharding=False)
 
     def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None):
         """x: [B, S, d] -> ([B, S, d], aux). `rng` drives router jitter when training."""
@@ -157,29 +188,31 @@ class MoE(nnx.Module):
         noise = None
         if train and cfg.jitter_eps > 0:
             noise = router.jitter_noise(rng, x.shape, cfg.jitter_eps)
+        bias = self.router_bias[...] if cfg.bias_rate > 0 else None
         experts = {"w_in": self.w_in[...].astype(self.dtype),
                    "w_out": self.w_out[...].astype(self.dtype)}
         sharded = self.mesh is not None
+        x = x.astype(self.dtype)
 
-        def local(x, noise, router_w, experts):
+        def local(x, noise, router_w, bias, experts):
             def grouped(a):  # [B_local, S, d] -> [groups here, tokens per group, d]
                 return None if a is None else a.reshape(num_groups // shards, -1, a.shape[-1])
 
-            y, aux = moe_ffn(
-                grouped(x),
-                router_w, experts, top_k=cfg.top_k,
-                capacity_factor=cfg.capacity_factor if train else cfg.eval_capacity_factor,
-                min_capacity=cfg.min_capacity, renormalize=cfg.renormalize,
-                activation=self.activation, dropless=cfg.dropless,
-                noise=grouped(noise),
-                expert_axis=EXPERT_AXIS if sharded else None,
-                token_axes=TOKEN_AXES if sharded else ())
+            y, aux = moe_ffn(grouped(x), router_w, experts, cfg, train=train,
+                             activation=self.activation, bias=bias, noise=grouped(noise),
+                             expert_axis=EXPERT_AXIS if sharded else None,
+                             token_axes=TOKEN_AXES if sharded else ())
             return y.reshape(x.shape), aux
 
         if sharded:
             local = jax.shard_map(
                 local, mesh=self.mesh,
                 in_specs=(P(TOKEN_AXES), None if noise is None else P(TOKEN_AXES), P(),
-                          P(EXPERT_AXIS)),
+                          None if bias is None else P(), P(EXPERT_AXIS)),
                 out_specs=(P(TOKEN_AXES), P()))
-        return local(x.astype(self.dtype), noise, self.router[...], experts)
+        y, aux = local(x, noise, self.router[...], bias, experts)
+        if cfg.num_shared:
+            w_in, w_out = self.shared_in[...].astype(self.dtype), self.shared_out[...]
+            y = y + ffn(x.reshape(-1, x.shape[-1]), w_in, w_out.astype(self.dtype),
+                        self.activation).reshape(x.shape)
+        return y, aux

@@ -1,7 +1,11 @@
-"""Switch-style token-choice router: pure functions on arrays, float32 inside.
+"""Routers: pure functions on arrays, float32 inside.
 
-Conventions (docs/architecture.md repeats them):
-- `k` choices per token from `lax.top_k` of the softmax; on ties the lower expert id wins.
+Token choice (Switch, GShard, Mixtral, DeepSeek-V3) in `route`, expert choice in
+`expert_choice`. Conventions (docs/architecture.md repeats them):
+- Scores are a softmax over experts, or independent sigmoids (DeepSeek-V3). `probs`, used by
+  the balance loss and the statistics, are the scores normalized to sum 1 per token.
+- `k` choices per token from `lax.top_k` of scores + bias (the bias of auxiliary-loss-free
+  balancing steers selection only; gates are the unbiased scores); ties go to the lower id.
 - Capacity is granted in priority order: every token's 1st choice (in token order), then every
   token's 2nd choice, and so on. An assignment past its expert's capacity is dropped.
 - Balance loss `E * sum_e f_e * P_e`: f_e counts all k choices before dropping, divided by T*k,
@@ -14,9 +18,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+SCORES = ("softmax", "sigmoid")
+
 
 class Routing(NamedTuple):
-    probs: jax.Array  # [T, E] float32 softmax of the router logits
+    probs: jax.Array  # [T, E] float32 router scores normalized to sum 1 per token
     gates: jax.Array  # [T, k] float32 combine weights (renormalized to sum 1 if asked)
     expert_ids: jax.Array  # [T, k] int32
     positions: jax.Array  # [T, k] int32 slot in the expert's queue (may exceed capacity)
@@ -50,16 +56,54 @@ def expert_positions(expert_ids: jax.Array, num_experts: int) -> tuple[jax.Array
     return positions.reshape(k, num_tokens).T, counts
 
 
-def route(logits: jax.Array, k: int, capacity: int, renormalize: bool) -> Routing:
-    """logits: [T, E] for one capacity group."""
+def scores(logits: jax.Array, score: str) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    return jax.nn.softmax(logits, axis=-1) if score == "softmax" else jax.nn.sigmoid(logits)
+
+
+def route(logits: jax.Array, k: int, capacity: int, renormalize: bool, score: str = "softmax",
+          bias: jax.Array | None = None) -> Routing:
+    """Token choice. logits: [T, E] for one capacity group; bias: [E] for selection only."""
     num_experts = logits.shape[-1]
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    gates, expert_ids = jax.lax.top_k(probs, k)
+    s = scores(logits, score)
+    _, expert_ids = jax.lax.top_k(s if bias is None else s + bias, k)
+    gates = jnp.take_along_axis(s, expert_ids, axis=-1)
     if renormalize:
         gates = gates / gates.sum(axis=-1, keepdims=True)
     expert_ids = expert_ids.astype(jnp.int32)
     positions, counts = expert_positions(expert_ids, num_experts)
+    probs = s / s.sum(-1, keepdims=True)
     return Routing(probs, gates, expert_ids, positions, positions < capacity, counts)
+
+
+def expert_choice(logits: jax.Array, capacity: int, score: str = "softmax") -> Routing:
+    """Expert choice (Zhou et al. 2022): each expert takes the `capacity` tokens of the group
+    that score highest for it; a token may get any number of experts, or none.
+
+    Non-causal: whether a token is taken depends on the other tokens of its group, later
+    ones included, so it suits encoders, not autoregressive decoding.
+    Returns a Routing with k = E (column e is expert e): gates are the token's score where
+    expert e took it, positions its rank there (capacity where not taken).
+    """
+    num_tokens, num_experts = logits.shape
+    s = scores(logits, score)
+    gates, token_ids = jax.lax.top_k(s.T, capacity)  # [E, C]; ties: lower token index
+    experts = jnp.broadcast_to(jnp.arange(num_experts)[:, None], token_ids.shape)
+    positions = jnp.full((num_tokens, num_experts), capacity, jnp.int32)
+    positions = positions.at[token_ids, experts].set(
+        jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), token_ids.shape))
+    keep = positions < capacity
+    expert_ids = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), keep.shape)
+    counts = jnp.full((num_experts,), capacity, jnp.int32)
+    return Routing(s / s.sum(-1, keepdims=True), jnp.where(keep, s, 0.0), expert_ids,
+                   positions, keep, counts)
+
+
+def bias_update(bias: jax.Array, tokens_per_expert: jax.Array, rate: float) -> jax.Array:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): raise the bias of experts that got fewer
+    than the mean number of assignments, lower it for those that got more, by `rate`."""
+    load = tokens_per_expert.astype(jnp.float32)
+    return bias + rate * jnp.sign(load.mean() - load)
 
 
 def z_loss(logits: jax.Array) -> jax.Array:
