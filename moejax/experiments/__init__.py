@@ -1,0 +1,1 @@
+"""Experiments that train several configs and write their results into docs/."""
