@@ -54,6 +54,7 @@ def get_config(arg=None):
             tokenizer="byte",  # byte | a Hugging Face tokenizer name or path
             seq_len=128,
             batch_size=32,  # sequences per step, all hosts together
+            on_error="skip",  # files: an unreadable or non-UTF-8 file is skipped (counted) | fail
         ),
         train=dict(
             steps=600,
@@ -76,6 +77,7 @@ def get_config(arg=None):
             keep_checkpoints=2,
             keep_best=True,  # also keep the checkpoint with the lowest eval loss
             peak_tflops=0.0,  # per device, for MFU; 0 = look the device up
+            max_nonfinite_steps=5,  # stop after this many skipped (NaN / inf) steps in a row
         ),
     )
     if variant == "dense":

@@ -1,5 +1,8 @@
 """Helpers for configs/*.py: variant strings and checks that run before anything compiles."""
 
+import os
+import tempfile
+
 import ml_collections
 
 
@@ -18,6 +21,11 @@ class ConfigError(ValueError):
     """A bad config value: the message names the key and what is allowed."""
 
 
+def first_line(e: Exception) -> str:
+    """An exception in a few words, for a one-line message."""
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
 def mesh_shape(config, num_devices: int) -> tuple[int, int]:
     """(data, expert) with data = -1 filled in from the device count."""
     expert = config.mesh.expert
@@ -26,51 +34,69 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int]:
 
 
 def validate(config, num_devices: int) -> None:
-    """Fail fast, before anything compiles, with one line naming the key and what is allowed."""
+    """Fail fast, before anything compiles, with one line naming the key, its value and what is
+    allowed. Checks that need files (data, tokenizer, checkpoints) live next to their readers."""
     m, d, t = config.model, config.data, config.train
     data, expert = mesh_shape(config, num_devices)
 
-    def check(ok, message):
+    def check(ok, key, value, problem):
         if not ok:
-            raise ConfigError(message)
+            raise ConfigError(f"{key}={value!r}: {problem}")
 
-    check(expert >= 1, f"mesh.expert={expert}: must be >= 1")
-    check(data >= 1, f"mesh.data={data}: must be >= 1 or -1 (all remaining devices)")
-    check(data * expert <= num_devices,
-          f"mesh data={data} x expert={expert} = {data * expert} devices; only {num_devices} exist")
-    check(m.num_experts >= 0, f"model.num_experts={m.num_experts}: must be >= 0 (0 = dense)")
+    def one_of(key, value, allowed):
+        check(value in allowed, key, value, f"unknown; allowed: {', '.join(allowed)}")
+
+    check(expert >= 1, "mesh.expert", expert, "must be >= 1")
+    check(data >= 1, "mesh.data", data, "must be >= 1, or -1 for all remaining devices")
+    check(data * expert <= num_devices, "mesh.data x mesh.expert", f"{data}x{expert}",
+          f"needs {data * expert} devices; allowed: at most the {num_devices} that exist")
+    check(m.num_experts >= 0, "model.num_experts", m.num_experts, "must be >= 0 (0 = dense)")
     if m.num_experts:
-        check(m.num_experts % expert == 0, f"model.num_experts={m.num_experts} must be divisible "
-              f"by mesh.expert={expert}")
-        check(1 <= m.top_k <= m.num_experts,
-              f"model.top_k={m.top_k}: must be in 1..num_experts={m.num_experts}")
-        check(m.capacity_factor > 0, f"model.capacity_factor={m.capacity_factor}: must be > 0")
-        check(m.eval_capacity_factor > 0,
-              f"model.eval_capacity_factor={m.eval_capacity_factor}: must be > 0")
-        check(m.moe_every >= 1, f"model.moe_every={m.moe_every}: must be >= 1")
+        check(m.num_experts % expert == 0, "model.num_experts", m.num_experts,
+              f"must be a multiple of mesh.expert={expert}")
+        check(1 <= m.top_k <= m.num_experts, "model.top_k", m.top_k,
+              f"must be in 1..num_experts={m.num_experts}")
+        check(m.capacity_factor > 0, "model.capacity_factor", m.capacity_factor, "must be > 0")
+        check(m.eval_capacity_factor > 0, "model.eval_capacity_factor", m.eval_capacity_factor,
+              "must be > 0")
+        check(m.moe_every >= 1, "model.moe_every", m.moe_every, "must be >= 1")
     from moejax.moe.experts import ACTIVATIONS
 
-    check(m.activation in ACTIVATIONS,
-          f"model.activation={m.activation!r}: allowed {', '.join(ACTIVATIONS)}")
-    check(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: allowed float32, bfloat16")
-    check(m.param_dtype in ("float32", "bfloat16"),
-          f"model.param_dtype={m.param_dtype!r}: allowed float32, bfloat16")
-    check(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim}: must be even (rotary pairs)")
-    check(d.seq_len <= m.max_seq_len,
-          f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    check(d.source in ("stdlib", "files", "hub"),
-          f"data.source={d.source!r}: allowed stdlib, files, hub")
-    shards = data * expert * t.grad_accum
-    check(d.batch_size % shards == 0,
-          f"data.batch_size={d.batch_size} must be divisible by data x expert x grad_accum = "
-          f"{data} x {expert} x {t.grad_accum}")
-    check(t.schedule in ("cosine", "rsqrt"),
-          f"train.schedule={t.schedule!r}: allowed cosine, rsqrt")
-    check(t.steps >= 1, f"train.steps={t.steps}: must be >= 1")
+    one_of("model.activation", m.activation, tuple(ACTIVATIONS))
+    one_of("model.dtype", m.dtype, ("float32", "bfloat16"))
+    one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16"))
+    check(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even (rotary pairs)")
+    check(1 <= d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
+          f"must be in 1..model.max_seq_len={m.max_seq_len}")
+    one_of("data.source", d.source, ("stdlib", "files", "hub"))
+    one_of("data.on_error", d.on_error, ("skip", "fail"))
+    if d.source == "files":
+        one_of("data.format", d.format, ("text", "json", "parquet"))
+    if d.source == "hub":
+        check(d.path, "data.path", d.path, "empty; allowed: a Hugging Face dataset name")
+    for key in ("grad_accum", "steps", "log_every", "eval_every", "ckpt_every",
+                "max_nonfinite_steps"):
+        check(t[key] >= 1, f"train.{key}", t[key], "must be >= 1")
+    check(d.batch_size % (data * expert * t.grad_accum) == 0, "data.batch_size", d.batch_size,
+          f"must be a multiple of data x expert x grad_accum = {data} x {expert} x "
+          f"{t.grad_accum}")
+    one_of("train.schedule", t.schedule, ("cosine", "rsqrt"))
+
+
+def check_workdir(workdir: str) -> None:
+    """Find out now, not at the first checkpoint, that the run cannot write its results."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir!r}: not writable ({e.strerror or e}); allowed: "
+                          "a directory this user can create and write") from None
 
 
 def run(main) -> None:
-    """Parse --config / --workdir like absl's app.run, but a bad flag is one line, not a dump."""
+    """Parse --config / --workdir like absl's app.run, but a bad flag or config value is one
+    line, not a dump."""
     import sys
 
     from absl import flags
@@ -90,7 +116,10 @@ def run(main) -> None:
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     f = flags.FLAGS
     init_distributed(f.coordinator, f.num_processes, f.process_id)
-    main(argv)
+    try:
+        main(argv)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 
 
 def init_distributed(coordinator: str | None, num_processes: int | None,

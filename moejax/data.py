@@ -12,13 +12,16 @@ reads only its own rows of it.
 """
 
 import glob
+import logging
 import os
 import sysconfig
 import zlib
 
 import numpy as np
 
-from moejax.config_lib import ConfigError
+from moejax.config_lib import ConfigError, first_line
+
+log = logging.getLogger(__name__)
 
 
 class ByteTokenizer:
@@ -60,7 +63,14 @@ class HFTokenizer:
 
 
 def make_tokenizer(name: str):
-    return ByteTokenizer() if name == "byte" else HFTokenizer(name)
+    if name == "byte":
+        return ByteTokenizer()
+    try:
+        return HFTokenizer(name)
+    except Exception as e:  # a missing package, file or hub name: all mean this value is wrong
+        raise ConfigError(f"data.tokenizer={name!r}: cannot load ({first_line(e)}); allowed: "
+                          "byte, a tokenizer.json file or its folder, or a Hugging Face "
+                          "tokenizer name") from None
 
 
 def stdlib_files() -> list[str]:
@@ -76,12 +86,40 @@ def is_eval_doc(key: str, eval_fraction: float) -> bool:
     return zlib.crc32(key.encode()) / 2**32 < eval_fraction
 
 
+def readable_files(cfg) -> list[str]:
+    """The files matching data.path that read to the end (text and json: as UTF-8). Any other
+    is skipped and counted (data.on_error = skip) or stops the run (fail)."""
+    files = [f for f in sorted(glob.glob(cfg.path, recursive=True)) if not os.path.isdir(f)]
+    good, bad = [], []
+    for f in files:
+        try:
+            binary = cfg.format == "parquet"
+            with open(f, "rb" if binary else "r", encoding=None if binary else "utf-8") as fh:
+                while fh.read(1 << 24):  # in pieces: a file may be larger than memory
+                    pass
+            good.append(f)
+        except (OSError, UnicodeDecodeError) as e:
+            reason = (f"not UTF-8: {e.reason}" if isinstance(e, UnicodeDecodeError)
+                      else e.strerror or str(e))
+            if cfg.on_error == "fail":
+                raise ConfigError(f"data.on_error='fail': {f}: {reason}; allowed: readable "
+                                  "UTF-8 files, or data.on_error='skip'") from None
+            bad.append(f"{f} ({reason})")
+    if bad:
+        summary = f"{len(bad)} of {len(files)} files: {'; '.join(bad[:3])}"
+        if not good:
+            raise ConfigError(f"data.path={cfg.path!r}: no readable file ({summary}); allowed: "
+                              "a glob matching readable UTF-8 files")
+        log.warning(f"data: skipped {summary}{'; ...' if len(bad) > 3 else ''}")
+    return good
+
+
 def hf_dataset(cfg, streaming: bool):
     """The `files` or `hub` source as a Hugging Face dataset (iterable when streaming)."""
     import datasets
 
     if cfg.source == "files":
-        files = sorted(glob.glob(cfg.path, recursive=True))
+        files = readable_files(cfg)
         kwargs = {"sample_by": "document"} if cfg.format == "text" else {}
         return datasets.load_dataset(cfg.format, data_files=files, split="train",
                                      streaming=streaming, **kwargs)
@@ -118,9 +156,6 @@ class Batches:
     """Global batch `step` is a fixed function of (seed, step); each host reads its rows."""
 
     def __init__(self, sequences: np.ndarray, batch_size: int, seed: int, shuffle: bool):
-        if len(sequences) < batch_size:
-            raise ConfigError(f"data: {len(sequences)} sequences, fewer than data.batch_size="
-                             f"{batch_size}; use more text or a smaller batch / seq_len")
         self.sequences, self.batch_size, self.seed, self.shuffle = (
             sequences, batch_size, seed, shuffle)
 
@@ -183,7 +218,16 @@ class StreamBatches:
 
 def make_batches(cfg, tokenizer, split: str, seed: int):
     """Training batches are shuffled; eval batches are the first ones of the held-out split."""
+    if cfg.source == "files" and not glob.glob(cfg.path, recursive=True):
+        raise ConfigError(f"data.path={cfg.path!r}: no file matches; allowed: a glob of local "
+                          "files")
     if cfg.streaming:
         return StreamBatches(cfg, tokenizer, split)
     sequences = pack(load_documents(cfg, split), tokenizer, cfg.seq_len)
+    if len(sequences) < cfg.batch_size:
+        key = "data.source='stdlib'" if cfg.source == "stdlib" else f"data.path={cfg.path!r}"
+        raise ConfigError(f"{key}: the {split} split holds {len(sequences)} sequences "
+                          f"of data.seq_len + 1 = {cfg.seq_len + 1} tokens; allowed: at least "
+                          f"data.batch_size={cfg.batch_size} (more text, or a smaller batch "
+                          "or seq_len)")
     return Batches(sequences, cfg.batch_size, seed, shuffle=split == "train")
