@@ -1,9 +1,28 @@
-"""Orbax checkpoints of the train state, the step, and the best one by eval loss."""
+"""Orbax checkpoints of the train state, the step, and the best one by eval loss.
 
+A save writes a temporary directory and renames it into place when complete; older steps are
+deleted only after that. So a run killed while saving keeps every intact checkpoint it had,
+plus a half-written temporary directory that the next start reports and a new save of that
+step replaces. A checkpoint damaged later (a truncated or deleted file) fails to restore: it is
+moved aside with a warning and the next older one is used.
+"""
+
+import logging
 import os
+import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from moejax.config_lib import ConfigError, first_line
+
+log = logging.getLogger(__name__)
+
+
+def handlers():
+    return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
 class Checkpoints:
@@ -15,13 +34,13 @@ class Checkpoints:
     def __init__(self, workdir: str, keep: int, keep_best: bool):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                            options=options, item_names=("state", "meta"))
+                                            options=options, item_handlers=handlers())
         self.best = None
         if keep_best:
             best = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_mode="min",
                                                 best_fn=lambda m: m["eval_loss"])
             self.best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"),
-                                              options=best, item_names=("state", "meta"))
+                                              options=best, item_handlers=handlers())
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -30,7 +49,9 @@ class Checkpoints:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   meta=ocp.args.JsonSave(meta))
         self.latest.save(step, args=args, force=True)
-        if self.best is not None and eval_loss is not None:
+        # A run resumed from before a broken checkpoint computes the best one's step again.
+        if (self.best is not None and eval_loss is not None
+                and step not in self.best.all_steps()):
             # Both managers name their cross-host barriers by step: let one finish first.
             self.latest.wait_until_finished()
             self.best.save(step, args=args, metrics={"eval_loss": float(eval_loss)}, force=True)
@@ -42,8 +63,73 @@ class Checkpoints:
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return out.state, out.meta
 
+    def restore_latest(self, like):
+        """(state, meta) of the newest checkpoint that restores, or None if none does."""
+        root = str(self.latest.directory)
+        for name in sorted(os.listdir(root)) if jax.process_index() == 0 else []:
+            if ".orbax-checkpoint-tmp" in name:  # orbax never lists these; a new save replaces it
+                log.warning(f"checkpoint {root}/{name} is half-written (the run stopped while "
+                            "saving it): skipped")
+        for step in reversed(self.latest.all_steps()):
+            try:
+                restored, error = self.restore(step, like), None
+            except Exception as e:  # whatever broke, this step cannot be resumed from
+                restored, error = None, e
+            if on_every_process(error is None):
+                return restored
+            self.set_aside(step, error)
+        return None
+
+    def set_aside(self, step: int, error: Exception | None):
+        """Rename a broken step out of orbax's sight: the next save of that step and the
+        rotation must not trip over it, and it stays on disk for a post-mortem."""
+        path = os.path.join(str(self.latest.directory), str(step))
+        if jax.process_index() == 0:
+            aside = f"{path}.broken-{time.strftime('%Y%m%d-%H%M%S')}"
+            reason = "failed on another process" if error is None else first_line(error)
+            log.warning(f"checkpoint {path} does not restore ({reason}): skipped, "
+                        f"moved to {aside}")
+            os.rename(path, aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.latest.reload()
+
+    def check_shapes(self, params):
+        """Raise ConfigError naming the first parameter whose shape in the newest readable
+        checkpoint differs from `params` (abstract arrays will do): a changed model config
+        must not resume a run. Reads metadata only, so it runs before anything compiles."""
+        for step in reversed(self.latest.all_steps()):
+            try:
+                saved = shapes(self.latest.item_metadata(step)["state"]["params"])
+            except Exception:  # unreadable: restore_latest reports it
+                continue
+            want = shapes(params)
+            for name in sorted(saved.keys() | want.keys()):
+                if saved.get(name) != want.get(name):
+                    raise ConfigError(
+                        f"model: {name}: checkpoint {saved.get(name, 'absent')} vs config "
+                        f"{want.get(name, 'absent')} in {self.latest.directory}/{step}; allowed: "
+                        "the model config the run started with, or a new --workdir")
+            return
+
     def close(self):
         for mgr in (self.latest, self.best):
             if mgr is not None:
                 mgr.wait_until_finished()
                 mgr.close()
+
+
+def shapes(tree) -> dict:
+    """'blocks.0.ffn.w_in' -> shape, for every array of a params tree (live, abstract or saved)."""
+    def name(path):
+        keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+        return ".".join(str(k) for k in keys if k != "value")
+    return {name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def on_every_process(ok: bool) -> bool:
+    """All processes must resume from the same step, even if only one of them failed to read."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.process_allgather(np.int32(ok)).min())
+
