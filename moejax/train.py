@@ -2,19 +2,25 @@
 
   python -m moejax.train --config configs/tiny.py --workdir runs/tiny [--config.a.b=value]
 
-Order of work: check the config -> mesh -> data -> model and optimizer (sharded) -> resume
-from the newest checkpoint in workdir, if any -> loop (step, log, eval, checkpoint).
+Order of work: check the config, workdir, tokenizer, data and any checkpoint's shapes (nothing
+compiled yet) -> model and optimizer (sharded) -> resume from the newest intact checkpoint in
+workdir, if any -> loop (step, log, eval, checkpoint). See docs/reliability.md for what happens
+on SIGTERM, damaged checkpoints and non-finite steps.
 """
 
+import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from moejax import config_lib, data, parallel
 from moejax.checkpoint import Checkpoints
@@ -75,8 +81,14 @@ def train_step(state, tokens, step, *, graphdef, tx, lr, config):
 
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics.update(grad_norm=optax.tree.norm(grads), lr=lr(step))
-    return {"params": params, "opt_state": opt_state}, metrics
+    grad_norm = optax.tree.norm(grads)
+    # One NaN or inf would spread through every weight for good: such a step leaves the state
+    # as it was, and the host counts it.
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                             {"params": params, "opt_state": opt_state}, state)
+    metrics.update(grad_norm=grad_norm, lr=lr(step), skipped=jnp.logical_not(ok))
+    return new_state, metrics
 
 
 def eval_step(params, tokens, *, graphdef):
@@ -96,38 +108,51 @@ def bytes_on_device(tree) -> int:
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Train to config.train.steps (or stop early at train.stop_at); returns the losses seen."""
-    tc, mc = config.train, config.model
-    config_lib.validate(config, jax.device_count())
-    mesh = parallel.make_mesh(*config_lib.mesh_shape(config, jax.device_count()))
-    writer = Writer(workdir)
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradients."""
 
+
+@contextlib.contextmanager
+def preemption_notice():
+    """Yields `reached(step)`: True at the same step on every process once SIGTERM, the usual
+    preemption notice, has reached any of them."""
+    if jax.process_count() > 1:
+        # jax.distributed catches SIGTERM itself and has the processes agree on a step.
+        yield multihost_utils.reached_preemption_sync_point
+        return
+    notice = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: notice.set())
+    try:
+        yield lambda step: notice.is_set()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train to config.train.steps, or stop early with a checkpoint at train.stop_at or on
+    SIGTERM; returns the losses seen and the steps skipped as non-finite."""
+    tc, mc = config.train, config.model
+    # Every check that can fail on a bad config or input runs before anything compiles.
+    config_lib.validate(config, jax.device_count())
+    config_lib.check_workdir(workdir)
+    mesh = parallel.make_mesh(*config_lib.mesh_shape(config, jax.device_count()))
     tokenizer = data.make_tokenizer(config.data.tokenizer)
     with config.unlocked():
         mc.vocab_size = mc.vocab_size or tokenizer.vocab_size
     seq_len = config.data.seq_len
     train_data = data.make_batches(config.data, tokenizer, "train", config.seed)
     eval_data = data.make_batches(config.data, tokenizer, "eval", config.seed)
-
-    # Model and optimizer state, created directly in their sharded layout.
     tx, lr = make_optimizer(tc)
     abstract = nnx.eval_shape(lambda: Transformer(mc, mesh=mesh, rngs=nnx.Rngs(config.seed)))
     graphdef, abstract_params = nnx.split(abstract)
-    shardings = nnx.get_named_sharding(abstract_params, mesh)
-
-    @functools.partial(jax.jit, out_shardings=shardings)
-    def init_params():
-        return nnx.split(Transformer(mc, mesh=mesh, rngs=nnx.Rngs(config.seed)))[1]
-
-    params = init_params()
-    state = parallel.replicate_unplaced({"params": params, "opt_state": jax.jit(tx.init)(params)},
-                                        mesh)
-
     ckpt = Checkpoints(workdir, tc.keep_checkpoints, tc.keep_best)
+    ckpt.check_shapes(abstract_params)
+
+    writer = Writer(workdir)
+    state = init_state(config, mesh, tx)
     start_step = 0
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(ckpt.latest_step(), state)
+    if restored := ckpt.restore_latest(state):
+        state, meta = restored
         start_step = meta["step"]
         writer.print(f"resumed from {workdir} at step {start_step}")
 
@@ -147,7 +172,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f"global batch: {config.data.batch_size} x {seq_len} = {tokens_per_step} tokens; "
         f"{flops_per_token / 1e6:.1f} MFLOP per token")
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
@@ -165,58 +189,93 @@ def train_and_evaluate(config, workdir: str) -> dict:
         history["eval_loss"][step] = loss
         return loss
 
-    history = {"train_loss": {}, "eval_loss": {}}
-    if start_step == 0:
-        evaluate(0)
+    history = {"train_loss": {}, "eval_loss": {}, "skipped_steps": []}
     progress = Progress(tc.steps, tokens_per_step, start_step)
     last = min(tc.steps, tc.stop_at or tc.steps)
-    pending = {}  # step -> device loss, read at the next log point so the device never waits
-    for step in range(start_step + 1, last + 1):
-        batch = global_batch(train_data, step - 1, token_sharding, seq_len)
-        state, metrics = step_fn(state, batch, jnp.int32(step - 1))
-        pending[step] = metrics["loss"]
+    pending = {}  # step -> (loss, skipped) still on device
+    in_a_row = 0  # non-finite steps
+    if start_step == 0:
+        evaluate(0)
+    with preemption_notice() as preempted, contextlib.closing(ckpt), contextlib.closing(writer):
+        for step in range(start_step + 1, last + 1):
+            batch = global_batch(train_data, step - 1, token_sharding, seq_len)
+            state, metrics = step_fn(state, batch, jnp.int32(step - 1))
+            pending[step] = metrics["loss"], metrics["skipped"]
+            log = step % tc.log_every == 0 or step == last
+            stop = preempted(step)
+            save = step % tc.ckpt_every == 0 or step == last or stop
 
-        if step % tc.log_every == 0 or step == last:
-            history["train_loss"].update(
-                {s: float(v) for s, v in jax.device_get(pending).items()})
-            pending = {}
-            m = jax.device_get(metrics)
-            perf = progress.tick(step)
-            values = {"train/loss": m["loss"], "train/ce_loss": m["ce_loss"],
-                      "opt/lr": m["lr"], "opt/grad_norm": m["grad_norm"],
-                      "perf/tokens_per_s": perf["perf/tokens_per_s"],
-                      "perf/step_ms": perf["perf/step_ms"]}
-            if peak:
-                achieved = perf["perf/tokens_per_s"] * flops_per_token / jax.device_count()
-                values["perf/mfu"] = achieved / peak
-            if moe_layers:
-                values["train/balance_loss"] = m["balance_loss"]
-                values["train/z_loss"] = m["z_loss"]
-                load = m["expert_load"] / m["expert_load"].sum(-1, keepdims=True)
-                writer.expert_load(step, moe_layers, load, m["dropped_frac"])
-            writer.scalars(step, values)
-            writer.print(f"step {step}/{tc.steps} loss {m['loss']:.4f} "
-                         f"tok/s {perf['perf/tokens_per_s']:,.0f} "
-                         f"step {perf['perf/step_ms']:.0f} ms ETA {format_eta(perf['eta_s'])}")
+            # Read every finished step; this one too when a log or a save waits for it
+            # anyway. Otherwise the host stays one step ahead and the device never waits.
+            for done in sorted(pending)[:None if log or save else -1]:
+                loss, skipped = jax.device_get(pending.pop(done))
+                history["train_loss"][done] = float(loss)
+                in_a_row = in_a_row + 1 if skipped else 0
+                if skipped:
+                    history["skipped_steps"].append(done)
+                    writer.print(f"step {done}: non-finite loss or gradients, skipped "
+                                 f"({in_a_row} in a row)")
+                if in_a_row >= tc.max_nonfinite_steps:
+                    good = ckpt.latest_step()
+                    raise NonFiniteError(
+                        f"train.max_nonfinite_steps={tc.max_nonfinite_steps}: steps "
+                        f"{done - in_a_row + 1}..{done} all had a non-finite loss or gradients; "
+                        + (f"the last good state is checkpoint {good} in {workdir}"
+                           if good is not None else "no checkpoint was saved"))
 
-        eval_loss = evaluate(step) if step % tc.eval_every == 0 or step == tc.steps else None
-        if step % tc.ckpt_every == 0 or step == last:
-            ckpt.save(step, state, {"step": step, "tokens_seen": step * tokens_per_step},
-                      eval_loss)
+            if log:
+                m = jax.device_get(metrics)
+                perf = progress.tick(step)
+                values = {"train/loss": m["loss"], "train/ce_loss": m["ce_loss"],
+                          "opt/lr": m["lr"], "opt/grad_norm": m["grad_norm"],
+                          "perf/tokens_per_s": perf["perf/tokens_per_s"],
+                          "perf/step_ms": perf["perf/step_ms"]}
+                if peak:
+                    achieved = perf["perf/tokens_per_s"] * flops_per_token / jax.device_count()
+                    values["perf/mfu"] = achieved / peak
+                if moe_layers:
+                    values["train/balance_loss"] = m["balance_loss"]
+                    values["train/z_loss"] = m["z_loss"]
+                    load = m["expert_load"] / m["expert_load"].sum(-1, keepdims=True)
+                    writer.expert_load(step, moe_layers, load, m["dropped_frac"])
+                writer.scalars(step, values)
+                writer.print(f"step {step}/{tc.steps} loss {m['loss']:.4f} "
+                             f"tok/s {perf['perf/tokens_per_s']:,.0f} "
+                             f"step {perf['perf/step_ms']:.0f} ms "
+                             f"ETA {format_eta(perf['eta_s'])}")
 
-    ckpt.close()
-    writer.close()
+            eval_loss = evaluate(step) if step % tc.eval_every == 0 or step == tc.steps else None
+            if save:
+                ckpt.save(step, state, {"step": step, "tokens_seen": step * tokens_per_step},
+                          eval_loss)
+            if stop:
+                writer.print(f"preempted: saved step {step} in {workdir}; run the same "
+                             "command again to resume")
+                break
     return history
+
+
+def init_state(config, mesh, tx):
+    """Parameters and optimizer state, created directly in their sharded layout."""
+    shardings = nnx.get_named_sharding(nnx.state(nnx.eval_shape(
+        lambda: Transformer(config.model, mesh=mesh, rngs=nnx.Rngs(config.seed)))), mesh)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init_params():
+        return nnx.split(Transformer(config.model, mesh=mesh, rngs=nnx.Rngs(config.seed)))[1]
+
+    params = init_params()
+    return parallel.replicate_unplaced({"params": params, "opt_state": jax.jit(tx.init)(params)},
+                                       mesh)
 
 
 def main(argv):
     del argv
     from absl import flags
 
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
-        train_and_evaluate(config, workdir)
-    except config_lib.ConfigError as e:
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except NonFiniteError as e:
         sys.exit(f"error: {e}")
 
 
