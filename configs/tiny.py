@@ -78,6 +78,9 @@ def get_config(arg=None):
             keep_best=True,  # also keep the checkpoint with the lowest eval loss
             peak_tflops=0.0,  # per device, for MFU; 0 = look the device up
             max_nonfinite_steps=5,  # stop after this many skipped (NaN / inf) steps in a row
+            collapse_threshold=0.1,  # warn if an expert gets < this x 1/E of the load; 0 = off
+            collapse_checks=4,  # ... at this many log points in a row
+            init_from="",  # a dense run's workdir: start from its newest checkpoint (upcycling)
         ),
     )
     if variant == "dense":

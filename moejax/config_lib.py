@@ -60,6 +60,16 @@ def validate(config, num_devices: int) -> None:
         check(m.eval_capacity_factor > 0, "model.eval_capacity_factor", m.eval_capacity_factor,
               "must be > 0")
         check(m.moe_every >= 1, "model.moe_every", m.moe_every, "must be >= 1")
+        from moejax.moe.layer import ROUTINGS
+        from moejax.moe.router import SCORES
+
+        one_of("model.router_score", m.router_score, SCORES)
+        one_of("model.routing", m.routing, ROUTINGS)
+        check(m.bias_rate >= 0, "model.bias_rate", m.bias_rate, "must be >= 0 (0 = off)")
+        check(m.num_shared_experts >= 0, "model.num_shared_experts", m.num_shared_experts,
+              "must be >= 0")
+        check(not (m.dropless and m.routing == "experts"), "model.dropless", m.dropless,
+              "allowed only with model.routing=tokens (expert choice never drops)")
     from moejax.moe.experts import ACTIVATIONS
 
     one_of("model.activation", m.activation, tuple(ACTIVATIONS))
@@ -81,6 +91,15 @@ def validate(config, num_devices: int) -> None:
           f"must be a multiple of data x expert x grad_accum = {data} x {expert} x "
           f"{t.grad_accum}")
     one_of("train.schedule", t.schedule, ("cosine", "rsqrt"))
+    if t.schedule == "cosine":
+        check(0 <= t.warmup_steps < t.steps, "train.warmup_steps", t.warmup_steps,
+              f"must be in 0..train.steps-1={t.steps - 1} (the cosine needs steps after it)")
+    check(0 <= t.collapse_threshold < 1, "train.collapse_threshold", t.collapse_threshold,
+          "must be in [0, 1): a fraction of the uniform load 1/E (0 = off)")
+    check(t.collapse_checks >= 1, "train.collapse_checks", t.collapse_checks, "must be >= 1")
+    if t.init_from:
+        check(os.path.isdir(os.path.join(t.init_from, "checkpoints")), "train.init_from",
+              t.init_from, "no checkpoints/ in it; allowed: the --workdir of a finished run")
 
 
 def check_workdir(workdir: str) -> None:
