@@ -119,12 +119,15 @@ class Checkpoints:
                 mgr.close()
 
 
+def path_name(path) -> str:
+    """A params tree path as 'blocks.0.ffn.w_in'."""
+    keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+    return ".".join(str(k) for k in keys if k != "value")
+
+
 def shapes(tree) -> dict:
     """'blocks.0.ffn.w_in' -> shape, for every array of a params tree (live, abstract or saved)."""
-    def name(path):
-        keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
-        return ".".join(str(k) for k in keys if k != "value")
-    return {name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def on_every_process(ok: bool) -> bool:

@@ -88,3 +88,21 @@ def format_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class CollapseAlarm:
+    """Router collapse: warn when an expert's share of assignments stays below `threshold`
+    times the uniform share 1/E at `patience` consecutive checks. Warns once per expert until
+    it recovers."""
+
+    def __init__(self, layers: list[int], num_experts: int, threshold: float, patience: int):
+        self.layers, self.threshold, self.patience = layers, threshold / num_experts, patience
+        self.low = np.zeros((len(layers), num_experts), int)
+
+    def update(self, step: int, load: np.ndarray) -> list[str]:
+        """load: [moe layers, E] fractions of the assignments. Returns the warnings to print."""
+        self.low = np.where(load < self.threshold, self.low + 1, 0)
+        return [f"warning: step {step}: router collapse? layer {self.layers[row]} expert {e} "
+                f"got {load[row, e]:.1%} of assignments (uniform {1 / load.shape[1]:.1%}) at "
+                f"{self.patience} checks in a row"
+                for row, e in zip(*np.nonzero(self.low == self.patience), strict=True)]

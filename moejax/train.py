@@ -22,11 +22,12 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from moejax import config_lib, data, parallel
-from moejax.checkpoint import Checkpoints
+from moejax import config_lib, data, parallel, upcycle
+from moejax.checkpoint import Checkpoints, path_name
 from moejax.flops import device_peak_flops, train_flops_per_token
-from moejax.metrics import Progress, Writer, format_eta
+from moejax.metrics import CollapseAlarm, Progress, Writer, format_eta
 from moejax.model import Transformer, is_moe_layer
+from moejax.moe import router
 from moejax.params import param_counts
 
 
@@ -81,6 +82,8 @@ def train_step(state, tokens, step, *, graphdef, tx, lr, config):
 
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if config.model.bias_rate > 0:
+        params = update_router_bias(params, metrics["expert_load"], config.model)
     grad_norm = optax.tree.norm(grads)
     # One NaN or inf would spread through every weight for good: such a step leaves the state
     # as it was, and the host counts it.
@@ -89,6 +92,22 @@ def train_step(state, tokens, step, *, graphdef, tx, lr, config):
                              {"params": params, "opt_state": opt_state}, state)
     metrics.update(grad_norm=grad_norm, lr=lr(step), skipped=jnp.logical_not(ok))
     return new_state, metrics
+
+
+def update_router_bias(params, expert_load, mc):
+    """Auxiliary-loss-free balancing: each MoE layer's selection bias moves toward balance by
+    this step's load. Row i of expert_load is the i-th MoE layer. The bias gets no gradient,
+    so the optimizer leaves it alone (zero update, no weight decay on 1-D weights)."""
+    moe_layers = [i for i in range(mc.num_layers) if is_moe_layer(mc, i)]
+
+    def update(path, x):
+        name = path_name(path)  # blocks.<layer>.ffn.router_bias
+        if not name.endswith(".router_bias"):
+            return x
+        load = expert_load[moe_layers.index(int(name.split(".")[1]))]
+        return router.bias_update(x, load, mc.bias_rate)
+
+    return jax.tree_util.tree_map_with_path(update, params)
 
 
 def eval_step(params, tokens, *, graphdef):
@@ -147,6 +166,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     graphdef, abstract_params = nnx.split(abstract)
     ckpt = Checkpoints(workdir, tc.keep_checkpoints, tc.keep_best)
     ckpt.check_shapes(abstract_params)
+    upcycling = bool(tc.init_from) and ckpt.latest_step() is None
+    if upcycling:
+        upcycle.check(tc.init_from, abstract_params)
 
     writer = Writer(workdir)
     state = init_state(config, mesh, tx)
@@ -155,6 +177,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state, meta = restored
         start_step = meta["step"]
         writer.print(f"resumed from {workdir} at step {start_step}")
+    elif upcycling:
+        params, dense_step = upcycle.load(tc.init_from, state["params"], mesh)
+        state = parallel.replicate_unplaced({"params": params,
+                                             "opt_state": jax.jit(tx.init)(params)}, mesh)
+        writer.print(f"upcycled from {tc.init_from} step {dense_step}: experts copied from "
+                     "its FFNs, router and optimizer fresh")
 
     counts = param_counts(abstract, mc.top_k, mc.num_experts)
     tokens_per_step = config.data.batch_size * seq_len
@@ -194,6 +222,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     last = min(tc.steps, tc.stop_at or tc.steps)
     pending = {}  # step -> (loss, skipped) still on device
     in_a_row = 0  # non-finite steps
+    alarm = (CollapseAlarm(moe_layers, mc.num_experts, tc.collapse_threshold, tc.collapse_checks)
+             if moe_layers and tc.collapse_threshold > 0 else None)
     if start_step == 0:
         evaluate(0)
     with preemption_notice() as preempted, contextlib.closing(ckpt), contextlib.closing(writer):
@@ -238,6 +268,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     values["train/z_loss"] = m["z_loss"]
                     load = m["expert_load"] / m["expert_load"].sum(-1, keepdims=True)
                     writer.expert_load(step, moe_layers, load, m["dropped_frac"])
+                    for warning in alarm.update(step, load) if alarm else []:
+                        writer.print(warning)
                 writer.scalars(step, values)
                 writer.print(f"step {step}/{tc.steps} loss {m['loss']:.4f} "
                              f"tok/s {perf['perf/tokens_per_s']:,.0f} "

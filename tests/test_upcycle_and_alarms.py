@@ -1,0 +1,122 @@
+"""Training-time router features: sparse upcycling from a dense run, the auxiliary-loss-free
+bias update inside the train step, and the router collapse alarm."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from moejax import upcycle
+from moejax.config_lib import ConfigError
+from moejax.metrics import CollapseAlarm
+from moejax.train import train_and_evaluate
+
+
+def smoke(**overrides):
+    config = tiny.get_config("smoke")
+    for key, value in overrides.items():
+        group, name = key.split(".")
+        config[group][name] = value
+    return config
+
+
+def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys):
+    # Dense source: top_k=1, so its FFN is exactly one expert wide (d_ff = 64).
+    dense = train_and_evaluate(smoke(**{"model.num_experts": 0, "model.top_k": 1}),
+                               str(tmp_path / "dense"))
+    dense_loss = dense["eval_loss"][6]
+    # Gates that sum to 1 and nothing dropped: every token gets k copies of the same FFN.
+    moe = train_and_evaluate(smoke(**{"train.init_from": str(tmp_path / "dense"),
+                                      "model.renormalize": True, "model.dropless": True,
+                                      "train.steps": 3, "train.stop_at": 2}),
+                             str(tmp_path / "moe"))
+    assert "upcycled from" in capsys.readouterr().out
+    np.testing.assert_allclose(moe["eval_loss"][0], dense_loss, rtol=1e-5)
+    # A fresh MoE starts near log(vocab), far from the trained dense model.
+    fresh = train_and_evaluate(smoke(**{"train.stop_at": 1}), str(tmp_path / "fresh"))
+    assert fresh["eval_loss"][0] > dense_loss + 0.5
+    # Resuming the upcycled run reads its own checkpoint, not the dense one again.
+    again = train_and_evaluate(smoke(**{"train.init_from": str(tmp_path / "dense"),
+                                        "model.renormalize": True, "model.dropless": True,
+                                        "train.steps": 3}), str(tmp_path / "moe"))
+    assert list(again["train_loss"]) == [3]
+
+
+def test_upcycle_plan_names_the_mismatched_param():
+    dense = {"embed": (64, 32), "blocks.0.ffn.w_in": (32, 256), "blocks.0.ffn.w_out": (128, 32)}
+    moe = {"embed": (64, 32), "blocks.0.ffn.router": (32, 8),
+           "blocks.0.ffn.w_in": (8, 32, 256), "blocks.0.ffn.w_out": (8, 128, 32)}
+    assert upcycle.plan(dense, moe) == {"embed": "copy", "blocks.0.ffn.router": "fresh",
+                                        "blocks.0.ffn.w_in": "experts",
+                                        "blocks.0.ffn.w_out": "experts"}
+    wide = {**dense, "blocks.0.ffn.w_out": (256, 32)}
+    with pytest.raises(ConfigError, match=r"train.init_from: blocks.0.ffn.w_out is \(256, 32\)"):
+        upcycle.plan(wide, moe)
+    with pytest.raises(ConfigError, match="the dense checkpoint has no embed"):
+        upcycle.plan({k: v for k, v in dense.items() if k != "embed"}, moe)
+
+
+def test_init_from_without_checkpoints_fails_before_compiling(tmp_path):
+    with pytest.raises(ConfigError, match="train.init_from=.*no checkpoints/"):
+        train_and_evaluate(smoke(**{"train.init_from": str(tmp_path)}), str(tmp_path / "w"))
+
+
+def test_bias_update_is_applied_in_the_train_step(tmp_path):
+    rate = 0.05
+    train_and_evaluate(smoke(**{"model.bias_rate": rate, "train.stop_at": 1,
+                                "train.log_every": 1}), str(tmp_path))
+    import orbax.checkpoint as ocp
+
+    from moejax.checkpoint import handlers
+
+    mgr = ocp.CheckpointManager(str(tmp_path / "checkpoints"), item_handlers=handlers())
+    state = mgr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    logged = next(r for r in rows if r["step"] == 1 and "moe/layer_00/load/expert_00" in r)
+    for layer in (0, 1):
+        bias = np.asarray(state["params"]["blocks"][str(layer)]["ffn"]["router_bias"]["value"])
+        load = np.array([logged[f"moe/layer_{layer:02d}/load/expert_{e:02d}"] for e in range(8)])
+        # Started at zero; one step of bias += rate * sign(mean load - load).
+        np.testing.assert_allclose(bias, rate * np.sign(load.mean() - load), atol=1e-7)
+        assert np.abs(bias).sum() > 0
+
+
+def test_collapse_alarm_counts_checks_in_a_row():
+    alarm = CollapseAlarm([1, 3], num_experts=4, threshold=0.1, patience=2)
+    healthy = np.full((2, 4), 0.25)
+    starved = healthy.copy()
+    starved[1] = [0.5, 0.49, 0.01, 0.0]  # layer 3: experts 2 and 3 below 0.1 x 1/4
+    assert alarm.update(10, starved) == []
+    assert alarm.update(20, healthy) == []  # recovered: the count starts again
+    assert alarm.update(30, starved) == []
+    warnings = alarm.update(40, starved)
+    assert len(warnings) == 2 and "layer 3 expert 2" in warnings[0] and "step 40" in warnings[0]
+    assert "layer 3 expert 3" in warnings[1]
+    assert alarm.update(50, starved) == []  # once, not at every check
+
+
+def test_collapse_alarm_fires_on_a_collapsed_router(tmp_path, capsys):
+    # Router weights at zero (lr 0, so they stay there) give every expert the same score; top_k
+    # breaks ties by the lower index, so experts 0 and 1 take every token and 2..7 starve.
+    config = smoke(**{"train.lr": 0.0, "train.log_every": 1, "train.collapse_checks": 3,
+                      "model.capacity_factor": 8.0})
+    from moejax import model as model_lib
+
+    real = model_lib.MoE.__init__
+
+    def zero_router(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.router[...] = self.router[...] * 0
+
+    try:
+        model_lib.MoE.__init__ = zero_router
+        train_and_evaluate(config, str(tmp_path))
+    finally:
+        model_lib.MoE.__init__ = real
+    out = capsys.readouterr().out
+    for layer in (0, 1):
+        for e in range(2, 8):
+            assert f"step 3: router collapse? layer {layer} expert {e} got 0.0%" in out
+        for e in (0, 1):
+            assert f"layer {layer} expert {e} " not in out
