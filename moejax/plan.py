@@ -141,7 +141,8 @@ def alltoall_minimum(config, num_devices: int) -> dict:
     """Bytes the MoE all-to-alls must move per train step, summed over devices (see docstring).
 
     Groups and capacity follow the layer: `model.num_groups` groups per micro-batch (0 = one per
-    device), C = router.capacity(tokens per group); `grad_accum` micro-batches per step."""
+    device), C = router.capacity(tokens per group); `grad_accum` micro-batches per step. Expert
+    choice fills the same [E*C, d] buffers, so the same bound holds."""
     import numpy as np
 
     from moejax.model import DTYPES, is_moe_layer
@@ -151,7 +152,10 @@ def alltoall_minimum(config, num_devices: int) -> dict:
     tokens = config.data.batch_size * config.data.seq_len
     groups = mc.num_groups or num_devices
     per_group = tokens // tc.grad_accum // groups
-    cap = capacity(per_group, mc.num_experts, mc.top_k, mc.capacity_factor, mc.min_capacity)
+    # As moe_ffn sizes its buffers: capped at the group, and the whole group when dropless
+    # (experts split over devices have no ragged all-to-all, so C is the worst case).
+    cap = per_group if mc.dropless else min(per_group, capacity(
+        per_group, mc.num_experts, mc.top_k, mc.capacity_factor, mc.min_capacity))
     layers = sum(is_moe_layer(mc, i) for i in range(mc.num_layers))
     itemsize = np.dtype(DTYPES[mc.dtype]).itemsize
     per_layer = 2 * tc.grad_accum * groups * mc.num_experts * cap * mc.d_model * itemsize
@@ -196,8 +200,9 @@ def abstract_state(config, mesh):
     graphdef, params = nnx.split(model)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           params, nnx.get_named_sharding(params, mesh))
-    # train.py runs jax.jit(tx.init) and replicates whatever did not land on the mesh
-    # (parallel.replicate_unplaced); ask the compiler the same question.
+    # train.init_state runs jax.jit(tx.init) and replicates whatever did not land on the mesh
+    # (parallel.replicate_unplaced, which needs concrete arrays); ask the compiler the same
+    # question. Keep in step with init_state.
     placed = jax.jit(tx.init).lower(params).compile().output_shardings
 
     def laid_out(a, s):
@@ -329,7 +334,7 @@ def report(p: dict, title: str = "") -> str:
             "",
             f"all-to-all minimum: {a['moe_layers']} MoE layers, {a['groups']} groups of "
             f"{a['tokens_per_group']:,} tokens, C = {a['capacity']} "
-            f"(capacity factor {a['effective_cf']:.3f} once C is rounded up)",
+            f"(cf {a['effective_cf']:.3f} once rounded up)",
             f"  one layer's forward, all devices {a['per_layer'] / MiB:12,.2f} MiB   "
             f"(2 x tokens x k x cf x d x bytes: {a['nominal_per_layer'] / MiB:,.2f})",
             f"  per device, forward              {a['forward'] / n / MiB:12,.2f} MiB payload, "
