@@ -1,4 +1,4 @@
-.PHONY: install test test-slow lint bench train-tiny
+.PHONY: install test test-slow lint bench train-tiny scaling
 
 install:
 	pip install -e .[test]
@@ -17,3 +17,7 @@ bench:
 
 train-tiny:
 	python -m moejax.train --config configs/tiny.py --workdir runs/tiny
+
+scaling:  # Switch scaling experiment (~13 min on 2 CPU cores): docs/scaling.md and docs/scaling.png
+	pip install -q -e .[experiments]
+	python -m moejax.experiments.scaling

@@ -289,8 +289,7 @@ def plot(records: list[dict], path: str, steps: int) -> bool:
         for ax in axes:
             ax.plot(xs, [r["eval"][x] for x in xs], marker=".", label=r["variant"], **style)
     full, zoom = axes
-    full.set_yscale("log")
-    full.set_title("held-out loss")
+    full.set_title("held-out loss (nats per token)")
     late = [r["eval"][x] for r in records for x in r["eval"] if x >= steps // 2]
     zoom.set_xlim(steps // 2 - steps // 40, steps + steps // 40)
     pad = 0.1 * (max(late) - min(late) + 1e-3)

@@ -1,0 +1,59 @@
+"""The Switch scaling experiment: its variants' accounting, and the runner on smoke variants."""
+
+import pytest
+
+from moejax.experiments import scaling
+
+
+def test_variants_differ_only_in_expert_parameters():
+    dense = scaling.param_summary(scaling.variant_config("dense"))
+    assert dense["total"] == dense["active"] and dense["router"] == 0
+    totals = [dense["total"]]
+    for variant in ("e2", "e4", "e8", "e16"):
+        c = scaling.param_summary(scaling.variant_config(variant))
+        # Same work per token: the router is all a token touches that dense lacks (< 1%).
+        assert c["active"] - c["router"] == dense["active"], variant
+        assert c["router"] < 0.01 * dense["active"]
+        totals.append(c["total"])
+    assert totals == sorted(totals) and len(set(totals)) == 5  # more experts, more parameters
+
+
+def test_overrides_and_unknown_keys():
+    config = scaling.variant_config("e4", {"train.steps": "7", "model.jitter_eps": "0.5"})
+    assert config.train.steps == 7 and config.model.jitter_eps == 0.5
+    with pytest.raises(SystemExit, match="train.stepz"):
+        scaling.variant_config("e4", {"train.stepz": "7"})
+    with pytest.raises(ValueError, match="allowed: dense, e2"):
+        scaling.variant_config("e3")
+
+
+def test_runner_writes_table_and_plot_then_reuses_finished_runs(tmp_path, monkeypatch):
+    variants, out, runs = ["dense,smoke", "e2,smoke"], tmp_path / "docs", tmp_path / "runs"
+    records = scaling.run(variants, str(out), str(runs), command="python -m ...")
+    text = (out / "scaling.md").read_text()
+    for variant in variants:
+        assert f"| {variant} |" in text
+    assert records[1]["routing"] and "every MoE variant beats dense" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert (out / "scaling.png").read_bytes().startswith(b"\x89PNG")
+
+    # Text written around the generated block survives; finished runs are not trained again.
+    (out / "scaling.md").write_text("# intro\n\n" + text + "\n## Findings\n")
+
+    def no_training(*args):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(scaling, "train_and_evaluate", no_training)
+    again = scaling.run(variants, str(out), str(runs), command="python -m ...")
+    assert [r["eval"] for r in again] == [r["eval"] for r in records]
+    text = (out / "scaling.md").read_text()
+    assert text.startswith("# intro") and text.endswith("## Findings\n")
+    assert text.count(scaling.BEGIN) == 1
+
+    # A workdir holding a different config is an error, not a silent mix of two runs.
+    with pytest.raises(SystemExit, match="lr"):
+        scaling.run(variants[:1], str(out), str(runs), {"train.lr": "0.1"})
