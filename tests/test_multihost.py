@@ -107,7 +107,10 @@ def test_killed_process_stops_the_others_and_relaunch_resumes(tmp_path):
     killed_at = time.time()
     out = wait(procs[0], 240)  # the coordination service's heartbeat timeout bounds this
     assert procs[0][0].returncode != 0
-    assert "another task died" in out or "unhealthy" in out, out[-2000:]
+    # Usually the coordination service reports the dead peer at its heartbeat timeout. Once
+    # (1 run in 3) gloo failed first, on a message of the dead peer's with the wrong size; the
+    # survivor still stopped, which is what this test is about.
+    assert any(m in out for m in ("another task died", "unhealthy", "gloo::")), out[-2000:]
     assert time.time() - killed_at < 200
     wait(procs[1], 60)
 

@@ -21,21 +21,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import tiny
 from moejax import config_lib, data, parallel, train
 from moejax.checkpoint import Checkpoints
 from moejax.model import Transformer
 from tests.test_multihost import losses, run, start, wait
+from tests.test_train import smoke
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def smoke(**overrides):
-    config = tiny.get_config("smoke")
-    for key, value in overrides.items():
-        group, name = key.split(".")
-        config[group][name] = value
-    return config
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,19 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from configs import tiny
 from moejax import upcycle
 from moejax.config_lib import ConfigError
 from moejax.metrics import CollapseAlarm
 from moejax.train import train_and_evaluate
-
-
-def smoke(**overrides):
-    config = tiny.get_config("smoke")
-    for key, value in overrides.items():
-        group, name = key.split(".")
-        config[group][name] = value
-    return config
+from tests.test_train import smoke
 
 
 def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys):
