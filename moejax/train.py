@@ -4,8 +4,9 @@
 
 Order of work: check the config, workdir, tokenizer, data and any checkpoint's shapes (nothing
 compiled yet) -> model and optimizer (sharded) -> resume from the newest intact checkpoint in
-workdir, if any -> loop (step, log, eval, checkpoint). See docs/reliability.md for what happens
-on SIGTERM, damaged checkpoints and non-finite steps.
+workdir, if any, else start from a dense run's (train.init_from: sparse upcycling) -> loop
+(step, log, eval, checkpoint). See docs/reliability.md for what happens on SIGTERM, damaged
+checkpoints and non-finite steps.
 """
 
 import contextlib
@@ -166,8 +167,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     graphdef, abstract_params = nnx.split(abstract)
     ckpt = Checkpoints(workdir, tc.keep_checkpoints, tc.keep_best)
     ckpt.check_shapes(abstract_params)
-    upcycling = bool(tc.init_from) and ckpt.latest_step() is None
-    if upcycling:
+    if tc.init_from and ckpt.latest_step() is None:
         upcycle.check(tc.init_from, abstract_params)
 
     writer = Writer(workdir)
@@ -177,7 +177,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state, meta = restored
         start_step = meta["step"]
         writer.print(f"resumed from {workdir} at step {start_step}")
-    elif upcycling:
+    elif tc.init_from:
         params, dense_step = upcycle.load(tc.init_from, state["params"], mesh)
         state = parallel.replicate_unplaced({"params": params,
                                              "opt_state": jax.jit(tx.init)(params)}, mesh)
