@@ -74,6 +74,11 @@ def is_moe_layer(cfg, layer: int) -> bool:
     return (layer - cfg.first_dense_layers) % cfg.moe_every == cfg.moe_every - 1
 
 
+def moe_layer_ids(cfg) -> list[int]:
+    """Indices of the MoE layers; the rows of the trainer's per-layer routing metrics."""
+    return [i for i in range(cfg.num_layers) if is_moe_layer(cfg, i)]
+
+
 def moe_config(cfg) -> MoEConfig:
     return MoEConfig(num_experts=cfg.num_experts, top_k=cfg.top_k,
                      capacity_factor=cfg.capacity_factor,

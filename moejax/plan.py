@@ -145,7 +145,7 @@ def alltoall_minimum(config, num_devices: int) -> dict:
     choice fills the same [E*C, d] buffers, so the same bound holds."""
     import numpy as np
 
-    from moejax.model import DTYPES, is_moe_layer
+    from moejax.model import DTYPES, moe_layer_ids
     from moejax.moe.router import capacity
 
     mc, tc = config.model, config.train
@@ -156,7 +156,7 @@ def alltoall_minimum(config, num_devices: int) -> dict:
     # (experts split over devices have no ragged all-to-all, so C is the worst case).
     cap = per_group if mc.dropless else min(per_group, capacity(
         per_group, mc.num_experts, mc.top_k, mc.capacity_factor, mc.min_capacity))
-    layers = sum(is_moe_layer(mc, i) for i in range(mc.num_layers))
+    layers = len(moe_layer_ids(mc))
     itemsize = np.dtype(DTYPES[mc.dtype]).itemsize
     per_layer = 2 * tc.grad_accum * groups * mc.num_experts * cap * mc.d_model * itemsize
     return {"moe_layers": layers, "groups": groups, "tokens_per_group": per_group,

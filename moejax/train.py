@@ -27,7 +27,7 @@ from moejax import config_lib, data, parallel, upcycle
 from moejax.checkpoint import Checkpoints, path_name
 from moejax.flops import device_peak_flops, train_flops_per_token
 from moejax.metrics import CollapseAlarm, Progress, Writer, format_eta
-from moejax.model import Transformer, is_moe_layer
+from moejax.model import Transformer, moe_layer_ids
 from moejax.moe import router
 from moejax.params import param_counts
 
@@ -99,13 +99,13 @@ def update_router_bias(params, expert_load, mc):
     """Auxiliary-loss-free balancing: each MoE layer's selection bias moves toward balance by
     this step's load. Row i of expert_load is the i-th MoE layer. The bias gets no gradient,
     so the optimizer leaves it alone (zero update, no weight decay on 1-D weights)."""
-    moe_layers = [i for i in range(mc.num_layers) if is_moe_layer(mc, i)]
+    layers = moe_layer_ids(mc)
 
     def update(path, x):
         name = path_name(path)  # blocks.<layer>.ffn.router_bias
         if not name.endswith(".router_bias"):
             return x
-        load = expert_load[moe_layers.index(int(name.split(".")[1]))]
+        load = expert_load[layers.index(int(name.split(".")[1]))]
         return router.bias_update(x, load, mc.bias_rate)
 
     return jax.tree_util.tree_map_with_path(update, params)
@@ -188,7 +188,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tokens_per_step = config.data.batch_size * seq_len
     flops_per_token = train_flops_per_token(counts["active"], mc, seq_len)
     peak = device_peak_flops(jax.devices()[0].device_kind, tc.peak_tflops)
-    moe_layers = [i for i in range(mc.num_layers) if is_moe_layer(mc, i)]
+    moe_layers = moe_layer_ids(mc)
     writer.print(
         f"model: {counts['total'] / 1e6:.2f}M params total, {counts['active'] / 1e6:.2f}M active "
         f"per token ({mc.num_experts} experts, top-{mc.top_k}, MoE layers {moe_layers})\n"

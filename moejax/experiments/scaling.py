@@ -27,7 +27,7 @@ from flax import nnx
 
 from moejax import data
 from moejax.flops import train_flops_per_token
-from moejax.model import Transformer, is_moe_layer
+from moejax.model import Transformer, moe_layer_ids
 from moejax.params import param_counts
 from moejax.train import train_and_evaluate
 
@@ -175,8 +175,7 @@ def run_variant(variant: str, config, workdir: str) -> dict:
     return {
         "variant": variant, "experts": config.model.num_experts, **counts,
         "flops": train_flops_per_token(counts["active"], config.model, config.data.seq_len),
-        "moe_layers": [i for i in range(config.model.num_layers)
-                       if is_moe_layer(config.model, i)],
+        "moe_layers": moe_layer_ids(config.model),
         "eval": eval_curve(rows), "wall_s": info.get("wall_s"), "commit": info.get("commit"),
         "routing": routing_stats(rows, config.model.num_experts, since_step=steps * 3 // 4),
     }
