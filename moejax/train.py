@@ -178,9 +178,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         start_step = meta["step"]
         writer.print(f"resumed from {workdir} at step {start_step}")
     elif tc.init_from:
+        # A fresh optimizer state depends on the shapes only, so init_state's one serves.
         params, dense_step = upcycle.load(tc.init_from, state["params"], mesh)
-        state = parallel.replicate_unplaced({"params": params,
-                                             "opt_state": jax.jit(tx.init)(params)}, mesh)
+        state = {**state, "params": params}
         writer.print(f"upcycled from {tc.init_from} step {dense_step}: experts copied from "
                      "its FFNs, router and optimizer fresh")
 

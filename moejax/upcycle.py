@@ -6,6 +6,7 @@ With gates that sum to 1 (`model.renormalize`) and nothing dropped (`model.dropl
 capacity no token exceeds), the upcycled model computes exactly what the dense one did.
 """
 
+import contextlib
 import os
 
 import jax
@@ -46,6 +47,7 @@ def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
     path = os.path.join(os.path.abspath(workdir), "checkpoints")
     mgr = ocp.CheckpointManager(path, item_handlers=handlers())
     if mgr.latest_step() is None:
+        mgr.close()
         raise ConfigError(f"{KEY}={workdir!r}: no checkpoint in {path}; allowed: the --workdir "
                           "of a dense run that saved one")
     return mgr
@@ -53,25 +55,24 @@ def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
 
 def check(workdir: str, moe_params) -> dict:
     """Shapes only (checkpoint metadata), so a mismatch is reported before anything compiles."""
-    mgr = checkpoint_manager(workdir)
-    saved = mgr.item_metadata(mgr.latest_step())["state"]["params"]
+    with contextlib.closing(checkpoint_manager(workdir)) as mgr:
+        saved = mgr.item_metadata(mgr.latest_step())["state"]["params"]
     return plan(shapes(saved), shapes(moe_params))
 
 
 def load(workdir: str, moe_params, mesh):
     """moe_params (live, sharded) with every weight but the fresh ones taken from the dense run's
     newest checkpoint. Returns (params, the dense step)."""
-    how = check(workdir, moe_params)
-    mgr = checkpoint_manager(workdir)
-    step = mgr.latest_step()
-    replicated = NamedSharding(mesh, PartitionSpec())
-    meta = mgr.item_metadata(step)["state"]
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
-                          meta)
-    dense = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    with contextlib.closing(checkpoint_manager(workdir)) as mgr:
+        step = mgr.latest_step()
+        meta = mgr.item_metadata(step)["state"]
+        how = plan(shapes(meta["params"]), shapes(moe_params))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), meta)
+        dense = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     dense = {path_name(p): x for p, x in
              jax.tree_util.tree_flatten_with_path(dense.state["params"])[0]}
-    mgr.close()
 
     def fill(path, like):
         name = path_name(path)
