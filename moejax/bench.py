@@ -44,6 +44,11 @@ def fwd_bwd(apply):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def moe_apply_aux(graphdef, params, x):
+    return nnx.merge(graphdef, params)(x, train=True)[1]
+
+
 def bench_layer(num_experts: int, tokens: int, d_model: int, d_ff: int, top_k: int,
                 capacity_factor: float, repeats: int) -> dict:
     keys = jax.random.split(jax.random.key(0), 5)
@@ -56,12 +61,15 @@ def bench_layer(num_experts: int, tokens: int, d_model: int, d_ff: int, top_k: i
     def moe_apply(params, x):
         return nnx.merge(graphdef, params)(x, train=True)[0]
 
+    # The experts column gets buffers filled as the router fills them for x (one group).
     cap = capacity(tokens, num_experts, top_k, capacity_factor)
+    filled = jnp.minimum(moe_apply_aux(graphdef, params, x)["tokens_per_expert"], cap)
     buffers = jax.random.normal(keys[2], (num_experts, cap, d_model), jnp.float32)
+    buffers = jnp.where(jnp.arange(cap)[:, None] < filled[:, None, None], buffers, 0.0)
     weights = {"w_in": params["w_in"][...], "w_out": params["w_out"][...]}
 
     def experts_apply(w, xe):
-        return experts_ffn(xe, w["w_in"], w["w_out"], "swiglu")
+        return experts_ffn(xe, w["w_in"], w["w_out"], "swiglu", filled[:, None])
 
     dense_ff = top_k * d_ff
     dense = {

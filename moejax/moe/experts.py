@@ -5,6 +5,8 @@ have w_in [E, d, f] and take x [E, tokens, d]. Gated activations keep both input
 in one w_in [..., d, 2f] (gate half first): one wide matmul runs faster than two narrow ones.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -26,28 +28,164 @@ def in_width(d_ff: int, activation: str) -> int:
     return 2 * d_ff if is_gated(activation) else d_ff
 
 
-# Up to this many experts on a device run as separate 2-D matmuls: XLA:CPU runs a batched
-# matmul ~10-25% slower than the same work as 2-D matmuls, but unrolling many small ones
-# costs more in per-op overhead than it saves (docs/benchmarks.md).
-UNROLL_EXPERTS = 8
+def experts_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
+                filled: jax.Array | None = None) -> jax.Array:
+    """x: [E, S * C, d] -> [E, S * C, d]: expert e's FFN on its S segments of C slots.
+
+    A segment is the slots one capacity group sent to expert e: its first filled[e, s] rows
+    are tokens, the rest is padding (zero in, zero out). filled: [E, S] int, or None for one
+    segment of full rows. Only filled rows are computed, rounded up to a chunk (see
+    `_prefix_lengths`), so the ~20% of slots that a capacity factor of 1.25 leaves empty cost
+    nothing. With S > 1 each expert's filled rows are first gathered to the front.
+    """
+    if filled is None:
+        filled = jnp.full((x.shape[0], 1), x.shape[1], jnp.int32)
+    # Inside shard_map the weights are invariant over the token axes and x is not; mark them
+    # varying here so that autodiff, not the custom VJP, sums their gradients over those axes.
+    x, w_in, w_out, filled = _same_varying_axes(x, w_in, w_out, filled)
+    return _experts(x, w_in, w_out, filled.astype(jnp.int32), activation)
 
 
-def experts_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str) -> jax.Array:
-    """x: [E, T, d], w_in: [E, d, in_width], w_out: [E, d_ff, d] -> [E, T, d]."""
-    if x.shape[0] > UNROLL_EXPERTS:
-        return ffn(x, w_in, w_out, activation)
-    return jnp.stack([ffn(x[e], w_in[e], w_out[e], activation) for e in range(x.shape[0])])
+def trailing_filled(x: jax.Array, segments: int, activation: str) -> jax.Array:
+    """[E, S * C, d] -> filled [E, S]: each segment's rows up to its last nonzero one.
+
+    Padding slots are zero, so this finds the filled rows without being told. A token whose
+    input is exactly zero, last in its queue, counts as padding: the same numbers for gated
+    activations and relu, where a zero row gives zero output and passes back no gradient.
+    Plain gelu passes back gelu'(0) = 0.5 there, so it runs every row.
+    """
+    num_experts, rows, _ = x.shape
+    cap = rows // segments
+    if not (is_gated(activation) or activation == "relu"):
+        return jnp.full((num_experts, segments), cap, jnp.int32)
+    nonzero = jnp.any(x != 0, axis=-1).reshape(num_experts, segments, cap)
+    return jnp.max(jnp.where(nonzero, jnp.arange(1, cap + 1), 0), axis=-1).astype(jnp.int32)
+
+
+def _same_varying_axes(*arrays):
+    def varying(a):
+        return jax.typeof(a).manual_axis_type.varying
+
+    axes = frozenset().union(*map(varying, arrays))
+    return [jax.lax.pcast(a, tuple(sorted(axes - varying(a))), to="varying") for a in arrays]
+
+
+def _prefix_lengths(rows: int) -> tuple[int, ...]:
+    """Static row counts the experts can run at: 0 and multiples of a chunk up to `rows`.
+
+    At most 8 chunks: each length is a separately compiled branch, and the chunk is what
+    an expert computes beyond its tokens at worst.
+    """
+    chunk = -(-max(1, -(-rows // 8)) // 8) * 8  # ceil(rows / 8) rounded up to a multiple of 8
+    return tuple(min(rows, m * chunk) for m in range(-(-rows // chunk) + 1))
+
+
+def _compaction(filled: jax.Array, cap: int):
+    """Row maps between one expert's [S * C] slots and its filled rows packed to the front.
+
+    Returns src [S * C] (slot of each packed row; S * C past the last), back [S * C] (packed
+    row of each slot; S * C if empty) and the number of filled rows.
+    """
+    rows = filled.shape[0] * cap
+    slot = jnp.arange(rows, dtype=jnp.int32)
+    seg, pos = slot // cap, slot % cap
+    start = jnp.cumsum(filled) - filled
+    back = jnp.where(pos < filled[seg], start[seg] + pos, rows)
+    src = jnp.full((rows,), rows, jnp.int32).at[back].set(slot, mode="drop")
+    return src, back, filled.sum()
+
+
+def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
+    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _activate(h: jax.Array, activation: str) -> jax.Array:
+    act, gated = ACTIVATIONS[activation]
+    if gated:
+        gate, h = jnp.split(h, 2, axis=-1)
+        return act(gate) * h
+    return act(h)
+
+
+def _pad_rows(a: jax.Array, rows: int) -> jax.Array:
+    return jnp.pad(a, ((0, rows - a.shape[0]), (0, 0)))
+
+
+def _one_expert_fwd(x, w_in, w_out, filled, activation):
+    """x: [S*C, d] -> y [S*C, d] and the pre-activation h [S*C, in_width] (packed rows)."""
+    rows, segments = x.shape[0], filled.shape[0]
+    cap = rows // segments
+    src, back, n = _compaction(filled, cap)
+    if segments > 1:
+        x = _take(x, src)
+    lengths = _prefix_lengths(rows)
+
+    def branch(length):
+        def run(x, w_in, w_out):
+            h = x[:length] @ w_in
+            y = _activate(h, activation) @ w_out
+            return _pad_rows(y, rows), _pad_rows(h, rows)
+        return run
+
+    chunk = lengths[1]
+    y, h = jax.lax.switch((n + chunk - 1) // chunk, [branch(n) for n in lengths], x, w_in, w_out)
+    return (_take(y, back) if segments > 1 else y), h
+
+
+def _one_expert_bwd(x, w_in, w_out, filled, h, dy, activation):
+    rows, segments = x.shape[0], filled.shape[0]
+    cap = rows // segments
+    src, back, n = _compaction(filled, cap)
+    if segments > 1:
+        x, dy = _take(x, src), _take(dy, src)
+    lengths = _prefix_lengths(rows)
+
+    def branch(length):
+        def run(x, w_in, w_out, h, dy):
+            x, h, dy = x[:length], h[:length], dy[:length]
+            a, act_vjp = jax.vjp(lambda h: _activate(h, activation), h)
+            dh, = act_vjp(dy @ w_out.T)
+            return _pad_rows(dh @ w_in.T, rows), x.T @ dh, a.T @ dy
+        return run
+
+    chunk = lengths[1]
+    dx, dw_in, dw_out = jax.lax.switch((n + chunk - 1) // chunk, [branch(n) for n in lengths],
+                                       x, w_in, w_out, h, dy)
+    return (_take(dx, back) if segments > 1 else dx), dw_in, dw_out
+
+
+# One expert at a time in a scan, with a hand-written backward: XLA:CPU runs the 2-D matmuls
+# faster than a batched one, writes each expert's result in place into the stacked output,
+# and a switch on the filled rows runs only those.
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _experts(x, w_in, w_out, filled, activation):
+    return _experts_fwd(x, w_in, w_out, filled, activation)[0]
+
+
+def _experts_fwd(x, w_in, w_out, filled, activation):
+    def body(_, args):
+        return None, _one_expert_fwd(*args, activation)
+
+    _, (y, h) = jax.lax.scan(body, None, (x, w_in, w_out, filled))
+    return y, (x, w_in, w_out, filled, h)
+
+
+def _experts_bwd(activation, res, dy):
+    x, w_in, w_out, filled, h = res
+
+    def body(_, args):
+        return None, _one_expert_bwd(*args, activation)
+
+    _, (dx, dw_in, dw_out) = jax.lax.scan(body, None, (x, w_in, w_out, filled, h, dy))
+    return dx, dw_in, dw_out, None
+
+
+_experts.defvjp(_experts_fwd, _experts_bwd)
 
 
 def ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str) -> jax.Array:
     """x: [..., T, d], w_in: [..., d, in_width], w_out: [..., d_ff, d] -> [..., T, d]."""
-    act, gated = ACTIVATIONS[activation]
-    h = jnp.einsum("...td,...df->...tf", x, w_in)
-    if gated:
-        gate, h = jnp.split(h, 2, axis=-1)
-        h = act(gate) * h
-    else:
-        h = act(h)
+    h = _activate(jnp.einsum("...td,...df->...tf", x, w_in), activation)
     return jnp.einsum("...tf,...fd->...td", h, w_out)
 
 
@@ -58,11 +196,5 @@ def grouped_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, group_sizes: ja
     A grouped matmul (`lax.ragged_dot`): no padding, nothing dropped. Fast where XLA has a
     grouped-matmul kernel (GPU, TPU); XLA:CPU lowers it to a masked dot over all E experts.
     """
-    act, gated = ACTIVATIONS[activation]
-    h = jax.lax.ragged_dot(x, w_in, group_sizes)
-    if gated:
-        gate, h = jnp.split(h, 2, axis=-1)
-        h = act(gate) * h
-    else:
-        h = act(h)
+    h = _activate(jax.lax.ragged_dot(x, w_in, group_sizes), activation)
     return jax.lax.ragged_dot(h, w_out, group_sizes)

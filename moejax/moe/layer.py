@@ -17,7 +17,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from moejax.moe import router
 from moejax.moe.dispatch import combine, dispatch, slots, sorted_slots
-from moejax.moe.experts import experts_ffn, ffn, grouped_ffn, in_width
+from moejax.moe.experts import experts_ffn, ffn, grouped_ffn, in_width, trailing_filled
 from moejax.parallel import EXPERT_AXIS, TOKEN_AXES, num_token_shards
 
 
@@ -100,8 +100,14 @@ def _capacity_ffn(x, r, experts, cap, activation, expert_axis):
     buf = jax.vmap(dispatch)(x, slot, source).reshape(num_groups, ep, experts_here, cap, d)
     if expert_axis:  # afterwards axis 1 is the device the tokens came from
         buf = jax.lax.all_to_all(buf, expert_axis, 1, 1, tiled=True)
-    xe = buf.transpose(2, 1, 0, 3, 4).reshape(experts_here, ep * num_groups * cap, d)
-    ye = experts_ffn(xe, experts["w_in"], experts["w_out"], activation)
+    # Expert e's segments: one per (source device, group), C slots each.
+    segments = ep * num_groups
+    xe = buf.transpose(2, 1, 0, 3, 4).reshape(experts_here, segments * cap, d)
+    if ep == 1:  # queues fill from position 0: the router's counts give the filled slots
+        filled = jnp.minimum(r.tokens_per_expert, cap).T
+    else:  # counts would cost an all-to-all of their own; the zero padding tells as much
+        filled = trailing_filled(xe, segments, activation)
+    ye = experts_ffn(xe, experts["w_in"], experts["w_out"], activation, filled)
     ye = ye.reshape(experts_here, ep, num_groups, cap, d).transpose(2, 1, 0, 3, 4)
     if expert_axis:
         ye = jax.lax.all_to_all(ye, expert_axis, 1, 1, tiled=True)
