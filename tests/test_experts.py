@@ -69,10 +69,10 @@ def test_filled_rows_match_running_every_row(filled, cap, activation):
         np.testing.assert_allclose(got, want, atol=1e-4, err_msg=name)
 
 
-def test_prefix_lengths_cover_every_row_count_in_at_most_eight_chunks():
+def test_prefix_lengths_cover_every_row_count_in_at_most_sixteen_chunks():
     for rows in (1, 7, 8, 40, 160, 1280, 4096):
         lengths = _prefix_lengths(rows)
-        assert lengths[0] == 0 and lengths[-1] == rows and len(lengths) <= 9
+        assert lengths[0] == 0 and lengths[-1] == rows and len(lengths) <= 17
         assert all(b > a for a, b in itertools.pairwise(lengths))
         # the branch for n filled rows runs ceil(n / chunk) chunks: never fewer than n rows
         chunk = lengths[1]

@@ -73,10 +73,11 @@ def _same_varying_axes(*arrays):
 def _prefix_lengths(rows: int) -> tuple[int, ...]:
     """Static row counts the experts can run at: 0 and multiples of a chunk up to `rows`.
 
-    At most 8 chunks: each length is a separately compiled branch, and the chunk is what
-    an expert computes beyond its tokens at worst.
+    At most 16 chunks: each length is a separately compiled branch (compiling 16 costs the
+    tiny config well under a second), and the chunk is what an expert computes beyond its
+    tokens at worst.
     """
-    chunk = -(-max(1, -(-rows // 8)) // 8) * 8  # ceil(rows / 8) rounded up to a multiple of 8
+    chunk = -(-max(1, -(-rows // 16)) // 8) * 8  # ceil(rows / 16) rounded up to a multiple of 8
     return tuple(min(rows, m * chunk) for m in range(-(-rows // chunk) + 1))
 
 
