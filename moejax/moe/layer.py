@@ -54,7 +54,8 @@ def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=Non
     dropless: with all experts on this device, tokens are sorted by expert and run through a
     grouped matmul (no padding). With experts split over devices it would need
     `lax.ragged_all_to_all`, which XLA:CPU lacks, so it runs the capacity path with the worst
-    case C = T (an expert can get every token of a group once): exact, but E/k times the work.
+    case C = T (an expert can get every token of a group once): exact, and the experts skip the
+    empty slots, but the all-to-alls move E/k times the bytes.
     """
     num_groups, group_size, d = x.shape
     ep = jax.lax.axis_size(expert_axis) if expert_axis else 1
@@ -156,8 +157,9 @@ class MoE(nnx.Module):
         self.cfg, self.activation, self.mesh, self.dtype = cfg, activation, mesh, dtype
         if cfg.dropless and mesh is not None and mesh.shape[EXPERT_AXIS] > 1:
             warnings.warn("dropless MoE with experts split over devices runs the capacity path "
-                          "at worst-case capacity (no ragged all-to-all here): exact but "
-                          f"{cfg.num_experts // cfg.top_k}x the expert FLOPs", stacklevel=2)
+                          "at worst-case capacity (no ragged all-to-all here): exact, but the "
+                          f"all-to-alls move {cfg.num_experts // cfg.top_k}x the bytes",
+                          stacklevel=2)
         e = cfg.num_experts
         init = nnx.initializers.lecun_normal()
         # Layout names only: parallel.shard_model places the arrays once the model is built.
