@@ -38,7 +38,7 @@ def sorted_slots(expert_ids: jax.Array, num_experts: int):
     return slot.reshape(expert_ids.shape), source, jnp.bincount(flat, length=num_experts)
 
 
-def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
+def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
     """x[idx] along axis 0, zeros where idx is out of range (dropped / empty)."""
     return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
 
@@ -47,7 +47,7 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
 def dispatch(x: jax.Array, slot: jax.Array, source: jax.Array) -> jax.Array:
     """x: [T, d] -> buffer [E*C, d]; empty slots are zero."""
     k = slot.shape[1]
-    return _take(x, source // k)
+    return take_rows(x, source // k)
 
 
 def _dispatch_fwd(x, slot, source):
@@ -56,7 +56,7 @@ def _dispatch_fwd(x, slot, source):
 
 def _dispatch_bwd(res, d_buffer):
     slot, source = res
-    return _take(d_buffer, slot).sum(axis=1), None, None
+    return take_rows(d_buffer, slot).sum(axis=1), None, None
 
 
 dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -68,7 +68,7 @@ def combine(buffer: jax.Array, gates: jax.Array, slot: jax.Array, source: jax.Ar
 
     A dropped assignment contributes zero, so the residual stream alone carries that token.
     """
-    picked = _take(buffer, slot)  # [T, k, d]
+    picked = take_rows(buffer, slot)  # [T, k, d]
     return jnp.einsum("tkd,tk->td", picked, gates.astype(buffer.dtype))
 
 
@@ -79,9 +79,9 @@ def _combine_fwd(buffer, gates, slot, source):
 def _combine_bwd(res, dy):
     buffer, gates, slot, source = res
     k = slot.shape[1]
-    gate_of_slot = _take(gates.reshape(-1), source).astype(dy.dtype)  # [E*C], 0 if empty
-    d_buffer = _take(dy, source // k) * gate_of_slot[:, None]
-    d_gates = jnp.einsum("tkd,td->tk", _take(buffer, slot), dy).astype(gates.dtype)
+    gate_of_slot = take_rows(gates.reshape(-1), source).astype(dy.dtype)  # [E*C], 0 if empty
+    d_buffer = take_rows(dy, source // k) * gate_of_slot[:, None]
+    d_gates = jnp.einsum("tkd,td->tk", take_rows(buffer, slot), dy).astype(gates.dtype)
     return d_buffer, d_gates, None, None
 
 

@@ -10,6 +10,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from moejax.moe.dispatch import take_rows
+
 # name -> (activation, gated). Gated: act(x @ w_gate) * (x @ w_lin), w_in = [w_gate | w_lin].
 ACTIVATIONS = {
     "swiglu": (jax.nn.silu, True),
@@ -96,10 +98,6 @@ def _compaction(filled: jax.Array, cap: int):
     return src, back, filled.sum()
 
 
-def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
-    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
-
-
 def _activate(h: jax.Array, activation: str) -> jax.Array:
     act, gated = ACTIVATIONS[activation]
     if gated:
@@ -112,14 +110,22 @@ def _pad_rows(a: jax.Array, rows: int) -> jax.Array:
     return jnp.pad(a, ((0, rows - a.shape[0]), (0, 0)))
 
 
+def _on_filled_rows(filled, rows):
+    """pack / unpack between one expert's [S*C] slots and its filled rows at the front, the
+    switch index that covers those rows and the static lengths it picks from."""
+    segments = filled.shape[0]
+    src, back, n = _compaction(filled, rows // segments)
+    lengths = _prefix_lengths(rows)
+    index = (n + lengths[1] - 1) // lengths[1]
+    if segments == 1:  # the filled rows already lead
+        return (lambda a: a), (lambda a: a), index, lengths
+    return (lambda a: take_rows(a, src)), (lambda a: take_rows(a, back)), index, lengths
+
+
 def _one_expert_fwd(x, w_in, w_out, filled, activation):
     """x: [S*C, d] -> y [S*C, d] and the pre-activation h [S*C, in_width] (packed rows)."""
-    rows, segments = x.shape[0], filled.shape[0]
-    cap = rows // segments
-    src, back, n = _compaction(filled, cap)
-    if segments > 1:
-        x = _take(x, src)
-    lengths = _prefix_lengths(rows)
+    rows = x.shape[0]
+    pack, unpack, index, lengths = _on_filled_rows(filled, rows)
 
     def branch(length):
         def run(x, w_in, w_out):
@@ -128,18 +134,13 @@ def _one_expert_fwd(x, w_in, w_out, filled, activation):
             return _pad_rows(y, rows), _pad_rows(h, rows)
         return run
 
-    chunk = lengths[1]
-    y, h = jax.lax.switch((n + chunk - 1) // chunk, [branch(n) for n in lengths], x, w_in, w_out)
-    return (_take(y, back) if segments > 1 else y), h
+    y, h = jax.lax.switch(index, [branch(m) for m in lengths], pack(x), w_in, w_out)
+    return unpack(y), h
 
 
 def _one_expert_bwd(x, w_in, w_out, filled, h, dy, activation):
-    rows, segments = x.shape[0], filled.shape[0]
-    cap = rows // segments
-    src, back, n = _compaction(filled, cap)
-    if segments > 1:
-        x, dy = _take(x, src), _take(dy, src)
-    lengths = _prefix_lengths(rows)
+    rows = x.shape[0]
+    pack, unpack, index, lengths = _on_filled_rows(filled, rows)
 
     def branch(length):
         def run(x, w_in, w_out, h, dy):
@@ -149,10 +150,9 @@ def _one_expert_bwd(x, w_in, w_out, filled, h, dy, activation):
             return _pad_rows(dh @ w_in.T, rows), x.T @ dh, a.T @ dy
         return run
 
-    chunk = lengths[1]
-    dx, dw_in, dw_out = jax.lax.switch((n + chunk - 1) // chunk, [branch(n) for n in lengths],
-                                       x, w_in, w_out, h, dy)
-    return (_take(dx, back) if segments > 1 else dx), dw_in, dw_out
+    dx, dw_in, dw_out = jax.lax.switch(index, [branch(m) for m in lengths],
+                                       pack(x), w_in, w_out, h, pack(dy))
+    return unpack(dx), dw_in, dw_out
 
 
 # One expert at a time in a scan, with a hand-written backward: XLA:CPU runs the 2-D matmuls
