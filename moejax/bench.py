@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import hostmem
 from moejax.moe.experts import experts_ffn, ffn
 from moejax.moe.layer import MoE, MoEConfig
 from moejax.moe.router import capacity
@@ -141,7 +142,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--config", default="configs/tiny.py", help="train: config file[:variant]")
     args = parser.parse_args()
-    device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+    malloc = "freed memory kept" if hostmem.keep_freed_memory() else "default"
+    device = f"{jax.devices()[0].device_kind} x{jax.device_count()}; host malloc: {malloc}"
 
     if args.mode == "train":
         config = load_config(args.config)

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from moejax import config_lib, data, parallel, upcycle
+from moejax import config_lib, data, hostmem, parallel, upcycle
 from moejax.checkpoint import Checkpoints, path_name
 from moejax.flops import device_peak_flops, train_flops_per_token
 from moejax.metrics import CollapseAlarm, Progress, Writer, format_eta
@@ -305,6 +305,7 @@ def main(argv):
     del argv
     from absl import flags
 
+    hostmem.keep_freed_memory()
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except NonFiniteError as e:
