@@ -1,0 +1,18 @@
+"""The layer benchmark times whole forward + backward passes."""
+
+import jax.numpy as jnp
+
+from moejax import bench
+from moejax.moe.experts import ffn
+
+
+def test_fwd_bwd_runs_every_matmul_of_forward_and_backward():
+    tokens, d, f = 64, 128, 192
+    w = {"w_in": jnp.ones((d, 2 * f)), "w_out": jnp.ones((f, d))}
+    x = jnp.ones((tokens, d))
+    fn = bench.fwd_bwd(lambda w, x: ffn(x, w["w_in"], w["w_out"], "swiglu"))
+    cost = fn.lower(w, x, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    forward_matmuls = 2 * tokens * (d * 2 * f + f * d)
+    # Backward matmuls are twice the forward's; without the loss value XLA drops x @ w_out.
+    assert 3.0 <= cost["flops"] / forward_matmuls < 3.05  # plus the elementwise ops
