@@ -196,7 +196,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f"optimizer {bytes_on_device(state['opt_state']) / 2**20:.1f} MiB\n"
         f"mesh: data={mesh.shape['data']} x expert={mesh.shape['expert']}; "
         f"{jax.process_count()} host(s), {jax.device_count()} devices "
-        f"({jax.devices()[0].device_kind})\n"
+        f"({jax.devices()[0].device_kind})"
+        f"{'; host malloc keeps freed memory (moejax/hostmem.py)' if hostmem.kept else ''}\n"
         f"global batch: {config.data.batch_size} x {seq_len} = {tokens_per_step} tokens; "
         f"{flops_per_token / 1e6:.1f} MFLOP per token")
     if jax.process_index() == 0:
