@@ -41,6 +41,9 @@ def case(filled, cap, activation, seed=0):
 @pytest.mark.parametrize("filled,cap", [
     (np.array([[5], [0], [16], [1]]), 16),  # one segment: partial, empty, full, one row
     (np.array([[3, 0, 7], [7, 7, 7], [0, 0, 0], [2, 6, 1]]), 7),  # three segments
+    # Fewer rows (S * C) than D: the weight gradients are batched matmuls after the scan.
+    (np.array([[3], [0], [6], [1]]), 6),
+    (np.array([[1, 0, 2], [2, 2, 2], [0, 0, 0], [2, 1, 0]]), 2),
 ])
 def test_filled_rows_match_running_every_row(filled, cap, activation):
     x, ct, w_in, w_out = case(filled, cap, activation)
