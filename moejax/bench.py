@@ -7,7 +7,7 @@ train: step time and tokens/s of whole train steps (optimizer included) of a con
 its dense twin with equal active FLOPs (`num_experts = 0`), on all local devices.
 
 Every timed function runs once per round, round-robin, so load from anything else on the
-machine hits all columns alike; the ratios are medians over rounds.
+machine hits all columns alike; the ratios are medians of the per-round ratios.
 """
 
 import argparse
@@ -25,8 +25,8 @@ from moejax.moe.layer import MoE, MoEConfig
 from moejax.moe.router import capacity
 
 
-def median_ms(fns: dict, repeats: int) -> dict:
-    """{name: (fn, args)} -> {name: median ms}, timing the functions round-robin."""
+def round_robin(fns: dict, repeats: int) -> dict:
+    """{name: (fn, args)} -> {name: [seconds per round]}, one call of each per round."""
     for fn, args in fns.values():
         jax.block_until_ready(fn(*args))  # compile and warm up
     times = {name: [] for name in fns}
@@ -35,7 +35,16 @@ def median_ms(fns: dict, repeats: int) -> dict:
             start = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def median_ms(times: list) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def median_ratio(a: list, b: list) -> float:
+    """Median over rounds of a / b: load that slows one round slows both of its calls."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def fwd_bwd(apply):
@@ -84,11 +93,12 @@ def bench_layer(num_experts: int, tokens: int, d_model: int, d_ff: int, top_k: i
     def dense_apply(w, x):  # plain 2-D matmuls, XLA:CPU's fastest form
         return ffn(x[0], w["w_in"], w["w_out"], "swiglu")[None]
 
-    ms = median_ms({"moe": (fwd_bwd(moe_apply), (params, x, ct)),
-                    "experts": (fwd_bwd(experts_apply), (weights, buffers, buffers)),
-                    "dense": (fwd_bwd(dense_apply), (dense, x, ct))}, repeats)
-    return {"E": num_experts, "C": cap, **ms, "ratio": ms["moe"] / ms["dense"],
-            "routing": (ms["moe"] - ms["experts"]) / ms["dense"]}
+    t = round_robin({"moe": (fwd_bwd(moe_apply), (params, x, ct)),
+                     "experts": (fwd_bwd(experts_apply), (weights, buffers, buffers)),
+                     "dense": (fwd_bwd(dense_apply), (dense, x, ct))}, repeats)
+    routing = [(m - e) / d for m, e, d in zip(t["moe"], t["experts"], t["dense"], strict=True)]
+    return {"E": num_experts, "C": cap, **{name: median_ms(v) for name, v in t.items()},
+            "ratio": median_ratio(t["moe"], t["dense"]), "routing": statistics.median(routing)}
 
 
 def bench_train(config, steps: int) -> dict:
@@ -116,9 +126,11 @@ def bench_train(config, steps: int) -> dict:
         step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, lr=lr,
                                          config=c))
         fns[name] = (step, (state, tokens, jnp.int32(0)))
-    ms = median_ms(fns, steps)
+    t = round_robin(fns, steps)
     per_step = batch * seq_len
-    return {name: {"step_ms": v, "tokens_per_s": per_step / (v / 1e3)} for name, v in ms.items()}
+    r = {name: {"step_ms": median_ms(v), "tokens_per_s": per_step / statistics.median(v)}
+         for name, v in t.items()}
+    return {**r, "ratio": median_ratio(t["moe"], t["dense"])}
 
 
 def load_config(spec: str):
@@ -154,9 +166,9 @@ def main():
         print(f"device: {device}; {args.config}: batch {config.data.batch_size} x "
               f"{config.data.seq_len} tokens, median of {args.repeats} steps")
         print(f"{'model':>6} {'step ms':>9} {'tokens/s':>10}")
-        for name, v in r.items():
-            print(f"{name:>6} {v['step_ms']:>9.1f} {v['tokens_per_s']:>10,.0f}")
-        print(f"MoE / dense step time: {r['moe']['step_ms'] / r['dense']['step_ms']:.2f}")
+        for name in ("moe", "dense"):
+            print(f"{name:>6} {r[name]['step_ms']:>9.1f} {r[name]['tokens_per_s']:>10,.0f}")
+        print(f"MoE / dense step time: {r['ratio']:.2f}")
         return
 
     print(f"device: {device}; tokens={args.tokens} d_model={args.d_model} d_ff={args.d_ff} "

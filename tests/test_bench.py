@@ -16,3 +16,9 @@ def test_fwd_bwd_runs_every_matmul_of_forward_and_backward():
     forward_matmuls = 2 * tokens * (d * 2 * f + f * d)
     # Backward matmuls are twice the forward's; without the loss value XLA drops x @ w_out.
     assert 3.0 <= cost["flops"] / forward_matmuls < 3.05  # plus the elementwise ops
+
+
+def test_ratio_is_the_median_of_per_round_ratios():
+    # Rounds 1 and 3 ran under load; per round the first function takes 2x, 1x, 3x the second.
+    # The ratio of the medians (4 / 3) would mix rounds; the per-round median is 2.
+    assert bench.median_ratio([2.0, 4.0, 9.0], [1.0, 4.0, 3.0]) == 2.0
