@@ -97,9 +97,6 @@ def validate(config, num_devices: int) -> None:
     check(0 <= t.collapse_threshold < 1, "train.collapse_threshold", t.collapse_threshold,
           "must be in [0, 1): a fraction of the uniform load 1/E (0 = off)")
     check(t.collapse_checks >= 1, "train.collapse_checks", t.collapse_checks, "must be >= 1")
-    if t.init_from:
-        check(os.path.isdir(os.path.join(t.init_from, "checkpoints")), "train.init_from",
-              t.init_from, "no checkpoints/ in it; allowed: the --workdir of a finished run")
 
 
 def check_workdir(workdir: str) -> None:

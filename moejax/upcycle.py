@@ -45,6 +45,9 @@ def plan(dense: dict, moe: dict) -> dict:
 
 def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
     path = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(path):  # else orbax would create it in someone else's run
+        raise ConfigError(f"{KEY}={workdir!r}: no checkpoints/ in it; allowed: the --workdir "
+                          "of a finished run")
     mgr = ocp.CheckpointManager(path, item_handlers=handlers())
     if mgr.latest_step() is None:
         mgr.close()

@@ -84,7 +84,6 @@ INVALID = [  # overrides, then the start of the one-line error
     ({"model.dropless": True, "model.routing": "experts"},
      "model.dropless=True: allowed only with model.routing=tokens"),
     ({"train.collapse_threshold": 1.5}, "train.collapse_threshold=1.5: must be in [0, 1)"),
-    ({"train.init_from": "{tmp}/short"}, "train.init_from='{tmp}/short': no checkpoints/ in it"),
     ({"data.tokenizer": "btye"}, "data.tokenizer='btye': cannot load ("),
     ({"data.tokenizer": "{tmp}/a_file"}, "data.tokenizer='{tmp}/a_file': cannot load ("),
     ({"data.source": "files", "data.path": "{tmp}/short/*.txt"},

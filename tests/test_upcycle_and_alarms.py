@@ -2,6 +2,7 @@
 bias update inside the train step, and the router collapse alarm."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -28,7 +29,9 @@ def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys):
     # A fresh MoE starts near log(vocab), far from the trained dense model.
     fresh = train_and_evaluate(smoke(**{"train.stop_at": 1}), str(tmp_path / "fresh"))
     assert fresh["eval_loss"][0] > dense_loss + 0.5
-    # Resuming the upcycled run reads its own checkpoint, not the dense one again.
+    # Resuming the upcycled run reads its own checkpoint, not the dense one again: it runs
+    # with the dense run gone.
+    shutil.rmtree(tmp_path / "dense")
     again = train_and_evaluate(smoke(**{"train.init_from": str(tmp_path / "dense"),
                                         "model.renormalize": True, "model.dropless": True,
                                         "train.steps": 3}), str(tmp_path / "moe"))
@@ -50,8 +53,9 @@ def test_upcycle_plan_names_the_mismatched_param():
 
 
 def test_init_from_without_checkpoints_fails_before_compiling(tmp_path):
-    with pytest.raises(ConfigError, match="train.init_from=.*no checkpoints/"):
+    with pytest.raises(ConfigError, match="train.init_from=.*: no checkpoints/ in it; allowed"):
         train_and_evaluate(smoke(**{"train.init_from": str(tmp_path)}), str(tmp_path / "w"))
+    assert not (tmp_path / "checkpoints").exists()  # nothing written into the other run
 
 
 def test_bias_update_is_applied_in_the_train_step(tmp_path):
