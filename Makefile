@@ -7,7 +7,7 @@ test:
 	python -m pytest -q -m "not slow" -n 2 tests
 
 test-slow:
-	python -m pytest -q -m slow tests
+	python -m pytest -q -m slow --durations=5 tests
 
 lint:
 	ruff check moejax tests configs

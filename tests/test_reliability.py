@@ -385,6 +385,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     assert f"resumed from {tmp_path} at step {saved}" in outs[0]
 
 
+def finalized_steps(workdir):
+    """Steps whose save finished: orbax renames a step's temporary directory to its number."""
+    path = workdir / "checkpoints"
+    return [n for n in os.listdir(path) if n.isdigit()] if path.is_dir() else []
+
+
 @pytest.mark.slow
 def test_sigkill_while_saving_keeps_an_intact_checkpoint(tmp_path):
     # A save every step and only one kept: the one window where deleting the old checkpoint
@@ -396,6 +402,12 @@ def test_sigkill_while_saving_keeps_an_intact_checkpoint(tmp_path):
     for _ in range(3):
         ((proc, log),) = start(tmp_path, 1, *extra)
         wait_for(log, "/100000 loss", proc)
+        # The first run logs step 1 before saving it: kill only once a save has finished,
+        # or "no checkpoint left" may mean none was ever made rather than one was lost.
+        deadline = time.time() + 300
+        while not finalized_steps(tmp_path):
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint was saved"
+            time.sleep(0.2)
         time.sleep(rng.uniform(0.2, 2.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
