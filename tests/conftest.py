@@ -1,6 +1,8 @@
 import os
 import time
 
+import pytest
+
 # Eight simulated CPU devices; must be set before jax is first imported.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -14,6 +16,4 @@ def pytest_runtest_setup(item):
     # and a test that fails before it still is.
     deadline = os.environ.get("MOEJAX_TEST_DEADLINE")
     if deadline and time.time() > float(deadline):
-        import pytest
-
         pytest.skip("CI time budget spent (MOEJAX_TEST_DEADLINE)")
