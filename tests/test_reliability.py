@@ -336,15 +336,20 @@ LONG = ["--config.train.steps=500", "--config.train.log_every=10",
         "--config.train.eval_every=1000", "--config.train.ckpt_every=1000"]
 
 
-def wait_for(log, text, proc, timeout=300):
+def wait_until(ready, proc, what, timeout=300):
+    """Poll ready() while proc runs; fail if it ends first or `what` takes over timeout s."""
     deadline = time.time() + timeout
-    while True:
-        log.seek(0)
-        if text in log.read():
-            return
+    while not ready():
         assert proc.poll() is None, "the run ended early"
-        assert time.time() < deadline, f"{text!r} never appeared"
+        assert time.time() < deadline, f"{what} never happened"
         time.sleep(0.2)
+
+
+def wait_for(log, text, proc, timeout=300):
+    def appeared():
+        log.seek(0)
+        return text in log.read()
+    wait_until(appeared, proc, f"{text!r} in the log", timeout)
 
 
 def preempt(procs, victim, after="step 20/"):
@@ -404,10 +409,7 @@ def test_sigkill_while_saving_keeps_an_intact_checkpoint(tmp_path):
         wait_for(log, "/100000 loss", proc)
         # The first run logs step 1 before saving it: kill only once a save has finished,
         # or "no checkpoint left" may mean none was ever made rather than one was lost.
-        deadline = time.time() + 300
-        while not finalized_steps(tmp_path):
-            assert proc.poll() is None and time.time() < deadline, "no checkpoint was saved"
-            time.sleep(0.2)
+        wait_until(lambda: finalized_steps(tmp_path), proc, "a finished save")
         time.sleep(rng.uniform(0.2, 2.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
