@@ -43,12 +43,15 @@ def plan(dense: dict, moe: dict) -> dict:
     return how
 
 
-def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, state_handler=None) -> ocp.CheckpointManager:
     path = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(path):  # else orbax would create it in someone else's run
         raise ConfigError(f"{KEY}={workdir!r}: no checkpoints/ in it; allowed: the --workdir "
                           "of a finished run")
-    mgr = ocp.CheckpointManager(path, item_handlers=handlers())
+    item_handlers = handlers()
+    if state_handler is not None:
+        item_handlers["state"] = state_handler
+    mgr = ocp.CheckpointManager(path, item_handlers=item_handlers)
     if mgr.latest_step() is None:
         mgr.close()
         raise ConfigError(f"{KEY}={workdir!r}: no checkpoint in {path}; allowed: the --workdir "
@@ -65,15 +68,33 @@ def check(workdir: str, moe_params) -> dict:
 
 def load(workdir: str, moe_params, mesh):
     """moe_params (live, sharded) with every weight but the fresh ones taken from the dense run's
-    newest checkpoint. Returns (params, the dense step)."""
-    with contextlib.closing(checkpoint_manager(workdir)) as mgr:
+    newest checkpoint. Returns (params, the dense step).
+
+    Only the dense weights the MoE takes are read, not the optimizer state (twice their size);
+    a copied weight is read straight into its MoE sharding, an FFN weight that becomes the
+    experts is read whole once and broadcast into the expert-sharded array.
+    """
+    like = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(moe_params)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # A partial restore (only the leaves named in the target) needs the PyTree handler.
+    handler = ocp.PyTreeCheckpointHandler()
+    with contextlib.closing(checkpoint_manager(workdir, handler)) as mgr:
         step = mgr.latest_step()
-        meta = mgr.item_metadata(step)["state"]
-        how = plan(shapes(meta["params"]), shapes(moe_params))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), meta)
-        dense = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        saved = mgr.item_metadata(step)["state"]["params"]
+        how = plan(shapes(saved), shapes(moe_params))
+
+        def sharding(path, _):
+            name = path_name(path)
+            return like[name].sharding if how.get(name) == "copy" else replicated
+
+        shardings = jax.tree_util.tree_map_with_path(sharding, saved)
+        target = {"params": jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                                           sharding=s),
+                                         saved, shardings)}
+        restore_args = {"params": jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s),
+                                               shardings)}
+        dense = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            target, restore_args=restore_args, partial_restore=True)))
     dense = {path_name(p): x for p, x in
              jax.tree_util.tree_flatten_with_path(dense.state["params"])[0]}
 
@@ -81,9 +102,9 @@ def load(workdir: str, moe_params, mesh):
         name = path_name(path)
         if how[name] == "fresh":
             return like
-        w = np.asarray(jax.device_get(dense[name]), like.dtype)
-        if how[name] == "experts":  # one copy per expert
-            w = np.broadcast_to(w, like.shape)
-        return jax.device_put(w, like.sharding)
+        if how[name] == "copy":
+            return dense[name].astype(like.dtype)
+        w = np.asarray(jax.device_get(dense[name]), like.dtype)  # one copy per expert
+        return jax.device_put(np.broadcast_to(w, like.shape), like.sharding)
 
     return jax.tree_util.tree_map_with_path(fill, moe_params), step

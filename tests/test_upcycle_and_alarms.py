@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from moejax import upcycle
@@ -14,7 +15,11 @@ from moejax.train import train_and_evaluate
 from tests.test_train import smoke
 
 
-def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys):
+def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch):
+    restored = []
+    restore = ocp.CheckpointManager.restore
+    monkeypatch.setattr(ocp.CheckpointManager, "restore",
+                        lambda *a, **k: restored.append(restore(*a, **k)) or restored[-1])
     # Dense source: top_k=1, so its FFN is exactly one expert wide (d_ff = 64).
     dense = train_and_evaluate(smoke(**{"model.num_experts": 0, "model.top_k": 1}),
                                str(tmp_path / "dense"))
@@ -25,6 +30,8 @@ def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys):
                                       "train.steps": 3, "train.stop_at": 2}),
                              str(tmp_path / "moe"))
     assert "upcycled from" in capsys.readouterr().out
+    # Only the dense weights are read, not its optimizer state.
+    assert [list(r.state) for r in restored] == [["params"]]
     np.testing.assert_allclose(moe["eval_loss"][0], dense_loss, rtol=1e-5)
     # A fresh MoE starts near log(vocab), far from the trained dense model.
     fresh = train_and_evaluate(smoke(**{"train.stop_at": 1}), str(tmp_path / "fresh"))
