@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from moejax.checkpoint import handlers, path_name, shapes
+from moejax.checkpoint import path_name, shapes
 from moejax.config_lib import ConfigError
 
 FRESH = ("router", "router_bias", "shared_in", "shared_out")
@@ -43,15 +43,13 @@ def plan(dense: dict, moe: dict) -> dict:
     return how
 
 
-def checkpoint_manager(workdir: str, state_handler=None) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
     path = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(path):  # else orbax would create it in someone else's run
         raise ConfigError(f"{KEY}={workdir!r}: no checkpoints/ in it; allowed: the --workdir "
                           "of a finished run")
-    item_handlers = handlers()
-    if state_handler is not None:
-        item_handlers["state"] = state_handler
-    mgr = ocp.CheckpointManager(path, item_handlers=item_handlers)
+    # The PyTree handler, not the Standard one: load() restores only part of the state.
+    mgr = ocp.CheckpointManager(path, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
     if mgr.latest_step() is None:
         mgr.close()
         raise ConfigError(f"{KEY}={workdir!r}: no checkpoint in {path}; allowed: the --workdir "
@@ -74,27 +72,22 @@ def load(workdir: str, moe_params, mesh):
     a copied weight is read straight into its MoE sharding, an FFN weight that becomes the
     experts is read whole once and broadcast into the expert-sharded array.
     """
-    like = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(moe_params)[0]}
+    live = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(moe_params)[0]}
     replicated = NamedSharding(mesh, PartitionSpec())
-    # A partial restore (only the leaves named in the target) needs the PyTree handler.
-    handler = ocp.PyTreeCheckpointHandler()
-    with contextlib.closing(checkpoint_manager(workdir, handler)) as mgr:
+    with contextlib.closing(checkpoint_manager(workdir)) as mgr:
         step = mgr.latest_step()
         saved = mgr.item_metadata(step)["state"]["params"]
         how = plan(shapes(saved), shapes(moe_params))
 
-        def sharding(path, _):
+        def sharding(path):
             name = path_name(path)
-            return like[name].sharding if how.get(name) == "copy" else replicated
+            return live[name].sharding if how.get(name) == "copy" else replicated
 
-        shardings = jax.tree_util.tree_map_with_path(sharding, saved)
-        target = {"params": jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                                                           sharding=s),
-                                         saved, shardings)}
-        restore_args = {"params": jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s),
-                                               shardings)}
+        target = {"params": jax.tree_util.tree_map_with_path(
+            lambda p, m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding(p)), saved)}
         dense = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            target, restore_args=restore_args, partial_restore=True)))
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
     dense = {path_name(p): x for p, x in
              jax.tree_util.tree_flatten_with_path(dense.state["params"])[0]}
 
