@@ -152,8 +152,9 @@ def alltoall_minimum(config, num_devices: int) -> dict:
     tokens = config.data.batch_size * config.data.seq_len
     groups = mc.num_groups or num_devices
     per_group = tokens // tc.grad_accum // groups
-    # As moe_ffn sizes its buffers: capped at the group, and the whole group when dropless
-    # (experts split over devices have no ragged all-to-all, so C is the worst case).
+    # As moe_ffn sizes its buffers on CPU, the program planned here: capped at the group, and
+    # the whole group when dropless (XLA:CPU has no ragged all-to-all, so C is the worst case;
+    # a GPU or TPU moves only the rows that exist).
     cap = per_group if mc.dropless else min(per_group, capacity(
         per_group, mc.num_experts, mc.top_k, mc.capacity_factor, mc.min_capacity))
     layers = len(moe_layer_ids(mc))

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from moejax.moe import router
 from moejax.moe.dispatch import combine, dispatch, slots, sorted_slots
 from moejax.moe.experts import experts_ffn, ffn, grouped_ffn, in_width, trailing_filled
+from moejax.moe.ragged import ragged_ffn
 from moejax.parallel import EXPERT_AXIS, TOKEN_AXES, num_token_shards
 
 
@@ -51,10 +52,10 @@ def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=Non
     the axes the groups are split over; outside, both are empty and everything is local.
     Returns y: [G, T, d] and a dict of aux losses and routing statistics over all groups.
 
-    dropless: with all experts on this device, tokens are sorted by expert and run through a
-    grouped matmul (no padding). With experts split over devices it would need
-    `lax.ragged_all_to_all`, which XLA:CPU lacks, so it runs the capacity path with the worst
-    case C = T (an expert can get every token of a group once): exact, and the experts skip the
+    dropless: tokens are sorted by expert and run through a grouped matmul (no padding); with
+    experts split over devices they travel by `lax.ragged_all_to_all` (`ragged.ragged_ffn`).
+    XLA:CPU lacks that op, so on CPU split experts run the capacity path with the worst case
+    C = T (an expert can get every token of a group once): exact, and the experts skip the
     empty slots, but the all-to-alls move E/k times the bytes.
     """
     num_groups, group_size, d = x.shape
@@ -71,10 +72,15 @@ def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=Non
     else:
         r = jax.vmap(partial(router.route, k=cfg.top_k, capacity=cap,
                              renormalize=cfg.renormalize, score=cfg.score, bias=bias))(logits)
-    if cfg.dropless and ep == 1 and cfg.routing == "tokens":
-        k = cfg.top_k
-        y = _sorted_ffn(x.reshape(-1, d), r.gates.reshape(-1, k), r.expert_ids.reshape(-1, k),
-                        experts, activation).reshape(x.shape)
+    if cfg.dropless and cfg.routing == "tokens":
+        flat = (x.reshape(-1, d), r.gates.reshape(-1, cfg.top_k),
+                r.expert_ids.reshape(-1, cfg.top_k), experts, activation)
+        if ep == 1:
+            y = _sorted_ffn(*flat).reshape(x.shape)
+        else:  # chosen when lowering: the CPU program never holds the ragged op
+            y = jax.lax.platform_dependent(
+                cpu=lambda: _capacity_ffn(x, r, experts, cap, activation, expert_axis),
+                default=lambda: ragged_ffn(*flat, expert_axis).reshape(x.shape))
     else:
         y = _capacity_ffn(x, r, experts, cap, activation, expert_axis)
     return y, _aux(x, logits, r, cfg.top_k, cfg.routing == "experts", token_axes)
@@ -155,10 +161,11 @@ class MoE(nnx.Module):
     def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, activation: str, *,
                  mesh: Mesh | None, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.cfg, self.activation, self.mesh, self.dtype = cfg, activation, mesh, dtype
-        if cfg.dropless and mesh is not None and mesh.shape[EXPERT_AXIS] > 1:
+        if (cfg.dropless and mesh is not None and mesh.shape[EXPERT_AXIS] > 1
+                and jax.default_backend() == "cpu"):
             warnings.warn("dropless MoE with experts split over devices runs the capacity path "
-                          "at worst-case capacity (no ragged all-to-all here): exact, but the "
-                          f"all-to-alls move {cfg.num_experts // cfg.top_k}x the bytes",
+                          "at worst-case capacity (XLA:CPU has no ragged all-to-all): exact, "
+                          f"but the all-to-alls move {cfg.num_experts // cfg.top_k}x the bytes",
                           stacklevel=2)
         e = cfg.num_experts
         init = nnx.initializers.lecun_normal()

@@ -1,0 +1,64 @@
+"""Dropless expert parallelism: tokens travel to their experts' devices with
+`lax.ragged_all_to_all`, which moves only the rows that exist (GPU, TPU).
+
+Each sender places its rows so that every receiver finds them grouped by local expert, and
+within an expert by source device: one grouped matmul runs them as they arrive, and the way
+back is the same exchange reversed. For that every device needs the whole [devices, E] table
+of row counts, one small all_gather of ints.
+
+XLA:CPU has no ragged all-to-all, so there `moe_ffn` runs the capacity path at the worst-case
+capacity instead; the tests run this function on CPU with a stand-in for the collective built
+from a dense all_to_all (tests/reference.py).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from moejax.moe.dispatch import combine, dispatch, sorted_slots
+from moejax.moe.experts import grouped_ffn
+
+
+def _exclusive_cumsum(a, axis):
+    return jnp.cumsum(a, axis=axis) - a
+
+
+def ragged_ffn(x, gates, expert_ids, experts, activation, expert_axis, *,
+               ragged_all_to_all=jax.lax.ragged_all_to_all):
+    """x: [N, d] this device's tokens; gates, expert_ids: [N, k] over all E experts; experts:
+    this device's E_local experts. Returns [N, d]; nothing is dropped.
+
+    The receive buffer is static: [devices x N x k, d] rows, what one device gets if every
+    assignment on its expert-axis peers picks its experts.
+    """
+    n, k = expert_ids.shape
+    devices = jax.lax.axis_size(expert_axis)
+    me = jax.lax.axis_index(expert_axis)
+    local = experts["w_in"].shape[0]
+    slot, source, counts = sorted_slots(expert_ids, devices * local)
+    rows = dispatch(x, slot, source)  # [N*k, d] sorted by expert
+
+    table = jax.lax.all_gather(counts, expert_axis)  # [source device, expert]: rows sent
+    to_me = jax.lax.dynamic_slice_in_dim(table, me * local, local, axis=1)  # [source, local]
+    group_sizes = to_me.sum(0)
+    # Where expert g's group starts on the device that owns it, then where this device's
+    # rows for g start inside that group.
+    received = table.sum(0).reshape(devices, local)
+    group_start = _exclusive_cumsum(received, 1).reshape(-1)
+    before_me = _exclusive_cumsum(table, 0)[me]
+    buffer = jnp.zeros((devices * n * k, x.shape[1]), x.dtype)
+    # Slice g goes to device g // local; this device receives slices (source, local expert).
+    arrived = ragged_all_to_all(rows, buffer, _exclusive_cumsum(counts, 0), counts,
+                                group_start + before_me, to_me.reshape(-1),
+                                axis_name=expert_axis)
+
+    ys = grouped_ffn(arrived, experts["w_in"], experts["w_out"], group_sizes, activation)
+
+    # Back: slice (source s, local e) of ys starts at e's group plus the rows of sources
+    # before s, and lands where s sorted expert me * local + e.
+    start_here = (_exclusive_cumsum(group_sizes, 0)[None, :] + _exclusive_cumsum(to_me, 0))
+    start_there = jax.lax.dynamic_slice_in_dim(_exclusive_cumsum(table, 1), me * local, local,
+                                               axis=1)
+    back = ragged_all_to_all(ys, jnp.zeros_like(rows), start_here.reshape(-1),
+                             to_me.reshape(-1), start_there.reshape(-1), counts,
+                             axis_name=expert_axis)
+    return combine(back, gates, slot, source)
