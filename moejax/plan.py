@@ -160,11 +160,13 @@ def alltoall_minimum(config, num_devices: int) -> dict:
     layers = len(moe_layer_ids(mc))
     itemsize = np.dtype(DTYPES[mc.dtype]).itemsize
     per_layer = 2 * tc.grad_accum * groups * mc.num_experts * cap * mc.d_model * itemsize
+    # Dropless on GPU/TPU (moe/ragged.py): every assignment's row goes out and back once.
+    ragged = 2 * tokens * mc.top_k * mc.d_model * itemsize if mc.dropless else 0
     return {"moe_layers": layers, "groups": groups, "tokens_per_group": per_group,
             "capacity": cap, "effective_cf": mc.num_experts * cap / (per_group * mc.top_k),
             "nominal_per_layer": 2 * tokens * mc.top_k * mc.capacity_factor * mc.d_model
             * itemsize, "per_layer": per_layer, "forward": layers * per_layer,
-            "step": 2 * layers * per_layer}
+            "step": 2 * layers * per_layer, "ragged_forward": layers * ragged}
 
 
 # --- Abstract state and the compiled step -----------------------------------------------------
@@ -345,6 +347,14 @@ def report(p: dict, title: str = "") -> str:
             f"  compiled / minimum (payload)     {measured / (a['step'] / n):12.3f}"
             if ep > 1 else "  mesh.expert = 1: every token stays on its device",
         ]
+        if a["ragged_forward"] and ep > 1:
+            lines += [
+                "  dropless on GPU/TPU (ragged all-to-all, not compiled here): "
+                f"{a['ragged_forward'] / n / MiB:,.2f} MiB payload per device forward;",
+                f"  its receive buffers hold {ep} devices' rows, "
+                f"{a['ragged_forward'] / n / 2 / a['moe_layers'] * ep / p['grad_accum'] / MiB:,.2f}"
+                " MiB per MoE layer and device",
+            ]
     return "\n".join(lines)
 
 

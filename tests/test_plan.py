@@ -117,6 +117,18 @@ def test_forward_all_to_all_moves_the_minimum(overrides):
     assert moved["count"] == 2 * bound["moe_layers"]  # dispatch and return, every MoE layer
     assert moved["payload"] * 8 <= bound["forward"]
     assert moved["payload"] * 8 == bound["forward"]  # and not a byte less: the bound is tight
+    if config.model.dropless:  # a GPU runs ragged all-to-alls instead
+        gpu = jax.jit(forward).trace(state["params"], tokens).lower(
+            lowering_platforms=("cuda",)).as_text()
+        calls = re.findall(r"@ragged_all_to_all\(.*\} : \(tensor<(\d+)x(\d+)xf32>.*"
+                           r"-> tensor<(\d+)x\d+xf32>", gpu)
+        assert len(calls) == 2 * bound["moe_layers"]
+        # Out, the device's sorted rows; back, into a buffer of that size: every row once
+        # each way (the other side is the receive buffer, sized for the worst case).
+        rows = [min(int(sent), int(into)) for sent, _, into in calls]
+        assert rows == [16 * 32 * 2 // 8] * len(calls)  # tokens x k / devices
+        assert sum(r * int(c[1]) * 4 for r, c in zip(rows, calls, strict=True)) * 8 == \
+            bound["ragged_forward"]
 
 
 def test_train_step_all_to_all_with_grad_accum():
