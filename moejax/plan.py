@@ -348,12 +348,13 @@ def report(p: dict, title: str = "") -> str:
             if ep > 1 else "  mesh.expert = 1: every token stays on its device",
         ]
         if a["ragged_forward"] and ep > 1:
+            # A device's rows, one way, per MoE layer and micro-batch; it receives for ep.
+            rows = a["ragged_forward"] / (2 * a["moe_layers"] * n * p["grad_accum"])
             lines += [
                 "  dropless on GPU/TPU (ragged all-to-all, not compiled here): "
                 f"{a['ragged_forward'] / n / MiB:,.2f} MiB payload per device forward;",
-                f"  its receive buffers hold {ep} devices' rows, "
-                f"{a['ragged_forward'] / n / 2 / a['moe_layers'] * ep / p['grad_accum'] / MiB:,.2f}"
-                " MiB per MoE layer and device",
+                f"  its receive buffers hold {ep} devices' rows, {rows * ep / MiB:,.2f} MiB "
+                "per MoE layer and device",
             ]
     return "\n".join(lines)
 

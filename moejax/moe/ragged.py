@@ -8,7 +8,7 @@ of row counts, one small all_gather of ints.
 
 XLA:CPU has no ragged all-to-all, so there `moe_ffn` runs the capacity path at the worst-case
 capacity instead; the tests run this function on CPU with a stand-in for the collective built
-from a dense all_to_all (tests/reference.py).
+from a dense all_to_all (tests/test_ragged.py).
 """
 
 import jax
@@ -38,6 +38,7 @@ def ragged_ffn(x, gates, expert_ids, experts, activation, expert_axis, *,
     rows = dispatch(x, slot, source)  # [N*k, d] sorted by expert
 
     table = jax.lax.all_gather(counts, expert_axis)  # [source device, expert]: rows sent
+    sorted_start = _exclusive_cumsum(table, 1)  # where each device's rows for g begin
     to_me = jax.lax.dynamic_slice_in_dim(table, me * local, local, axis=1)  # [source, local]
     group_sizes = to_me.sum(0)
     # Where expert g's group starts on the device that owns it, then where this device's
@@ -47,7 +48,7 @@ def ragged_ffn(x, gates, expert_ids, experts, activation, expert_axis, *,
     before_me = _exclusive_cumsum(table, 0)[me]
     buffer = jnp.zeros((devices * n * k, x.shape[1]), x.dtype)
     # Slice g goes to device g // local; this device receives slices (source, local expert).
-    arrived = ragged_all_to_all(rows, buffer, _exclusive_cumsum(counts, 0), counts,
+    arrived = ragged_all_to_all(rows, buffer, sorted_start[me], counts,
                                 group_start + before_me, to_me.reshape(-1),
                                 axis_name=expert_axis)
 
@@ -56,8 +57,7 @@ def ragged_ffn(x, gates, expert_ids, experts, activation, expert_axis, *,
     # Back: slice (source s, local e) of ys starts at e's group plus the rows of sources
     # before s, and lands where s sorted expert me * local + e.
     start_here = (_exclusive_cumsum(group_sizes, 0)[None, :] + _exclusive_cumsum(to_me, 0))
-    start_there = jax.lax.dynamic_slice_in_dim(_exclusive_cumsum(table, 1), me * local, local,
-                                               axis=1)
+    start_there = jax.lax.dynamic_slice_in_dim(sorted_start, me * local, local, axis=1)
     back = ragged_all_to_all(ys, jnp.zeros_like(rows), start_here.reshape(-1),
                              to_me.reshape(-1), start_there.reshape(-1), counts,
                              axis_name=expert_axis)
