@@ -10,6 +10,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from moejax.moe import cpu_experts
 from moejax.moe.dispatch import take_rows
 
 # name -> (activation, gated). Gated: act(x @ w_gate) * (x @ w_lin), w_in = [w_gate | w_lin].
@@ -162,24 +163,44 @@ def _one_expert_bwd(x, w_in, w_out, filled, h, dy, activation, grads_in_scan):
     return unpack(dx), unpack(g_in), unpack(g_out)
 
 
-# One expert at a time in a scan, with a hand-written backward: XLA:CPU runs the 2-D matmuls
-# faster than a batched one, writes each expert's result in place into the stacked output,
-# and a switch on the filled rows runs only those.
+# On CPU, float32 SwiGLU experts run in a kernel (cpu_experts.cc) that streams each expert's
+# weights once per pass. Elsewhere one expert at a time in a scan, with a hand-written
+# backward: XLA:CPU runs the 2-D matmuls faster than a batched one, writes each expert's
+# result in place into the stacked output, and a switch on the filled rows runs only those.
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _experts(x, w_in, w_out, filled, activation):
     return _experts_fwd(x, w_in, w_out, filled, activation)[0]
 
 
 def _experts_fwd(x, w_in, w_out, filled, activation):
+    if cpu_experts.supports(x, w_in, w_out, activation):
+        y, h = jax.lax.platform_dependent(x, w_in, w_out, filled, cpu=cpu_experts.forward,
+                                          default=partial(_scan_fwd, activation=activation))
+    else:
+        y, h = _scan_fwd(x, w_in, w_out, filled, activation)
+    return y, (x, w_in, w_out, filled, h)
+
+
+def _scan_fwd(x, w_in, w_out, filled, activation):
     def body(_, args):
         return None, _one_expert_fwd(*args, activation)
 
     _, (y, h) = jax.lax.scan(body, None, (x, w_in, w_out, filled))
-    return y, (x, w_in, w_out, filled, h)
+    return y, h
 
 
 def _experts_bwd(activation, res, dy):
     x, w_in, w_out, filled, h = res
+    if cpu_experts.supports(x, w_in, w_out, activation):
+        grads = jax.lax.platform_dependent(x, w_in, w_out, filled, h, dy,
+                                           cpu=cpu_experts.backward,
+                                           default=partial(_scan_bwd, activation=activation))
+    else:
+        grads = _scan_bwd(x, w_in, w_out, filled, h, dy, activation)
+    return *grads, None
+
+
+def _scan_bwd(x, w_in, w_out, filled, h, dy, activation):
     # A weight gradient made inside the scan is written to a temporary, then copied into the
     # zero-filled stacked output: three passes over each expert's d x d_ff weights. Made
     # after the scan as one batched matmul, it is written once, but the scan must store dh
@@ -192,8 +213,8 @@ def _experts_bwd(activation, res, dy):
 
     _, (dx, g_in, g_out) = jax.lax.scan(body, None, (x, w_in, w_out, filled, h, dy))
     if grads_in_scan:
-        return dx, g_in, g_out, None
-    return dx, jnp.einsum("erd,erf->edf", x, g_in), jnp.einsum("erf,erd->efd", g_out, dy), None
+        return dx, g_in, g_out
+    return dx, jnp.einsum("erd,erf->edf", x, g_in), jnp.einsum("erf,erd->efd", g_out, dy)
 
 
 _experts.defvjp(_experts_fwd, _experts_bwd)
