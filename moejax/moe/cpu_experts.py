@@ -1,8 +1,9 @@
 """The SwiGLU experts kernel for XLA:CPU (cpu_experts.cc): build, register, call.
 
 The kernel is compiled on first use for the CPU it runs on (-march=native) and cached under
-$MOEJAX_CACHE (default ~/.cache/moejax). Where no C++ compiler works, or with
-MOEJAX_CPU_KERNEL=0, the experts run as XLA ops (moejax/moe/experts.py) instead.
+$MOEJAX_CACHE (default ~/.cache/moejax). It needs AVX-512. Where it cannot be built (no C++
+compiler, no AVX-512), or with MOEJAX_CPU_KERNEL=0, the experts run as XLA ops
+(moejax/moe/experts.py) instead.
 """
 
 import ctypes
