@@ -28,10 +28,10 @@ def _buildable() -> bool:
 pytestmark = pytest.mark.skipif(not _buildable(),
                                 reason="no C++ compiler or no AVX-512: the XLA path runs")
 
-D, F = 32, 80
+D = 32
 
 
-def case(filled, cap, seed=0):
+def case(filled, cap, F, seed=0):
     rng = np.random.default_rng(seed)
     num_experts, segments = filled.shape
     mask = (np.arange(cap)[None, None, :] < filled[:, :, None]).reshape(num_experts, -1, 1)
@@ -54,13 +54,15 @@ def reference(x, ct, w_in, w_out):
         return np.asarray(y), [np.asarray(g) for g in grads]
 
 
-@pytest.mark.parametrize("filled,cap", [
-    (np.array([[37], [0], [50], [1], [13]]), 50),  # one segment: partial, empty, full, one row
-    (np.array([[3, 0, 7], [7, 7, 7], [0, 0, 0], [2, 6, 1]]), 7),  # three capacity groups
+@pytest.mark.parametrize("filled,cap,F", [
+    (np.array([[37], [0], [50], [1], [13]]), 50, 80),  # partial, empty, full, one row
+    (np.array([[3, 0, 7], [7, 7, 7], [0, 0, 0], [2, 6, 1]]), 7, 80),  # three capacity groups
+    # 64 rows x 2F columns of dh pass 512 KiB: the weight gradient goes panel by panel
+    (np.array([[64], [61]]), 64, 1040),
 ])
-def test_kernel_matches_float64_reference(filled, cap):
+def test_kernel_matches_float64_reference(filled, cap, F):
     assert cpu_experts.available()
-    x, ct, w_in, w_out = case(filled, cap)
+    x, ct, w_in, w_out = case(filled, cap, F)
     f32 = [jnp.asarray(a, jnp.float32) for a in (x, w_in, w_out)]
     assert cpu_experts.supports(*f32, "swiglu")  # the kernel runs, not the XLA fallback
     ct32 = jnp.asarray(ct, jnp.float32)
@@ -81,6 +83,7 @@ def test_kernel_matches_float64_reference(filled, cap):
 
 
 def test_kernel_is_not_used_where_xla_is_faster():
+    F = 80
     x = jnp.zeros((2, cpu_experts.MAX_ROWS + 1, D))
     w_in, w_out = jnp.zeros((2, D, 2 * F)), jnp.zeros((2, F, D))
     assert cpu_experts.supports(x[:, :-1], w_in, w_out, "swiglu")

@@ -161,32 +161,49 @@ void outer_tile(const float* A, long lda, long n, const float* G, long Q, float*
     for (int v = 0; v < NV; v++) st(dW + r * Q + V * v, acc[r][v]);
 }
 
-void outer_block(const float* A, long n, long j0, long J, const float* G, long Q, float* dW) {
-  for (long q0 = 0; q0 < Q; q0 += 3 * V) {
-    switch (std::min(3L, (Q - q0) / V)) {
-      case 1: outer_tile<1>(A + j0, J, n, G + q0 * n, Q, dW + j0 * Q + q0); break;
-      case 2: outer_tile<2>(A + j0, J, n, G + q0 * n, Q, dW + j0 * Q + q0); break;
-      case 3: outer_tile<3>(A + j0, J, n, G + q0 * n, Q, dW + j0 * Q + q0); break;
-    }
-  }
+void pack_panels(const float* dy, long n, long K, long q0, long q1, float* panels) {
+  for (long q = q0; q < q1; q += 3 * V)
+    for (long c = 0; c < n; c++)
+      for (long v = 0; v < 3 && q + V * v < K; v++)
+        st(panels + (q - q0) * n + c * 3 * V + V * v, ld(dy + c * K + q + V * v));
 }
 
 // The backward of y = a @ W, W [J, K] (J % 8 == 0), a [n, J], dy [n, K]: da^T [J, nc] =
-// W @ dy^T and dW [J, K] = a^T @ dy, 8 rows of W at a time: one pass over W and dW, and
-// dW's stores drain while the next rows' matmul runs.
+// W @ dy^T and dW [J, K] = a^T @ dy. While all of dy's panels fit in L2 (few rows), 8 rows
+// of W at a time do both: one pass over W and dW, and dW's stores drain while the next rows'
+// matmul runs. With more rows dy's panels would be re-read from L3 for every 8 rows, so dW
+// is made one column panel at a time instead, over all rows.
 void weight_backward(const float* W, long J, long K, const float* dyT, long nc, float* daT,
                      const float* a, long n, const float* dy, float* dW) {
-  // dy's columns in panels of 3V, each [n, 3V] contiguous: the tiles read them sequentially.
   thread_local std::vector<float> panels;
-  panels.resize(n * (K + 3 * V));
-  for (long q0 = 0; q0 < K; q0 += 3 * V)
-    for (long c = 0; c < n; c++)
-      for (long v = 0; v < 3 && q0 + V * v < K; v++)
-        st(panels.data() + q0 * n + c * 3 * V + V * v, ld(dy + c * K + q0 + V * v));
-  dy = panels.data();
-  for (long j0 = 0; j0 < J; j0 += 8) {
-    rows_block(W, j0, K, dyT, nc, daT);
-    outer_block(a, n, j0, J, dy, K, dW);
+  if (4 * n * K <= (512 << 10)) {
+    panels.resize(n * (K + 3 * V));
+    pack_panels(dy, n, K, 0, K, panels.data());
+    for (long j0 = 0; j0 < J; j0 += 8) {
+      rows_block(W, j0, K, dyT, nc, daT);
+      for (long q0 = 0; q0 < K; q0 += 3 * V) {
+        const float* p = panels.data() + q0 * n;
+        switch (std::min(3L, (K - q0) / V)) {
+          case 1: outer_tile<1>(a + j0, J, n, p, K, dW + j0 * K + q0); break;
+          case 2: outer_tile<2>(a + j0, J, n, p, K, dW + j0 * K + q0); break;
+          case 3: outer_tile<3>(a + j0, J, n, p, K, dW + j0 * K + q0); break;
+        }
+      }
+    }
+    return;
+  }
+  for (long j0 = 0; j0 < J; j0 += 8) rows_block(W, j0, K, dyT, nc, daT);
+  panels.resize(n * 3 * V);
+  for (long q0 = 0; q0 < K; q0 += 3 * V) {
+    pack_panels(dy, n, K, q0, std::min(q0 + 3 * V, K), panels.data());
+    const long nv = std::min(3L, (K - q0) / V);
+    for (long j0 = 0; j0 < J; j0 += 8) {
+      switch (nv) {
+        case 1: outer_tile<1>(a + j0, J, n, panels.data(), K, dW + j0 * K + q0); break;
+        case 2: outer_tile<2>(a + j0, J, n, panels.data(), K, dW + j0 * K + q0); break;
+        case 3: outer_tile<3>(a + j0, J, n, panels.data(), K, dW + j0 * K + q0); break;
+      }
+    }
   }
 }
 
