@@ -168,6 +168,16 @@ void pack_panels(const float* dy, long n, long K, long q0, long q1, float* panel
         st(panels + (q - q0) * n + c * 3 * V + V * v, ld(dy + c * K + q + V * v));
 }
 
+// dW[j0:j0+8, q0:q0+3V] = a[:, j0:j0+8]^T @ one [n, 3V] panel of dy.
+void outer_at(const float* a, long n, long j0, long J, const float* panel, long K, long q0,
+              float* dW) {
+  switch (std::min(3L, (K - q0) / V)) {
+    case 1: outer_tile<1>(a + j0, J, n, panel, K, dW + j0 * K + q0); break;
+    case 2: outer_tile<2>(a + j0, J, n, panel, K, dW + j0 * K + q0); break;
+    case 3: outer_tile<3>(a + j0, J, n, panel, K, dW + j0 * K + q0); break;
+  }
+}
+
 // The backward of y = a @ W, W [J, K] (J % 8 == 0), a [n, J], dy [n, K]: da^T [J, nc] =
 // W @ dy^T and dW [J, K] = a^T @ dy. While all of dy's panels fit in L2 (few rows), 8 rows
 // of W at a time do both: one pass over W and dW, and dW's stores drain while the next rows'
@@ -181,14 +191,8 @@ void weight_backward(const float* W, long J, long K, const float* dyT, long nc, 
     pack_panels(dy, n, K, 0, K, panels.data());
     for (long j0 = 0; j0 < J; j0 += 8) {
       rows_block(W, j0, K, dyT, nc, daT);
-      for (long q0 = 0; q0 < K; q0 += 3 * V) {
-        const float* p = panels.data() + q0 * n;
-        switch (std::min(3L, (K - q0) / V)) {
-          case 1: outer_tile<1>(a + j0, J, n, p, K, dW + j0 * K + q0); break;
-          case 2: outer_tile<2>(a + j0, J, n, p, K, dW + j0 * K + q0); break;
-          case 3: outer_tile<3>(a + j0, J, n, p, K, dW + j0 * K + q0); break;
-        }
-      }
+      for (long q0 = 0; q0 < K; q0 += 3 * V)
+        outer_at(a, n, j0, J, panels.data() + q0 * n, K, q0, dW);
     }
     return;
   }
@@ -196,14 +200,7 @@ void weight_backward(const float* W, long J, long K, const float* dyT, long nc, 
   panels.resize(n * 3 * V);
   for (long q0 = 0; q0 < K; q0 += 3 * V) {
     pack_panels(dy, n, K, q0, std::min(q0 + 3 * V, K), panels.data());
-    const long nv = std::min(3L, (K - q0) / V);
-    for (long j0 = 0; j0 < J; j0 += 8) {
-      switch (nv) {
-        case 1: outer_tile<1>(a + j0, J, n, panels.data(), K, dW + j0 * K + q0); break;
-        case 2: outer_tile<2>(a + j0, J, n, panels.data(), K, dW + j0 * K + q0); break;
-        case 3: outer_tile<3>(a + j0, J, n, panels.data(), K, dW + j0 * K + q0); break;
-      }
-    }
+    for (long j0 = 0; j0 < J; j0 += 8) outer_at(a, n, j0, J, panels.data(), K, q0, dW);
   }
 }
 
@@ -348,30 +345,31 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                     dh.data(), gin);
     transpose(dxT.data(), d, n, nc, dxs.data(), d);
     scatter(dxs.data(), rows, d, R, DX + e * R * d);
-    
   });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
+// Both take x, w_in, w_out and filled, and run on XLA's CPU thread pool.
+static auto ExpertsBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>();
+}
+
+// -> y, h
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxExpertsForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                              ExpertsBinding()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+// (h, dy) -> dx, g_in, g_out
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxExpertsBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                              ExpertsBinding()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
