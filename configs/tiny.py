@@ -17,14 +17,18 @@ def get_config(arg=None):
             d_model=128,
             num_layers=4,
             num_heads=4,
+            num_kv_heads=0,  # key-value heads (grouped-query attention); 0 = num_heads
             head_dim=32,
             d_ff=256,  # per expert; a dense model uses top_k * d_ff
+            dense_d_ff=0,  # dense FFN layers of an MoE model (first_dense_layers...); 0 = d_ff
             activation="swiglu",  # swiglu | geglu | gelu | relu
             rope_theta=10_000.0,
             max_seq_len=2048,  # longest sequence the positions are meant for
             tie_embeddings=True,
             dtype="float32",  # activations: float32 | bfloat16 (the router is always float32)
             param_dtype="float32",
+            remat="none",  # recompute in the backward pass: none | full | matmuls (keeps the
+            # attention and FFN matmul outputs, recomputes the rest, MoE dispatch included)
             num_experts=8,  # 0 = dense
             top_k=2,
             moe_every=1,  # MoE in every n-th layer, dense FFN in the others
@@ -41,7 +45,10 @@ def get_config(arg=None):
             bias_rate=0.0,  # auxiliary-loss-free balancing step (DeepSeek-V3: 1e-3); 0 = off
             num_shared_experts=0,  # always-on experts added to the routed ones
         ),
-        mesh=dict(data=-1, expert=1),  # -1: all remaining devices
+        # Device mesh (moejax/parallel.py); one axis may be -1: all remaining devices.
+        # data: weights replicated; fsdp: weights and optimizer split (ZeRO-3); expert:
+        # experts split, tokens sent by all-to-all; tensor: heads and FFN hidden split.
+        mesh=dict(data=-1, fsdp=1, expert=1, tensor=1),
         data=dict(
             source="stdlib",  # stdlib | files | hub
             path="",  # files: a glob of local files; hub: the dataset name

@@ -1,5 +1,6 @@
 """Helpers for configs/*.py: variant strings and checks that run before anything compiles."""
 
+import math
 import os
 import tempfile
 
@@ -26,18 +27,12 @@ def first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
-def mesh_shape(config, num_devices: int) -> tuple[int, int]:
-    """(data, expert) with data = -1 filled in from the device count."""
-    expert = config.mesh.expert
-    data = config.mesh.data if config.mesh.data != -1 else max(num_devices // max(expert, 1), 1)
-    return data, expert
-
-
 def validate(config, num_devices: int) -> None:
     """Fail fast, before anything compiles, with one line naming the key, its value and what is
     allowed. Checks that need files (data, tokenizer, checkpoints) live next to their readers."""
+    from moejax import parallel
+
     m, d, t = config.model, config.data, config.train
-    data, expert = mesh_shape(config, num_devices)
 
     def check(ok, key, value, problem):
         if not ok:
@@ -46,10 +41,17 @@ def validate(config, num_devices: int) -> None:
     def one_of(key, value, allowed):
         check(value in allowed, key, value, f"unknown; allowed: {', '.join(allowed)}")
 
-    check(expert >= 1, "mesh.expert", expert, "must be >= 1")
-    check(data >= 1, "mesh.data", data, "must be >= 1, or -1 for all remaining devices")
-    check(data * expert <= num_devices, "mesh.data x mesh.expert", f"{data}x{expert}",
-          f"needs {data * expert} devices; allowed: at most the {num_devices} that exist")
+    given = {a: config.mesh[a] for a in parallel.AXES}
+    check(list(given.values()).count(-1) <= 1, "mesh", given,
+          "at most one axis may be -1 (all remaining devices)")
+    for axis, size in given.items():
+        check(size >= 1 or size == -1, f"mesh.{axis}", size,
+              "must be >= 1, or -1 for all remaining devices")
+    sizes = parallel.mesh_sizes(config.mesh, num_devices)
+    used = math.prod(sizes.values())
+    check(used <= num_devices, "mesh", " x ".join(f"{a}={s}" for a, s in sizes.items()),
+          f"needs {used} devices; allowed: at most the {num_devices} that exist")
+    expert, token_shards = sizes["expert"], used // sizes["tensor"]
     check(m.num_experts >= 0, "model.num_experts", m.num_experts, "must be >= 0 (0 = dense)")
     if m.num_experts:
         check(m.num_experts % expert == 0, "model.num_experts", m.num_experts,
@@ -76,6 +78,13 @@ def validate(config, num_devices: int) -> None:
     one_of("model.dtype", m.dtype, ("float32", "bfloat16"))
     one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16"))
     check(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even (rotary pairs)")
+    check(m.num_kv_heads >= 0 and m.num_heads % (m.num_kv_heads or m.num_heads) == 0,
+          "model.num_kv_heads", m.num_kv_heads,
+          f"must divide num_heads={m.num_heads} (0 = num_heads)")
+    check(m.dense_d_ff >= 0, "model.dense_d_ff", m.dense_d_ff, "must be >= 0 (0 = d_ff)")
+    from moejax.model import REMAT
+
+    one_of("model.remat", m.remat, tuple(REMAT))
     check(1 <= d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
           f"must be in 1..model.max_seq_len={m.max_seq_len}")
     one_of("data.source", d.source, ("stdlib", "files", "hub"))
@@ -87,8 +96,8 @@ def validate(config, num_devices: int) -> None:
     for key in ("grad_accum", "steps", "log_every", "eval_every", "ckpt_every",
                 "max_nonfinite_steps"):
         check(t[key] >= 1, f"train.{key}", t[key], "must be >= 1")
-    check(d.batch_size % (data * expert * t.grad_accum) == 0, "data.batch_size", d.batch_size,
-          f"must be a multiple of data x expert x grad_accum = {data} x {expert} x "
+    check(d.batch_size % (token_shards * t.grad_accum) == 0, "data.batch_size", d.batch_size,
+          f"must be a multiple of data x fsdp x expert x grad_accum = {token_shards} x "
           f"{t.grad_accum}")
     one_of("train.schedule", t.schedule, ("cosine", "rsqrt"))
     if t.schedule == "cosine":

@@ -1,29 +1,43 @@
-"""Decoder-only transformer LM: RMSNorm, rotary causal attention, dense or MoE FFN blocks.
+"""Decoder-only transformer LM: RMSNorm, rotary causal attention (grouped-query), dense or MoE
+FFN blocks, scanned over layers.
 
-A dense model is the same config with num_experts = 0. Parameters carry layout names
-(`out_sharding`); the trainer creates them in that layout (nnx.get_named_sharding under jit).
+A dense model is the same config with num_experts = 0. Parameters carry logical dim names
+(`out_sharding` metadata); parallel.RULES maps them to mesh axes and the state module creates
+them in that layout. The blocks are stacks of periods (`layer_stacks`) whose parameters carry
+a leading layer axis, each run by one `lax.scan`: compile time stays flat in depth.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from moejax.moe.experts import ffn, in_width
+from moejax.moe.experts import IN_NAMES, OUT_NAMES, ffn, in_shape
 from moejax.moe.layer import MoE, MoEConfig
+from moejax.parallel import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# What the backward pass keeps of each block's forward; everything else is recomputed.
+# "matmuls" keeps the outputs of the attention and FFN matmuls, not the MoE dispatch buffers.
+_MATMULS = ("attn_q", "attn_kv", "attn_ctx", "ffn_in", "moe_out")
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "matmuls": jax.checkpoint_policies.save_only_these_names(*_MATMULS),
+}
 
-def param(rngs, shape, dtype, fan_in):
-    """A replicated weight, normal with std 1/sqrt(fan_in)."""
+
+def param(rngs, shape, names, dtype, fan_in):
+    """A weight with logical dims `names`, normal with std 1/sqrt(fan_in)."""
     w = jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5
-    return nnx.Param(w.astype(dtype), out_sharding=(None,) * len(shape), eager_sharding=False)
+    return nnx.Param(w.astype(dtype), out_sharding=names, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(None,),
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",),
                                eager_sharding=False)
 
     def __call__(self, x):
@@ -42,29 +56,41 @@ def rotary(x, positions, theta: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
+def kv_heads(cfg) -> int:
+    return cfg.num_kv_heads or cfg.num_heads
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg, dtype, param_dtype, rngs):
-        d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
-        self.qkv = param(rngs, (d, 3, h, hd), param_dtype, d)
-        self.out = param(rngs, (h, hd, d), param_dtype, h * hd)
-        self.theta, self.dtype = cfg.rope_theta, dtype
+    """Causal self-attention; num_heads / kv_heads query heads share each key-value head."""
+
+    def __init__(self, cfg, mesh, dtype, param_dtype, rngs):
+        d, h, kv, hd = cfg.d_model, cfg.num_heads, kv_heads(cfg), cfg.head_dim
+        self.q = param(rngs, (d, h, hd), ("embed", "heads", None), param_dtype, d)
+        self.kv = param(rngs, (d, 2, kv, hd), ("embed", None, "kv_heads", None), param_dtype, d)
+        self.out = param(rngs, (h, hd, d), ("heads", None, "embed"), param_dtype, h * hd)
+        self.theta, self.dtype, self.mesh = cfg.rope_theta, dtype, mesh
 
     def __call__(self, x, positions):
-        q, k, v = jnp.unstack(jnp.einsum("bsd,dkhe->kbshe", x, self.qkv[...].astype(self.dtype)))
+        q = jnp.einsum("bsd,dhe->bshe", x, self.q[...].astype(self.dtype))
+        k, v = jnp.unstack(jnp.einsum("bsd,dkhe->kbshe", x, self.kv[...].astype(self.dtype)))
+        q = checkpoint_name(constrain(q, self.mesh, ("batch", None, "heads", None)), "attn_q")
+        k, v = (checkpoint_name(constrain(a, self.mesh, ("batch", None, "kv_heads", None)),
+                                "attn_kv") for a in (k, v))
         q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        y = checkpoint_name(jax.nn.dot_product_attention(q, k, v, is_causal=True), "attn_ctx")
         return jnp.einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype))
 
 
 class MLP(nnx.Module):
     def __init__(self, d_model, d_ff, activation, dtype, param_dtype, rngs):
-        self.w_in = param(rngs, (d_model, in_width(d_ff, activation)), param_dtype, d_model)
-        self.w_out = param(rngs, (d_ff, d_model), param_dtype, d_ff)
+        self.w_in = param(rngs, in_shape(d_model, d_ff, activation), IN_NAMES, param_dtype,
+                          d_model)
+        self.w_out = param(rngs, (d_ff, d_model), OUT_NAMES, param_dtype, d_ff)
         self.activation, self.dtype = activation, dtype
 
     def __call__(self, x):
         w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
-        return ffn(x.reshape(-1, x.shape[-1]), w_in, w_out, self.activation).reshape(x.shape)
+        return ffn(x, w_in, w_out, self.activation)
 
 
 def is_moe_layer(cfg, layer: int) -> bool:
@@ -77,6 +103,16 @@ def is_moe_layer(cfg, layer: int) -> bool:
 def moe_layer_ids(cfg) -> list[int]:
     """Indices of the MoE layers; the rows of the trainer's per-layer routing metrics."""
     return [i for i in range(cfg.num_layers) if is_moe_layer(cfg, i)]
+
+
+def layer_stacks(cfg) -> list[tuple[int, int]]:
+    """The layers as scanned stacks, in order: (repeats, period), a period being the blocks
+    one scan step runs. The first dense layers, then periods of moe_every blocks that end in
+    the MoE slot, then dense layers left over. A dense model (num_experts = 0) has the same
+    stacks, so a dense run's checkpoint names match its MoE twin's (upcycling)."""
+    first, every = cfg.first_dense_layers, cfg.moe_every
+    periods, tail = divmod(cfg.num_layers - first, every)
+    return [(n, p) for n, p in ((first, 1), (periods, every), (tail, 1)) if n]
 
 
 def moe_config(cfg) -> MoEConfig:
@@ -92,16 +128,17 @@ def moe_config(cfg) -> MoEConfig:
 class Block(nnx.Module):
     def __init__(self, cfg, layer: int, mesh, rngs):
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        self.mesh = mesh
         self.attn_norm = RMSNorm(cfg.d_model, param_dtype)
-        self.attn = Attention(cfg, dtype, param_dtype, rngs)
+        self.attn = Attention(cfg, mesh, dtype, param_dtype, rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, param_dtype)
         if is_moe_layer(cfg, layer):
             self.ffn = MoE(cfg.d_model, cfg.d_ff, moe_config(cfg), cfg.activation, mesh=mesh,
                            rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         else:
-            # Dense layers of an MoE model keep d_ff; a dense model (num_experts = 0) widens
-            # them to k * d_ff so it does the same FLOPs per token as the MoE it is compared to.
-            d_ff = cfg.d_ff * (cfg.top_k if cfg.num_experts == 0 else 1)
+            # A dense model (num_experts = 0) widens its FFNs to k * d_ff so it does the same
+            # FLOPs per token as the MoE it is compared to; dense_d_ff, if set, wins.
+            d_ff = cfg.dense_d_ff or cfg.d_ff * (cfg.top_k if cfg.num_experts == 0 else 1)
             self.ffn = MLP(cfg.d_model, d_ff, cfg.activation, dtype, param_dtype, rngs)
 
     def __call__(self, x, positions, *, train, rng):
@@ -109,28 +146,69 @@ class Block(nnx.Module):
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             y, aux = self.ffn(h, train=train, rng=rng)
-            return x + y, aux
-        return x + self.ffn(h), None
+        else:
+            y, aux = self.ffn(h), None
+        return constrain(x + y, self.mesh, ("batch", None, None)), aux
+
+
+class Stack(nnx.Module):
+    """`repeats` periods of `period` blocks from layer `first` on; every parameter has a
+    leading axis of size `repeats`, and a scan runs one period per step."""
+
+    def __init__(self, cfg, first: int, repeats: int, period: int, mesh, rngs):
+        def one(key):
+            r = nnx.Rngs(key)
+            return nnx.List([Block(cfg, first + j, mesh, r) for j in range(period)])
+
+        keys = jax.random.split(rngs.params(), repeats)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: one(keys[0])))
+        self.blocks = nnx.merge(graphdef, jax.vmap(lambda k: nnx.state(one(k)))(keys))
+        self.layers = tuple(range(first, first + repeats * period, period))  # static
+
+    def __call__(self, x, positions, *, train, rng, remat: str):
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(x, inputs):
+            state, layer = inputs
+            aux = None
+            for j, block in enumerate(nnx.merge(graphdef, state)):
+                x, a = block(x, positions, train=train,
+                             rng=None if rng is None else jax.random.fold_in(rng, layer + j))
+                aux = a if a is not None else aux
+            return x, aux
+
+        if REMAT[remat] is not None:
+            body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
+        return jax.lax.scan(body, x, (state, jnp.asarray(self.layers)))
 
 
 class Transformer(nnx.Module):
     def __init__(self, cfg, *, mesh: Mesh | None, rngs: nnx.Rngs):
-        self.dtype = DTYPES[cfg.dtype]
+        self.dtype, self.mesh, self.remat = DTYPES[cfg.dtype], mesh, cfg.remat
         param_dtype = DTYPES[cfg.param_dtype]
-        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), param_dtype, cfg.d_model)
-        self.blocks = nnx.List([Block(cfg, i, mesh, rngs) for i in range(cfg.num_layers)])
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), param_dtype,
+                           cfg.d_model)
+        stacks, first = [], 0
+        for repeats, period in layer_stacks(cfg):
+            stacks.append(Stack(cfg, first, repeats, period, mesh, rngs))
+            first += repeats * period
+        self.stacks = nnx.List(stacks)
         self.final_norm = RMSNorm(cfg.d_model, param_dtype)
-        self.unembed = (None if cfg.tie_embeddings
-                        else param(rngs, (cfg.d_model, cfg.vocab_size), param_dtype, cfg.d_model))
+        self.unembed = (None if cfg.tie_embeddings else
+                        param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                              param_dtype, cfg.d_model))
 
     def __call__(self, tokens, *, train: bool, rng=None):
-        """tokens: [B, S] int -> float32 logits [B, S, V] and the MoE layers' aux dicts."""
+        """tokens: [B, S] int -> float32 logits [B, S, V] and the MoE layers' aux dict, each
+        value stacked over MoE layers in layer order ({} for a dense model)."""
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.embed[...].astype(self.dtype)[tokens]
+        # ZeRO-3 by hand for the lookup: gather the table's fsdp shards first, as XLA does for
+        # matmul weights; a lookup into the split table would reshard the tokens instead.
+        table = constrain(self.embed[...].astype(self.dtype), self.mesh, ("vocab", None))
+        x = constrain(jnp.take(table, tokens, axis=0), self.mesh, ("batch", None, None))
         aux = []
-        for i, block in enumerate(self.blocks):
-            x, a = block(x, positions, train=train,
-                         rng=None if rng is None else jax.random.fold_in(rng, i))
+        for stack in self.stacks:
+            x, a = stack(x, positions, train=train, rng=rng, remat=self.remat)
             if a is not None:
                 aux.append(a)
         x = self.final_norm(x)
@@ -138,4 +216,6 @@ class Transformer(nnx.Module):
             logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(self.dtype))
         else:
             logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype))
+        logits = constrain(logits, self.mesh, ("batch", None, "vocab"))
+        aux = jax.tree.map(lambda *a: jnp.concatenate(a), *aux) if aux else {}
         return logits.astype(jnp.float32), aux

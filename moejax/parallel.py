@@ -1,25 +1,96 @@
 """The device mesh and the one table of how arrays are laid out on it.
 
-Two axes: `data` and `expert`. Tokens (the batch) are split over both, so every device
-holds different tokens; expert weights are split over `expert` and replicated over `data`.
+Four mesh axes; a size-1 axis costs nothing:
+  data    pure data parallelism: weights replicated
+  fsdp    data parallelism with every weight and optimizer moment split (ZeRO-3)
+  expert  experts split; tokens travel to them by all-to-all
+  tensor  heads and FFN hidden units split (Megatron); tokens replicated
+Tokens (the batch) are split over every axis but `tensor`. Models name the logical dims of
+their parameters and activations; `RULES` maps those names to mesh axes.
 """
+
+import math
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-TOKEN_AXES = ("data", "expert")  # batch dimension is sharded over both axes
+AXES = ("data", "fsdp", "expert", "tensor")
+TOKEN_AXES = ("data", "fsdp", "expert")
 EXPERT_AXIS = "expert"
 
+# logical dim -> mesh axes. A dim its axes do not divide stays whole (see `spec`).
+RULES = {
+    "batch": TOKEN_AXES,
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),  # weights only: activations keep d_model whole
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "experts": ("expert",),
+}
 
-def make_mesh(data: int, expert: int, devices=None) -> Mesh:
+
+def mesh_sizes(mesh_config, num_devices: int) -> dict:
+    """{axis: size} from the config's mesh, the one -1 (if any) filled with the devices left."""
+    sizes = {a: int(mesh_config[a]) for a in AXES}
+    rest = [a for a in AXES if sizes[a] == -1]
+    if len(rest) == 1:
+        known = math.prod(s for a, s in sizes.items() if a != rest[0])
+        sizes[rest[0]] = max(num_devices // max(known, 1), 1)
+    return sizes
+
+
+def make_mesh(sizes: dict, devices=None) -> Mesh:
+    """A mesh of the four axes; `sizes` may leave axes out (size 1)."""
     devices = jax.devices() if devices is None else devices
-    if data * expert > len(devices):
-        raise ValueError(
-            f"mesh data={data} x expert={expert} needs {data * expert} devices, "
-            f"only {len(devices)} available"
-        )
-    return jax.make_mesh((data, expert), ("data", "expert"), (AxisType.Auto, AxisType.Auto),
-                         devices=devices[: data * expert])
+    shape = tuple(sizes.get(a, 1) for a in AXES)
+    if math.prod(shape) > len(devices):
+        raise ValueError(f"mesh {sizes} needs {math.prod(shape)} devices, "
+                         f"only {len(devices)} available")
+    return jax.make_mesh(shape, AXES, (AxisType.Auto,) * len(AXES),
+                         devices=devices[: math.prod(shape)])
+
+
+def spec(names, shape, mesh: Mesh) -> P:
+    """PartitionSpec for an array whose trailing dims have these logical names (leading dims
+    without a name, such as the layer axis of scanned blocks, are never split). A mesh axis
+    of size 1, or one that does not divide its dim, is left out."""
+    names = (None,) * (len(shape) - len(names)) + tuple(names)
+    out = []
+    for name, dim in zip(names, shape, strict=True):
+        axes = tuple(a for a in RULES.get(name, ()) if mesh.shape[a] > 1)
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        out.append(axes[0] if len(axes) == 1 else (axes or None))
+    return P(*out)
+
+
+def undivided(names, shape, mesh: Mesh) -> list[str]:
+    """The logical dims whose mesh axes `spec` had to leave out because they do not divide."""
+    names = (None,) * (len(shape) - len(names)) + tuple(names)
+    got = spec(names, shape, mesh)
+    return [f"{name}={dim}" for name, dim, s in zip(names, shape, got, strict=True)
+            if name and any(mesh.shape[a] > 1 for a in RULES.get(name, ())) and s is None]
+
+
+def names_of(variable) -> tuple:
+    """The logical dim names a model gave a parameter (nnx metadata `out_sharding`)."""
+    return tuple(variable.get_metadata().get("out_sharding") or ())
+
+
+def variable_shardings(state, mesh: Mesh):
+    """NamedSharding of every variable of an nnx State (live or abstract), from RULES."""
+    from flax import nnx
+
+    return jax.tree.map(lambda v: NamedSharding(mesh, spec(names_of(v), v.shape, mesh)),
+                        state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, names) -> jax.Array:
+    """Pin an activation's layout (logical names per dim) so XLA gathers weights, not tokens."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(names, x.shape, mesh)))
 
 
 def token_sharding(mesh: Mesh) -> NamedSharding:
@@ -27,24 +98,8 @@ def token_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def num_token_shards(mesh: Mesh | None) -> int:
-    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["expert"]
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in TOKEN_AXES)
 
 
-def shard_model(model, mesh: Mesh) -> None:
-    """Move every parameter of an NNX model to the layout its `out_sharding` ask for."""
-    from flax import nnx
-
-    state = nnx.state(model)
-    specs = nnx.get_partition_spec(state)
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                             is_leaf=lambda s: isinstance(s, P))
-    nnx.update(model, jax.device_put(state, shardings))
-
-
-def replicate_unplaced(tree, mesh: Mesh):
-    """Give every leaf not already laid out on `mesh` (optimizer step counts, say) a replicated
-    layout there, so checkpoints restore every leaf onto the mesh."""
-    def place(x):
-        s = x.sharding
-        return s if isinstance(s, NamedSharding) and s.mesh == mesh else NamedSharding(mesh, P())
-    return jax.device_put(tree, jax.tree.map(place, tree))
+def describe(mesh: Mesh) -> str:
+    return " x ".join(f"{a}={mesh.shape[a]}" for a in AXES)

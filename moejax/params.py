@@ -7,7 +7,6 @@ import math
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
 
 from moejax.moe.layer import ExpertParam
 
@@ -20,15 +19,11 @@ def param_counts(model: nnx.Module, top_k: int, num_experts: int) -> dict:
     return {"total": total, "active": active, "expert": expert}
 
 
-def bytes_per_device(model: nnx.Module, mesh: Mesh) -> int:
-    """Bytes of parameters each device holds under their `out_sharding` on this mesh."""
-    state = nnx.state(model, nnx.Param)
-    specs = nnx.get_partition_spec(state)
-    leaves = jax.tree.leaves(state)
-    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
-    total = 0
-    for x, spec in zip(leaves, spec_leaves, strict=True):
-        axes = [a for entry in spec if entry is not None
-                for a in (entry if isinstance(entry, tuple) else (entry,))]
-        total += x.size * x.dtype.itemsize // math.prod(mesh.shape[a] for a in axes)
-    return total
+def bytes_per_device(tree) -> int:
+    """Bytes of `tree` on one device: its first local shard of each live array, or the shard
+    shape of each abstract one (jax.ShapeDtypeStruct with a sharding). Shards are even."""
+    def one(x):
+        if isinstance(x, jax.Array):
+            return x.addressable_shards[0].data.nbytes
+        return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    return sum(one(x) for x in jax.tree.leaves(tree))

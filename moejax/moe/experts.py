@@ -1,14 +1,16 @@
 """Feed-forward blocks shared by the dense FFN and the batched experts.
 
-Weights carry any number of leading batch axes: a dense FFN has w_in [d, f], the experts
-have w_in [E, d, f] and take x [E, tokens, d]. Gated activations keep both input projections
-in one w_in [..., d, 2f] (gate half first): one wide matmul runs faster than two narrow ones.
+Parameters: w_in [..., d, g, f] with g = 2 for gated activations (gate, then linear) and 1
+otherwise, w_out [..., f, d]; leading axes are experts. Keeping g apart lets `tensor` split f
+without splitting gate from linear. The expert kernels take w_in flattened to [E, d, g*f]
+(`flat_in`: gate half first), as one wide matmul runs faster than two narrow ones.
 """
 
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax.moe import cpu_experts
 from moejax.moe.dispatch import take_rows
@@ -27,8 +29,22 @@ def is_gated(activation: str) -> bool:
 
 
 def in_width(d_ff: int, activation: str) -> int:
-    """Columns of w_in: 2 * d_ff for gated activations."""
+    """Columns of a flattened w_in: 2 * d_ff for gated activations."""
     return 2 * d_ff if is_gated(activation) else d_ff
+
+
+def in_shape(d_model: int, d_ff: int, activation: str) -> tuple[int, int, int]:
+    """Shape of one FFN's w_in: [d, g, f]; its logical dims are IN_NAMES."""
+    return d_model, 2 if is_gated(activation) else 1, d_ff
+
+
+IN_NAMES = ("embed", None, "mlp")
+OUT_NAMES = ("mlp", "embed")
+
+
+def flat_in(w_in: jax.Array) -> jax.Array:
+    """[..., d, g, f] -> [..., d, g*f], gate columns first."""
+    return w_in.reshape(*w_in.shape[:-2], -1)
 
 
 def experts_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
@@ -221,8 +237,10 @@ _experts.defvjp(_experts_fwd, _experts_bwd)
 
 
 def ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str) -> jax.Array:
-    """x: [..., T, d], w_in: [..., d, in_width], w_out: [..., d_ff, d] -> [..., T, d]."""
-    h = _activate(jnp.einsum("...td,...df->...tf", x, w_in), activation)
+    """x: [..., T, d], w_in: [..., d, g, f], w_out: [..., f, d] -> [..., T, d]."""
+    act, gated = ACTIVATIONS[activation]
+    h = checkpoint_name(jnp.einsum("...td,...dgf->...tgf", x, w_in), "ffn_in")
+    h = act(h[..., 0, :]) * h[..., 1, :] if gated else act(h[..., 0, :])
     return jnp.einsum("...tf,...fd->...td", h, w_out)
 
 

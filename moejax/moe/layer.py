@@ -13,11 +13,22 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
+from moejax import parallel
 from moejax.moe import router
 from moejax.moe.dispatch import combine, dispatch, slots, sorted_slots
-from moejax.moe.experts import experts_ffn, ffn, grouped_ffn, in_width, trailing_filled
+from moejax.moe.experts import (
+    IN_NAMES,
+    OUT_NAMES,
+    experts_ffn,
+    ffn,
+    flat_in,
+    grouped_ffn,
+    in_shape,
+    trailing_filled,
+)
 from moejax.moe.ragged import ragged_ffn
 from moejax.parallel import EXPERT_AXIS, TOKEN_AXES, num_token_shards
 
@@ -156,7 +167,7 @@ class RouterBias(nnx.Variable):
 
 
 class MoE(nnx.Module):
-    """Router, expert and shared-expert weights with their shardings; the math is `moe_ffn`."""
+    """Router, expert and shared-expert weights with their logical dims; the math is `moe_ffn`."""
 
     def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, activation: str, *,
                  mesh: Mesh | None, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -169,32 +180,33 @@ class MoE(nnx.Module):
                           stacklevel=2)
         e = cfg.num_experts
         init = nnx.initializers.lecun_normal()
-        # Layout names only: parallel.shard_model places the arrays once the model is built.
+        init_in = nnx.initializers.lecun_normal(in_axis=-3, out_axis=(-2, -1))  # [d, g, f]
+        # Logical dims only: parallel.RULES lays them out on the mesh.
         self.router = nnx.Param(init(rngs.params(), (d_model, e), jnp.float32),
-                                out_sharding=(None, None), eager_sharding=False)
+                                out_sharding=("embed", None), eager_sharding=False)
         if cfg.bias_rate > 0:
             self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,),
                                           eager_sharding=False)
 
-        def expert_weight(shape):
+        def expert_weight(init, shape, names):
             keys = jax.random.split(rngs.params(), e)
             w = jax.vmap(lambda key: init(key, shape, param_dtype))(keys)
-            return ExpertParam(w, out_sharding=(EXPERT_AXIS, None, None), eager_sharding=False)
+            return ExpertParam(w, out_sharding=("experts", *names), eager_sharding=False)
 
-        self.w_in = expert_weight((d_model, in_width(d_ff, activation)))
-        self.w_out = expert_weight((d_ff, d_model))
+        self.w_in = expert_weight(init_in, in_shape(d_model, d_ff, activation), IN_NAMES)
+        self.w_out = expert_weight(init, (d_ff, d_model), OUT_NAMES)
         if cfg.num_shared:  # one FFN as wide as all shared experts together
             shared_ff = cfg.num_shared * d_ff
             self.shared_in = nnx.Param(
-                init(rngs.params(), (d_model, in_width(shared_ff, activation)), param_dtype),
-                out_sharding=(None, None), eager_sharding=False)
+                init_in(rngs.params(), in_shape(d_model, shared_ff, activation), param_dtype),
+                out_sharding=IN_NAMES, eager_sharding=False)
             self.shared_out = nnx.Param(init(rngs.params(), (shared_ff, d_model), param_dtype),
-                                        out_sharding=(None, None), eager_sharding=False)
+                                        out_sharding=OUT_NAMES, eager_sharding=False)
 
     def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None):
         """x: [B, S, d] -> ([B, S, d], aux). `rng` drives router jitter when training."""
-        cfg = self.cfg
-        shards = num_token_shards(self.mesh)
+        cfg, mesh = self.cfg, self.mesh
+        shards = num_token_shards(mesh)
         num_groups = cfg.num_groups or shards
         if num_groups % shards or x.shape[0] * x.shape[1] % num_groups:
             raise ValueError(
@@ -206,28 +218,46 @@ class MoE(nnx.Module):
         bias = self.router_bias[...] if cfg.bias_rate > 0 else None
         experts = {"w_in": self.w_in[...].astype(self.dtype),
                    "w_out": self.w_out[...].astype(self.dtype)}
-        sharded = self.mesh is not None
+        sharded = mesh is not None
+        specs = {name: parallel.spec(parallel.names_of(getattr(self, name)), w.shape, mesh)
+                 for name, w in experts.items()} if sharded else {}
         x = x.astype(self.dtype)
 
         def local(x, noise, router_w, bias, experts):
             def grouped(a):  # [B_local, S, d] -> [groups here, tokens per group, d]
                 return None if a is None else a.reshape(num_groups // shards, -1, a.shape[-1])
 
+            # ZeRO-3: this device holds 1/fsdp of its experts' weights; gather the rest now
+            # (the transpose, in the backward pass, reduce-scatters their gradients).
+            experts = {name: _gather(w, specs[name], "fsdp") if sharded else w
+                       for name, w in experts.items()}
+            experts["w_in"] = flat_in(experts["w_in"])
             y, aux = moe_ffn(grouped(x), router_w, experts, cfg, train=train,
                              activation=self.activation, bias=bias, noise=grouped(noise),
                              expert_axis=EXPERT_AXIS if sharded else None,
                              token_axes=TOKEN_AXES if sharded else ())
+            if sharded and "tensor" in specs["w_out"]:  # each holds part of every hidden layer
+                y = jax.lax.psum(y, "tensor")
             return y.reshape(x.shape), aux
 
         if sharded:
             local = jax.shard_map(
-                local, mesh=self.mesh,
+                local, mesh=mesh,
                 in_specs=(P(TOKEN_AXES), None if noise is None else P(TOKEN_AXES), P(),
-                          None if bias is None else P(), P(EXPERT_AXIS)),
+                          None if bias is None else P(), specs),
                 out_specs=(P(TOKEN_AXES), P()))
         y, aux = local(x, noise, self.router[...], bias, experts)
+        y = checkpoint_name(y, "moe_out")
         if cfg.num_shared:
             w_in, w_out = self.shared_in[...].astype(self.dtype), self.shared_out[...]
             y = y + ffn(x.reshape(-1, x.shape[-1]), w_in, w_out.astype(self.dtype),
                         self.activation).reshape(x.shape)
         return y, aux
+
+
+def _gather(w: jax.Array, spec: P, axis_name: str) -> jax.Array:
+    """All-gather the dims of a shard_map operand that `spec` splits over `axis_name`."""
+    for dim, entry in enumerate(spec):
+        if entry == axis_name:
+            w = jax.lax.all_gather(w, axis_name, axis=dim, tiled=True)
+    return w

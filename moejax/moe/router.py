@@ -101,9 +101,10 @@ def expert_choice(logits: jax.Array, capacity: int, score: str = "softmax") -> R
 
 def bias_update(bias: jax.Array, tokens_per_expert: jax.Array, rate: float) -> jax.Array:
     """Auxiliary-loss-free balancing (DeepSeek-V3): raise the bias of experts that got fewer
-    than the mean number of assignments, lower it for those that got more, by `rate`."""
+    than the mean number of assignments, lower it for those that got more, by `rate`.
+    bias, tokens_per_expert: [..., E] (leading axes: layers)."""
     load = tokens_per_expert.astype(jnp.float32)
-    return bias + rate * jnp.sign(load.mean() - load)
+    return bias + rate * jnp.sign(load.mean(-1, keepdims=True) - load)
 
 
 def z_loss(logits: jax.Array) -> jax.Array:

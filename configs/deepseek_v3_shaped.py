@@ -1,0 +1,50 @@
+"""DeepSeek-V3-shaped, without multi-head latent attention: about 675B parameters total and
+40B active per token (DeepSeek-V3 itself: 671B and 37B).
+
+61 layers, d_model 7168; the first 3 have dense SwiGLU FFNs of width 18432, the other 58 have
+256 routed experts of width 2048 (top-8, sigmoid scores renormalized over the chosen, the
+auxiliary-loss-free bias) plus 1 shared expert. Attention is grouped-query (128 query heads of
+128 sharing 8 key-value heads) in place of MLA. Untied 129k vocabulary.
+  python -m moejax.plan --config configs/deepseek_v3_shaped.py:h100x256
+Variants (mesh per hardware; docs/memory.md has the planner's answer for each):
+  h100x8    one 8 x H100-80GB node: fsdp=8 (the planner says it cannot fit, and by how much)
+  h100x256  32 nodes of 8 x H100: fsdp=32 x expert=8
+  v5p256    a TPU v5p slice of 256 chips: fsdp=16 x expert=16
+  smoke     the same shapes of everything but size, for tests
+"""
+
+from configs import tiny
+from moejax.config_lib import parse_variant
+
+
+def get_config(arg=None):
+    variant = parse_variant(arg, ("h100x8", "h100x256", "v5p256", "smoke"))
+    config = tiny.get_config()
+    config.model.update(vocab_size=129_280, d_model=7168, num_layers=61, num_heads=128,
+                        num_kv_heads=8, head_dim=128, d_ff=2048, dense_d_ff=18_432,
+                        first_dense_layers=3, num_experts=256, top_k=8, num_shared_experts=1,
+                        router_score="sigmoid", renormalize=True, bias_rate=1e-3,
+                        rope_theta=1e4, tie_embeddings=False, max_seq_len=4096,
+                        dtype="bfloat16", remat="full", capacity_factor=1.25)
+    config.data.update(source="hub", path="HuggingFaceFW/fineweb-edu", hub_config="sample-10BT",
+                       streaming=True, tokenizer="deepseek-ai/DeepSeek-V3", seq_len=4096,
+                       batch_size=1024)
+    config.train.update(steps=100_000, lr=2.2e-4, warmup_steps=2_000, log_every=10,
+                        eval_every=1_000, eval_batches=20, ckpt_every=500, balance_coef=1e-4)
+    config.mesh.update(data=1, fsdp=-1, expert=1, tensor=1)
+    if variant == "h100x8":
+        config.mesh.update(fsdp=8)
+        config.data.update(batch_size=32)
+    if variant == "h100x256":
+        config.mesh.update(fsdp=32, expert=8)
+    if variant == "v5p256":
+        config.mesh.update(fsdp=16, expert=16)
+    if variant == "smoke":
+        config.model.update(vocab_size=0, d_model=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                            head_dim=16, d_ff=32, dense_d_ff=128, first_dense_layers=1,
+                            num_experts=16, top_k=4, max_seq_len=2048, dtype="float32")
+        config.data.update(source="stdlib", tokenizer="byte", seq_len=32, batch_size=16)
+        config.train.update(steps=4, warmup_steps=1, log_every=2, eval_every=2, eval_batches=1,
+                            ckpt_every=2)
+        config.mesh.update(fsdp=1, data=-1)
+    return config

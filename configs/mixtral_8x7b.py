@@ -1,0 +1,43 @@
+"""Mixtral-8x7B: 46.7B parameters total, 12.9B active per token (Jiang et al. 2024).
+
+32 layers, d_model 4096, 32 query heads sharing 8 key-value heads, 8 SwiGLU experts of width
+14336 in every layer, top-2 with renormalized gates, untied 32k vocabulary.
+  python -m moejax.train --config configs/mixtral_8x7b.py:v5p64 --workdir runs/mixtral
+  python -m moejax.plan --config configs/mixtral_8x7b.py:h100x8      # does it fit?
+Variants (mesh per hardware; docs/memory.md has the planner's answer for each):
+  h100x8  one 8 x H100-80GB node: fsdp=8 (the smallest state per device 8 devices allow)
+  v5p64   a TPU v5p slice of 64 chips (95 GB each): fsdp=8 x expert=8
+  smoke   the same shapes of everything but size, for tests
+"""
+
+from configs import tiny
+from moejax.config_lib import parse_variant
+
+
+def get_config(arg=None):
+    variant = parse_variant(arg, ("h100x8", "v5p64", "smoke"))
+    config = tiny.get_config()
+    config.model.update(vocab_size=32_000, d_model=4096, num_layers=32, num_heads=32,
+                        num_kv_heads=8, head_dim=128, d_ff=14_336, num_experts=8, top_k=2,
+                        renormalize=True, rope_theta=1e6, tie_embeddings=False,
+                        max_seq_len=32_768, dtype="bfloat16", remat="full",
+                        capacity_factor=1.25)
+    config.data.update(source="hub", path="HuggingFaceFW/fineweb-edu", hub_config="sample-10BT",
+                       streaming=True, tokenizer="mistralai/Mixtral-8x7B-v0.1", seq_len=4096,
+                       batch_size=256)
+    config.train.update(steps=100_000, lr=3e-4, warmup_steps=2_000, log_every=10,
+                        eval_every=1_000, eval_batches=20, ckpt_every=500)
+    config.mesh.update(data=1, fsdp=-1, expert=1, tensor=1)
+    if variant == "h100x8":
+        config.mesh.update(fsdp=8)
+        config.data.update(batch_size=32)
+    if variant == "v5p64":
+        config.mesh.update(fsdp=8, expert=8)
+    if variant == "smoke":
+        config.model.update(vocab_size=0, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                            head_dim=16, d_ff=96, max_seq_len=2048, dtype="float32")
+        config.data.update(source="stdlib", tokenizer="byte", seq_len=32, batch_size=16)
+        config.train.update(steps=4, warmup_steps=1, log_every=2, eval_every=2, eval_batches=1,
+                            ckpt_every=2)
+        config.mesh.update(fsdp=1, data=-1)
+    return config

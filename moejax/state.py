@@ -1,0 +1,185 @@
+"""The train state and the steps that change it: optimizer, abstract state and its layout,
+sharded init, and the jitted train and eval steps. `train`, `plan`, `bench` and `generate`
+build theirs here, so what the planner compiles is what the trainer runs.
+
+The state is {"params": nnx.State, "opt_state": optax state}. Every parameter and optimizer
+moment is laid out by parallel.RULES from the model's logical dim names and born in that
+layout (the init is jitted with out_shardings); the train step is jitted once with the same
+shardings in and out and the state donated, so no step ever holds a second or replicated copy.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moejax import parallel
+from moejax.model import Transformer
+from moejax.moe import router
+
+
+def make_optimizer(tc):
+    if tc.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup_steps, tc.steps,
+                                                tc.lr * tc.min_lr_ratio)
+    else:  # rsqrt: linear warmup, then lr * sqrt(warmup / step)
+        def lr(step):
+            step = jnp.maximum(step, 1)
+            return tc.lr * jnp.minimum(step / tc.warmup_steps,
+                                       jnp.sqrt(tc.warmup_steps / step))
+    def decay_mask(params):  # no decay on norm scales and biases (one logical dim)
+        return jax.tree.map(lambda v: v.replace(len(parallel.names_of(v)) >= 2), params,
+                            is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+    tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                     optax.adamw(lr, tc.b1, tc.b2, weight_decay=tc.weight_decay,
+                                 mask=decay_mask))
+    return tx, lr
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every job needs to build, restore or step the state of one config on one mesh."""
+    config: object
+    mesh: Mesh
+    model: nnx.Module  # abstract: shapes and metadata only
+    graphdef: object
+    abstract: dict  # the state as jax.ShapeDtypeStruct with shardings
+    shardings: dict
+    tx: optax.GradientTransformation
+    lr: object
+
+
+def setup(config, mesh: Mesh) -> Setup:
+    """Shapes and layout of the state of `config` on `mesh`; nothing is allocated."""
+    tx, lr = make_optimizer(config.train)
+    model = nnx.eval_shape(lambda: Transformer(config.model, mesh=mesh,
+                                               rngs=nnx.Rngs(config.seed)))
+    graphdef, params = nnx.split(model)
+    # The same tree as params, a NamedSharding in each Variable: optax can map it into the
+    # optimizer state, where every moment takes its parameter's layout.
+    param_shardings = jax.tree.map(
+        lambda v: v.replace(NamedSharding(mesh, parallel.spec(parallel.names_of(v), v.shape,
+                                                              mesh))),
+        params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    replicated = NamedSharding(mesh, P())
+    opt_shapes = jax.eval_shape(tx.init, params)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    shardings = {"params": param_shardings, "opt_state": opt_shardings}
+    shapes = {"params": params, "opt_state": opt_shapes}
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            shapes, shardings)
+    return Setup(config, mesh, model, graphdef, abstract, shardings, tx, lr)
+
+
+def undivided(s: Setup) -> list[str]:
+    """'stacks.0.blocks.0.attn.kv: kv_heads=4' for each parameter dim its mesh axes do not
+    divide, which therefore stays whole on every device of that axis."""
+    from moejax.checkpoint import path_name
+
+    out = []
+    for path, v in jax.tree_util.tree_flatten_with_path(
+            nnx.state(s.model), is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
+        if dims := parallel.undivided(parallel.names_of(v), v.shape, s.mesh):
+            out.append(f"{path_name(path)}: {', '.join(dims)}")
+    return out
+
+
+def init(s: Setup) -> dict:
+    """Parameters and optimizer state, created directly in their layout."""
+    config = s.config
+
+    @functools.partial(jax.jit, out_shardings=s.shardings)
+    def create():
+        params = nnx.state(Transformer(config.model, mesh=s.mesh, rngs=nnx.Rngs(config.seed)))
+        return {"params": params, "opt_state": s.tx.init(params)}
+
+    return create()
+
+
+def train_step_fn(s: Setup):
+    """jit(train_step): state in and out in its layout (donated), tokens over the token axes."""
+    replicated = NamedSharding(s.mesh, P())
+    return jax.jit(functools.partial(train_step, graphdef=s.graphdef, tx=s.tx, lr=s.lr,
+                                     config=s.config),
+                   in_shardings=(s.shardings, parallel.token_sharding(s.mesh), replicated),
+                   out_shardings=(s.shardings, replicated), donate_argnums=0)
+
+
+def eval_step_fn(s: Setup):
+    replicated = NamedSharding(s.mesh, P())
+    return jax.jit(functools.partial(eval_step, graphdef=s.graphdef),
+                   in_shardings=(s.shardings["params"], parallel.token_sharding(s.mesh)),
+                   out_shardings=replicated)
+
+
+def loss_fn(params, graphdef, tokens, rng, tc):
+    """tokens: [B, S + 1]. Returns CE + balance_coef * balance + z_coef * z, and metrics."""
+    logits, aux = nnx.merge(graphdef, params)(tokens[:, :-1], train=True, rng=rng)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    metrics = {"ce_loss": ce}
+    loss = ce
+    if aux:  # each value stacked over MoE layers; the losses are averaged over them
+        metrics["balance_loss"] = aux["balance_loss"].mean()
+        metrics["z_loss"] = aux["z_loss"].mean()
+        metrics["expert_load"] = aux["tokens_per_expert"]
+        metrics["dropped_frac"] = aux["dropped_frac"]
+        loss = ce + tc.balance_coef * metrics["balance_loss"] + tc.z_coef * metrics["z_loss"]
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def train_step(state, tokens, step, *, graphdef, tx, lr, config):
+    """One optimizer step over `grad_accum` micro-batches of the global batch `tokens`."""
+    tc = config.train
+    rng = jax.random.fold_in(jax.random.key(config.seed), step)
+    # [B, S+1] -> [A, B/A, S+1], taking every A-th row so each device keeps its own rows.
+    micro = tokens.reshape(-1, tc.grad_accum, tokens.shape[-1]).swapaxes(0, 1)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(carry, i):
+        (_, m), g = grad_fn(state["params"], graphdef, micro[i], jax.random.fold_in(rng, i), tc)
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+    zeros = jax.eval_shape(lambda: grad_fn(state["params"], graphdef, micro[0], rng, tc))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+    (grads, metrics), _ = jax.lax.scan(accumulate, zeros, jnp.arange(tc.grad_accum))
+    grads, metrics = jax.tree.map(lambda x: x / tc.grad_accum, (grads, metrics))
+
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    if config.model.bias_rate > 0:
+        params = update_router_bias(params, metrics["expert_load"], config.model.bias_rate)
+    grad_norm = optax.tree.norm(grads)
+    # One NaN or inf would spread through every weight for good: such a step leaves the state
+    # as it was, and the host counts it.
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                             {"params": params, "opt_state": opt_state}, state)
+    metrics.update(grad_norm=grad_norm, lr=lr(step), skipped=jnp.logical_not(ok))
+    return new_state, metrics
+
+
+def update_router_bias(params, expert_load, rate: float):
+    """Auxiliary-loss-free balancing: each MoE layer's selection bias moves toward balance by
+    this step's load. expert_load: [MoE layers, E]; the MoE layers are one scanned stack, so
+    their biases are one [MoE layers, E] array in the same order. The bias gets no gradient,
+    so the optimizer leaves it alone (zero update, no weight decay on it)."""
+    from moejax.checkpoint import path_name
+
+    def update(path, x):
+        if not path_name(path).endswith(".router_bias"):
+            return x
+        return router.bias_update(x, expert_load, rate)
+
+    return jax.tree_util.tree_map_with_path(update, params)
+
+
+def eval_step(params, tokens, *, graphdef):
+    logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1], train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
