@@ -26,8 +26,24 @@ def make(num_experts, top_k, cf, *, mesh=None, activation="swiglu", renormalize=
                     jitter_eps=0.0, num_groups=groups, dropless=dropless)
     model = MoE(D, F, cfg, activation, mesh=mesh, rngs=nnx.Rngs(0))
     if mesh is not None:
-        parallel.shard_model(model, mesh)
+        place(model, mesh)
     return model
+
+
+def place(model, mesh):
+    """Lay every variable of `model` out on `mesh` as parallel.RULES asks."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, parallel.variable_shardings(state, mesh)))
+
+
+def f64(p):
+    return np.asarray(p[...], np.float64)
+
+
+def flat(w_in):
+    """w_in [..., d, g, f] -> [..., d, g*f]: the reference's [w_gate | w_lin] columns."""
+    w = f64(w_in)
+    return w.reshape(*w.shape[:-2], -1)
 
 
 def tokens(batch=16, seq=8):
@@ -40,10 +56,7 @@ def reference_run(model, x, cf):
     from moejax.moe.router import capacity
 
     cap = capacity(n // cfg.num_groups, cfg.num_experts, cfg.top_k, cf, cfg.min_capacity)
-    def f64(p):
-        return np.asarray(p[...], np.float64)
-
-    return reference.moe(np.asarray(x).reshape(n, D), f64(model.router), f64(model.w_in),
+    return reference.moe(np.asarray(x).reshape(n, D), f64(model.router), flat(model.w_in),
                          f64(model.w_out), k=cfg.top_k, capacity=cap,
                          renormalize=cfg.renormalize, activation=model.activation,
                          num_groups=cfg.num_groups)
@@ -83,16 +96,25 @@ def loss_and_grads(model, x):
     return value, y, aux, grads
 
 
+LAYOUTS = [  # (data, fsdp, expert, tensor) over the 8 devices
+    (8, 1, 1, 1), (4, 1, 2, 1), (2, 1, 4, 1), (1, 1, 8, 1),  # data x expert
+    (1, 8, 1, 1), (1, 4, 2, 1), (1, 2, 4, 1),  # FSDP, FSDP x EP
+    (1, 1, 4, 2), (2, 1, 2, 2), (1, 2, 2, 2), (2, 2, 1, 2),  # with tensor
+]
+
+
 @pytest.mark.parametrize("num_experts", [8, 16])
-@pytest.mark.parametrize("data,expert", [(8, 1), (4, 2), (2, 4), (1, 8)])
-def test_same_numbers_on_every_mesh(num_experts, data, expert):
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: "d{}f{}e{}t{}".format(*t))
+def test_same_numbers_on_every_mesh(num_experts, layout):
     x = tokens()
     _, y0, aux0, (g0, gx0) = loss_and_grads(make(num_experts, 2, 1.0), x)
     assert float(aux0["dropped_frac"]) > 0.05  # dropping is really exercised
 
-    mesh = parallel.make_mesh(data, expert)
+    sizes = dict(zip(parallel.AXES, layout, strict=True))
+    mesh = parallel.make_mesh(sizes)
     model = make(num_experts, 2, 1.0, mesh=mesh)
-    assert model.w_in[...].sharding.spec[0] == "expert"
+    want = [a if sizes.get(a, 1) > 1 else None for a in ("expert", "fsdp", None, "tensor")]
+    assert list(model.w_in[...].sharding.spec) == want  # [E, d, g, f] really split
     xs = jax.device_put(x, parallel.token_sharding(mesh))
     _, y, aux, (g, gx) = loss_and_grads(model, xs)
 
@@ -118,8 +140,7 @@ def test_dropless_equals_reference_and_padded_path(top_k):
     # Independent check 1: every expert on every token, nothing dropped (capacity = T).
     n = x.shape[0] * x.shape[1]
     want_y, want_balance, _ = reference.moe(
-        np.asarray(x).reshape(n, D), *(np.asarray(p[...], np.float64)
-                                       for p in (model.router, model.w_in, model.w_out)),
+        np.asarray(x).reshape(n, D), f64(model.router), flat(model.w_in), f64(model.w_out),
         k=top_k, capacity=n, renormalize=False, activation="swiglu", num_groups=8)
     np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want_y, atol=1e-5)
     np.testing.assert_allclose(aux["balance_loss"], want_balance, atol=1e-5)
@@ -139,7 +160,7 @@ def test_dropless_equals_reference_and_padded_path(top_k):
 def test_dropless_expert_parallel_falls_back_to_worst_case_capacity():
     x = tokens()
     _, y0, aux0, (g0, gx0) = loss_and_grads(make(8, 2, 1.0, dropless=True), x)
-    mesh = parallel.make_mesh(2, 4)
+    mesh = parallel.make_mesh({"data": 2, "expert": 4})
     with pytest.warns(UserWarning, match="worst-case capacity"):
         model = make(8, 2, 1.0, dropless=True, mesh=mesh)
     _, y, aux, (g, gx) = loss_and_grads(model, jax.device_put(x, parallel.token_sharding(mesh)))
@@ -150,7 +171,7 @@ def test_dropless_expert_parallel_falls_back_to_worst_case_capacity():
 
 
 def test_compiled_layer_uses_all_to_all_and_never_gathers_experts():
-    mesh = parallel.make_mesh(2, 4)
+    mesh = parallel.make_mesh({"data": 2, "expert": 4})
     model = make(8, 2, 1.25, mesh=mesh)
     xs = jax.device_put(tokens(), parallel.token_sharding(mesh))
     graphdef, state = nnx.split(model)
@@ -179,5 +200,5 @@ def test_param_counts_and_bytes():
     router, experts = D * 8, 3 * 8 * D * F  # w_in holds gate and linear halves
     assert param_counts(model, top_k=2, num_experts=8) == {
         "total": router + experts, "active": router + experts // 4, "expert": experts}
-    mesh = parallel.make_mesh(2, 4)
-    assert bytes_per_device(model, mesh) == 4 * (router + experts // 4)
+    place(model, parallel.make_mesh({"data": 2, "expert": 4}))
+    assert bytes_per_device(nnx.state(model)) == 4 * (router + experts // 4)

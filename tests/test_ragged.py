@@ -67,7 +67,7 @@ def test_ragged_expert_parallel_equals_all_experts_reference(k, data, expert):
     counts = np.bincount(np.asarray(ids).reshape(-1), minlength=E)
     assert counts.max() > 2 * counts.mean()  # uneven: ragged sizes are really exercised
 
-    mesh = parallel.make_mesh(data, expert)
+    mesh = parallel.make_mesh({"data": data, "expert": expert})
     tok, exp = P(parallel.TOKEN_AXES), P(parallel.EXPERT_AXIS)
 
     def layer(x, gates, ids, w_in, w_out):
@@ -97,7 +97,7 @@ def test_ragged_expert_parallel_equals_all_experts_reference(k, data, expert):
 
 
 def test_dropless_layer_uses_ragged_all_to_all_on_gpu_and_not_on_cpu():
-    mesh = parallel.make_mesh(2, 4)
+    mesh = parallel.make_mesh({"data": 2, "expert": 4})
     with pytest.warns(UserWarning, match="worst-case capacity"):  # this process is on CPU
         model = make(E, 2, 1.0, dropless=True, mesh=mesh)
     graphdef, state = nnx.split(model)

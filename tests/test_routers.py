@@ -10,6 +10,7 @@ from moejax import parallel
 from moejax.moe import router
 from moejax.moe.layer import MoE, MoEConfig
 from tests import reference
+from tests.test_layer import f64, flat, place
 
 D, F, N = 16, 32, 128  # tokens = 16 x 8, in 8 groups of 16
 
@@ -19,7 +20,7 @@ def make(mesh=None, **kw):
                 min_capacity=1, renormalize=False, jitter_eps=0.0, num_groups=8)
     model = MoE(D, F, MoEConfig(**{**base, **kw}), "swiglu", mesh=mesh, rngs=nnx.Rngs(0))
     if mesh is not None:
-        parallel.shard_model(model, mesh)
+        place(model, mesh)
     return model
 
 
@@ -28,7 +29,7 @@ def tokens():
 
 
 def weights(model):
-    return [np.asarray(p[...], np.float64) for p in (model.router, model.w_in, model.w_out)]
+    return [f64(model.router), flat(model.w_in), f64(model.w_out)]
 
 
 @pytest.mark.parametrize("score,renormalize", [("sigmoid", True), ("sigmoid", False),
@@ -82,7 +83,7 @@ def test_expert_choice_matches_reference(cf, score):
 def test_expert_choice_same_on_expert_parallel_mesh():
     x = tokens()
     y0, aux0 = make(routing="experts")(x, train=True)
-    mesh = parallel.make_mesh(2, 4)
+    mesh = parallel.make_mesh({"data": 2, "expert": 4})
     y, aux = make(mesh, routing="experts")(jax.device_put(x, parallel.token_sharding(mesh)),
                                           train=True)
     np.testing.assert_allclose(y, y0, atol=1e-5)
@@ -96,7 +97,6 @@ def test_shared_experts_add_a_dense_ffn():
     xs = np.asarray(x).reshape(N, D)
     want, _, _ = reference.moe(xs, *weights(model), k=2, capacity=N, renormalize=False,
                                activation="swiglu", num_groups=8)
-    want += reference.expert_ffn(xs, np.asarray(model.shared_in[...], np.float64),
-                                 np.asarray(model.shared_out[...], np.float64), "swiglu")
+    want += reference.expert_ffn(xs, flat(model.shared_in), f64(model.shared_out), "swiglu")
     np.testing.assert_allclose(np.asarray(y).reshape(N, D), want, atol=1e-5)
-    assert model.shared_in[...].shape == (D, 2 * 2 * F)  # 2 experts, gated
+    assert model.shared_in[...].shape == (D, 2, 2 * F)  # gated, 2 experts wide

@@ -82,7 +82,18 @@ def _combine_bwd(res, dy):
     gate_of_slot = take_rows(gates.reshape(-1), source).astype(dy.dtype)  # [E*C], 0 if empty
     d_buffer = take_rows(dy, source // k) * gate_of_slot[:, None]
     d_gates = jnp.einsum("tkd,td->tk", take_rows(buffer, slot), dy).astype(gates.dtype)
-    return d_buffer, d_gates, None, None
+    return d_buffer, _summed_like(d_gates, gates), None, None
+
+
+def _summed_like(ct, primal):
+    """Inside shard_map a cotangent can vary over mesh axes its primal does not: with experts
+    split over `tensor`, each tensor rank combines partial expert outputs with the same gates.
+    The gradient of such an input is the sum over those axes."""
+    def varying(a):
+        return jax.typeof(a).manual_axis_type.varying
+
+    extra = tuple(sorted(varying(ct) - varying(primal)))
+    return jax.lax.psum(ct, extra) if extra else ct
 
 
 combine.defvjp(_combine_fwd, _combine_bwd)

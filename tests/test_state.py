@@ -1,0 +1,177 @@
+"""The sharded train state (moejax/state.py, parallel.py) on the 8 simulated devices: bytes per
+device, the same loss and gradients on every layout, one compile, remat, and restoring a
+checkpoint onto another layout."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from moejax import parallel, state
+from moejax.checkpoint import path_name
+from moejax.train import train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small(**model):
+    """The smoke model with grouped-query heads, fixed capacity groups (so every layout drops
+    the same tokens) and a vocabulary that `tensor` divides."""
+    config = tiny.get_config("smoke")
+    config.model.update(vocab_size=256, num_heads=4, num_kv_heads=2, head_dim=8,
+                        num_groups=8, **model)
+    return config
+
+
+def on(config, layout):
+    config = config.copy_and_resolve_references()
+    config.mesh.update(dict(zip(parallel.AXES, layout, strict=True)))
+    return config
+
+
+def batch(config):
+    shape = (config.data.batch_size, config.data.seq_len + 1)
+    return np.random.default_rng(0).integers(0, config.model.vocab_size, shape, np.int32)
+
+
+def loss_and_grads(config):
+    mesh = parallel.make_mesh(parallel.mesh_sizes(config.mesh, jax.device_count()))
+    s = state.setup(config, mesh)
+    params = state.init(s)["params"]
+    tokens = jax.device_put(batch(config), parallel.token_sharding(mesh))
+    grad = jax.jit(jax.value_and_grad(functools.partial(
+        state.loss_fn, graphdef=s.graphdef, rng=jax.random.key(0), tc=config.train),
+        has_aux=True))
+    (loss, _), grads = grad(params, tokens=tokens)
+    flat = {path_name(p): np.asarray(g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    return float(loss), flat, params
+
+
+def assert_same(got, want, what):
+    for name in want:
+        g, w = got[name], want[name]
+        # rtol 1e-5 on each weight's gradient; entries far below its largest are compared
+        # against that scale instead (a relative error of a near-zero sum is noise).
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max(),
+                                   err_msg=f"{what}: {name}")
+
+
+LAYOUTS = [  # (data, fsdp, expert, tensor)
+    (8, 1, 1, 1),  # data parallel
+    (1, 8, 1, 1),  # pure FSDP
+    (1, 4, 2, 1),  # FSDP x EP
+    (1, 1, 4, 2),  # EP x TP
+    (1, 4, 1, 2),  # FSDP x TP
+    (2, 2, 2, 1),  # data x FSDP x EP
+    (1, 2, 2, 2),  # FSDP x EP x TP
+]
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return loss_and_grads(on(small(), (1, 1, 1, 1)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: "d{}f{}e{}t{}".format(*t))
+def test_same_loss_and_gradients_on_every_layout(one_device, layout):
+    loss0, grads0, _ = one_device
+    loss, grads, params = loss_and_grads(on(small(), layout))
+    assert grads.keys() == grads0.keys() and len(grads) == 10
+    np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+    assert_same(grads, grads0, str(layout))
+    # Each weight is really split as the table says (size-1 axes left out).
+    sizes = dict(zip(parallel.AXES, layout, strict=True))
+    w_in = params["stacks"][0]["blocks"][0]["ffn"]["w_in"][...]
+    assert list(w_in.sharding.spec) == [None] + [
+        a if sizes.get(a, 1) > 1 else None for a in ("expert", "fsdp", None, "tensor")]
+
+
+@pytest.mark.slow
+def test_all_four_axes_on_16_devices(one_device):
+    """data=2 x fsdp=2 x expert=2 x tensor=2 needs 16 devices: a process of its own."""
+    loss0, grads0, _ = one_device
+    code = ("import numpy as np, sys; from tests import test_state as t; "
+            "loss, g, _ = t.loss_and_grads(t.on(t.small(), (2, 2, 2, 2))); "
+            "np.savez(sys.argv[1], loss=loss, **g)")
+    out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"four_axes_{os.getpid()}.npz")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=16"}
+    run = subprocess.run([sys.executable, "-c", code, out], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = dict(np.load(out))
+    os.remove(out)
+    np.testing.assert_allclose(float(got.pop("loss")), loss0, rtol=1e-6)
+    assert_same(got, grads0, "2x2x2x2")
+
+
+@pytest.mark.parametrize("remat", ["full", "matmuls"])
+def test_remat_changes_no_number(remat):
+    loss0, grads0, _ = loss_and_grads(on(small(), (1, 4, 2, 1)))
+    loss, grads, _ = loss_and_grads(on(small(remat=remat), (1, 4, 2, 1)))
+    np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+    assert_same(grads, grads0, remat)
+
+
+def state_bytes(tree) -> dict:
+    """Bytes each device holds of `tree`, read off the live arrays' shards."""
+    held = {}
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return held
+
+
+@pytest.mark.parametrize("width", [1, 4], ids=["tiny", "4x_wider"])
+def test_fsdp_holds_an_eighth_of_the_state_on_each_device(width):
+    config = tiny.get_config()
+    config.model.update(vocab_size=257, d_model=128 * width, d_ff=256 * width,
+                        num_heads=4 * width)
+    config = on(config, (1, 8, 1, 1))
+    s = state.setup(config, parallel.make_mesh(parallel.mesh_sizes(config.mesh, 8)))
+    train_state = state.init(s)
+    total = sum(x.nbytes for x in jax.tree.leaves(train_state))
+    held = state_bytes(train_state)
+    assert len(held) == 8
+    print(f"width x{width}: {total / 2**20:.1f} MiB in all, per device "
+          f"{min(held.values()) / 2**20:.2f}-{max(held.values()) / 2**20:.2f} MiB")
+    for device_bytes in held.values():
+        assert abs(device_bytes - total / 8) <= 0.05 * total / 8
+
+
+def test_step_compiles_once_and_keeps_the_layout():
+    config = on(small(), (1, 4, 2, 1))
+    s = state.setup(config, parallel.make_mesh(parallel.mesh_sizes(config.mesh, 8)))
+    train_state = state.init(s)
+    layout = jax.tree.map(lambda x: x.sharding, train_state)
+    held = state_bytes(train_state)
+    step_fn = state.train_step_fn(s)
+    tokens = jax.device_put(batch(config), parallel.token_sharding(s.mesh))
+    for step in range(3):
+        train_state, metrics = step_fn(train_state, tokens, jnp.int32(step))
+        assert np.isfinite(float(metrics["loss"]))
+        assert jax.tree.map(lambda x: x.sharding, train_state) == layout
+        assert state_bytes(train_state) == held  # the first step is no different
+    assert step_fn._cache_size() == 1
+
+
+def test_checkpoint_restores_onto_other_layouts(tmp_path):
+    config = small()
+    config.train.update(ckpt_every=3)
+    straight = train_and_evaluate(on(config, (1, 4, 2, 1)), str(tmp_path / "straight"))
+    first = on(config, (1, 4, 2, 1))
+    first.train.stop_at = 3
+    train_and_evaluate(first, str(tmp_path / "moved"))
+    for layout, steps in (((1, 2, 4, 1), [4]), ((2, 1, 2, 2), [5, 6])):
+        moved = on(config, layout)
+        moved.train.stop_at = steps[-1]
+        got = train_and_evaluate(moved, str(tmp_path / "moved"))["train_loss"]
+        assert sorted(got) == steps
+        np.testing.assert_allclose([got[s] for s in steps],
+                                   [straight["train_loss"][s] for s in steps], rtol=1e-5)
