@@ -4,7 +4,8 @@ layer: median fwd+bwd time of one MoE FFN against a dense SwiGLU FFN doing the s
 FLOPs (d_ff_dense = k * d_ff), one device. The `experts` column times the expert FFN alone on
 its [E, C, d] buffers, so moe - experts is what routing, dispatch and combine cost.
 train: step time and tokens/s of whole train steps (optimizer included) of a config and of
-its dense twin with equal active FLOPs (`num_experts = 0`), on all local devices.
+its dense twin with equal active FLOPs (`num_experts = 0`), on the config's mesh
+over all local devices (the state built, laid out and stepped by moejax.state).
 
 Every timed function runs once per round, round-robin, so load from anything else on the
 machine hits all columns alike; the ratios are medians of the per-round ratios.
@@ -19,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import hostmem
-from moejax.moe.experts import experts_ffn, ffn
+from moejax import config_lib, hostmem, parallel, state
+from moejax.moe.experts import experts_ffn, ffn, flat_in
 from moejax.moe.layer import MoE, MoEConfig
 from moejax.moe.router import capacity
 
@@ -79,18 +80,19 @@ def bench_layer(num_experts: int, tokens: int, d_model: int, d_ff: int, top_k: i
     filled = jnp.minimum(moe_apply_aux(graphdef, params, x)["tokens_per_expert"], cap)
     buffers = jax.random.normal(keys[2], (num_experts, cap, d_model), jnp.float32)
     buffers = jnp.where(jnp.arange(cap)[:, None] < filled[:, None, None], buffers, 0.0)
-    weights = {"w_in": params["w_in"][...], "w_out": params["w_out"][...]}
+    # The expert kernel takes w_in [E, d, g, f] flattened to [E, d, g*f], as the layer does.
+    weights = {"w_in": flat_in(params["w_in"][...]), "w_out": params["w_out"][...]}
 
     def experts_apply(w, xe):
         return experts_ffn(xe, w["w_in"], w["w_out"], "swiglu", filled[:, None])
 
     dense_ff = top_k * d_ff
     dense = {
-        "w_in": jax.random.normal(keys[3], (d_model, 2 * dense_ff)) * d_model**-0.5,
+        "w_in": jax.random.normal(keys[3], (d_model, 2, dense_ff)) * d_model**-0.5,
         "w_out": jax.random.normal(keys[4], (dense_ff, d_model)) * dense_ff**-0.5,
     }
 
-    def dense_apply(w, x):  # plain 2-D matmuls, XLA:CPU's fastest form
+    def dense_apply(w, x):  # the model's dense FFN (w_in [d, 2, f]), no batch axis
         return ffn(x[0], w["w_in"], w["w_out"], "swiglu")[None]
 
     t = round_robin({"moe": (fwd_bwd(moe_apply), (params, x, ct)),
@@ -101,12 +103,22 @@ def bench_layer(num_experts: int, tokens: int, d_model: int, d_ff: int, top_k: i
             "ratio": median_ratio(t["moe"], t["dense"]), "routing": statistics.median(routing)}
 
 
+def stepping(s: state.Setup):
+    """A function (tokens, step) -> the train step's outputs, on a state of its own that each
+    call advances: the step donates the state it is given, so no two calls may pass the same."""
+    step_fn, train_state = state.train_step_fn(s), state.init(s)
+
+    def run(tokens, step):
+        nonlocal train_state
+        train_state, metrics = step_fn(train_state, tokens, step)
+        return train_state, metrics
+
+    return run
+
+
 def bench_train(config, steps: int) -> dict:
     """Median ms per train step and tokens/s for `config` and its dense twin."""
-    from moejax import config_lib, parallel, train
-    from moejax.model import Transformer
-
-    mesh = parallel.make_mesh(*config_lib.mesh_shape(config, jax.device_count()))
+    mesh = parallel.make_mesh(parallel.mesh_sizes(config.mesh, jax.device_count()))
     seq_len, batch = config.data.seq_len, config.data.batch_size
     tokens = jax.random.randint(jax.random.key(0), (batch, seq_len + 1), 0, 256)
     tokens = jax.device_put(tokens, parallel.token_sharding(mesh))
@@ -117,15 +129,7 @@ def bench_train(config, steps: int) -> dict:
         if name == "dense":
             c.model.num_experts = 0
         config_lib.validate(c, jax.device_count())
-        model = Transformer(c.model, mesh=mesh, rngs=nnx.Rngs(0))
-        parallel.shard_model(model, mesh)
-        graphdef, params = nnx.split(model)
-        tx, lr = train.make_optimizer(c.train)
-        state = parallel.replicate_unplaced({"params": params, "opt_state": tx.init(params)},
-                                            mesh)
-        step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, lr=lr,
-                                         config=c))
-        fns[name] = (step, (state, tokens, jnp.int32(0)))
+        fns[name] = (stepping(state.setup(c, mesh)), (tokens, jnp.int32(0)))
     t = round_robin(fns, steps)
     per_step = batch * seq_len
     r = {name: {"step_ms": median_ms(v), "tokens_per_s": per_step / statistics.median(v)}

@@ -12,10 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moejax import data
+from moejax import data, parallel, state
 from moejax.checkpoint import Checkpoints
-from moejax.model import Transformer
-from moejax.train import make_optimizer
 
 
 def load(workdir: str):
@@ -23,17 +21,14 @@ def load(workdir: str):
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     config.model.num_groups = 1  # one capacity group: the prompt's tokens are routed together
-    model = Transformer(config.model, mesh=None, rngs=nnx.Rngs(0))
-    params = nnx.state(model)
-    tx, _ = make_optimizer(config.train)
+    setup = state.setup(config, parallel.make_mesh({}))  # one device, whatever the run's mesh
     ckpt = Checkpoints(workdir, keep=config.train.keep_checkpoints, keep_best=False)
     step = ckpt.latest_step()
     if step is None:
         raise SystemExit(f"error: no checkpoint in {workdir}/checkpoints")
-    state, _ = ckpt.restore(step, {"params": params, "opt_state": tx.init(params)})
+    restored, _ = ckpt.restore(step, setup.abstract)
     ckpt.close()
-    nnx.update(model, state["params"])
-    return config, model, step
+    return config, nnx.merge(setup.graphdef, restored["params"]), step
 
 
 def sample(model, prompt_ids, num_tokens: int, temperature: float, seed: int, max_len: int):

@@ -10,9 +10,9 @@ import contextlib
 import os
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax.checkpoint import path_name, shapes
 from moejax.config_lib import ConfigError
@@ -22,8 +22,10 @@ KEY = "train.init_from"
 
 
 def plan(dense: dict, moe: dict) -> dict:
-    """dense, moe: {'blocks.0.ffn.w_in': shape}. Returns {name: 'fresh' | 'copy' | 'experts'};
-    raises ConfigError naming the first parameter the dense run cannot provide."""
+    """dense, moe: {'stacks.0.blocks.0.ffn.w_in': shape}, the leading axis of a stack's
+    weights being its layers. Returns {name: 'fresh' | 'copy' | 'experts'}; raises ConfigError
+    naming the first parameter the dense run cannot provide, or that only it has. An expert
+    weight [L, E, ...] is made from the dense FFN weight [L, ...] of the same name."""
     how = {}
     for name, shape in moe.items():
         last = name.rsplit(".", 1)[-1]
@@ -34,12 +36,16 @@ def plan(dense: dict, moe: dict) -> dict:
                               "the same model with num_experts=0")
         elif dense[name] == shape:
             how[name] = "copy"
-        elif last in ("w_in", "w_out") and shape[1:] == dense[name]:
+        elif last in ("w_in", "w_out") and shape[:1] + shape[2:] == dense[name]:
             how[name] = "experts"
         else:
             raise ConfigError(f"{KEY}: {name} is {dense[name]} in the dense checkpoint, {shape} "
                               "here; allowed: a dense run of the same shapes whose FFN is as "
                               "wide as one expert (dense d_ff x top_k = MoE d_ff)")
+    # A weight the MoE lacks (an untied unembedding, say) computes something it would not.
+    if extra := sorted(dense.keys() - moe.keys()):
+        raise ConfigError(f"{KEY}: the dense checkpoint has {extra[0]}, this model has not; "
+                          "allowed: a run of the same model with num_experts=0")
     return how
 
 
@@ -68,12 +74,12 @@ def load(workdir: str, moe_params, mesh):
     """moe_params (live, sharded) with every weight but the fresh ones taken from the dense run's
     newest checkpoint. Returns (params, the dense step).
 
-    Only the dense weights the MoE takes are read, not the optimizer state (twice their size);
-    a copied weight is read straight into its MoE sharding, an FFN weight that becomes the
-    experts is read whole once and broadcast into the expert-sharded array.
+    Only the dense weights the MoE takes are read, not the optimizer state (twice their size),
+    each once and straight into a layout of the MoE's: a copied weight into its own, an FFN
+    weight that becomes the experts into that of one expert (the MoE's less its expert axis),
+    then broadcast over that axis on device: nothing is gathered or goes through the host.
     """
     live = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(moe_params)[0]}
-    replicated = NamedSharding(mesh, PartitionSpec())
     with contextlib.closing(checkpoint_manager(workdir)) as mgr:
         step = mgr.latest_step()
         saved = mgr.item_metadata(step)["state"]["params"]
@@ -81,7 +87,11 @@ def load(workdir: str, moe_params, mesh):
 
         def sharding(path):
             name = path_name(path)
-            return live[name].sharding if how.get(name) == "copy" else replicated
+            like = live[name]
+            if how[name] == "copy":
+                return like.sharding
+            spec = (*like.sharding.spec, *(None,) * (like.ndim - len(like.sharding.spec)))
+            return NamedSharding(mesh, P(spec[0], *spec[2:]))  # [L, E, ...] less the E axis
 
         target = {"params": jax.tree_util.tree_map_with_path(
             lambda p, m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding(p)), saved)}
@@ -97,7 +107,8 @@ def load(workdir: str, moe_params, mesh):
             return like
         if how[name] == "copy":
             return dense[name].astype(like.dtype)
-        w = np.asarray(jax.device_get(dense[name]), like.dtype)  # one copy per expert
-        return jax.device_put(np.broadcast_to(w, like.shape), like.sharding)
+        # [L, ...] -> [L, E, ...]: every expert of layer l a copy of its dense FFN.
+        return jax.jit(lambda w: jnp.broadcast_to(w[:, None], like.shape).astype(like.dtype),
+                       out_shardings=like.sharding)(dense[name])
 
     return jax.tree_util.tree_map_with_path(fill, moe_params), step

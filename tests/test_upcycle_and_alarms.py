@@ -46,17 +46,25 @@ def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch):
 
 
 def test_upcycle_plan_names_the_mismatched_param():
-    dense = {"embed": (64, 32), "blocks.0.ffn.w_in": (32, 256), "blocks.0.ffn.w_out": (128, 32)}
-    moe = {"embed": (64, 32), "blocks.0.ffn.router": (32, 8),
-           "blocks.0.ffn.w_in": (8, 32, 256), "blocks.0.ffn.w_out": (8, 128, 32)}
-    assert upcycle.plan(dense, moe) == {"embed": "copy", "blocks.0.ffn.router": "fresh",
-                                        "blocks.0.ffn.w_in": "experts",
-                                        "blocks.0.ffn.w_out": "experts"}
-    wide = {**dense, "blocks.0.ffn.w_out": (256, 32)}
-    with pytest.raises(ConfigError, match=r"train.init_from: blocks.0.ffn.w_out is \(256, 32\)"):
+    # A stack of 2 layers: dense FFN weights [L, ...], expert weights [L, E, ...].
+    ffn = "stacks.0.blocks.0.ffn"
+    dense = {"embed": (64, 32), f"{ffn}.w_in": (2, 32, 2, 128), f"{ffn}.w_out": (2, 128, 32)}
+    moe = {"embed": (64, 32), f"{ffn}.router": (2, 32, 8),
+           f"{ffn}.w_in": (2, 8, 32, 2, 128), f"{ffn}.w_out": (2, 8, 128, 32)}
+    assert upcycle.plan(dense, moe) == {"embed": "copy", f"{ffn}.router": "fresh",
+                                        f"{ffn}.w_in": "experts", f"{ffn}.w_out": "experts"}
+    wide = {**dense, f"{ffn}.w_out": (2, 256, 32)}
+    with pytest.raises(ConfigError, match=rf"train.init_from: {ffn}.w_out is \(2, 256, 32\)"):
         upcycle.plan(wide, moe)
+    # The expert axis follows the layer axis: 8 dense layers are no source for 2 layers of
+    # 8 experts.
+    deep = {**dense, f"{ffn}.w_out": (8, 128, 32)}
+    with pytest.raises(ConfigError, match=rf"{ffn}.w_out is \(8, 128, 32\)"):
+        upcycle.plan(deep, moe)
     with pytest.raises(ConfigError, match="the dense checkpoint has no embed"):
         upcycle.plan({k: v for k, v in dense.items() if k != "embed"}, moe)
+    with pytest.raises(ConfigError, match="the dense checkpoint has unembed, this model has not"):
+        upcycle.plan({**dense, "unembed": (32, 64)}, moe)
 
 
 def test_init_from_without_checkpoints_fails_before_compiling(tmp_path):
@@ -77,8 +85,11 @@ def test_bias_update_is_applied_in_the_train_step(tmp_path):
     state = mgr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     logged = next(r for r in rows if r["step"] == 1 and "moe/layer_00/load/expert_00" in r)
-    for layer in (0, 1):
-        bias = np.asarray(state["params"]["blocks"][str(layer)]["ffn"]["router_bias"]["value"])
+    # The smoke model's two MoE layers are one scanned stack: one [layers, E] bias.
+    biases = np.asarray(state["params"]["stacks"]["0"]["blocks"]["0"]["ffn"]["router_bias"]
+                        ["value"])
+    assert biases.shape == (2, 8)
+    for layer, bias in enumerate(biases):
         load = np.array([logged[f"moe/layer_{layer:02d}/load/expert_{e:02d}"] for e in range(8)])
         # Started at zero; one step of bias += rate * sign(mean load - load).
         np.testing.assert_allclose(bias, rate * np.sign(load.mean() - load), atol=1e-7)
