@@ -37,7 +37,8 @@ def get_config(arg=None):
         config.model.update(vocab_size=0, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                             head_dim=16, d_ff=32, num_experts=16, top_k=4, max_seq_len=2048,
                             dtype="float32")
-        config.data.update(source="stdlib", tokenizer="byte", seq_len=32, batch_size=16)
+        config.data.update(source="stdlib", streaming=False, tokenizer="byte", seq_len=32,
+                           batch_size=16)
         config.train.update(steps=4, warmup_steps=1, log_every=2, eval_every=2, eval_batches=1,
                             ckpt_every=2)
         config.mesh.update(fsdp=1, data=-1)

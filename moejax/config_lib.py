@@ -42,8 +42,9 @@ def validate(config, num_devices: int) -> None:
         check(value in allowed, key, value, f"unknown; allowed: {', '.join(allowed)}")
 
     given = {a: config.mesh[a] for a in parallel.AXES}
-    check(list(given.values()).count(-1) <= 1, "mesh", given,
-          "at most one axis may be -1 (all remaining devices)")
+    check(list(given.values()).count(-1) <= 1, "mesh",
+          ", ".join(f"{a}={s}" for a, s in given.items()),
+          "allowed: at most one axis -1 (all remaining devices)")
     for axis, size in given.items():
         check(size >= 1 or size == -1, f"mesh.{axis}", size,
               "must be >= 1, or -1 for all remaining devices")
@@ -80,7 +81,7 @@ def validate(config, num_devices: int) -> None:
     check(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even (rotary pairs)")
     check(m.num_kv_heads >= 0 and m.num_heads % (m.num_kv_heads or m.num_heads) == 0,
           "model.num_kv_heads", m.num_kv_heads,
-          f"must divide num_heads={m.num_heads} (0 = num_heads)")
+          f"must be a divisor of num_heads={m.num_heads} (0 = num_heads)")
     check(m.dense_d_ff >= 0, "model.dense_d_ff", m.dense_d_ff, "must be >= 0 (0 = d_ff)")
     from moejax.model import REMAT
 

@@ -60,16 +60,18 @@ def setup(config, mesh: Mesh) -> Setup:
     model = nnx.eval_shape(lambda: Transformer(config.model, mesh=mesh,
                                                rngs=nnx.Rngs(config.seed)))
     graphdef, params = nnx.split(model)
-    # The same tree as params, a NamedSharding in each Variable: optax can map it into the
-    # optimizer state, where every moment takes its parameter's layout.
-    param_shardings = jax.tree.map(
-        lambda v: v.replace(NamedSharding(mesh, parallel.spec(parallel.names_of(v), v.shape,
-                                                              mesh))),
-        params, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    replicated = NamedSharding(mesh, P())
     opt_shapes = jax.eval_shape(tx.init, params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_shardings,
-                                          transform_non_params=lambda _: replicated)
+    replicated = NamedSharding(mesh, P())
+
+    def layout(x):  # an optimizer moment is a copy of its parameter, metadata and all
+        if not isinstance(x, nnx.Variable):
+            return replicated  # step counts
+        return x.replace(NamedSharding(mesh, parallel.spec(parallel.names_of(x), x.shape, mesh)))
+
+    def layouts(tree):
+        return jax.tree.map(layout, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    param_shardings, opt_shardings = layouts(params), layouts(opt_shapes)
     shardings = {"params": param_shardings, "opt_state": opt_shardings}
     shapes = {"params": params, "opt_state": opt_shapes}
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -28,9 +28,9 @@ from moejax.model import moe_layer_ids
 from moejax.params import bytes_per_device, param_counts
 
 
-def global_batch(batches, step: int, sharding, seq_len: int):
-    """Assemble global batch `step` from the rows this host holds."""
-    shape = (batches.batch_size, seq_len + 1)
+def global_batch(batches, step: int, sharding, shape: tuple[int, int]):
+    """Assemble global batch `step`, [batch_size, seq_len + 1], from the rows this host holds
+    (a streamed source knows no batch size of its own)."""
     spans = [idx[0] for idx in sharding.addressable_devices_indices_map(shape).values()]
     rows = slice(min(s.start or 0 for s in spans), max(s.stop or shape[0] for s in spans))
     return jax.make_array_from_process_local_data(sharding, batches.host_rows(step, rows), shape)
@@ -113,11 +113,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
             f.write(config.to_json_best_effort(indent=2))
 
     token_sharding = parallel.token_sharding(mesh)
+    shape = (config.data.batch_size, seq_len + 1)
     step_fn, eval_fn = state.train_step_fn(setup), state.eval_step_fn(setup)
 
     def evaluate(step):
         params = train_state["params"]
-        losses = [eval_fn(params, global_batch(eval_data, i, token_sharding, seq_len))
+        losses = [eval_fn(params, global_batch(eval_data, i, token_sharding, shape))
                   for i in range(tc.eval_batches)]
         loss = float(np.mean(jax.device_get(losses)))
         writer.scalars(step, {"eval/loss": loss, "eval/ppl": float(np.exp(loss))})
@@ -136,7 +137,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         evaluate(0)
     with preemption_notice() as preempted, contextlib.closing(ckpt), contextlib.closing(writer):
         for step in range(start_step + 1, last + 1):
-            batch = global_batch(train_data, step - 1, token_sharding, seq_len)
+            batch = global_batch(train_data, step - 1, token_sharding, shape)
             train_state, metrics = step_fn(train_state, batch, jnp.int32(step - 1))
             pending[step] = metrics["loss"], metrics["skipped"]
             log = step % tc.log_every == 0 or step == last

@@ -21,6 +21,11 @@ def counts(config, vocab):
     ("switch_base", 32128, (3.5e9, 4.0e9), (0.12e9, 0.17e9)),
     ("mixtral_small", 32000, (0.5e9, 0.6e9), (0.18e9, 0.22e9)),
     ("moe_1b", 50257, (0.95e9, 1.15e9), (0.35e9, 0.42e9)),
+    # Published: Mixtral-8x7B 46.7B / 12.9B, Qwen3-30B-A3B 30.5B / 3.3B, DeepSeek-V3 671B / 37B
+    # (ours has grouped-query attention in place of MLA).
+    ("mixtral_8x7b", 32000, (46.6e9, 46.8e9), (12.8e9, 13.0e9)),
+    ("qwen3_30b_a3b", 151936, (30.4e9, 30.6e9), (3.2e9, 3.4e9)),
+    ("deepseek_v3_shaped", 129280, (660e9, 690e9), (36e9, 45e9)),
 ])
 def test_config_sizes(name, vocab, total, active):
     config = importlib.import_module(f"configs.{name}").get_config()
@@ -46,3 +51,14 @@ def test_validate_names_the_key():
     config.model.top_k = 9
     with pytest.raises(config_lib.ConfigError, match=r"model.top_k=9: must be in 1..num_experts=8"):
         config_lib.validate(config, 8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3_shaped"])
+def test_real_model_smoke_variants_train(name, tmp_path):
+    from moejax.train import train_and_evaluate
+
+    config = importlib.import_module(f"configs.{name}").get_config("smoke")
+    out = train_and_evaluate(config, str(tmp_path))
+    steps = config.train.steps
+    assert out["eval_loss"][steps] < out["eval_loss"][0]

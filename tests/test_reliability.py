@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config_lib, data, parallel, train
+from moejax import config_lib, data, parallel, state, train
 from moejax.checkpoint import Checkpoints
 from moejax.model import Transformer
 from tests.test_multihost import losses, run, start, wait
@@ -48,8 +48,14 @@ def files(tmp_path):
 INVALID = [  # overrides, then the start of the one-line error
     ({"mesh.expert": 3}, "model.num_experts=8: must be a multiple of mesh.expert=3"),
     ({"mesh.data": 4, "mesh.expert": 4},
-     "mesh.data x mesh.expert='4x4': needs 16 devices; allowed: at most the 8 that exist"),
-    ({"mesh.expert": 0}, "mesh.expert=0: must be >= 1"),
+     "mesh='data=4 x fsdp=1 x expert=4 x tensor=1': needs 16 devices; allowed: at most the 8 "
+     "that exist"),
+    ({"mesh.fsdp": -1}, "mesh='data=-1, fsdp=-1, expert=1, tensor=1': allowed: at most one "
+     "axis -1"),
+    ({"mesh.tensor": 0}, "mesh.tensor=0: must be >= 1, or -1 for all remaining devices"),
+    ({"model.remat": "some"}, "model.remat='some': unknown; allowed: none, full, matmuls"),
+    ({"model.num_kv_heads": 3}, "model.num_kv_heads=3: must be a divisor of num_heads=2"),
+    ({"mesh.expert": 0}, "mesh.expert=0: must be >= 1, or -1 for all remaining devices"),
     ({"model.top_k": 9}, "model.top_k=9: must be in 1..num_experts=8"),
     ({"model.top_k": 0}, "model.top_k=0: must be in 1..num_experts=8"),
     ({"model.capacity_factor": 0.0}, "model.capacity_factor=0.0: must be > 0"),
@@ -57,9 +63,9 @@ INVALID = [  # overrides, then the start of the one-line error
     ({"model.eval_capacity_factor": 0.0}, "model.eval_capacity_factor=0.0: must be > 0"),
     ({"model.num_experts": -2}, "model.num_experts=-2: must be >= 0 (0 = dense)"),
     ({"data.batch_size": 12},
-     "data.batch_size=12: must be a multiple of data x expert x grad_accum = 8 x 1 x 1"),
-    ({"train.grad_accum": 4}, "data.batch_size=16: must be a multiple of data x expert x "
-     "grad_accum = 8 x 1 x 4"),
+     "data.batch_size=12: must be a multiple of data x fsdp x expert x grad_accum = 8 x 1"),
+    ({"train.grad_accum": 4}, "data.batch_size=16: must be a multiple of data x fsdp x expert x "
+     "grad_accum = 8 x 4"),
     ({"model.activation": "swish"},
      "model.activation='swish': unknown; allowed: swiglu, geglu, gelu, relu"),
     ({"model.dtype": "float16"}, "model.dtype='float16': unknown; allowed: float32, bfloat16"),
@@ -139,7 +145,7 @@ def test_resuming_a_different_model_names_the_param(eight_experts):
     with pytest.raises(config_lib.ConfigError) as e:
         Checkpoints(str(eight_experts), 2, False).check_shapes(abstract)
     assert str(e.value) == (
-        f"model: blocks.0.ffn.router: checkpoint (32, 8) vs config (32, 4) in "
+        f"model: stacks.0.blocks.0.ffn.router: checkpoint (2, 32, 8) vs config (2, 32, 4) in "
         f"{eight_experts}/checkpoints/6; allowed: the model config the run started with, or a "
         "new --workdir")
 
@@ -153,8 +159,8 @@ def run_cli(workdir, *args, env=None):
 
 @pytest.mark.parametrize("args,error", [
     (["--config.model.top_k=0"], "error: model.top_k=0: must be in 1..num_experts=8"),
-    (["--config.model.num_experts=4"], "error: model: blocks.0.ffn.router: checkpoint (32, 8) "
-     "vs config (32, 4)"),
+    (["--config.model.num_experts=4"], "error: model: stacks.0.blocks.0.ffn.router: "
+     "checkpoint (2, 32, 8) vs config (2, 32, 4)"),
 ])
 def test_cli_prints_one_line_and_compiles_nothing(eight_experts, args, error):
     # JAX_LOG_COMPILES has jax log each trace and compilation as `WARNING:jax...` lines.
@@ -260,15 +266,12 @@ def test_no_checkpoint_restores_none(tmp_path):
 
 def test_nonfinite_step_changes_nothing(monkeypatch):
     config = smoke(**{"model.vocab_size": 257, "model.num_experts": 0})  # compiles faster
-    mesh = parallel.make_mesh(1, 1)
-    tx, lr = train.make_optimizer(config.train)
-    state = train.init_state(config, mesh, tx)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(config.model, mesh=mesh,
-                                                               rngs=nnx.Rngs(0))))
+    setup = state.setup(config, parallel.make_mesh({}))
+    train_state = state.init(setup)
 
     def step_fn():  # a new jit traces again, so it sees the loss_fn of the moment
-        return jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, lr=lr,
-                                         config=config))
+        return jax.jit(functools.partial(state.train_step, graphdef=setup.graphdef, tx=setup.tx,
+                                         lr=setup.lr, config=config))
 
     def same(a, b):
         return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
@@ -276,24 +279,24 @@ def test_nonfinite_step_changes_nothing(monkeypatch):
 
     tokens = jax.random.randint(jax.random.key(0), (16, 33), 0, 257)
     step, train_step = 3, step_fn()
-    after, m = train_step(state, tokens, step)
-    assert not m["skipped"] and not same(after, state)
+    after, m = train_step(train_state, tokens, step)
+    assert not m["skipped"] and not same(after, train_state)
 
     # Token ids past the vocabulary: the label logits read as NaN, so the loss is NaN.
-    after, m = train_step(state, tokens + 1000, step)
-    assert m["skipped"] and not np.isfinite(m["loss"]) and same(after, state)
+    after, m = train_step(train_state, tokens + 1000, step)
+    assert m["skipped"] and not np.isfinite(m["loss"]) and same(after, train_state)
 
     # A finite loss whose gradient is NaN: d/dw sqrt(0 * w) = inf * 0.
-    real = train.loss_fn
+    real = state.loss_fn
 
     def nan_grads(params, *args):
         loss, metrics = real(params, *args)
         return loss + jnp.sqrt(0.0 * jax.tree.leaves(params)[0].sum()), metrics
 
-    monkeypatch.setattr(train, "loss_fn", nan_grads)
-    after, m = step_fn()(state, tokens, step)
+    monkeypatch.setattr(state, "loss_fn", nan_grads)
+    after, m = step_fn()(train_state, tokens, step)
     assert m["skipped"] and np.isfinite(m["loss"]) and not np.isfinite(m["grad_norm"])
-    assert same(after, state)
+    assert same(after, train_state)
 
 
 def poison(monkeypatch, steps):
