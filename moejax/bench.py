@@ -137,6 +137,24 @@ def bench_train(config, steps: int) -> dict:
     return {**r, "ratio": median_ratio(t["moe"], t["dense"])}
 
 
+def bench_compile(config, layers: list[int]) -> dict:
+    """Seconds to lower and compile the train step (abstract state, nothing allocated) of
+    `config` at each depth: with scanned layers the program does not grow with depth."""
+    mesh = parallel.make_mesh(parallel.mesh_sizes(config.mesh, jax.device_count()))
+    out = {}
+    for n in layers:
+        c = config.copy_and_resolve_references()
+        c.model.update(num_layers=n, vocab_size=c.model.vocab_size or 257)
+        config_lib.validate(c, jax.device_count())
+        s = state.setup(c, mesh)
+        tokens = jax.ShapeDtypeStruct((c.data.batch_size, c.data.seq_len + 1), jnp.int32,
+                                      sharding=parallel.token_sharding(mesh))
+        start = time.perf_counter()
+        state.train_step_fn(s).lower(s.abstract, tokens, jnp.int32(0)).compile()
+        out[n] = time.perf_counter() - start
+    return out
+
+
 def load_config(spec: str):
     """`configs/x.py[:variant]` -> the ConfigDict its get_config returns."""
     import importlib.util
@@ -151,7 +169,7 @@ def load_config(spec: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["layer", "train"])
+    parser.add_argument("mode", choices=["layer", "train", "compile"])
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--d_model", type=int, default=512)
@@ -159,10 +177,21 @@ def main():
     parser.add_argument("--top_k", type=int, default=2)
     parser.add_argument("--capacity_factor", type=float, default=1.25)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--config", default="configs/tiny.py", help="train: config file[:variant]")
+    parser.add_argument("--config", default="configs/tiny.py",
+                        help="train, compile: config file[:variant]")
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 32],
+                        help="compile: the depths to compile")
     args = parser.parse_args()
     malloc = "freed memory kept" if hostmem.keep_freed_memory() else "default"
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()}; host malloc: {malloc}"
+
+    if args.mode == "compile":
+        config = load_config(args.config)
+        times = bench_compile(config, args.layers)
+        print(f"device: {device}; {args.config}: train step lowered and compiled")
+        for n, seconds in times.items():
+            print(f"{n:>4} layers {seconds:7.1f} s  ({seconds / times[args.layers[0]]:.2f}x)")
+        return
 
     if args.mode == "train":
         config = load_config(args.config)

@@ -34,3 +34,9 @@ def test_bench_train_steps_the_moe_and_its_dense_twin():
     for name in ("moe", "dense"):
         assert r[name]["step_ms"] > 0 and r[name]["tokens_per_s"] > 0
     assert r["ratio"] > 0
+
+
+def test_compile_bench_compiles_each_depth():
+    config = tiny.get_config("smoke")
+    times = bench.bench_compile(config, [1, 3])
+    assert list(times) == [1, 3] and all(t > 0 for t in times.values())
