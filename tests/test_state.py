@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import tiny
 from moejax import parallel, state
@@ -174,3 +175,21 @@ def test_checkpoint_restores_onto_other_layouts(tmp_path):
         assert sorted(got) == steps
         np.testing.assert_allclose([got[s] for s in steps],
                                    [straight["train_loss"][s] for s in steps], rtol=1e-5)
+
+
+@pytest.mark.parametrize("layers,first,every,moe", [
+    (4, 0, 1, [0, 1, 2, 3]), (4, 1, 2, [2]), (7, 1, 2, [2, 4, 6]), (5, 0, 2, [1, 3])])
+def test_scanned_stacks_put_the_moe_layers_where_the_config_says(layers, first, every, moe):
+    from moejax.model import Transformer, layer_stacks, moe_layer_ids
+
+    config = small(num_layers=layers, first_dense_layers=first, moe_every=every)
+    assert moe_layer_ids(config.model) == moe
+    assert sum(n * p for n, p in layer_stacks(config.model)) == layers
+    model = Transformer(config.model, mesh=None, rngs=nnx.Rngs(0))
+    routers = [x for p, x in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]
+               if path_name(p).endswith("ffn.router")]
+    assert [r.shape[0] for r in routers] == [len(moe)]  # one stack holds every MoE layer
+    logits, aux = model(jnp.asarray(batch(config))[:, :-1], train=False)
+    assert logits.shape == (16, 32, 256)
+    assert aux["tokens_per_expert"].shape == (len(moe), 8)
+    np.testing.assert_array_equal(aux["tokens_per_expert"].sum(-1), 16 * 32 * 2)
