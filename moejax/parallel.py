@@ -78,12 +78,18 @@ def names_of(variable) -> tuple:
     return tuple(variable.get_metadata().get("out_sharding") or ())
 
 
-def variable_shardings(state, mesh: Mesh):
-    """NamedSharding of every variable of an nnx State (live or abstract), from RULES."""
+def variable_shardings(tree, mesh: Mesh):
+    """`tree` (an nnx State, or an optimizer state holding copies of one; live or abstract)
+    with each Variable's value replaced by its NamedSharding from RULES and every other leaf
+    (step counts) by a replicated one: the same tree structure, as jit and device_put want."""
     from flax import nnx
 
-    return jax.tree.map(lambda v: NamedSharding(mesh, spec(names_of(v), v.shape, mesh)),
-                        state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    def layout(x):
+        if not isinstance(x, nnx.Variable):
+            return NamedSharding(mesh, P())
+        return x.replace(NamedSharding(mesh, spec(names_of(x), x.shape, mesh)))
+
+    return jax.tree.map(layout, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def constrain(x: jax.Array, mesh: Mesh | None, names) -> jax.Array:

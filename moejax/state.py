@@ -61,19 +61,9 @@ def setup(config, mesh: Mesh) -> Setup:
                                                rngs=nnx.Rngs(config.seed)))
     graphdef, params = nnx.split(model)
     opt_shapes = jax.eval_shape(tx.init, params)
-    replicated = NamedSharding(mesh, P())
-
-    def layout(x):  # an optimizer moment is a copy of its parameter, metadata and all
-        if not isinstance(x, nnx.Variable):
-            return replicated  # step counts
-        return x.replace(NamedSharding(mesh, parallel.spec(parallel.names_of(x), x.shape, mesh)))
-
-    def layouts(tree):
-        return jax.tree.map(layout, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-    param_shardings, opt_shardings = layouts(params), layouts(opt_shapes)
-    shardings = {"params": param_shardings, "opt_state": opt_shardings}
     shapes = {"params": params, "opt_state": opt_shapes}
+    # An optimizer moment is a copy of its parameter, metadata and all: it takes its layout.
+    shardings = parallel.variable_shardings(shapes, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             shapes, shardings)
     return Setup(config, mesh, model, graphdef, abstract, shardings, tx, lr)
