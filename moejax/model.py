@@ -90,7 +90,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
-        return ffn(x, w_in, w_out, self.activation)
+        return ffn(x.reshape(-1, x.shape[-1]), w_in, w_out, self.activation).reshape(x.shape)
 
 
 def is_moe_layer(cfg, layer: int) -> bool:
