@@ -1,17 +1,19 @@
 """Size a run before paying for it: compile its train step for simulated devices.
 
-  python -m moejax.plan --config configs/X.py[:variant] --mesh data=D,expert=X [--config.a.b=v]
+  python -m moejax.plan --config configs/X.py[:variant] [--mesh fsdp=8,expert=8]
+      [--hbm_gib 80] [--config.model.remat=full]
 
-Nothing is allocated and nothing runs. The model, optimizer state and batch are abstract
-arrays (shape, dtype, sharding); the train step is compiled by XLA:CPU for D x X host devices
-(`--xla_force_host_platform_device_count`), and the report is read off the executable.
+Nothing is allocated and nothing runs. The state comes from `state.setup` (abstract arrays
+with the trainer's shardings), the train step is `state.train_step_fn`, compiled by XLA:CPU
+for exactly the mesh's number of host devices (`--xla_force_host_platform_device_count`), and
+the report is read off the executable. `--mesh` names any of data, fsdp, expert, tensor;
+the others keep the config's sizes, and a -1 ("the remaining devices") is 1 here.
 
-Conventions (docs/benchmarks.md, "Planner", checks them against measurements):
+Conventions (docs/memory.md checks them against a real run):
 - Memory per device = arguments + outputs - outputs aliased to donated arguments + temporaries,
-  from the compiled memory analysis. The trainer's first step runs on the layout it initializes
-  (train.py leaves optimizer state replicated); XLA picks the layout of the state it returns,
-  and every later step runs on that one. Both are compiled when they differ; the peak is the
-  larger. Temporaries are XLA:CPU's buffer assignment: GPU and TPU fuse differently.
+  from the compiled memory analysis. Parameters and optimizer state are exact for any backend
+  (the step takes and returns them in one layout, donated). Temporaries are XLA:CPU's buffer
+  assignment: GPU and TPU fuse differently (and have fused attention).
 - Collectives: payload = bytes of the operands one device hands to the op (an all-to-all's
   payload includes the block addressed to itself); wire = what leaves the device with the usual
   algorithms: all-to-all and reduce-scatter (n-1)/n of the payload, ring all-reduce 2(n-1)/n,
@@ -19,8 +21,8 @@ Conventions (docs/benchmarks.md, "Planner", checks them against measurements):
   once per iteration.
 - All-to-all minimum, per MoE layer forward: dispatch and return each move the [E*C, d] slot
   buffer of every capacity group, 2 x groups x E x C x d x bytes = 2 x tokens x k x cf x d x
-  bytes, summed over devices, with C rounded up as the router does. The backward pass moves
-  the cotangents of both, the same again.
+  bytes, summed over token shards, with C rounded up as the router does. The backward pass
+  moves the cotangents of both, the same again; with remat it first reruns the forward's.
 """
 
 import math
@@ -36,17 +38,20 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16"
 WIRE = {"all-to-all": lambda n: (n - 1) / n, "reduce-scatter": lambda n: (n - 1) / n,
         "all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: n - 1,
         "collective-permute": lambda n: 1.0}
-MiB = 2**20
+MiB, GiB = 2**20, 2**30
 
 
 def parse_mesh(text: str) -> dict:
-    """'data=16,expert=16' -> {'data': 16, 'expert': 16}."""
+    """'fsdp=8,expert=8' -> {'fsdp': 8, 'expert': 8}; names are parallel.AXES."""
+    from moejax.parallel import AXES  # imports jax, which reads XLA_FLAGS only when it starts
+
     mesh = {}
     for part in filter(None, text.split(",")):
-        name, _, size = part.partition("=")
-        if name.strip() not in ("data", "expert") or not size.strip().isdigit():
-            raise ValueError(f"--mesh {text!r}: expected data=D,expert=X with positive sizes")
-        mesh[name.strip()] = int(size)
+        name, _, size = (s.strip() for s in part.partition("="))
+        if name not in AXES or not size.isdigit() or int(size) < 1:
+            raise ValueError(f"--mesh {text!r}: expected name=size with names from "
+                             f"{', '.join(AXES)} and sizes >= 1")
+        mesh[name] = int(size)
     return mesh
 
 
@@ -70,6 +75,10 @@ def _group_size(attrs: str, num_devices: int) -> int:
         return int(m.group(1))
     if m := re.search(r"replica_groups=\{\{([\d,]*)\}", attrs):
         return len(m.group(1).split(","))
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", attrs):
+        # mesh['axis_0'=1,'axis_1'=8] {'axis_1'}: a group spans the named axes
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
     return num_devices  # {} = every device
 
 
@@ -94,11 +103,13 @@ def collective_bytes(hlo: str, num_devices: int) -> dict:
 
     def sent_bytes(name):
         # XLA:CPU has no bf16 collectives: it rounds the operand to bf16 and converts it to f32
-        # (convert(convert(x)), often inside a fusion), doubling what a GPU or TPU sends. Count
-        # such an operand at the narrow width the program asked for.
+        # (convert(convert(x)), often inside a fusion, maybe under a copy or bitcast), doubling
+        # what a GPU or TPU sends. Count such an operand at the width the program asked for.
         shape, op, rest = instructions.get(name, ("", "", ""))
         if op == "fusion" and (m := _CALLEE.search(rest)) and m.group(1) in roots:
             _, op, rest = instructions[roots[m.group(1)]]
+        while op in ("bitcast", "copy", "reshape", "transpose"):  # same elements
+            _, op, rest = instructions.get(next(iter(operands(rest)), ""), ("", "", ""))
         inner = instructions.get(next(iter(operands(rest)), ""), ("", "", ""))
         if op == "convert" and inner[1] == "convert":
             return min(_shape_bytes(shape), _shape_bytes(inner[0]))
@@ -128,29 +139,39 @@ def collective_bytes(hlo: str, num_devices: int) -> dict:
             base = op.removesuffix("-start")
             if base not in out or runs[comp] == 0:
                 continue
+            # Groups of one device move nothing (XLA:CPU keeps such all-reduces, over mesh
+            # axes of size 1, as copies).
+            if (group := _group_size(rest, num_devices)) == 1:
+                continue
             payload = runs[comp] * sum(sent_bytes(o) for o in operands(rest))
             out[base]["count"] += runs[comp]
             out[base]["payload"] += payload
-            out[base]["wire"] += payload * WIRE[base](_group_size(rest, num_devices))
+            out[base]["wire"] += payload * WIRE[base](group)
     return out
 
 
 # --- The analytical all-to-all minimum --------------------------------------------------------
 
-def alltoall_minimum(config, num_devices: int) -> dict:
-    """Bytes the MoE all-to-alls must move per train step, summed over devices (see docstring).
+def alltoall_minimum(config, sizes: dict) -> dict:
+    """Bytes the MoE all-to-alls must move per train step, summed over token shards (see the
+    module docstring); `sizes` is {mesh axis: size}.
 
     Groups and capacity follow the layer: `model.num_groups` groups per micro-batch (0 = one per
-    device), C = router.capacity(tokens per group); `grad_accum` micro-batches per step. Expert
-    choice fills the same [E*C, d] buffers, so the same bound holds."""
+    token shard, data x fsdp x expert devices), C = router.capacity(tokens per group);
+    `grad_accum` micro-batches per step. The exchange runs within the expert axis. Expert
+    choice fills the same [E*C, d] buffers, so the same bound holds. With remat (full or
+    matmuls, which saves the combined output, not the buffers) the backward pass recomputes
+    the forward's exchanges: three passes, not two."""
     import numpy as np
 
     from moejax.model import DTYPES, moe_layer_ids
     from moejax.moe.router import capacity
+    from moejax.parallel import TOKEN_AXES
 
     mc, tc = config.model, config.train
     tokens = config.data.batch_size * config.data.seq_len
-    groups = mc.num_groups or num_devices
+    token_shards = math.prod(sizes.get(a, 1) for a in TOKEN_AXES)
+    groups = mc.num_groups or token_shards
     per_group = tokens // tc.grad_accum // groups
     # As moe_ffn sizes its buffers on CPU, the program planned here: capped at the group, and
     # the whole group when dropless (XLA:CPU has no ragged all-to-all, so C is the worst case;
@@ -162,14 +183,16 @@ def alltoall_minimum(config, num_devices: int) -> dict:
     per_layer = 2 * tc.grad_accum * groups * mc.num_experts * cap * mc.d_model * itemsize
     # Dropless on GPU/TPU (moe/ragged.py): every assignment's row goes out and back once.
     ragged = 2 * tokens * mc.top_k * mc.d_model * itemsize if mc.dropless else 0
+    passes = 2 if mc.remat == "none" else 3
     return {"moe_layers": layers, "groups": groups, "tokens_per_group": per_group,
+            "token_shards": token_shards, "expert": sizes.get("expert", 1), "passes": passes,
             "capacity": cap, "effective_cf": mc.num_experts * cap / (per_group * mc.top_k),
             "nominal_per_layer": 2 * tokens * mc.top_k * mc.capacity_factor * mc.d_model
             * itemsize, "per_layer": per_layer, "forward": layers * per_layer,
-            "step": 2 * layers * per_layer, "ragged_forward": layers * ragged}
+            "step": passes * layers * per_layer, "ragged_forward": layers * ragged}
 
 
-# --- Abstract state and the compiled step -----------------------------------------------------
+# --- The compiled step ----------------------------------------------------------------------
 
 def resolve_vocab(config) -> None:
     """vocab_size = 0 means the tokenizer's: load it (offline, this needs it on disk)."""
@@ -187,43 +210,6 @@ def resolve_vocab(config) -> None:
         config.model.vocab_size = size
 
 
-def abstract_state(config, mesh):
-    """(model, state, tx, lr): an abstract model and the train state as train.py first lays it
-    out, as abstract arrays."""
-    import jax
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from moejax.model import Transformer
-    from moejax.train import make_optimizer
-
-    tx, lr = make_optimizer(config.train)
-    model = nnx.eval_shape(lambda: Transformer(config.model, mesh=mesh,
-                                               rngs=nnx.Rngs(config.seed)))
-    graphdef, params = nnx.split(model)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          params, nnx.get_named_sharding(params, mesh))
-    # train.init_state runs jax.jit(tx.init) and replicates whatever did not land on the mesh
-    # (parallel.replicate_unplaced, which needs concrete arrays); ask the compiler the same
-    # question. Keep in step with init_state.
-    placed = jax.jit(tx.init).lower(params).compile().output_shardings
-
-    def laid_out(a, s):
-        on_mesh = isinstance(s, NamedSharding) and s.mesh == mesh
-        return jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                    sharding=s if on_mesh else NamedSharding(mesh, P()))
-
-    opt_state = jax.tree.map(laid_out, jax.eval_shape(tx.init, params), placed)
-    return model, {"params": params, "opt_state": opt_state}, tx, lr
-
-
-def bytes_per_device(tree) -> int:
-    import jax
-
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-               for x in jax.tree.leaves(tree))
-
-
 def memory(compiled) -> dict:
     m = compiled.memory_analysis()
     peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
@@ -232,96 +218,105 @@ def memory(compiled) -> dict:
             "aliased": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes, "peak": peak}
 
 
-def plan(config, mesh_shape: tuple[int, int]) -> dict:
-    """Compile the train step of `config` on a data x expert mesh of the available (simulated)
-    devices; return sizes in bytes, per device unless a key says global."""
-    import functools
-
+def plan(config, mesh: dict | None = None) -> dict:
+    """Compile the train step of `config` on the available (simulated) devices, the config's
+    mesh updated by `mesh` ({axis: size}); return sizes in bytes, per device unless a key says
+    global."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from moejax import config_lib, parallel
+    from moejax import config_lib, parallel, state
     from moejax.flops import train_flops_per_token
-    from moejax.params import param_counts
-    from moejax.train import train_step
+    from moejax.params import bytes_per_device, param_counts
 
     config = config.copy_and_resolve_references()
     with config.unlocked():
-        config.mesh.data, config.mesh.expert = mesh_shape
+        config.mesh.update(mesh or {})
     resolve_vocab(config)
     config_lib.validate(config, jax.device_count())
-    mesh = parallel.make_mesh(*config_lib.mesh_shape(config, jax.device_count()))
-    num_devices = mesh.size
+    sizes = parallel.mesh_sizes(config.mesh, jax.device_count())
+    mesh = parallel.make_mesh(sizes)
     mc, seq_len = config.model, config.data.seq_len
 
     start = time.perf_counter()
-    model, state, tx, lr = abstract_state(config, mesh)
+    setup = state.setup(config, mesh)
     tokens = jax.ShapeDtypeStruct((config.data.batch_size, seq_len + 1), jnp.int32,
                                   sharding=parallel.token_sharding(mesh))
-    step_fn = jax.jit(functools.partial(train_step, graphdef=nnx.graphdef(model), tx=tx, lr=lr,
-                                        config=config), donate_argnums=0)
-
-    def compile_on(state):
-        return step_fn.lower(state, tokens, jax.ShapeDtypeStruct((), jnp.int32)).compile()
-
-    initial = state
-    first = compiled = compile_on(state)
-    returned = compiled.output_shardings[0]
-    if not all(a.sharding.is_equivalent_to(b, len(a.shape)) for a, b in
-               zip(jax.tree.leaves(state), jax.tree.leaves(returned), strict=True)):
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             state, returned)
-        compiled = compile_on(state)
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    compiled = state.train_step_fn(setup).lower(setup.abstract, tokens, step).compile()
     compile_s = time.perf_counter() - start
 
-    mem = memory(compiled)
-    first_peak = memory(first)["peak"]
-    counts = param_counts(model, mc.top_k, mc.num_experts)
-    comm = collective_bytes(compiled.as_text(), num_devices)
-    minimum = alltoall_minimum(config, num_devices) if mc.num_experts else None
+    counts = param_counts(setup.model, mc.top_k, mc.num_experts)
+    # XLA:CPU's attention materializes the scores, [B, heads, S, S] in f32, on each device
+    # (a few at once); fused attention on GPU/TPU never does. Shown beside the temporaries.
+    rows = config.data.batch_size // config.train.grad_accum // parallel.num_token_shards(mesh)
+    heads = mc.num_heads // (sizes["tensor"] if mc.num_heads % sizes["tensor"] == 0 else 1)
+
+    def whole(tree):  # bytes of the arrays, not of one device's shards
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
     return {
-        "mesh": {"data": mesh.shape["data"], "expert": mesh.shape["expert"]},
-        "devices": num_devices, "compile_s": compile_s,
+        "mesh": {a: mesh.shape[a] for a in parallel.AXES}, "devices": mesh.size,
+        "compile_s": compile_s, "remat": mc.remat,
         "params_total": counts["total"], "params_active": counts["active"],
         "flops_per_token": train_flops_per_token(counts["active"], mc, seq_len),
         "tokens_per_step": config.data.batch_size * seq_len,
         "grad_accum": config.train.grad_accum,
-        "state": {"params": bytes_per_device(state["params"]),
-                  "opt_state": bytes_per_device(state["opt_state"])},
-        "first_step_opt_state": bytes_per_device(initial["opt_state"]),
-        "memory": {**mem, "first_step_peak": first_peak},
-        "collectives": comm,
-        "alltoall_min": minimum,
+        "state": {k: bytes_per_device(setup.abstract[k]) for k in ("params", "opt_state")},
+        "state_global": whole(setup.abstract), "params_global": whole(setup.abstract["params"]),
+        "memory": memory(compiled), "attention_scores": rows * heads * seq_len**2 * 4,
+        "collectives": collective_bytes(compiled.as_text(), mesh.size),
+        "alltoall_min": alltoall_minimum(config, sizes) if mc.num_experts else None,
+    }
+
+
+def fit(p: dict, hbm: float) -> dict:
+    """Does the plan fit `hbm` bytes per device, and what the plan's own numbers say would:
+    every figure is arithmetic on them, nothing is recompiled (docs/memory.md checks some)."""
+    params, opt = p["state"]["params"], p["state"]["opt_state"]
+    peak = p["memory"]["peak"]
+    # The step also holds one gradient per parameter, in its dtype and layout (the scan over
+    # micro-batches carries them): with the state, what splitting over more devices shrinks.
+    sharded = 2 * params + opt
+    rest = peak - sharded  # activations, other temporaries, the batch
+    return {
+        "fits": peak <= hbm, "peak": peak, "sharded": sharded, "rest": rest,
+        # State and gradients split evenly over N devices (fsdp x expert = N, every dim
+        # divisible), tokens per device and so the rest unchanged.
+        "devices": (math.ceil((p["state_global"] + p["params_global"]) / (hbm - rest))
+                    if hbm > rest else None),
+        "bf16_moments": peak - opt / 2,  # AdamW's mu and nu stored in bf16
+        "bf16_state": peak - sharded / 2,  # model.param_dtype=bfloat16: grads, moments follow
+        "offload_opt": peak - opt,  # optimizer state in host memory between steps
     }
 
 
 # --- Report -------------------------------------------------------------------------------
 
-def report(p: dict, title: str = "") -> str:
+def report(p: dict, title: str = "", hbm_gib: float = 80.0) -> str:
     mem, st, n = p["memory"], p["state"], p["devices"]
-    mesh = f"data={p['mesh']['data']} x expert={p['mesh']['expert']}"
+    mesh = " x ".join(f"{a}={s}" for a, s in p["mesh"].items())
+    unit, scale = ("GiB", GiB) if mem["peak"] >= GiB else ("MiB", MiB)
     lines = [
         f"plan: {title + ', ' if title else ''}mesh {mesh} ({n} simulated devices), "
-        f"compiled in {p['compile_s']:.0f} s",
+        f"remat={p['remat']}, compiled in {p['compile_s']:.0f} s",
         f"parameters      {p['params_total'] / 1e6:,.1f}M total, "
         f"{p['params_active'] / 1e6:,.1f}M active per token",
         f"train FLOPs     {p['flops_per_token'] / 1e6:,.1f} MFLOP per token; "
         f"{p['tokens_per_step']:,} tokens per step ({p['tokens_per_step'] // n:,} per device, "
         f"grad_accum {p['grad_accum']})",
         "",
-        "memory per device (XLA:CPU)                 MiB",
-        f"  parameters                       {st['params'] / MiB:12,.1f}",
-        f"  optimizer state                  {st['opt_state'] / MiB:12,.1f}",
-        f"  arguments (state + batch)        {mem['arguments'] / MiB:12,.1f}",
-        f"  outputs not aliased to donated   {(mem['outputs'] - mem['aliased']) / MiB:12,.1f}",
-        f"  temporaries                      {mem['temp'] / MiB:12,.1f}",
-        f"  peak, every step after the first {mem['peak'] / MiB:12,.1f}",
+        f"memory per device (XLA:CPU)                 {unit}",
+        f"  parameters                       {st['params'] / scale:12,.2f}",
+        f"  optimizer state                  {st['opt_state'] / scale:12,.2f}",
+        f"  arguments (state + batch)        {mem['arguments'] / scale:12,.2f}",
+        f"  outputs not aliased to donated   {(mem['outputs'] - mem['aliased']) / scale:12,.2f}",
+        f"  activations and temporaries      {mem['temp'] / scale:12,.2f}",
+        f"    one attention-score buffer     {p['attention_scores'] / scale:12,.2f}"
+        "  ([B, heads, S, S] f32: XLA:CPU's, not flash attention's)",
+        f"  peak                             {mem['peak'] / scale:12,.2f}",
     ]
-    if mem["first_step_peak"] != mem["peak"]:
-        lines.append(f"  peak, first step                 {mem['first_step_peak'] / MiB:12,.1f}"
-                     f"  (optimizer state as initialized: "
-                     f"{p['first_step_opt_state'] / MiB:,.1f})")
+    lines += verdict(p, hbm_gib)
     lines += ["", "collectives per step, per device   count   payload MiB     wire MiB"]
     for op, c in p["collectives"].items():
         if c["count"]:
@@ -329,34 +324,66 @@ def report(p: dict, title: str = "") -> str:
                          f" {c['wire'] / MiB:12,.2f}")
     lines += ["  payload = the operands a device hands to the op; wire = what leaves the device:",
               "  (n-1)/n of the payload for all-to-all, 2(n-1)/n for ring all-reduce, n per group"]
-    a = p["alltoall_min"]
-    if a:
-        ep = p["mesh"]["expert"]
-        measured = p["collectives"]["all-to-all"]["payload"]
-        lines += [
-            "",
-            f"all-to-all minimum: {a['moe_layers']} MoE layers, {a['groups']} groups of "
-            f"{a['tokens_per_group']:,} tokens, C = {a['capacity']} "
-            f"(cf {a['effective_cf']:.3f} once rounded up)",
-            f"  one layer's forward, all devices {a['per_layer'] / MiB:12,.2f} MiB   "
-            f"(2 x tokens x k x cf x d x bytes: {a['nominal_per_layer'] / MiB:,.2f})",
-            f"  per device, forward              {a['forward'] / n / MiB:12,.2f} MiB payload, "
-            f"{a['forward'] / n * (ep - 1) / ep / MiB:,.2f} wire",
-            f"  per device, forward + backward   {a['step'] / n / MiB:12,.2f} MiB payload, "
-            f"{a['step'] / n * (ep - 1) / ep / MiB:,.2f} wire",
-            f"  compiled / minimum (payload)     {measured / (a['step'] / n):12.3f}"
-            if ep > 1 else "  mesh.expert = 1: every token stays on its device",
-        ]
-        if a["ragged_forward"] and ep > 1:
-            # A device's rows, one way, per MoE layer and micro-batch; it receives for ep.
-            rows = a["ragged_forward"] / (2 * a["moe_layers"] * n * p["grad_accum"])
-            lines += [
-                "  dropless on GPU/TPU (ragged all-to-all, not compiled here): "
-                f"{a['ragged_forward'] / n / MiB:,.2f} MiB payload per device forward;",
-                f"  its receive buffers hold {ep} devices' rows, {rows * ep / MiB:,.2f} MiB "
-                "per MoE layer and device",
-            ]
+    if a := p["alltoall_min"]:
+        lines += alltoall_lines(p, a)
     return "\n".join(lines)
+
+
+def verdict(p: dict, hbm_gib: float) -> list[str]:
+    f, hbm = fit(p, hbm_gib * GiB), hbm_gib * GiB
+    if f["fits"]:
+        return [f"verdict: AdamW training fits {hbm_gib:g} GiB per device "
+                f"({(hbm - f['peak']) / GiB:,.1f} GiB spare)"]
+    out = [f"verdict: AdamW training does not fit {hbm_gib:g} GiB per device: peak "
+           f"{f['peak'] / GiB:,.1f} = state and gradients {f['sharded'] / GiB:,.1f} + "
+           f"the rest {f['rest'] / GiB:,.1f}. What would, from these numbers:"]
+    whole = (p["state_global"] + p["params_global"]) / GiB
+    if f["devices"]:
+        out.append(f"  {f['devices']} devices, state and gradients split over all (fsdp x "
+                   f"expert), tokens per device as now: {whole:,.1f} / ({hbm_gib:g} - "
+                   f"{f['rest'] / GiB:,.1f}) GiB")
+    else:
+        out.append(f"  no device count: the rest alone is {f['rest'] / GiB:,.1f} GiB; "
+                   "fewer tokens per device would shrink it")
+    for key, what in (("bf16_moments", "bf16 moments: peak - moments / 2"),
+                      ("bf16_state", "model.param_dtype=bfloat16: peak - (state + grads) / 2"),
+                      ("offload_opt", "optimizer state on the host: peak - moments")):
+        ok = "fits" if f[key] <= hbm else "does not fit"
+        out.append(f"  {what:<54} {f[key] / GiB:8,.1f} GiB: {ok}")
+    if p["remat"] != "full":
+        out.append("  or rerun with --config.model.remat=full (recompute the blocks' forward)")
+    return out
+
+
+def alltoall_lines(p: dict, a: dict) -> list[str]:
+    ep, shards = a["expert"], a["token_shards"]
+    if ep == 1:
+        return ["", "all-to-all: none, mesh.expert = 1 (every token stays on its device)"]
+    measured = p["collectives"]["all-to-all"]["payload"]
+    lines = [
+        "",
+        f"all-to-all minimum: {a['moe_layers']} MoE layers, {a['groups']} groups of "
+        f"{a['tokens_per_group']:,} tokens, C = {a['capacity']} "
+        f"(cf {a['effective_cf']:.3f} once rounded up), exchanged within expert={ep}",
+        f"  one layer's forward, all shards  {a['per_layer'] / MiB:12,.2f} MiB   "
+        f"(2 x tokens x k x cf x d x bytes: {a['nominal_per_layer'] / MiB:,.2f})",
+        f"  per device, forward              {a['forward'] / shards / MiB:12,.2f} MiB payload, "
+        f"{a['forward'] / shards * (ep - 1) / ep / MiB:,.2f} wire",
+        f"  per device, step ({a['passes']} passes)      {a['step'] / shards / MiB:12,.2f} MiB "
+        f"payload, "
+        f"{a['step'] / shards * (ep - 1) / ep / MiB:,.2f} wire",
+        f"  compiled / minimum (payload)     {measured / (a['step'] / shards):12.3f}",
+    ]
+    if a["ragged_forward"]:
+        # A device's rows, one way, per MoE layer and micro-batch; it receives for ep.
+        rows = a["ragged_forward"] / (2 * a["moe_layers"] * shards * p["grad_accum"])
+        lines += [
+            "  dropless on GPU/TPU (ragged all-to-all, not compiled here): "
+            f"{a['ragged_forward'] / shards / MiB:,.2f} MiB payload per device forward;",
+            f"  its receive buffers hold {ep} devices' rows, {rows * ep / MiB:,.2f} MiB "
+            "per MoE layer and device",
+        ]
+    return lines
 
 
 def main() -> None:
@@ -365,31 +392,32 @@ def main() -> None:
 
     config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:variant]",
                                     lock_config=True)
-    flags.DEFINE_string("mesh", None, "data=D,expert=X (default: the config's mesh)")
+    flags.DEFINE_string("mesh", None, "fsdp=8,expert=8: sizes of data, fsdp, expert, tensor "
+                        "(axes left out keep the config's)")
+    flags.DEFINE_float("hbm_gib", 80.0, "device memory for the verdict, GiB")
     flags.mark_flags_as_required(["config"])
     try:
         flags.FLAGS(sys.argv)
         config = flags.FLAGS.config
-        mesh = {"data": config.mesh.data, "expert": config.mesh.expert,
-                **parse_mesh(flags.FLAGS.mesh or "")}
+        # -1 means "the remaining devices", and only the devices the rest need are made.
+        mesh = {a: max(int(s), 1) for a, s in config.mesh.items()}
+        mesh.update(parse_mesh(flags.FLAGS.mesh or ""))
     except (flags.Error, ValueError, KeyError, AttributeError) as e:
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    if min(mesh.values()) < 1:
-        sys.exit(f"error: mesh {mesh}: give every size, e.g. --mesh data=16,expert=16")
 
-    # The simulated devices must exist before jax starts, so jax is imported only now.
-    count = mesh["data"] * mesh["expert"]
+    # The simulated devices must exist before jax's CPU backend starts (at its first use).
     xla_flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
                        os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_force_host_platform_device_count={count}"
+    os.environ["XLA_FLAGS"] = (f"{xla_flags} --xla_force_host_platform_device_count="
+                               f"{math.prod(mesh.values())}")
     os.environ["JAX_PLATFORMS"] = "cpu"
     from moejax import config_lib
 
     try:
-        p = plan(config, (mesh["data"], mesh["expert"]))
+        p = plan(config, mesh)
     except config_lib.ConfigError as e:
         sys.exit(f"error: {e}")
-    print(report(p, flags.FLAGS["config"].config_filename))
+    print(report(p, flags.FLAGS["config"].config_filename, flags.FLAGS.hbm_gib))
 
 
 if __name__ == "__main__":
