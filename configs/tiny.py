@@ -38,7 +38,7 @@ def get_config(arg=None):
             min_capacity=4,
             renormalize=False,  # True: the k gates sum to 1 (Mixtral)
             jitter_eps=0.0,  # router input noise in training
-            num_groups=0,  # capacity groups per global batch; 0 = one per device
+            num_groups=0,  # capacity groups per global batch; 0 = one per token shard
             dropless=False,  # compute every assignment: no capacity, nothing dropped
             router_score="softmax",  # softmax | sigmoid (DeepSeek-V3)
             routing="tokens",  # tokens: token choice | experts: expert choice (non-causal!)

@@ -2,8 +2,9 @@
 
 A capacity group is a set of tokens routed together: each expert accepts at most C of a
 group's assignments. Groups are contiguous, equal slices of the flattened global batch,
-`num_groups` of them; by default one per device. Fixing `num_groups` fixes which tokens are
-dropped, whatever the mesh, so the layer gives the same numbers on any data x expert layout.
+`num_groups` of them; by default one per token shard (data x fsdp x expert devices). Fixing
+`num_groups` fixes which tokens are dropped, whatever the mesh, so the layer gives the same
+numbers on any layout of the mesh.
 """
 
 import dataclasses
@@ -163,7 +164,7 @@ class ExpertParam(nnx.Param):
 
 class RouterBias(nnx.Variable):
     """Selection bias of auxiliary-loss-free balancing: not trained by the optimizer, moved
-    by `router.bias_update` from each step's expert load (see train.train_step)."""
+    by `router.bias_update` from each step's expert load (see state.train_step)."""
 
 
 class MoE(nnx.Module):
