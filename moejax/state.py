@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax import parallel
+from moejax.checkpoint import path_name
 from moejax.model import Transformer
 from moejax.moe import router
 
@@ -72,8 +73,6 @@ def setup(config, mesh: Mesh) -> Setup:
 def undivided(s: Setup) -> list[str]:
     """'stacks.0.blocks.0.attn.kv: kv_heads=4' for each parameter dim its mesh axes do not
     divide, which therefore stays whole on every device of that axis."""
-    from moejax.checkpoint import path_name
-
     out = []
     for path, v in jax.tree_util.tree_flatten_with_path(
             nnx.state(s.model), is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
@@ -162,8 +161,6 @@ def update_router_bias(params, expert_load, rate: float):
     this step's load. expert_load: [MoE layers, E]; the MoE layers are one scanned stack, so
     their biases are one [MoE layers, E] array in the same order. The bias gets no gradient,
     so the optimizer leaves it alone (zero update, no weight decay on it)."""
-    from moejax.checkpoint import path_name
-
     def update(path, x):
         if not path_name(path).endswith(".router_bias"):
             return x
