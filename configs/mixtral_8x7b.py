@@ -19,7 +19,7 @@ def get_config(arg=None):
     config = tiny.get_config()
     config.model.update(vocab_size=32_000, d_model=4096, num_layers=32, num_heads=32,
                         num_kv_heads=8, head_dim=128, d_ff=14_336, num_experts=8, top_k=2,
-                        renormalize=True, rope_theta=1e6, tie_embeddings=False,
+                        renormalize=True, rope_theta=1e6, norm_eps=1e-5, tie_embeddings=False,
                         max_seq_len=32_768, dtype="bfloat16", remat="full",
                         capacity_factor=1.25)
     config.data.update(source="hub", path="HuggingFaceFW/fineweb-edu", hub_config="sample-10BT",

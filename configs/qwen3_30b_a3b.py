@@ -19,7 +19,7 @@ def get_config(arg=None):
     config = tiny.get_config()
     config.model.update(vocab_size=151_936, d_model=2048, num_layers=48, num_heads=32,
                         num_kv_heads=4, head_dim=128, d_ff=768, num_experts=128, top_k=8,
-                        renormalize=True, rope_theta=1e6, tie_embeddings=False,
+                        renormalize=True, rope_theta=1e6, qk_norm="head", tie_embeddings=False,
                         max_seq_len=32_768, dtype="bfloat16", remat="full",
                         capacity_factor=1.25)
     config.data.update(source="hub", path="HuggingFaceFW/fineweb-edu", hub_config="sample-10BT",

@@ -23,6 +23,8 @@ def get_config(arg=None):
             dense_d_ff=0,  # dense FFN layers of an MoE model (first_dense_layers...); 0 = d_ff
             activation="swiglu",  # swiglu | geglu | gelu | relu
             rope_theta=10_000.0,
+            norm_eps=1e-6,  # RMSNorm epsilon
+            qk_norm="none",  # RMSNorm on queries and keys: none | head (Qwen3) | all (OLMoE)
             max_seq_len=2048,  # longest sequence the positions are meant for
             tie_embeddings=True,
             dtype="float32",  # activations: float32 | bfloat16 (the router is always float32)

@@ -82,9 +82,11 @@ def validate(config, num_devices: int) -> None:
     check(m.num_kv_heads >= 0 and m.num_heads % (m.num_kv_heads or m.num_heads) == 0,
           "model.num_kv_heads", m.num_kv_heads,
           f"must be a divisor of num_heads={m.num_heads} (0 = num_heads)")
-    check(m.dense_d_ff >= 0, "model.dense_d_ff", m.dense_d_ff, "must be >= 0 (0 = d_ff)")
-    from moejax.model import REMAT
+    check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
+    from moejax.model import QK_NORMS, REMAT
 
+    one_of("model.qk_norm", m.qk_norm, QK_NORMS)
+    check(m.dense_d_ff >= 0, "model.dense_d_ff", m.dense_d_ff, "must be >= 0 (0 = d_ff)")
     one_of("model.remat", m.remat, tuple(REMAT))
     check(1 <= d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
           f"must be in 1..model.max_seq_len={m.max_seq_len}")

@@ -36,13 +36,18 @@ def param(rngs, shape, names, dtype, fan_in):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",),
+    """Normalizes over the trailing len(shape) dims of its input, which `scale` has."""
+
+    def __init__(self, shape, eps: float, param_dtype, names=("embed",)):
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self.scale = nnx.Param(jnp.ones(shape, param_dtype), out_sharding=names,
                                eager_sharding=False)
+        self.eps = eps
 
     def __call__(self, x):
+        axes = tuple(range(-self.scale.ndim, 0))
         x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + self.eps)
         return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
@@ -60,8 +65,14 @@ def kv_heads(cfg) -> int:
     return cfg.num_kv_heads or cfg.num_heads
 
 
+QK_NORMS = ("none", "head", "all")
+
+
 class Attention(nnx.Module):
-    """Causal self-attention; num_heads / kv_heads query heads share each key-value head."""
+    """Causal self-attention; num_heads / kv_heads query heads share each key-value head.
+
+    qk_norm RMS-normalizes queries and keys before the rotation: over each head (Qwen3-MoE)
+    or over all heads of the projection together (OLMoE)."""
 
     def __init__(self, cfg, mesh, dtype, param_dtype, rngs):
         d, h, kv, hd = cfg.d_model, cfg.num_heads, kv_heads(cfg), cfg.head_dim
@@ -69,10 +80,19 @@ class Attention(nnx.Module):
         self.kv = param(rngs, (d, 2, kv, hd), ("embed", None, "kv_heads", None), param_dtype, d)
         self.out = param(rngs, (h, hd, d), ("heads", None, "embed"), param_dtype, h * hd)
         self.theta, self.dtype, self.mesh = cfg.rope_theta, dtype, mesh
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, param_dtype, (None,))
+            self.k_norm = RMSNorm(hd, cfg.norm_eps, param_dtype, (None,))
+        elif cfg.qk_norm == "all":
+            self.q_norm = RMSNorm((h, hd), cfg.norm_eps, param_dtype, ("heads", None))
+            self.k_norm = RMSNorm((kv, hd), cfg.norm_eps, param_dtype, ("kv_heads", None))
+        self.qk_norm = cfg.qk_norm != "none"
 
     def __call__(self, x, positions):
         q = jnp.einsum("bsd,dhe->bshe", x, self.q[...].astype(self.dtype))
         k, v = jnp.unstack(jnp.einsum("bsd,dkhe->kbshe", x, self.kv[...].astype(self.dtype)))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = checkpoint_name(constrain(q, self.mesh, ("batch", None, "heads", None)), "attn_q")
         k, v = (checkpoint_name(constrain(a, self.mesh, ("batch", None, "kv_heads", None)),
                                 "attn_kv") for a in (k, v))
@@ -129,9 +149,9 @@ class Block(nnx.Module):
     def __init__(self, cfg, layer: int, mesh, rngs):
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         self.mesh = mesh
-        self.attn_norm = RMSNorm(cfg.d_model, param_dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
         self.attn = Attention(cfg, mesh, dtype, param_dtype, rngs)
-        self.ffn_norm = RMSNorm(cfg.d_model, param_dtype)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
         if is_moe_layer(cfg, layer):
             self.ffn = MoE(cfg.d_model, cfg.d_ff, moe_config(cfg), cfg.activation, mesh=mesh,
                            rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -193,7 +213,7 @@ class Transformer(nnx.Module):
             stacks.append(Stack(cfg, first, repeats, period, mesh, rngs))
             first += repeats * period
         self.stacks = nnx.List(stacks)
-        self.final_norm = RMSNorm(cfg.d_model, param_dtype)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
         self.unembed = (None if cfg.tie_embeddings else
                         param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                               param_dtype, cfg.d_model))
