@@ -6,9 +6,10 @@
 from-hf: SRC is a local folder with config.json and *.safetensors, or a hub name (fetched with
 huggingface_hub). DIR gets config.py (the model as a moejax config, fine-tuning defaults for
 the rest), config.json, hf/ (SRC's config and tokenizer files) and checkpoints/0 (the weights
-and a fresh AdamW state), which `train` resumes from and `generate` samples from. Every device
-reads from the files only the tensors of its own shards, one at a time (`make_array_from_
-callback`), so host memory holds one tensor, never the model.
+and a fresh AdamW state), which `train` resumes from and `generate` samples from. Each weight
+is built on the devices in its training layout one layer at a time, every device reading only
+its own slice of that layer's tensors: host memory holds one layer of one weight, never the
+model. Run it on every host of a pod, like `train`.
 
 to-hf: the newest checkpoint of DIR as config.json + *.safetensors files of at most
 --shard_gib each (+ model.safetensors.index.json), which AutoModelForCausalLM loads; one
@@ -27,9 +28,11 @@ import shutil
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (numpy learns bfloat16, which safetensors' numpy reader needs)
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -294,23 +297,33 @@ def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
     check_tensors(wmap, setup.abstract["params"], tensors, folder)
 
     def load(path, a):
+        """One parameter, made a layer at a time: the host holds one layer's tensors for its
+        own devices (make_array_from_callback gathers every local shard before copying)."""
         lead, part = wmap[path_name(path)]
 
-        def read(ids):
+        def read(ids, index):
             names, ours, _ = part(*ids)
-            return ours(*(tensors.get(n) for n in names)).astype(a.dtype)
+            return ours(*(tensors.get(n) for n in names)).astype(a.dtype)[index]
 
-        def shard(index):  # this device's slice: its layers and experts, one at a time
-            ranges = [range(n)[i] for n, i in zip(lead, index[:len(lead)], strict=True)]
-            rest = index[len(lead):]
-            if not lead:
-                return read(())[rest]
-            if len(lead) == 1:
-                return np.stack([read((r,))[rest] for r in ranges[0]])
-            return np.stack([np.stack([read((r, e))[rest] for e in ranges[1]])
-                             for r in ranges[0]])
+        if not lead:
+            return jax.make_array_from_callback(a.shape, a.sharding, lambda i: read((), i))
+        spec = (*a.sharding.spec, *(None,) * (a.ndim - len(a.sharding.spec)))
+        one_layer = NamedSharding(mesh, P(*spec[1:]))  # the layer axis is never split
 
-        return jax.make_array_from_callback(a.shape, a.sharding, shard)
+        def layer(r):
+            def shard(index):  # this device's experts, one at a time
+                if len(lead) == 1:
+                    return read((r,), index)
+                return np.stack([read((r, e), index[1:]) for e in range(lead[1])[index[0]]])
+
+            return jax.make_array_from_callback(a.shape[1:], one_layer, shard)
+
+        out = jax.jit(lambda: jnp.zeros(a.shape, a.dtype), out_shardings=a.sharding)()
+        put = jax.jit(lambda out, x, r: jax.lax.dynamic_update_index_in_dim(out, x, r, 0),
+                      out_shardings=a.sharding, donate_argnums=0)
+        for r in range(lead[0]):
+            out = put(out, layer(r), r)
+        return out
 
     params = jax.tree_util.tree_map_with_path(load, setup.abstract["params"])
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.shardings["opt_state"])(params)

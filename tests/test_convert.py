@@ -1,0 +1,225 @@
+"""moejax.convert against transformers itself, through the fixtures it made
+(tests/fixtures/make_hf_fixtures.py): logits, greedy tokens, the round trip, bad input."""
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+
+from moejax import convert, parallel, state
+from moejax.config_lib import ConfigError
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+NAMES = ("mixtral", "qwen3_moe_top2", "qwen3_moe_top4", "olmoe")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """name -> workdir; written from an fsdp=2 x expert=4 layout, so that every device reads
+    a slice of each tensor (layers, experts and d_model split)."""
+    root = tmp_path_factory.mktemp("converted")
+    out = {}
+    for name in NAMES:
+        out[name] = str(root / name)
+        convert.from_hf(os.path.join(FIXTURES, name), out[name], {"fsdp": 2, "expert": 4})
+    return out
+
+
+def load_model(workdir, **model_overrides):
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    config.model.update(model_overrides)
+    s = state.setup(config, parallel.make_mesh({}))
+    params, _ = convert.restore_params(workdir, s.abstract["params"])
+    return config, nnx.merge(s.graphdef, params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("path", ["dropless", "capacity"])
+def test_logits_equal_transformers(converted, name, path):
+    expected = np.load(os.path.join(FIXTURES, name, "expected.npz"))
+    # capacity: one group of all 32 tokens, C = T (nothing can be dropped), the [E, C, d] path
+    overrides = ({"dropless": True} if path == "dropless" else
+                 {"dropless": False, "num_groups": 1})
+    config, model = load_model(converted[name], **overrides)
+    logits, aux = model(expected["input_ids"], train=False)
+    np.testing.assert_allclose(np.asarray(logits), expected["logits"], atol=1e-4, rtol=0)
+    assert float(aux["dropped_frac"].max()) == 0.0
+
+
+def test_converted_config(converted):
+    with open(os.path.join(converted["qwen3_moe_top4"], "config.json")) as f:
+        m = json.load(f)["model"]
+    assert (m["qk_norm"], m["renormalize"], m["top_k"], m["num_kv_heads"], m["norm_eps"]) == \
+        ("head", True, 4, 2, 1e-6)
+    with open(os.path.join(converted["mixtral"], "config.json")) as f:
+        m = json.load(f)["model"]
+    assert (m["qk_norm"], m["renormalize"], m["norm_eps"], m["rope_theta"]) == \
+        ("none", True, 1e-5, 1e6)
+
+
+def tensors(folder):
+    out = {}
+    for path in glob.glob(os.path.join(folder, "*.safetensors")):
+        with safe_open(path, "np") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@pytest.mark.parametrize("name", ["mixtral", "olmoe"])
+def test_round_trip_is_byte_identical(converted, name, tmp_path):
+    out = str(tmp_path / "out")
+    files = convert.to_hf(converted[name], out, shard_gib=60_000 / 2**30)  # ~60 kB files
+    assert len(files) > 1 and os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    ref, got = tensors(os.path.join(FIXTURES, name)), tensors(out)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert (got[k].dtype, got[k].shape) == (ref[k].dtype, ref[k].shape), k
+        assert got[k].tobytes() == ref[k].tobytes(), k
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        assert set(json.load(f)["weight_map"]) == set(ref)
+
+
+def test_to_hf_loads_in_transformers(converted, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    for name in ("mixtral", "qwen3_moe_top4", "olmoe"):
+        out = str(tmp_path / name)
+        convert.to_hf(converted[name], out, dtype="float32")
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        expected = np.load(os.path.join(FIXTURES, name, "expected.npz"))
+        with torch.no_grad():
+            logits = model(torch.tensor(expected["input_ids"]).long()).logits.numpy()
+        np.testing.assert_allclose(logits, expected["logits"], atol=1e-4, rtol=0)
+
+
+def test_to_hf_of_a_model_made_here(tmp_path):
+    """A run that never saw transformers: its config.json is built from the moejax config."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from configs import tiny
+    from moejax.checkpoint import Checkpoints
+
+    config = tiny.get_config("smoke")
+    config.model.update(vocab_size=257, qk_norm="all", num_kv_heads=1, renormalize=True,
+                        tie_embeddings=True, norm_eps=1e-5, dropless=True)
+    s = state.setup(config, parallel.make_mesh({}))
+    train_state = state.init(s)
+    ckpt = Checkpoints(str(tmp_path / "run"), 1, False)
+    ckpt.save(0, train_state, {"step": 0, "tokens_seen": 0})
+    ckpt.close()
+    with open(tmp_path / "run" / "config.json", "w") as f:
+        f.write(config.to_json_best_effort())
+    convert.to_hf(str(tmp_path / "run"), str(tmp_path / "out"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"),
+                                                           dtype=torch.float32)
+    tokens = np.random.default_rng(0).integers(0, 257, (2, 12))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens)).logits.numpy()
+    ours, _ = nnx.merge(s.graphdef, train_state["params"])(tokens, train=False)
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
+
+
+def test_hub_name_goes_through_huggingface_hub(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    asked = []
+
+    def download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return os.path.join(FIXTURES, "olmoe")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert convert.resolve("allenai/OLMoE-1B-7B-0924") == os.path.join(FIXTURES, "olmoe")
+    assert asked == ["allenai/OLMoE-1B-7B-0924"]
+
+
+def broken_copy(tmp_path, edit_config=None, drop=None, add=None):
+    """The mixtral fixture with its config edited or a tensor removed / added."""
+    src = str(tmp_path / "src")
+    shutil.copytree(os.path.join(FIXTURES, "mixtral"), src)
+    if edit_config:
+        with open(os.path.join(src, "config.json")) as f:
+            hf = json.load(f)
+        edit_config(hf)
+        with open(os.path.join(src, "config.json"), "w") as f:
+            json.dump(hf, f)
+    if drop or add:
+        from safetensors.numpy import save_file
+
+        t = tensors(src)
+        t.pop(drop, None)
+        if add:
+            t[add] = np.zeros(3, np.float32)
+        save_file(t, os.path.join(src, "model.safetensors"))
+    return src
+
+
+@pytest.mark.parametrize("case,message", [
+    (dict(edit_config=lambda c: c.update(architectures=["GPT2LMHeadModel"])),
+     "architectures='GPT2LMHeadModel': unknown; allowed: MixtralForCausalLM"),
+    (dict(edit_config=lambda c: c.update(rope_parameters={"rope_type": "yarn",
+                                                          "rope_theta": 1e6})),
+     "rope_parameters=.*not supported for MixtralForCausalLM; allowed: rope_type default"),
+    (dict(edit_config=lambda c: c.update(hidden_act="gelu")), "hidden_act='gelu'"),
+    (dict(drop="model.layers.1.block_sparse_moe.experts.7.w3.weight"),
+     "tensor model.layers.1.block_sparse_moe.experts.7.w3.weight .for "
+     "stacks.0.blocks.0.ffn.w_in. is missing"),
+    (dict(add="model.layers.0.self_attn.q_proj.bias"),
+     "tensor model.layers.0.self_attn.q_proj.bias has no place in the moejax model"),
+    (dict(edit_config=lambda c: c.update(intermediate_size=24)),
+     r"experts.0.w1.weight is \[16, 32\], config.json makes it \[24, 32\]"),
+])
+def test_bad_checkpoints_fail_in_one_line(tmp_path, case, message):
+    src = broken_copy(tmp_path, **case)
+    with pytest.raises(ConfigError, match=message) as e:
+        convert.from_hf(src, str(tmp_path / "run"), {"data": 1})
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "0")
+
+
+def test_from_hf_never_overwrites_a_checkpoint(converted):
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        convert.from_hf(os.path.join(FIXTURES, "olmoe"), converted["mixtral"], {"data": 1})
+
+
+def test_to_hf_refuses_what_transformers_cannot_compute(tmp_path):
+    from configs import tiny
+
+    config = tiny.get_config("smoke")
+    config.model.router_score = "sigmoid"
+    with pytest.raises(ConfigError, match="model.router_score='sigmoid'.*allowed: softmax"):
+        convert.hf_config(config, "float32", None)
+
+
+@pytest.mark.slow
+def test_fine_tune_an_import_on_a_data_x_expert_mesh(tmp_path):
+    """The converted checkpoint resumes through `python -m moejax.train` on 2 x 4 devices."""
+    work = str(tmp_path / "olmoe")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-m", "moejax.convert", "from-hf",
+                    os.path.join(FIXTURES, "olmoe"), "--workdir", work, "--mesh", "fsdp=8"],
+                   cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "moejax.train", "--config", f"{work}/config.py", "--workdir",
+         work, "--config.mesh.fsdp=1", "--config.mesh.data=2", "--config.mesh.expert=4",
+         "--config.train.steps=8", "--config.train.lr=3e-3", "--config.train.warmup_steps=1",
+         "--config.train.log_every=1", "--config.train.eval_every=8",
+         "--config.train.eval_batches=2", "--config.data.seq_len=32",
+         "--config.data.batch_size=16"],
+        cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "resumed from" in run.stdout and "at step 0" in run.stdout
+    evals = [float(v) for v in re.findall(r"eval loss ([\d.]+)", run.stdout)]
+    assert len(evals) == 2 and evals[1] < evals[0] - 0.5, run.stdout
