@@ -452,6 +452,9 @@ def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4
     """Write the newest checkpoint of workdir to `out`; returns the files written."""
     import ml_collections
 
+    if jax.process_count() > 1:  # every tensor is fetched whole from the devices
+        raise ConfigError("to-hf: runs on one host (it fetches each tensor whole); allowed: "
+                          "one process, with the host's devices")
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     saved_path = os.path.join(workdir, "hf", "config.json")

@@ -223,3 +223,35 @@ def test_fine_tune_an_import_on_a_data_x_expert_mesh(tmp_path):
     assert "resumed from" in run.stdout and "at step 0" in run.stdout
     evals = [float(v) for v in re.findall(r"eval loss ([\d.]+)", run.stdout)]
     assert len(evals) == 2 and evals[1] < evals[0] - 0.5, run.stdout
+
+
+# The released config.json files (fields that matter), as on the hub.
+MIXTRAL_8X7B = dict(
+    architectures=["MixtralForCausalLM"], hidden_act="silu", hidden_size=4096,
+    intermediate_size=14336, max_position_embeddings=32768, num_attention_heads=32,
+    num_experts_per_tok=2, num_hidden_layers=32, num_key_value_heads=8, num_local_experts=8,
+    rms_norm_eps=1e-5, rope_theta=1e6, router_aux_loss_coef=0.02, sliding_window=None,
+    tie_word_embeddings=False, torch_dtype="bfloat16", vocab_size=32000)
+QWEN3_30B_A3B = dict(
+    architectures=["Qwen3MoeForCausalLM"], attention_bias=False, decoder_sparse_step=1,
+    head_dim=128, hidden_act="silu", hidden_size=2048, intermediate_size=6144,
+    max_position_embeddings=40960, mlp_only_layers=[], moe_intermediate_size=768,
+    norm_topk_prob=True, num_attention_heads=32, num_experts=128, num_experts_per_tok=8,
+    num_hidden_layers=48, num_key_value_heads=4, rms_norm_eps=1e-6, rope_scaling=None,
+    rope_theta=1e6, router_aux_loss_coef=0.001, sliding_window=None,
+    tie_word_embeddings=False, torch_dtype="bfloat16", use_sliding_window=False,
+    vocab_size=151936)
+
+
+@pytest.mark.parametrize("hf,ours", [(MIXTRAL_8X7B, "mixtral_8x7b"),
+                                     (QWEN3_30B_A3B, "qwen3_30b_a3b")])
+def test_released_configs_convert_to_our_model_configs(hf, ours):
+    """A released model's config.json gives the model of our config of it, key by key."""
+    import importlib
+
+    want = importlib.import_module(f"configs.{ours}").get_config().model
+    got = convert.model_config(hf)
+    keys = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "d_ff", "num_experts", "top_k", "renormalize", "rope_theta", "norm_eps",
+            "qk_norm", "tie_embeddings", "activation")
+    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
