@@ -88,7 +88,8 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm((kv, hd), cfg.norm_eps, param_dtype, ("kv_heads", None))
         self.qk_norm = cfg.qk_norm != "none"
 
-    def __call__(self, x, positions):
+    def project(self, x, positions):
+        """x: [B, S, d] -> q [B, S, h, hd], k and v [B, S, kv, hd]; q, k rotated to positions."""
         q = jnp.einsum("bsd,dhe->bshe", x, self.q[...].astype(self.dtype))
         k, v = jnp.unstack(jnp.einsum("bsd,dkhe->kbshe", x, self.kv[...].astype(self.dtype)))
         if self.qk_norm:
@@ -96,9 +97,29 @@ class Attention(nnx.Module):
         q = checkpoint_name(constrain(q, self.mesh, ("batch", None, "heads", None)), "attn_q")
         k, v = (checkpoint_name(constrain(a, self.mesh, ("batch", None, "kv_heads", None)),
                                 "attn_kv") for a in (k, v))
-        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
+        return rotary(q, positions, self.theta), rotary(k, positions, self.theta), v
+
+    def __call__(self, x, positions):
+        q, k, v = self.project(x, positions)
         y = checkpoint_name(jax.nn.dot_product_attention(q, k, v, is_causal=True), "attn_ctx")
         return jnp.einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype))
+
+    def decode(self, x, positions, cache, layer):
+        """Attention of x [B, S, d] at positions [B, S] over the cache of its stack, {"k", "v"}:
+        [repeats, period, B, L, kv, hd], whose slot `layer` = (repeat, j) is this layer's.
+        The new keys and values are written at their positions first; a query sees the keys
+        at positions <= its own, so what lies past a row's end (padding, stale) is never read.
+        """
+        q, k, v = self.project(x, positions)
+        rows = jnp.arange(x.shape[0])[:, None]
+        # Only the S new rows are written, in place: the cache is a scan carry, not xs/ys,
+        # which would copy all of it through every layer of every step.
+        cache = {"k": cache["k"].at[(*layer, rows, positions)].set(k),
+                 "v": cache["v"].at[(*layer, rows, positions)].set(v)}
+        keys, values = cache["k"][layer], cache["v"][layer]  # [B, L, kv, hd]
+        mask = jnp.arange(keys.shape[1]) <= positions[:, None, :, None]  # [B, 1, S, L]
+        y = jax.nn.dot_product_attention(q, keys, values, mask=mask)
+        return jnp.einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype)), cache
 
 
 class MLP(nnx.Module):
@@ -162,7 +183,13 @@ class Block(nnx.Module):
             self.ffn = MLP(cfg.d_model, d_ff, cfg.activation, dtype, param_dtype, rngs)
 
     def __call__(self, x, positions, *, train, rng):
-        x = x + self.attn(self.attn_norm(x), positions)
+        return self.feed_forward(x + self.attn(self.attn_norm(x), positions), train, rng)
+
+    def decode(self, x, positions, cache, layer):
+        y, cache = self.attn.decode(self.attn_norm(x), positions, cache, layer)
+        return self.feed_forward(x + y, train=False, rng=None)[0], cache
+
+    def feed_forward(self, x, train, rng):
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             y, aux = self.ffn(h, train=train, rng=rng)
@@ -201,10 +228,33 @@ class Stack(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
         return jax.lax.scan(body, x, (state, jnp.asarray(self.layers)))
 
+    def decode(self, x, positions, cache):
+        """x: [B, S, d] at positions [B, S]; cache: {"k", "v"} [repeats, period, B, L, kv, hd],
+        carried through the scan so each layer writes its new rows in place."""
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(carry, inputs):
+            x, cache = carry
+            state, repeat = inputs
+            for j, block in enumerate(nnx.merge(graphdef, state)):
+                x, cache = block.decode(x, positions, cache, (repeat, j))
+            return (x, cache), None
+
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(len(self.layers))))
+        return x, cache
+
+    def empty_cache(self, batch: int, cache_len: int, dtype):
+        repeats, _, _, kv, hd = self.blocks[0].attn.kv.shape  # [repeats, d, 2, kv, hd]
+        shape = (repeats, len(self.blocks), batch, cache_len, kv, hd)
+        mesh = self.blocks[0].mesh
+        return {name: constrain(jnp.zeros(shape, dtype), mesh, ("batch", None, "kv_heads", None))
+                for name in ("k", "v")}
+
 
 class Transformer(nnx.Module):
     def __init__(self, cfg, *, mesh: Mesh | None, rngs: nnx.Rngs):
         self.dtype, self.mesh, self.remat = DTYPES[cfg.dtype], mesh, cfg.remat
+        self.max_seq_len = cfg.max_seq_len  # static: what generate may fill a cache up to
         param_dtype = DTYPES[cfg.param_dtype]
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), param_dtype,
                            cfg.d_model)
@@ -222,20 +272,48 @@ class Transformer(nnx.Module):
         """tokens: [B, S] int -> float32 logits [B, S, V] and the MoE layers' aux dict, each
         value stacked over MoE layers in layer order ({} for a dense model)."""
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        # ZeRO-3 by hand for the lookup: gather the table's fsdp shards first, as XLA does for
-        # matmul weights; a lookup into the split table would reshard the tokens instead.
-        table = constrain(self.embed[...].astype(self.dtype), self.mesh, ("vocab", None))
-        x = constrain(jnp.take(table, tokens, axis=0), self.mesh, ("batch", None, None))
+        x = self.embed_tokens(tokens)
         aux = []
         for stack in self.stacks:
             x, a = stack(x, positions, train=train, rng=rng, remat=self.remat)
             if a is not None:
                 aux.append(a)
+        aux = jax.tree.map(lambda *a: jnp.concatenate(a), *aux) if aux else {}
+        return self.logits(x), aux
+
+    def decode(self, tokens, start, cache, *, last=None):
+        """Inference with a key-value cache. tokens: [B, S] int, row b at positions start[b] ..
+        start[b] + S - 1; start: [B] int32; cache: from `init_cache`, holding every earlier
+        position of each row. Returns float32 logits [B, S, V] and the cache with these
+        tokens' keys and values written. MoE layers run as in evaluation (train=False).
+        last: [B] int or None; given, only the logits of tokens[b, last[b]]: [B, 1, V]."""
+        positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=start.dtype)
+        x = self.embed_tokens(tokens)
+        new_cache = []
+        for stack, c in zip(self.stacks, cache, strict=True):
+            x, c = stack.decode(x, positions, c)
+            new_cache.append(c)
+        if last is not None:  # a prefill needs one row's logits, not S x V of them
+            x = jnp.take_along_axis(x, last[:, None, None], axis=1)
+        return self.logits(x), new_cache
+
+    def init_cache(self, batch: int, cache_len: int) -> list[dict]:
+        """An empty cache for `batch` rows of up to `cache_len` positions, in the activation
+        dtype: per stack {"k", "v"}: [repeats, period, batch, cache_len, kv_heads, head_dim]."""
+        return [stack.empty_cache(batch, cache_len, self.dtype) for stack in self.stacks]
+
+    def embed_tokens(self, tokens):
+        # ZeRO-3 by hand for the lookup: gather the table's fsdp shards first, as XLA does for
+        # matmul weights; a lookup into the split table would reshard the tokens instead.
+        table = constrain(self.embed[...].astype(self.dtype), self.mesh, ("vocab", None))
+        return constrain(jnp.take(table, tokens, axis=0), self.mesh, ("batch", None, None))
+
+    def logits(self, x):
+        """x: [B, S, d] from the last block -> float32 logits [B, S, V]."""
         x = self.final_norm(x)
         if self.unembed is None:
             logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(self.dtype))
         else:
             logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype))
         logits = constrain(logits, self.mesh, ("batch", None, "vocab"))
-        aux = jax.tree.map(lambda *a: jnp.concatenate(a), *aux) if aux else {}
-        return logits.astype(jnp.float32), aux
+        return logits.astype(jnp.float32)
