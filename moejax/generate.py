@@ -1,19 +1,31 @@
-"""Sample text from the newest checkpoint of a run.
+"""Generate text from the newest checkpoint of a run, with a key-value cache.
 
-  python -m moejax.generate --workdir runs/tiny --prompt "def main(" [--tokens 200]
+  python -m moejax.generate --workdir runs/tiny --prompt "def main(" [--prompt ...] [--tokens 200]
+
+Prompts of any lengths go as one batch: right-padded, prefilled in one call, then decoded one
+token per step for every row at its own position, the whole loop one compiled `while_loop`.
+Shapes are rounded up to buckets of BUCKET positions, so a run compiles once per bucket, not
+once per token or per max_new_tokens.
 """
 
 import argparse
+import collections
+import functools
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from moejax import data, parallel, state
 from moejax.checkpoint import Checkpoints
+
+BUCKET = 64  # padded prompt length and cache length are multiples of this (<= max_seq_len)
+TRACES = collections.Counter()  # traces (= compilations) of the jitted generate loop
 
 
 def load(workdir: str):
@@ -21,6 +33,8 @@ def load(workdir: str):
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     config.model.num_groups = 1  # one capacity group: the prompt's tokens are routed together
+    if config.model.routing == "tokens":  # no capacity: padding and batch-mates drop nothing
+        config.model.dropless = True
     setup = state.setup(config, parallel.make_mesh({}))  # one device, whatever the run's mesh
     ckpt = Checkpoints(workdir, keep=config.train.keep_checkpoints, keep_best=False)
     step = ckpt.latest_step()
@@ -31,37 +45,135 @@ def load(workdir: str):
     return config, nnx.merge(setup.graphdef, restored["params"]), step
 
 
-def sample(model, prompt_ids, num_tokens: int, temperature: float, seed: int, max_len: int):
-    """Autoregressive sampling; recomputes the whole (windowed) sequence each step."""
-    ids = list(prompt_ids)
-    forward = nnx.jit(lambda m, t: m(t, train=False)[0])
-    key = jax.random.key(seed)
-    for i in range(num_tokens):
-        window = jnp.asarray([ids[-max_len:]], jnp.int32)
-        logits = forward(model, window)[0, -1]
-        if temperature <= 0:
-            nxt = int(jnp.argmax(logits))
-        else:
-            nxt = int(jax.random.categorical(jax.random.fold_in(key, i), logits / temperature))
-        ids.append(nxt)
-    return ids
+def round_up(n: int, cap: int) -> int:
+    return min(-(-n // BUCKET) * BUCKET, cap)
+
+
+def cache_length(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int) -> int:
+    """The cache bucket `generate` uses by default; one-line error past max_seq_len."""
+    need = max(map(len, prompts)) + max_new_tokens
+    if need > max_seq_len:
+        raise ValueError(f"longest prompt ({max(map(len, prompts))}) + max_new_tokens "
+                         f"({max_new_tokens}) = {need} exceeds model.max_seq_len={max_seq_len}")
+    return round_up(need, max_seq_len)
+
+
+def next_token(logits, key, temperature, top_p, greedy: bool):
+    """logits: [B, V] -> [B] int32. Greedy: argmax. Otherwise a sample of softmax(logits / T)
+    restricted to the nucleus: the fewest most likely tokens whose probability reaches top_p
+    (tokens tied with the least likely of them stay in too)."""
+    if greedy:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    logits = logits / temperature
+    probs = jax.nn.softmax(logits, -1)
+    desc = -jnp.sort(-probs, -1)
+    # A token is in if the tokens more likely than it hold less than top_p; the first always.
+    # top_p >= 1 keeps all even where float rounding makes the running sum pass 1 early.
+    inside = (jnp.cumsum(desc, -1) - desc < top_p) | (top_p >= 1)
+    least = jnp.min(jnp.where(inside, desc, jnp.inf), -1, keepdims=True)
+    logits = jnp.where(probs >= least, logits, -jnp.inf)
+    return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "greedy"))
+def _generate(params, prompts, lengths, max_new, temperature, top_p, eos_id, key, *,
+              graphdef, cache_len: int, greedy: bool):
+    """prompts: [B, P] right-padded, lengths: [B]. Returns new tokens [B, cache_len] (the first
+    `steps` columns are valid) and steps. Rows past eos keep computing; the host cuts them."""
+    TRACES["generate"] += 1  # runs only when tracing
+    model = nnx.merge(graphdef, params)
+    batch = prompts.shape[0]
+    cache = model.init_cache(batch, cache_len)
+    logits, cache = model.decode(prompts, jnp.zeros(batch, jnp.int32), cache, last=lengths - 1)
+    token = next_token(logits[:, 0], jax.random.fold_in(key, 0), temperature, top_p, greedy)
+    out = jnp.zeros((batch, cache_len), jnp.int32).at[:, 0].set(token)
+
+    def running(carry):
+        step, _, _, _, done = carry
+        return (step < max_new) & ~done.all()
+
+    def one_token(carry):  # feeds token `step - 1` of each row, at its position
+        step, token, cache, out, done = carry
+        logits, cache = model.decode(token[:, None], lengths + step - 1, cache)
+        token = next_token(logits[:, 0], jax.random.fold_in(key, step), temperature, top_p,
+                           greedy)
+        return step + 1, token, cache, out.at[:, step].set(token), done | (token == eos_id)
+
+    carry = (jnp.int32(1), token, cache, out, token == eos_id)
+    steps, _, _, out, _ = jax.lax.while_loop(running, one_token, carry)
+    return out, steps
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+             cache_len: int | None = None) -> list[list[int]]:
+    """Each prompt's new tokens: max_new_tokens of them, or fewer ending in eos_id.
+
+    temperature 0 is greedy (argmax); otherwise sampling at that temperature from the top_p
+    nucleus (top_p = 1: every token), keyed by seed. The whole batch stops once every row
+    has stopped. cache_len: positions the cache holds; default: the bucket of the longest
+    prompt + max_new_tokens."""
+    if not prompts or not all(prompts):
+        raise ValueError("generate needs at least one prompt, each of at least one token")
+    vocab = model.embed.shape[0]
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise ValueError(f"prompt token outside the model's vocabulary of {vocab}")
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    longest = max(map(len, prompts))
+    if cache_len is None:
+        cache_len = cache_length(prompts, max_new_tokens, model.max_seq_len)
+    elif longest + max_new_tokens > cache_len:
+        raise ValueError(f"cache_len={cache_len} < longest prompt ({longest}) + "
+                         f"max_new_tokens ({max_new_tokens})")
+    padded = np.zeros((len(prompts), round_up(longest, cache_len)), np.int32)
+    for row, p in zip(padded, prompts, strict=True):
+        row[: len(p)] = p
+    graphdef, params = nnx.split(model)
+    out, steps = _generate(params, jnp.asarray(padded),
+                           jnp.asarray([len(p) for p in prompts], jnp.int32),
+                           jnp.int32(max_new_tokens), jnp.float32(temperature),
+                           jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id),
+                           jax.random.key(seed), graphdef=graphdef, cache_len=cache_len,
+                           greedy=temperature <= 0)
+    rows = np.asarray(out)[:, : int(steps)].tolist()
+    if eos_id is not None:
+        rows = [r[: r.index(eos_id) + 1] if eos_id in r else r for r in rows]
+    return rows
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
-    p.add_argument("--prompt", default="")
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--prompt", action="append", help="repeat for a batch; none: one empty")
+    p.add_argument("--tokens", type=int, default=200, help="new tokens per prompt, at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=0.95, help="nucleus mass; 1 = every token")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf_tokenizer", default="",
+                   help="tokenizer name or path; default: the run's data.tokenizer")
     args = p.parse_args()
     config, model, step = load(args.workdir)
-    tokenizer = data.make_tokenizer(config.data.tokenizer)
-    prompt = list(tokenizer.encode(args.prompt)) or [tokenizer.eos_id]
-    ids = sample(model, prompt, args.tokens, args.temperature, args.seed, config.data.seq_len)
+    tokenizer = data.make_tokenizer(args.hf_tokenizer or config.data.tokenizer)
+    texts = args.prompt or [""]
+    # An empty prompt starts where a document starts: after an end-of-document token.
+    prompts = [list(map(int, tokenizer.encode(t))) or [tokenizer.eos_id] for t in texts]
+    kwargs = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                  eos_id=tokenizer.eos_id,
+                  cache_len=cache_length(prompts, args.tokens, model.max_seq_len))
+    start = time.perf_counter()
+    generate(model, prompts, 1, **kwargs)  # compiles the very program the timed call runs
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    outs = generate(model, prompts, args.tokens, **kwargs)
+    seconds = time.perf_counter() - start
     print(f"# step {step} of {args.workdir}")
-    print(tokenizer.decode(ids if args.prompt else ids[1:]))
+    for text, prompt, new in zip(texts, prompts, outs, strict=True):
+        print(tokenizer.decode((prompt if text else []) + new))
+    n = sum(map(len, outs))
+    print(f"# {n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s (batch {len(prompts)}; "
+          f"excludes {compile_s:.1f} s of compilation and a 1-token warm-up)")
 
 
 if __name__ == "__main__":
