@@ -255,3 +255,23 @@ def test_released_configs_convert_to_our_model_configs(hf, ours):
             "d_ff", "num_experts", "top_k", "renormalize", "rope_theta", "norm_eps",
             "qk_norm", "tie_embeddings", "activation")
     assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+
+
+def test_tokenizer_travels_with_the_checkpoint(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from moejax import data
+
+    src = str(tmp_path / "src")
+    shutil.copytree(os.path.join(FIXTURES, "mixtral"), src)
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", "hello", "world"])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(os.path.join(src, "tokenizer.json"))
+    work = str(tmp_path / "run")
+    convert.from_hf(src, work, {"data": 1})
+    with open(os.path.join(work, "config.json")) as f:
+        name = json.load(f)["data"]["tokenizer"]
+    assert name == os.path.join(os.path.abspath(work), "hf")
+    assert list(data.make_tokenizer(name).encode("hello world")) == [2, 3]
+    convert.to_hf(work, str(tmp_path / "out"))
+    assert os.path.exists(tmp_path / "out" / "tokenizer.json")
