@@ -275,3 +275,15 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path):
     assert list(data.make_tokenizer(name).encode("hello world")) == [2, 3]
     convert.to_hf(work, str(tmp_path / "out"))
     assert os.path.exists(tmp_path / "out" / "tokenizer.json")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_generation_equals_transformers(converted, name):
+    from moejax import generate
+
+    expected = np.load(os.path.join(FIXTURES, name, "expected.npz"))
+    _, model, step = generate.load(converted[name])
+    prompts = expected["prompt_ids"].tolist()
+    new = generate.generate(model, prompts, 10)
+    np.testing.assert_array_equal(np.concatenate([expected["prompt_ids"], new], 1),
+                                  expected["greedy_ids"])
