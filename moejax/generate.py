@@ -76,12 +76,12 @@ def next_token(logits, key, temperature, top_p, greedy: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "greedy"))
-def _generate(params, prompts, lengths, max_new, temperature, top_p, eos_id, key, *,
+def _generate(params, prompts, lengths, max_new, temperature, top_p, eos_id, seed, *,
               graphdef, cache_len: int, greedy: bool):
     """prompts: [B, P] right-padded, lengths: [B]. Returns new tokens [B, cache_len] (the first
     `steps` columns are valid) and steps. Rows past eos keep computing; the host cuts them."""
     TRACES["generate"] += 1  # runs only when tracing
-    model = nnx.merge(graphdef, params)
+    model, key = nnx.merge(graphdef, params), jax.random.key(seed)
     batch = prompts.shape[0]
     cache = model.init_cache(batch, cache_len)
     logits, cache = model.decode(prompts, jnp.zeros(batch, jnp.int32), cache, last=lengths - 1)
@@ -121,20 +121,20 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     longest = max(map(len, prompts))
-    if cache_len is None:
-        cache_len = cache_length(prompts, max_new_tokens, model.max_seq_len)
-    elif longest + max_new_tokens > cache_len:
+    bucket = cache_length(prompts, max_new_tokens, model.max_seq_len)  # checks max_seq_len
+    cache_len = cache_len or bucket
+    if longest + max_new_tokens > cache_len:
         raise ValueError(f"cache_len={cache_len} < longest prompt ({longest}) + "
                          f"max_new_tokens ({max_new_tokens})")
     padded = np.zeros((len(prompts), round_up(longest, cache_len)), np.int32)
     for row, p in zip(padded, prompts, strict=True):
         row[: len(p)] = p
     graphdef, params = nnx.split(model)
-    out, steps = _generate(params, jnp.asarray(padded),
-                           jnp.asarray([len(p) for p in prompts], jnp.int32),
-                           jnp.int32(max_new_tokens), jnp.float32(temperature),
-                           jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id),
-                           jax.random.key(seed), graphdef=graphdef, cache_len=cache_len,
+    # Host values go in as numpy: jnp would compile a conversion for each of them.
+    out, steps = _generate(params, padded, np.asarray([len(p) for p in prompts], np.int32),
+                           np.int32(max_new_tokens), np.float32(temperature),
+                           np.float32(top_p), np.int32(-1 if eos_id is None else eos_id),
+                           np.int32(seed), graphdef=graphdef, cache_len=cache_len,
                            greedy=temperature <= 0)
     rows = np.asarray(out)[:, : int(steps)].tolist()
     if eos_id is not None:

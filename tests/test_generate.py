@@ -127,6 +127,6 @@ def test_compilations_do_not_grow_with_max_new_tokens(moe):
         out = gen.generate(model, PROMPTS, max_new)
         assert [len(r) for r in out] == [max_new] * 3
         counts.append(sum(gen.TRACES.values()))
-    assert counts[0] == counts[1] <= 2, counts
+    assert counts == [1, 1], counts  # one program: prefill and the whole decode loop
     gen.generate(model, PROMPTS, 17)  # same buckets: nothing new to compile
     assert sum(gen.TRACES.values()) == counts[1]
