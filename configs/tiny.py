@@ -25,6 +25,7 @@ def get_config(arg=None):
             rope_theta=10_000.0,
             norm_eps=1e-6,  # RMSNorm epsilon
             qk_norm="none",  # RMSNorm on queries and keys: none | head (Qwen3) | all (OLMoE)
+            qkv_bias=False,  # biases on the query, key and value projections (Qwen2-MoE)
             max_seq_len=2048,  # longest sequence the positions are meant for
             tie_embeddings=True,
             dtype="float32",  # activations: float32 | bfloat16 (the router is always float32)
@@ -46,6 +47,7 @@ def get_config(arg=None):
             routing="tokens",  # tokens: token choice | experts: expert choice (non-causal!)
             bias_rate=0.0,  # auxiliary-loss-free balancing step (DeepSeek-V3: 1e-3); 0 = off
             num_shared_experts=0,  # always-on experts added to the routed ones
+            shared_gate=False,  # scale the shared experts' output by sigmoid(x @ w) (Qwen2-MoE)
         ),
         # Device mesh (moejax/parallel.py); one axis may be -1: all remaining devices.
         # data: weights replicated; fsdp: weights and optimizer split (ZeRO-3); expert:

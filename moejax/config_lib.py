@@ -71,6 +71,8 @@ def validate(config, num_devices: int) -> None:
         check(m.bias_rate >= 0, "model.bias_rate", m.bias_rate, "must be >= 0 (0 = off)")
         check(m.num_shared_experts >= 0, "model.num_shared_experts", m.num_shared_experts,
               "must be >= 0")
+        check(not m.shared_gate or m.num_shared_experts > 0, "model.shared_gate", m.shared_gate,
+              "needs model.num_shared_experts >= 1 (it gates their output)")
         check(not (m.dropless and m.routing == "experts"), "model.dropless", m.dropless,
               "allowed only with model.routing=tokens (expert choice never drops)")
     from moejax.moe.experts import ACTIVATIONS

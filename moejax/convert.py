@@ -1,4 +1,4 @@
-"""Weights in from and out to Hugging Face transformers: Mixtral, Qwen3-MoE, OLMoE.
+"""Weights in from and out to Hugging Face transformers: Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE.
 
   python -m moejax.convert from-hf SRC --workdir DIR [--mesh fsdp=8,expert=8]
   python -m moejax.convert to-hf --workdir DIR OUT [--dtype bfloat16] [--shard_gib 4]
@@ -58,6 +58,8 @@ ARCHS = {
     "Qwen3MoeForCausalLM": Arch("qwen3_moe", "mlp", ("gate_proj", "up_proj", "down_proj"),
                                 "head"),
     "OlmoeForCausalLM": Arch("olmoe", "mlp", ("gate_proj", "up_proj", "down_proj"), "all"),
+    "Qwen2MoeForCausalLM": Arch("qwen2_moe", "mlp", ("gate_proj", "up_proj", "down_proj"),
+                                "none"),
 }
 
 
@@ -97,11 +99,15 @@ def model_config(hf: dict) -> dict:
     # A sliding window no sequence can exceed is plain causal attention: cap the length there.
     window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
     num_experts = hf.get("num_local_experts") or hf.get("num_experts")
+    d_ff = hf.get("moe_intermediate_size") or hf["intermediate_size"]
+    shared = hf.get("shared_expert_intermediate_size", 0) if name == "Qwen2MoeForCausalLM" else 0
+    if shared % d_ff:  # moejax's shared experts are d_ff wide each
+        refuse("shared_expert_intermediate_size", f"a multiple of moe_intermediate_size={d_ff}")
     return dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
-        d_ff=hf.get("moe_intermediate_size") or hf["intermediate_size"],
+        d_ff=d_ff,
         dense_d_ff=hf["intermediate_size"] if "moe_intermediate_size" in hf else 0,
         activation="swiglu",
         rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10_000.0),
@@ -114,8 +120,9 @@ def model_config(hf: dict) -> dict:
         # transformers drops no token: dropless in training, and at eval a capacity of every
         # token of the group (C = T when eval_capacity_factor = E / k).
         dropless=True, eval_capacity_factor=num_experts / hf["num_experts_per_tok"],
-        router_score="softmax", routing="tokens", bias_rate=0.0, num_shared_experts=0,
-        jitter_eps=0.0,
+        router_score="softmax", routing="tokens", bias_rate=0.0,
+        num_shared_experts=shared // d_ff, shared_gate=bool(shared),
+        qkv_bias=name == "Qwen2MoeForCausalLM" and bool(hf.get("qkv_bias", True)), jitter_eps=0.0,
     )
 
 
@@ -180,7 +187,17 @@ def block_tensors(arch: Arch, cfg, layer: int, name: str, expert: int | None):
                               if cfg.qk_norm == "head" else w.reshape(kv, hd),
                               lambda w: [w.reshape(-1)]),
         "ffn.router": ([f"{p}.{arch.moe}.gate.weight"], lambda w: w.T, lambda w: [w.T]),
+        # Qwen2-MoE: biases of q, k, v; the shared expert and its gate [1, d]
+        "attn.q_bias": ([f"{a}.q_proj.bias"], lambda b: b.reshape(h, hd),
+                        lambda b: [b.reshape(-1)]),
+        "attn.kv_bias": ([f"{a}.k_proj.bias", f"{a}.v_proj.bias"],
+                         lambda k, v: np.stack([k.reshape(kv, hd), v.reshape(kv, hd)]),
+                         lambda b: [b[0].reshape(-1), b[1].reshape(-1)]),
+        "ffn.shared_gate": ([f"{p}.mlp.shared_expert_gate.weight"], lambda w: w.T,
+                            lambda w: [w.T]),
     }
+    shared = ffn(f"{p}.mlp.shared_expert")
+    table.update({"ffn.shared_in": shared["ffn.w_in"], "ffn.shared_out": shared["ffn.w_out"]})
     table.update(ffn(f"{p}.{arch.moe}.experts.{expert}" if expert is not None else f"{p}.mlp"))
     names, ours, theirs = table[name]
     return names, ours or (lambda w: w), theirs or (lambda w: [w])
@@ -386,7 +403,9 @@ def hf_config(config, dtype: str, saved: dict | None) -> dict:
     """config.json for the model of `config`: the imported one's if there was one (its token
     ids and other fields survive), with every field the weights depend on set from ours."""
     m = config.model
-    if m.qk_norm == "head":
+    if m.num_shared_experts:
+        name = "Qwen2MoeForCausalLM"
+    elif m.qk_norm == "head":
         name = "Qwen3MoeForCausalLM"
     elif m.qk_norm == "all":
         name = "OlmoeForCausalLM"
@@ -402,11 +421,16 @@ def hf_config(config, dtype: str, saved: dict | None) -> dict:
     need(m.activation == "swiglu", "activation", m.activation, "swiglu")
     need(m.router_score == "softmax" and m.routing == "tokens", "router_score",
          m.router_score, "softmax with routing=tokens")
-    need(m.num_shared_experts == 0 and m.bias_rate == 0, "num_shared_experts",
-         m.num_shared_experts, "0, with bias_rate 0")
+    need(m.bias_rate == 0, "bias_rate", m.bias_rate, "0")
+    need(bool(m.shared_gate) == bool(m.num_shared_experts), "shared_gate", m.shared_gate,
+         "True exactly when num_shared_experts > 0 (Qwen2-MoE)")
+    need(not m.qkv_bias or name == "Qwen2MoeForCausalLM", "qkv_bias", m.qkv_bias,
+         "False unless num_shared_experts > 0 (Qwen2-MoE)")
+    need(m.qk_norm == "none" or name != "Qwen2MoeForCausalLM", "qk_norm", m.qk_norm,
+         "none for Qwen2-MoE (num_shared_experts > 0)")
     need(m.first_dense_layers == 0, "first_dense_layers", m.first_dense_layers, "0")
-    need(m.moe_every == 1 or name == "Qwen3MoeForCausalLM", "moe_every", m.moe_every,
-         "1 (Qwen3-MoE: any)")
+    need(m.moe_every == 1 or name.startswith("Qwen"), "moe_every", m.moe_every,
+         "1 (Qwen2/3-MoE: any)")
     need(m.renormalize or name != "MixtralForCausalLM", "renormalize", m.renormalize,
          "True for Mixtral (a model without qk_norm)")
     out = dict(saved or {})
@@ -421,11 +445,14 @@ def hf_config(config, dtype: str, saved: dict | None) -> dict:
     out.pop("rope_scaling", None)
     if name == "MixtralForCausalLM":
         out.update(num_local_experts=m.num_experts, intermediate_size=m.d_ff)
-    elif name == "Qwen3MoeForCausalLM":
+    elif name.startswith("Qwen"):
         out.update(num_experts=m.num_experts, moe_intermediate_size=m.d_ff,
                    intermediate_size=m.dense_d_ff or m.d_ff, decoder_sparse_step=m.moe_every,
                    mlp_only_layers=[], norm_topk_prob=bool(m.renormalize))
         out.pop("num_local_experts", None)
+        if name == "Qwen2MoeForCausalLM":
+            out.update(shared_expert_intermediate_size=m.num_shared_experts * m.d_ff,
+                       qkv_bias=bool(m.qkv_bias))
     else:
         out.update(num_experts=m.num_experts, intermediate_size=m.d_ff,
                    norm_topk_prob=bool(m.renormalize))

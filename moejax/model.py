@@ -87,11 +87,20 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm((h, hd), cfg.norm_eps, param_dtype, ("heads", None))
             self.k_norm = RMSNorm((kv, hd), cfg.norm_eps, param_dtype, ("kv_heads", None))
         self.qk_norm = cfg.qk_norm != "none"
+        if cfg.qkv_bias:  # Qwen2-MoE
+            self.q_bias = nnx.Param(jnp.zeros((h, hd), param_dtype), out_sharding=("heads", None),
+                                    eager_sharding=False)
+            self.kv_bias = nnx.Param(jnp.zeros((2, kv, hd), param_dtype),
+                                     out_sharding=(None, "kv_heads", None), eager_sharding=False)
+        self.qkv_bias = cfg.qkv_bias
 
     def project(self, x, positions):
         """x: [B, S, d] -> q [B, S, h, hd], k and v [B, S, kv, hd]; q, k rotated to positions."""
         q = jnp.einsum("bsd,dhe->bshe", x, self.q[...].astype(self.dtype))
         k, v = jnp.unstack(jnp.einsum("bsd,dkhe->kbshe", x, self.kv[...].astype(self.dtype)))
+        if self.qkv_bias:
+            kv_bias = self.kv_bias[...].astype(self.dtype)
+            q, k, v = q + self.q_bias[...].astype(self.dtype), k + kv_bias[0], v + kv_bias[1]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = checkpoint_name(constrain(q, self.mesh, ("batch", None, "heads", None)), "attn_q")
@@ -163,7 +172,8 @@ def moe_config(cfg) -> MoEConfig:
                      min_capacity=cfg.min_capacity, renormalize=cfg.renormalize,
                      jitter_eps=cfg.jitter_eps, num_groups=cfg.num_groups or None,
                      dropless=cfg.dropless, score=cfg.router_score, routing=cfg.routing,
-                     bias_rate=cfg.bias_rate, num_shared=cfg.num_shared_experts)
+                     bias_rate=cfg.bias_rate, num_shared=cfg.num_shared_experts,
+                     shared_gate=cfg.shared_gate)
 
 
 class Block(nnx.Module):

@@ -32,9 +32,14 @@ def make_optimizer(tc):
             step = jnp.maximum(step, 1)
             return tc.lr * jnp.minimum(step / tc.warmup_steps,
                                        jnp.sqrt(tc.warmup_steps / step))
-    def decay_mask(params):  # no decay on norm scales and biases (one logical dim)
-        return jax.tree.map(lambda v: v.replace(len(parallel.names_of(v)) >= 2), params,
-                            is_leaf=lambda v: isinstance(v, nnx.Variable))
+    def decay_mask(params):  # weight matrices only: no decay on norm scales and biases
+        def decays(path, v):
+            last = path_name(path).rsplit(".", 1)[-1]
+            return v.replace(len(parallel.names_of(v)) >= 2
+                             and not last.endswith(("scale", "bias")))
+
+        return jax.tree_util.tree_map_with_path(decays, params,
+                                                is_leaf=lambda v: isinstance(v, nnx.Variable))
 
     tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
                      optax.adamw(lr, tc.b1, tc.b2, weight_decay=tc.weight_decay,

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moejax.checkpoint import path_name, shapes
 from moejax.config_lib import ConfigError
 
-FRESH = ("router", "router_bias", "shared_in", "shared_out")
+FRESH = ("router", "router_bias", "shared_in", "shared_out", "shared_gate")
 KEY = "train.init_from"
 
 

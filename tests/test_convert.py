@@ -19,7 +19,7 @@ from moejax import convert, parallel, state
 from moejax.config_lib import ConfigError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-NAMES = ("mixtral", "qwen3_moe_top2", "qwen3_moe_top4", "olmoe")
+NAMES = ("mixtral", "qwen3_moe_top2", "qwen3_moe_top4", "olmoe", "qwen2_moe")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -76,7 +76,7 @@ def tensors(folder):
     return out
 
 
-@pytest.mark.parametrize("name", ["mixtral", "olmoe"])
+@pytest.mark.parametrize("name", ["mixtral", "olmoe", "qwen2_moe"])
 def test_round_trip_is_byte_identical(converted, name, tmp_path):
     out = str(tmp_path / "out")
     files = convert.to_hf(converted[name], out, shard_gib=60_000 / 2**30)  # ~60 kB files
@@ -93,7 +93,7 @@ def test_round_trip_is_byte_identical(converted, name, tmp_path):
 def test_to_hf_loads_in_transformers(converted, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    for name in ("mixtral", "qwen3_moe_top4", "olmoe"):
+    for name in ("mixtral", "qwen3_moe_top4", "olmoe", "qwen2_moe"):
         out = str(tmp_path / name)
         convert.to_hf(converted[name], out, dtype="float32")
         model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -103,16 +103,20 @@ def test_to_hf_loads_in_transformers(converted, tmp_path):
         np.testing.assert_allclose(logits, expected["logits"], atol=1e-4, rtol=0)
 
 
-def test_to_hf_of_a_model_made_here(tmp_path):
-    """A run that never saw transformers: its config.json is built from the moejax config."""
+@pytest.mark.parametrize("model", [
+    dict(qk_norm="all", num_kv_heads=1, renormalize=True, tie_embeddings=True, norm_eps=1e-5),
+    dict(num_shared_experts=1, shared_gate=True, qkv_bias=True, moe_every=2),
+])
+def test_to_hf_of_a_model_made_here(tmp_path, model):
+    """A run that never saw transformers: its config.json is built from the moejax config
+    (OLMoE with tied embeddings; Qwen2-MoE with a dense layer between MoE layers)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from configs import tiny
     from moejax.checkpoint import Checkpoints
 
     config = tiny.get_config("smoke")
-    config.model.update(vocab_size=257, qk_norm="all", num_kv_heads=1, renormalize=True,
-                        tie_embeddings=True, norm_eps=1e-5, dropless=True)
+    config.model.update(vocab_size=257, dropless=True, **model)
     s = state.setup(config, parallel.make_mesh({}))
     train_state = state.init(s)
     ckpt = Checkpoints(str(tmp_path / "run"), 1, False)

@@ -49,6 +49,7 @@ class MoEConfig:
     routing: str = "tokens"  # tokens: each token picks k experts | experts: expert choice
     bias_rate: float = 0.0  # auxiliary-loss-free balancing: bias step per train step; 0 = off
     num_shared: int = 0  # always-on shared experts (DeepSeek), each d_ff wide
+    shared_gate: bool = False  # shared output scaled by sigmoid(x @ w) per token (Qwen2-MoE)
 
 
 ROUTINGS = ("tokens", "experts")
@@ -203,6 +204,9 @@ class MoE(nnx.Module):
                 out_sharding=IN_NAMES, eager_sharding=False)
             self.shared_out = nnx.Param(init(rngs.params(), (shared_ff, d_model), param_dtype),
                                         out_sharding=OUT_NAMES, eager_sharding=False)
+        if cfg.num_shared and cfg.shared_gate:
+            self.shared_gate = nnx.Param(init(rngs.params(), (d_model, 1), param_dtype),
+                                         out_sharding=("embed", None), eager_sharding=False)
 
     def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None):
         """x: [B, S, d] -> ([B, S, d], aux). `rng` drives router jitter when training."""
@@ -251,8 +255,11 @@ class MoE(nnx.Module):
         y = checkpoint_name(y, "moe_out")
         if cfg.num_shared:
             w_in, w_out = self.shared_in[...].astype(self.dtype), self.shared_out[...]
-            y = y + ffn(x.reshape(-1, x.shape[-1]), w_in, w_out.astype(self.dtype),
-                        self.activation).reshape(x.shape)
+            shared = ffn(x.reshape(-1, x.shape[-1]), w_in, w_out.astype(self.dtype),
+                         self.activation).reshape(x.shape)
+            if cfg.shared_gate:
+                shared = shared * jax.nn.sigmoid(x @ self.shared_gate[...].astype(self.dtype))
+            y = y + shared
         return y, aux
 
 
