@@ -193,3 +193,20 @@ def test_scanned_stacks_put_the_moe_layers_where_the_config_says(layers, first, 
     assert logits.shape == (16, 32, 256)
     assert aux["tokens_per_expert"].shape == (len(moe), 8)
     np.testing.assert_array_equal(aux["tokens_per_expert"].sum(-1), 16 * 32 * 2)
+
+
+def test_weight_decay_spares_norm_scales_and_biases():
+    """AdamW decays weight matrices only: one step from zero gradients moves exactly them."""
+    config = small(qk_norm="all", qkv_bias=True, num_shared_experts=1, shared_gate=True)
+    config.train.warmup_steps = 0  # the first step's learning rate is not 0
+    s = state.setup(config, parallel.make_mesh({}))
+    params = state.init(s)["params"]
+    tx, _ = state.make_optimizer(config.train)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    moved = {path_name(p) for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]
+             if float(jnp.abs(u).max()) > 0}
+    names = {path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    spared = {n for n in names if n.endswith(("scale", "bias"))}
+    assert spared and not spared & moved
+    assert moved == names - spared, sorted(names - spared - moved)
