@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import pprint
+import re
 import shutil
 import sys
 
@@ -271,7 +272,7 @@ def resolve(src: str) -> str:
             raise ConfigError(f"SRC={src!r}: no config.json in it; allowed: a folder that "
                               "save_pretrained wrote, or a hub name like org/model")
         return src
-    if src.count("/") != 1 or os.path.exists(src):
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", src) or os.path.exists(src):
         raise ConfigError(f"SRC={src!r}: not a folder; allowed: a local folder with "
                           "config.json + *.safetensors, or a hub name like org/model")
     import huggingface_hub
@@ -482,10 +483,15 @@ def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4
     if jax.process_count() > 1:  # every tensor is fetched whole from the devices
         raise ConfigError("to-hf: runs on one host (it fetches each tensor whole); allowed: "
                           "one process, with the host's devices")
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+        raise ConfigError(f"--workdir={workdir!r}: no config.json in it; allowed: the workdir "
+                          "of a moejax run or conversion")
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    saved_path = os.path.join(workdir, "hf", "config.json")
-    saved = json.load(open(saved_path)) if os.path.exists(saved_path) else None
+    saved, saved_path = None, os.path.join(workdir, "hf", "config.json")
+    if os.path.exists(saved_path):
+        with open(saved_path) as f:
+            saved = json.load(f)
     dtype = dtype or (saved or {}).get("dtype") or (saved or {}).get("torch_dtype") or "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype={dtype!r}: unknown; allowed: float32, bfloat16, float16")
