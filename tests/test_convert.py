@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from moejax import convert, parallel, state
+from moejax import convert, hf_map, parallel, state
 from moejax.config_lib import ConfigError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -203,7 +203,7 @@ def test_to_hf_refuses_what_transformers_cannot_compute(tmp_path):
     config = tiny.get_config("smoke")
     config.model.router_score = "sigmoid"
     with pytest.raises(ConfigError, match="model.router_score='sigmoid'.*allowed: softmax"):
-        convert.hf_config(config, "float32", None)
+        hf_map.hf_config(config, "float32", None)
 
 
 @pytest.mark.slow
@@ -254,7 +254,7 @@ def test_released_configs_convert_to_our_model_configs(hf, ours):
     import importlib
 
     want = importlib.import_module(f"configs.{ours}").get_config().model
-    got = convert.model_config(hf)
+    got = hf_map.model_config(hf)
     keys = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "d_ff", "num_experts", "top_k", "renormalize", "rope_theta", "norm_eps",
             "qk_norm", "tie_embeddings", "activation")

@@ -1,0 +1,246 @@
+"""How a transformers checkpoint maps onto moejax, per architecture: config.json <-> the model
+config, and each HF tensor <-> a slice of one moejax parameter. Pure: no files, no devices
+(moejax/convert.py does the reading and writing).
+
+Our layouts: attention q [d, heads, hd], kv [d, 2, kv_heads, hd], out [heads, hd, d]; an FFN's
+w_in [d, 2, f] (gate, then up) and w_out [f, d]; experts with a leading [E]; a block's weights
+with a leading layer axis. transformers keeps Linear weights as [out, in].
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from moejax.checkpoint import path_name
+from moejax.config_lib import ConfigError
+from moejax.model import layer_stacks
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    model_type: str
+    moe: str  # the MoE block of a layer
+    experts: tuple[str, str, str]  # an expert's gate, up and down projections
+    qk_norm: str  # moejax model.qk_norm
+
+
+ARCHS = {
+    "MixtralForCausalLM": Arch("mixtral", "block_sparse_moe", ("w1", "w3", "w2"), "none"),
+    "Qwen3MoeForCausalLM": Arch("qwen3_moe", "mlp", ("gate_proj", "up_proj", "down_proj"),
+                                "head"),
+    "OlmoeForCausalLM": Arch("olmoe", "mlp", ("gate_proj", "up_proj", "down_proj"), "all"),
+    "Qwen2MoeForCausalLM": Arch("qwen2_moe", "mlp", ("gate_proj", "up_proj", "down_proj"),
+                                "none"),
+}
+
+
+def arch_of(hf: dict) -> str:
+    name = (hf.get("architectures") or ["?"])[0]
+    if name not in ARCHS:
+        raise ConfigError(f"config.json architectures={name!r}: unknown; allowed: "
+                          f"{', '.join(ARCHS)}")
+    return name
+
+
+def model_config(hf: dict) -> dict:
+    """The moejax model keys computing what transformers computes for this config.json; a
+    feature moejax lacks fails with one line naming its key."""
+    name = arch_of(hf)
+    arch = ARCHS[name]
+
+    def refuse(key, allowed):
+        raise ConfigError(f"config.json {key}={hf.get(key)!r}: not supported for {name}; "
+                          f"allowed: {allowed}")
+
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        refuse("rope_parameters", "rope_type default (no scaling)")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "silu")
+    for key in ("attention_bias", "clip_qkv"):
+        if hf.get(key):
+            refuse(key, "null / false")
+    if hf.get("mlp_only_layers"):
+        refuse("mlp_only_layers", "[]")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if arch.qk_norm == "all" and head_dim * heads != hf["hidden_size"]:
+        refuse("head_dim", "hidden_size / num_attention_heads")
+    max_len = hf.get("max_position_embeddings", 4096)
+    # A sliding window no sequence can exceed is plain causal attention: cap the length there.
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    num_experts = hf.get("num_local_experts") or hf.get("num_experts")
+    d_ff = hf.get("moe_intermediate_size") or hf["intermediate_size"]
+    shared = hf.get("shared_expert_intermediate_size", 0) if name == "Qwen2MoeForCausalLM" else 0
+    if shared % d_ff:  # moejax's shared experts are d_ff wide each
+        refuse("shared_expert_intermediate_size", f"a multiple of moe_intermediate_size={d_ff}")
+    return dict(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
+        d_ff=d_ff,
+        dense_d_ff=hf["intermediate_size"] if "moe_intermediate_size" in hf else 0,
+        activation="swiglu",
+        rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10_000.0),
+        norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=arch.qk_norm,
+        max_seq_len=min(max_len, window or max_len),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        num_experts=num_experts, top_k=hf["num_experts_per_tok"],
+        moe_every=hf.get("decoder_sparse_step", 1), first_dense_layers=0,
+        renormalize=name == "MixtralForCausalLM" or bool(hf.get("norm_topk_prob", False)),
+        # transformers drops no token: dropless in training, and at eval a capacity of every
+        # token of the group (C = T when eval_capacity_factor = E / k).
+        dropless=True, eval_capacity_factor=num_experts / hf["num_experts_per_tok"],
+        router_score="softmax", routing="tokens", bias_rate=0.0,
+        num_shared_experts=shared // d_ff, shared_gate=bool(shared),
+        qkv_bias=name == "Qwen2MoeForCausalLM" and bool(hf.get("qkv_bias", True)), jitter_eps=0.0,
+    )
+
+
+def block_tensors(arch: Arch, cfg, layer: int, name: str, expert: int | None):
+    """HF tensors making block weight `name` of `layer` (of one expert, for expert weights):
+    (their names, ours from theirs, theirs from ours)."""
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    p = f"model.layers.{layer}"
+    a = f"{p}.self_attn"
+
+    def heads(w, n):  # [n * hd, d] -> [d, n, hd]
+        return w.reshape(n, hd, d).transpose(2, 0, 1)
+
+    def unheads(w):  # [d, n, hd] -> [n * hd, d]
+        return w.transpose(1, 2, 0).reshape(-1, d)
+
+    def ffn(prefix):  # w_in [d, 2, f] from gate and up [f, d]; w_out [f, d] from down [d, f]
+        gate, up, down = (f"{prefix}.{n}.weight" for n in arch.experts)
+        return {"ffn.w_in": ([gate, up], lambda g, u: np.stack([g.T, u.T], 1),
+                             lambda w: [w[:, 0].T, w[:, 1].T]),
+                "ffn.w_out": ([down], lambda w: w.T, lambda w: [w.T])}
+
+    table = {
+        "attn_norm.scale": ([f"{p}.input_layernorm.weight"], None, None),
+        "ffn_norm.scale": ([f"{p}.post_attention_layernorm.weight"], None, None),
+        "attn.q": ([f"{a}.q_proj.weight"], lambda w: heads(w, h), lambda w: [unheads(w)]),
+        "attn.kv": ([f"{a}.k_proj.weight", f"{a}.v_proj.weight"],
+                    lambda k, v: np.stack([heads(k, kv), heads(v, kv)], 1),
+                    lambda w: [unheads(w[:, 0]), unheads(w[:, 1])]),
+        "attn.out": ([f"{a}.o_proj.weight"], lambda w: w.T.reshape(h, hd, d),
+                     lambda w: [w.reshape(h * hd, d).T]),
+        # Qwen3: [hd], shared by the heads; OLMoE: [heads * hd], over the whole projection.
+        "attn.q_norm.scale": ([f"{a}.q_norm.weight"], lambda w: w.reshape(-1, hd).squeeze(0)
+                              if cfg.qk_norm == "head" else w.reshape(h, hd),
+                              lambda w: [w.reshape(-1)]),
+        "attn.k_norm.scale": ([f"{a}.k_norm.weight"], lambda w: w.reshape(-1, hd).squeeze(0)
+                              if cfg.qk_norm == "head" else w.reshape(kv, hd),
+                              lambda w: [w.reshape(-1)]),
+        "ffn.router": ([f"{p}.{arch.moe}.gate.weight"], lambda w: w.T, lambda w: [w.T]),
+        # Qwen2-MoE: biases of q, k, v; the shared expert and its gate [1, d]
+        "attn.q_bias": ([f"{a}.q_proj.bias"], lambda b: b.reshape(h, hd),
+                        lambda b: [b.reshape(-1)]),
+        "attn.kv_bias": ([f"{a}.k_proj.bias", f"{a}.v_proj.bias"],
+                         lambda k, v: np.stack([k.reshape(kv, hd), v.reshape(kv, hd)]),
+                         lambda b: [b[0].reshape(-1), b[1].reshape(-1)]),
+        "ffn.shared_gate": ([f"{p}.mlp.shared_expert_gate.weight"], lambda w: w.T,
+                            lambda w: [w.T]),
+    }
+    shared = ffn(f"{p}.mlp.shared_expert")
+    table.update({"ffn.shared_in": shared["ffn.w_in"], "ffn.shared_out": shared["ffn.w_out"]})
+    table.update(ffn(f"{p}.{arch.moe}.experts.{expert}" if expert is not None else f"{p}.mlp"))
+    names, ours, theirs = table[name]
+    return names, ours or (lambda w: w), theirs or (lambda w: [w])
+
+
+TOP = {  # weights outside the blocks: (HF name, ours from theirs, theirs from ours)
+    "embed": ("model.embed_tokens.weight", lambda w: w, lambda w: w),
+    "unembed": ("lm_head.weight", lambda w: w.T, lambda w: w.T),
+    "final_norm.scale": ("model.norm.weight", lambda w: w, lambda w: w),
+}
+
+
+def weight_map(arch: Arch, cfg, abstract_params):
+    """name -> (leading dims, part(*leading ids) -> (HF names, ours from theirs, theirs from
+    ours)) for every moejax parameter. Leading dims: () outside the blocks, (layers,) for a
+    block's weights, (layers, experts) for its experts'."""
+    firsts, first = [], 0
+    for repeats, period in layer_stacks(cfg):
+        firsts.append((first, period))
+        first += repeats * period
+    out = {}
+    for path, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        name = path_name(path)
+        if name in TOP:
+            hf_name, ours, theirs = TOP[name]
+            out[name] = ((), lambda hf_name=hf_name, ours=ours, theirs=theirs:
+                         ([hf_name], ours, lambda w: [theirs(w)]))
+            continue
+        _, s, _, j, local = name.split(".", 4)  # stacks.S.blocks.J.local
+        start, period = firsts[int(s)]
+        # [L, E, d, 2, f] and [L, E, f, d] are experts; a dense FFN's lack the E axis.
+        expert = a.ndim == {"ffn.w_in": 5, "ffn.w_out": 4}.get(local)
+        lead = a.shape[:2] if expert else a.shape[:1]
+
+        def part(r, e=None, start=start, period=period, j=int(j), local=local):
+            return block_tensors(arch, cfg, start + r * period + j, local, e)
+
+        out[name] = (lead, part)
+    return out
+
+
+def hf_config(config, dtype: str, saved: dict | None) -> dict:
+    """config.json for the model of `config`: the imported one's if there was one (its token
+    ids and other fields survive), with every field the weights depend on set from ours."""
+    m = config.model
+    if m.num_shared_experts:
+        name = "Qwen2MoeForCausalLM"
+    elif m.qk_norm == "head":
+        name = "Qwen3MoeForCausalLM"
+    elif m.qk_norm == "all":
+        name = "OlmoeForCausalLM"
+    else:
+        name = "MixtralForCausalLM"
+
+    def need(ok, key, value, allowed):
+        if not ok:
+            raise ConfigError(f"model.{key}={value!r}: {name} cannot compute it; allowed: "
+                              f"{allowed}")
+
+    need(m.num_experts > 0, "num_experts", m.num_experts, "> 0 (an MoE)")
+    need(m.activation == "swiglu", "activation", m.activation, "swiglu")
+    need(m.router_score == "softmax" and m.routing == "tokens", "router_score",
+         m.router_score, "softmax with routing=tokens")
+    need(m.bias_rate == 0, "bias_rate", m.bias_rate, "0")
+    need(bool(m.shared_gate) == bool(m.num_shared_experts), "shared_gate", m.shared_gate,
+         "True exactly when num_shared_experts > 0 (Qwen2-MoE)")
+    need(not m.qkv_bias or name == "Qwen2MoeForCausalLM", "qkv_bias", m.qkv_bias,
+         "False unless num_shared_experts > 0 (Qwen2-MoE)")
+    need(m.qk_norm == "none" or name != "Qwen2MoeForCausalLM", "qk_norm", m.qk_norm,
+         "none for Qwen2-MoE (num_shared_experts > 0)")
+    need(m.first_dense_layers == 0, "first_dense_layers", m.first_dense_layers, "0")
+    need(m.moe_every == 1 or name.startswith("Qwen"), "moe_every", m.moe_every,
+         "1 (Qwen2/3-MoE: any)")
+    need(m.renormalize or name != "MixtralForCausalLM", "renormalize", m.renormalize,
+         "True for Mixtral (a model without qk_norm)")
+    out = dict(saved or {})
+    out.update(architectures=[name], model_type=ARCHS[name].model_type,
+               vocab_size=m.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.num_layers,
+               num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads or m.num_heads,
+               head_dim=m.head_dim, num_experts_per_tok=m.top_k, rms_norm_eps=m.norm_eps,
+               rope_theta=m.rope_theta, tie_word_embeddings=bool(m.tie_embeddings),
+               hidden_act="silu", dtype=dtype, torch_dtype=dtype)
+    out.setdefault("max_position_embeddings", m.max_seq_len)
+    out["rope_parameters"] = {"rope_type": "default", "rope_theta": m.rope_theta}
+    out.pop("rope_scaling", None)
+    if name == "MixtralForCausalLM":
+        out.update(num_local_experts=m.num_experts, intermediate_size=m.d_ff)
+    elif name.startswith("Qwen"):
+        out.update(num_experts=m.num_experts, moe_intermediate_size=m.d_ff,
+                   intermediate_size=m.dense_d_ff or m.d_ff, decoder_sparse_step=m.moe_every,
+                   mlp_only_layers=[], norm_topk_prob=bool(m.renormalize))
+        out.pop("num_local_experts", None)
+        if name == "Qwen2MoeForCausalLM":
+            out.update(shared_expert_intermediate_size=m.num_shared_experts * m.d_ff,
+                       qkv_bias=bool(m.qkv_bias))
+    else:
+        out.update(num_experts=m.num_experts, intermediate_size=m.d_ff,
+                   norm_topk_prob=bool(m.renormalize))
+    return out
