@@ -136,3 +136,28 @@ def on_every_process(ok: bool) -> bool:
         return ok
     return bool(multihost_utils.process_allgather(np.int32(ok)).min())
 
+
+def run_checkpoints(workdir: str, key: str) -> ocp.CheckpointManager:
+    """Another run's checkpoints, to read parameters from; ConfigError naming `key` if it has
+    none. The PyTree handler, not the Standard one: `restore_params` reads part of the state."""
+    path = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(path):  # else orbax would create it in someone else's run
+        raise ConfigError(f"{key}={workdir!r}: no checkpoints/ in it; allowed: the --workdir "
+                          "of a run that saved a checkpoint")
+    mgr = ocp.CheckpointManager(path, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    if mgr.latest_step() is None:
+        mgr.close()
+        raise ConfigError(f"{key}={workdir!r}: no checkpoint in {path}; allowed: the "
+                          "--workdir of a run that saved one")
+    return mgr
+
+
+def restore_params(mgr: ocp.CheckpointManager, step: int, target):
+    """The parameters of `step` only, into `target`'s shapes and shardings: not the optimizer
+    state, twice their size."""
+    target = {"params": target}
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+    return out.state["params"]
+

@@ -31,13 +31,12 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (numpy learns bfloat16, which safetensors' numpy reader needs)
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from moejax import config_lib, parallel, state
-from moejax.checkpoint import Checkpoints, path_name
+from moejax.checkpoint import Checkpoints, path_name, restore_params, run_checkpoints
 from moejax.config_lib import ConfigError
 from moejax.hf_map import ARCHS, arch_of, hf_config, model_config, weight_map
 
@@ -228,22 +227,6 @@ def get_config(arg=None):
 
 # --- to-hf -------------------------------------------------------------------------------
 
-def restore_params(workdir: str, abstract):
-    """The newest checkpoint's parameters only (not the optimizer state, twice their size)."""
-    path = os.path.join(os.path.abspath(workdir), "checkpoints")
-    mgr = ocp.CheckpointManager(path, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-    with contextlib.closing(mgr):
-        step = mgr.latest_step()
-        if step is None:
-            raise ConfigError(f"--workdir={workdir!r}: no checkpoint in {path}; allowed: the "
-                              "workdir of a run that saved one")
-        target = {"params": abstract}
-        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
-    return out.state["params"], step
-
-
 def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4.0) -> list:
     """Write the newest checkpoint of workdir to `out`; returns the files written."""
     import ml_collections
@@ -267,7 +250,9 @@ def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4
     arch = ARCHS[hf["architectures"][0]]
     mesh = parallel.make_mesh({"fsdp": jax.device_count()})
     setup = state.setup(config, mesh)
-    params, step = restore_params(workdir, setup.abstract["params"])
+    with contextlib.closing(run_checkpoints(workdir, "--workdir")) as mgr:
+        step = mgr.latest_step()
+        params = restore_params(mgr, step, setup.abstract["params"])
     wmap = weight_map(arch, config.model, setup.abstract["params"])
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                 "float16": np.float16}[dtype]

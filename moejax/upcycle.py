@@ -7,14 +7,12 @@ capacity no token exceeds), the upcycled model computes exactly what the dense o
 """
 
 import contextlib
-import os
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moejax.checkpoint import path_name, shapes
+from moejax.checkpoint import path_name, restore_params, run_checkpoints, shapes
 from moejax.config_lib import ConfigError
 
 FRESH = ("router", "router_bias", "shared_in", "shared_out", "shared_gate")
@@ -49,23 +47,9 @@ def plan(dense: dict, moe: dict) -> dict:
     return how
 
 
-def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
-    path = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(path):  # else orbax would create it in someone else's run
-        raise ConfigError(f"{KEY}={workdir!r}: no checkpoints/ in it; allowed: the --workdir "
-                          "of a finished run")
-    # The PyTree handler, not the Standard one: load() restores only part of the state.
-    mgr = ocp.CheckpointManager(path, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-    if mgr.latest_step() is None:
-        mgr.close()
-        raise ConfigError(f"{KEY}={workdir!r}: no checkpoint in {path}; allowed: the --workdir "
-                          "of a dense run that saved one")
-    return mgr
-
-
 def check(workdir: str, moe_params) -> dict:
     """Shapes only (checkpoint metadata), so a mismatch is reported before anything compiles."""
-    with contextlib.closing(checkpoint_manager(workdir)) as mgr:
+    with contextlib.closing(run_checkpoints(workdir, KEY)) as mgr:
         saved = mgr.item_metadata(mgr.latest_step())["state"]["params"]
     return plan(shapes(saved), shapes(moe_params))
 
@@ -80,7 +64,7 @@ def load(workdir: str, moe_params, mesh):
     then broadcast over that axis on device: nothing is gathered or goes through the host.
     """
     live = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(moe_params)[0]}
-    with contextlib.closing(checkpoint_manager(workdir)) as mgr:
+    with contextlib.closing(run_checkpoints(workdir, KEY)) as mgr:
         step = mgr.latest_step()
         saved = mgr.item_metadata(step)["state"]["params"]
         how = plan(shapes(saved), shapes(moe_params))
@@ -93,13 +77,10 @@ def load(workdir: str, moe_params, mesh):
             spec = (*like.sharding.spec, *(None,) * (like.ndim - len(like.sharding.spec)))
             return NamedSharding(mesh, P(spec[0], *spec[2:]))  # [L, E, ...] less the E axis
 
-        target = {"params": jax.tree_util.tree_map_with_path(
-            lambda p, m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding(p)), saved)}
-        dense = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
-    dense = {path_name(p): x for p, x in
-             jax.tree_util.tree_flatten_with_path(dense.state["params"])[0]}
+        target = jax.tree_util.tree_map_with_path(
+            lambda p, m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding(p)), saved)
+        dense = restore_params(mgr, step, target)
+    dense = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(dense)[0]}
 
     def fill(path, like):
         name = path_name(path)

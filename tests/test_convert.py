@@ -1,6 +1,7 @@
 """moejax.convert against transformers itself, through the fixtures it made
 (tests/fixtures/make_hf_fixtures.py): logits, greedy tokens, the round trip, bad input."""
 
+import contextlib
 import glob
 import json
 import os
@@ -16,6 +17,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from moejax import convert, hf_map, parallel, state
+from moejax.checkpoint import restore_params, run_checkpoints
 from moejax.config_lib import ConfigError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -40,7 +42,8 @@ def load_model(workdir, **model_overrides):
         config = ml_collections.ConfigDict(json.load(f))
     config.model.update(model_overrides)
     s = state.setup(config, parallel.make_mesh({}))
-    params, _ = convert.restore_params(workdir, s.abstract["params"])
+    with contextlib.closing(run_checkpoints(workdir, "workdir")) as mgr:
+        params = restore_params(mgr, mgr.latest_step(), s.abstract["params"])
     return config, nnx.merge(s.graphdef, params)
 
 
