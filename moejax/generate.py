@@ -10,6 +10,7 @@ once per token or per max_new_tokens.
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
 import os
@@ -22,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from moejax import data, parallel, state
-from moejax.checkpoint import Checkpoints
+from moejax.checkpoint import restore_params, run_checkpoints
+from moejax.config_lib import ConfigError
 
 BUCKET = 64  # padded prompt length and cache length are multiples of this (<= max_seq_len)
 TRACES = collections.Counter()  # traces (= compilations) of the jitted generate loop
@@ -30,19 +32,23 @@ TRACES = collections.Counter()  # traces (= compilations) of the jitted generate
 
 def load(workdir: str):
     """The run's config and model with the newest checkpoint's parameters, on one device."""
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+        raise SystemExit(f"error: --workdir={workdir!r}: no config.json in it; allowed: the "
+                         "workdir of a run (train) or of a conversion (convert from-hf)")
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     config.model.num_groups = 1  # one capacity group: the prompt's tokens are routed together
     if config.model.routing == "tokens":  # no capacity: padding and batch-mates drop nothing
         config.model.dropless = True
     setup = state.setup(config, parallel.make_mesh({}))  # one device, whatever the run's mesh
-    ckpt = Checkpoints(workdir, keep=config.train.keep_checkpoints, keep_best=False)
-    step = ckpt.latest_step()
-    if step is None:
-        raise SystemExit(f"error: no checkpoint in {workdir}/checkpoints")
-    restored, _ = ckpt.restore(step, setup.abstract)
-    ckpt.close()
-    return config, nnx.merge(setup.graphdef, restored["params"]), step
+    try:
+        mgr = run_checkpoints(workdir, "--workdir")
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    with contextlib.closing(mgr):  # the parameters only: the optimizer state is twice their size
+        step = mgr.latest_step()
+        params = restore_params(mgr, step, setup.abstract["params"])
+    return config, nnx.merge(setup.graphdef, params), step
 
 
 def round_up(n: int, cap: int) -> int:
