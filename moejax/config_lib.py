@@ -18,6 +18,38 @@ def config_dict(**groups) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(groups)
 
 
+def defaults() -> ml_collections.ConfigDict:
+    """configs/tiny.py next to the package: every key a run has, with its default."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "tiny.py")
+    spec = importlib.util.spec_from_file_location("tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config.json a run or conversion wrote. A key added since (a new feature) takes its
+    default, which is what the older version computed."""
+    import json
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"--workdir={workdir!r}: no config.json in it; allowed: the workdir "
+                          "of a run (train) or of a conversion (convert from-hf)")
+    with open(path) as f:
+        saved = json.load(f)
+    config = defaults()
+    for group, values in saved.items():
+        if group in config and isinstance(values, dict):
+            config[group].update(values)
+        else:
+            config[group] = values
+    return config
+
+
 class ConfigError(ValueError):
     """A bad config value: the message names the key and what is allowed."""
 

@@ -19,7 +19,6 @@ tensor is fetched from the devices at a time, one file's tensors are held at a t
 import argparse
 import contextlib
 import glob
-import importlib.util
 import json
 import os
 import pprint
@@ -44,18 +43,8 @@ HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenize
             "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
-def base_config():
-    """configs/tiny.py next to the package: the data and train defaults of every run."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "tiny.py")
-    spec = importlib.util.spec_from_file_location("tiny", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def moejax_config(hf: dict, tokenizer: str, mesh: dict):
-    config = base_config()
+    config = config_lib.defaults()
     config.model.update(model_config(hf))
     config.data.update(tokenizer=tokenizer)
     # Fine-tuning defaults: a small constant-ish learning rate, no decay of released weights.
@@ -229,16 +218,11 @@ def get_config(arg=None):
 
 def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4.0) -> list:
     """Write the newest checkpoint of workdir to `out`; returns the files written."""
-    import ml_collections
 
     if jax.process_count() > 1:  # every tensor is fetched whole from the devices
         raise ConfigError("to-hf: runs on one host (it fetches each tensor whole); allowed: "
                           "one process, with the host's devices")
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-        raise ConfigError(f"--workdir={workdir!r}: no config.json in it; allowed: the workdir "
-                          "of a moejax run or conversion")
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = config_lib.run_config(workdir)
     saved, saved_path = None, os.path.join(workdir, "hf", "config.json")
     if os.path.exists(saved_path):
         with open(saved_path) as f:

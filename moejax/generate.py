@@ -12,17 +12,14 @@ import argparse
 import collections
 import contextlib
 import functools
-import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from moejax import data, parallel, state
+from moejax import config_lib, data, parallel, state
 from moejax.checkpoint import restore_params, run_checkpoints
 from moejax.config_lib import ConfigError
 
@@ -32,11 +29,10 @@ TRACES = collections.Counter()  # traces (= compilations) of the jitted generate
 
 def load(workdir: str):
     """The run's config and model with the newest checkpoint's parameters, on one device."""
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-        raise SystemExit(f"error: --workdir={workdir!r}: no config.json in it; allowed: the "
-                         "workdir of a run (train) or of a conversion (convert from-hf)")
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    try:
+        config = config_lib.run_config(workdir)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     config.model.num_groups = 1  # one capacity group: the prompt's tokens are routed together
     if config.model.routing == "tokens":  # no capacity: padding and batch-mates drop nothing
         config.model.dropless = True

@@ -294,3 +294,19 @@ def test_greedy_generation_equals_transformers(converted, name):
     new = generate.generate(model, prompts, 10)
     np.testing.assert_array_equal(np.concatenate([expected["prompt_ids"], new], 1),
                                   expected["greedy_ids"])
+
+
+def test_a_config_json_from_before_a_key_existed_takes_its_default(tmp_path):
+    from configs import tiny
+    from moejax import config_lib
+
+    saved = tiny.get_config("smoke").to_dict()
+    del saved["model"]["qkv_bias"], saved["model"]["shared_gate"]
+    saved["model"]["d_model"] = 48
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(saved, f)
+    config = config_lib.run_config(str(tmp_path))
+    assert (config.model.qkv_bias, config.model.shared_gate, config.model.d_model) == \
+        (False, False, 48)
+    with pytest.raises(ConfigError, match="no config.json in it"):
+        config_lib.run_config(str(tmp_path / "nowhere"))
