@@ -114,11 +114,7 @@ def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
         raise ConfigError(f"--workdir={workdir!r}: already holds a checkpoint; allowed: a new "
                           "or empty folder (a good checkpoint is never overwritten)")
     hf_dir = os.path.join(os.path.abspath(workdir), "hf")
-    os.makedirs(hf_dir, exist_ok=True)
-    for name in HF_FILES:
-        if os.path.exists(os.path.join(folder, name)):
-            shutil.copy(os.path.join(folder, name), hf_dir)
-    tokenizer = hf_dir if os.path.exists(os.path.join(hf_dir, "tokenizer.json")) else "byte"
+    tokenizer = hf_dir if os.path.exists(os.path.join(folder, "tokenizer.json")) else "byte"
     config = moejax_config(hf, tokenizer, mesh)
     sizes = parallel.mesh_sizes(config.mesh, jax.device_count())
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
@@ -129,6 +125,10 @@ def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
     setup = state.setup(config, mesh)
     wmap = weight_map(arch, config.model, setup.abstract["params"])
     check_tensors(wmap, setup.abstract["params"], tensors, folder)
+    os.makedirs(hf_dir, exist_ok=True)  # only now: a refused SRC leaves nothing behind
+    for name in HF_FILES:
+        if os.path.exists(os.path.join(folder, name)):
+            shutil.copy(os.path.join(folder, name), hf_dir)
 
     def load(path, a):
         """One parameter, made a layer at a time: the host holds one layer's tensors for its

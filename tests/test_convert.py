@@ -193,6 +193,7 @@ def test_bad_checkpoints_fail_in_one_line(tmp_path, case, message):
         convert.from_hf(src, str(tmp_path / "run"), {"data": 1})
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "0")
+    assert not os.path.exists(tmp_path / "run" / "hf")
 
 
 def test_from_hf_never_overwrites_a_checkpoint(converted):
