@@ -18,6 +18,7 @@ tensor is fetched from the devices at a time, one file's tensors are held at a t
 
 import argparse
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -132,23 +133,27 @@ def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
 
     def load(path, a):
         """One parameter, made a layer at a time: the host holds one layer's tensors for its
-        own devices (make_array_from_callback gathers every local shard before copying)."""
+        own devices (make_array_from_callback gathers every local shard before copying), and
+        reads each of them once, however many of its devices take a slice."""
         lead, part = wmap[path_name(path)]
 
-        def read(ids, index):
+        def read(ids):  # one layer (of one expert) of this weight, in our layout
             names, ours, _ = part(*ids)
-            return ours(*(tensors.get(n) for n in names)).astype(a.dtype)[index]
+            return ours(*(tensors.get(n) for n in names)).astype(a.dtype)
 
         if not lead:
-            return jax.make_array_from_callback(a.shape, a.sharding, lambda i: read((), i))
+            whole = functools.cache(read)
+            return jax.make_array_from_callback(a.shape, a.sharding, lambda i: whole(())[i])
         spec = (*a.sharding.spec, *(None,) * (a.ndim - len(a.sharding.spec)))
         one_layer = NamedSharding(mesh, P(*spec[1:]))  # the layer axis is never split
 
         def layer(r):
-            def shard(index):  # this device's experts, one at a time
+            once = functools.cache(read)  # shared by this host's devices, gone after the layer
+
+            def shard(index):  # this device's slice of the layer (of its experts)
                 if len(lead) == 1:
-                    return read((r,), index)
-                return np.stack([read((r, e), index[1:]) for e in range(lead[1])[index[0]]])
+                    return once((r,))[index]
+                return np.stack([once((r, e))[index[1:]] for e in range(lead[1])[index[0]]])
 
             return jax.make_array_from_callback(a.shape[1:], one_layer, shard)
 

@@ -311,3 +311,14 @@ def test_a_config_json_from_before_a_key_existed_takes_its_default(tmp_path):
         (False, False, 48)
     with pytest.raises(ConfigError, match="no config.json in it"):
         config_lib.run_config(str(tmp_path / "nowhere"))
+
+
+def test_each_tensor_is_read_once_whatever_the_layout(monkeypatch, tmp_path):
+    """8 devices each take a slice of every weight (d_model split over fsdp, experts over
+    expert); the host still reads every tensor of the files exactly once."""
+    reads = []
+    get = convert.Tensors.get
+    monkeypatch.setattr(convert.Tensors, "get", lambda self, n: reads.append(n) or get(self, n))
+    convert.from_hf(os.path.join(FIXTURES, "olmoe"), str(tmp_path / "run"),
+                    {"fsdp": 2, "expert": 4})
+    assert sorted(reads) == sorted(tensors(os.path.join(FIXTURES, "olmoe")))
