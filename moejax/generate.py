@@ -31,16 +31,13 @@ def load(workdir: str):
     """The run's config and model with the newest checkpoint's parameters, on one device."""
     try:
         config = config_lib.run_config(workdir)
+        mgr = run_checkpoints(workdir, "--workdir")
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     config.model.num_groups = 1  # one capacity group: the prompt's tokens are routed together
     if config.model.routing == "tokens":  # no capacity: padding and batch-mates drop nothing
         config.model.dropless = True
     setup = state.setup(config, parallel.make_mesh({}))  # one device, whatever the run's mesh
-    try:
-        mgr = run_checkpoints(workdir, "--workdir")
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
     with contextlib.closing(mgr):  # the parameters only: the optimizer state is twice their size
         step = mgr.latest_step()
         params = restore_params(mgr, step, setup.abstract["params"])
