@@ -42,7 +42,10 @@ def get_config(arg=None):
             renormalize=False,  # True: the k gates sum to 1 (Mixtral)
             jitter_eps=0.0,  # router input noise in training
             num_groups=0,  # capacity groups per global batch; 0 = one per token shard
-            dropless=False,  # compute every assignment: no capacity, nothing dropped
+            # How tokens reach experts: capacity ([E, C, d] buffers, overflow dropped) |
+            # dropless (every assignment, grouped matmul, ragged all-to-all across devices) |
+            # dropless_ring (the same, all-gather and reduce-scatter across devices)
+            dispatch="capacity",
             router_score="softmax",  # softmax | sigmoid (DeepSeek-V3)
             routing="tokens",  # tokens: token choice | experts: expert choice (non-causal!)
             bias_rate=0.0,  # auxiliary-loss-free balancing step (DeepSeek-V3: 1e-3); 0 = off

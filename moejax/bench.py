@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import config_lib, hostmem, parallel, state
-from moejax.moe.experts import experts_ffn, ffn, flat_in
+from moejax.moe.experts import capacity_experts, ffn, flat_in
 from moejax.moe.layer import MoE, MoEConfig
 from moejax.moe.router import capacity
 
@@ -69,7 +69,8 @@ def bench_layer(num_experts: int, tokens: int, d_model: int, d_ff: int, top_k: i
     x = jax.random.normal(keys[0], (1, tokens, d_model), jnp.float32)
     ct = jax.random.normal(keys[1], x.shape, jnp.float32)
 
-    cfg = MoEConfig(num_experts, top_k, capacity_factor, capacity_factor, 1, False, 0.0, 1)
+    cfg = MoEConfig(num_experts, top_k, capacity_factor, capacity_factor, min_capacity=1,
+                    num_groups=1)
     graphdef, params = nnx.split(MoE(d_model, d_ff, cfg, "swiglu", mesh=None, rngs=nnx.Rngs(0)))
 
     def moe_apply(params, x):
@@ -84,7 +85,7 @@ def bench_layer(num_experts: int, tokens: int, d_model: int, d_ff: int, top_k: i
     weights = {"w_in": flat_in(params["w_in"][...]), "w_out": params["w_out"][...]}
 
     def experts_apply(w, xe):
-        return experts_ffn(xe, w["w_in"], w["w_out"], "swiglu", filled[:, None])
+        return capacity_experts(xe, w["w_in"], w["w_out"], "swiglu", filled[:, None])
 
     dense_ff = top_k * d_ff
     dense = {

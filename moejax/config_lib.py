@@ -42,6 +42,9 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         saved = json.load(f)
     config = defaults()
+    model = saved.get("model", {})
+    if "dropless" in model:  # a boolean until model.dispatch named the three paths
+        model["dispatch"] = "dropless" if model.pop("dropless") else "capacity"
     for group, values in saved.items():
         if group in config and isinstance(values, dict):
             config[group].update(values)
@@ -95,18 +98,19 @@ def validate(config, num_devices: int) -> None:
         check(m.eval_capacity_factor > 0, "model.eval_capacity_factor", m.eval_capacity_factor,
               "must be > 0")
         check(m.moe_every >= 1, "model.moe_every", m.moe_every, "must be >= 1")
-        from moejax.moe.layer import ROUTINGS
+        from moejax.moe.layer import DISPATCHES, ROUTINGS
         from moejax.moe.router import SCORES
 
         one_of("model.router_score", m.router_score, SCORES)
         one_of("model.routing", m.routing, ROUTINGS)
+        one_of("model.dispatch", m.dispatch, DISPATCHES)
         check(m.bias_rate >= 0, "model.bias_rate", m.bias_rate, "must be >= 0 (0 = off)")
         check(m.num_shared_experts >= 0, "model.num_shared_experts", m.num_shared_experts,
               "must be >= 0")
         check(not m.shared_gate or m.num_shared_experts > 0, "model.shared_gate", m.shared_gate,
               "needs model.num_shared_experts >= 1 (it gates their output)")
-        check(not (m.dropless and m.routing == "experts"), "model.dropless", m.dropless,
-              "allowed only with model.routing=tokens (expert choice never drops)")
+        check(m.dispatch == "capacity" or m.routing == "tokens", "model.dispatch", m.dispatch,
+              "allowed with model.routing=experts: capacity (expert choice never drops)")
     from moejax.moe.experts import ACTIVATIONS
 
     one_of("model.activation", m.activation, tuple(ACTIVATIONS))

@@ -36,7 +36,7 @@ def load(workdir: str):
         raise SystemExit(f"error: {e}") from None
     config.model.num_groups = 1  # one capacity group: the prompt's tokens are routed together
     if config.model.routing == "tokens":  # no capacity: padding and batch-mates drop nothing
-        config.model.dropless = True
+        config.model.dispatch = "dropless"
     setup = state.setup(config, parallel.make_mesh({}))  # one device, whatever the run's mesh
     with contextlib.closing(mgr):  # the parameters only: the optimizer state is twice their size
         step = mgr.latest_step()

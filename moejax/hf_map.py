@@ -91,7 +91,7 @@ def model_config(hf: dict) -> dict:
         renormalize=name == "MixtralForCausalLM" or bool(hf.get("norm_topk_prob", False)),
         # transformers drops no token: dropless in training, and at eval a capacity of every
         # token of the group (C = T when eval_capacity_factor = E / k).
-        dropless=True, eval_capacity_factor=num_experts / hf["num_experts_per_tok"],
+        dispatch="dropless", eval_capacity_factor=num_experts / hf["num_experts_per_tok"],
         router_score="softmax", routing="tokens", bias_rate=0.0,
         num_shared_experts=shared // d_ff, shared_gate=bool(shared),
         qkv_bias=name == "Qwen2MoeForCausalLM" and bool(hf.get("qkv_bias", True)), jitter_eps=0.0,

@@ -165,17 +165,6 @@ def layer_stacks(cfg) -> list[tuple[int, int]]:
     return [(n, p) for n, p in ((first, 1), (periods, every), (tail, 1)) if n]
 
 
-def moe_config(cfg) -> MoEConfig:
-    return MoEConfig(num_experts=cfg.num_experts, top_k=cfg.top_k,
-                     capacity_factor=cfg.capacity_factor,
-                     eval_capacity_factor=cfg.eval_capacity_factor,
-                     min_capacity=cfg.min_capacity, renormalize=cfg.renormalize,
-                     jitter_eps=cfg.jitter_eps, num_groups=cfg.num_groups or None,
-                     dropless=cfg.dropless, score=cfg.router_score, routing=cfg.routing,
-                     bias_rate=cfg.bias_rate, num_shared=cfg.num_shared_experts,
-                     shared_gate=cfg.shared_gate)
-
-
 class Block(nnx.Module):
     def __init__(self, cfg, layer: int, mesh, rngs):
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -184,8 +173,8 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, mesh, dtype, param_dtype, rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
         if is_moe_layer(cfg, layer):
-            self.ffn = MoE(cfg.d_model, cfg.d_ff, moe_config(cfg), cfg.activation, mesh=mesh,
-                           rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            self.ffn = MoE(cfg.d_model, cfg.d_ff, MoEConfig.from_config(cfg), cfg.activation,
+                           mesh=mesh, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         else:
             # A dense model (num_experts = 0) widens its FFNs to k * d_ff so it does the same
             # FLOPs per token as the MoE it is compared to; dense_d_ff, if set, wins.

@@ -70,20 +70,21 @@ def alltoall_minimum(config, sizes: dict) -> dict:
     token_shards = math.prod(sizes.get(a, 1) for a in TOKEN_AXES)
     groups = mc.num_groups or token_shards
     per_group = tokens // tc.grad_accum // groups
-    # As moe_ffn sizes its buffers on CPU, the program planned here: capped at the group, and
-    # the whole group when dropless (XLA:CPU has no ragged all-to-all, so C is the worst case;
-    # a GPU or TPU moves only the rows that exist).
-    cap = per_group if mc.dropless else min(per_group, capacity(
+    # As moe_ffn sizes its buffers: capped at the group. Dropless has no buffers and no
+    # all-to-all; its rows travel by ragged all-to-all (GPU, TPU) or the ring (moe/dropless.py).
+    dropless = mc.dispatch != "capacity"
+    cap = 0 if dropless else min(per_group, capacity(
         per_group, mc.num_experts, mc.top_k, mc.capacity_factor, mc.min_capacity))
     layers = len(moe_layer_ids(mc))
     itemsize = np.dtype(DTYPES[mc.dtype]).itemsize
     per_layer = 2 * tc.grad_accum * groups * mc.num_experts * cap * mc.d_model * itemsize
-    # Dropless on GPU/TPU (moe/ragged.py): every assignment's row goes out and back once.
-    ragged = 2 * tokens * mc.top_k * mc.d_model * itemsize if mc.dropless else 0
+    # Ragged all-to-all: every assignment's row goes out and back once.
+    ragged = 2 * tokens * mc.top_k * mc.d_model * itemsize if mc.dispatch == "dropless" else 0
     passes = 2 if mc.remat == "none" else 3
     return {"moe_layers": layers, "groups": groups, "tokens_per_group": per_group,
             "token_shards": token_shards, "expert": sizes.get("expert", 1), "passes": passes,
-            "capacity": cap, "effective_cf": mc.num_experts * cap / (per_group * mc.top_k),
+            "capacity": cap, "dropless": dropless,
+            "effective_cf": mc.num_experts * cap / (per_group * mc.top_k),
             "nominal_per_layer": 2 * tokens * mc.top_k * mc.capacity_factor * mc.d_model
             * itemsize, "per_layer": per_layer, "forward": layers * per_layer,
             "step": passes * layers * per_layer, "ragged_forward": layers * ragged}
@@ -257,20 +258,24 @@ def alltoall_lines(p: dict, a: dict) -> list[str]:
     if ep == 1:
         return ["", "all-to-all: none, mesh.expert = 1 (every token stays on its device)"]
     measured = p["collectives"]["all-to-all"]["payload"]
-    lines = [
-        "",
-        f"all-to-all minimum: {a['moe_layers']} MoE layers, {a['groups']} groups of "
-        f"{a['tokens_per_group']:,} tokens, C = {a['capacity']} "
-        f"(cf {a['effective_cf']:.3f} once rounded up), exchanged within expert={ep}",
-        f"  one layer's forward, all shards  {a['per_layer'] / MiB:12,.2f} MiB   "
-        f"(2 x tokens x k x cf x d x bytes: {a['nominal_per_layer'] / MiB:,.2f})",
-        f"  per device, forward              {a['forward'] / shards / MiB:12,.2f} MiB payload, "
-        f"{a['forward'] / shards * (ep - 1) / ep / MiB:,.2f} wire",
-        f"  per device, step ({a['passes']} passes)      {a['step'] / shards / MiB:12,.2f} MiB "
-        f"payload, "
-        f"{a['step'] / shards * (ep - 1) / ep / MiB:,.2f} wire",
-        f"  compiled / minimum (payload)     {measured / (a['step'] / shards):12.3f}",
-    ]
+    if a["dropless"]:
+        lines = ["", "all-to-all: none, dropless (compiled here: the ring, all-gather and "
+                 "reduce-scatter over expert)"]
+    else:
+        lines = [
+            "",
+            f"all-to-all minimum: {a['moe_layers']} MoE layers, {a['groups']} groups of "
+            f"{a['tokens_per_group']:,} tokens, C = {a['capacity']} "
+            f"(cf {a['effective_cf']:.3f} once rounded up), exchanged within expert={ep}",
+            f"  one layer's forward, all shards  {a['per_layer'] / MiB:12,.2f} MiB   "
+            f"(2 x tokens x k x cf x d x bytes: {a['nominal_per_layer'] / MiB:,.2f})",
+            f"  per device, forward              {a['forward'] / shards / MiB:12,.2f} MiB payload, "
+            f"{a['forward'] / shards * (ep - 1) / ep / MiB:,.2f} wire",
+            f"  per device, step ({a['passes']} passes)      {a['step'] / shards / MiB:12,.2f} MiB "
+            f"payload, "
+            f"{a['step'] / shards * (ep - 1) / ep / MiB:,.2f} wire",
+            f"  compiled / minimum (payload)     {measured / (a['step'] / shards):12.3f}",
+        ]
     if a["ragged_forward"]:
         # A device's rows, one way, per MoE layer and micro-batch; it receives for ep.
         rows = a["ragged_forward"] / (2 * a["moe_layers"] * shards * p["grad_accum"])

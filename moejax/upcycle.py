@@ -2,7 +2,7 @@
 
 Every expert of an MoE layer starts as a copy of that layer's dense FFN; the router and any
 shared experts start fresh; every other weight is copied as is; the optimizer starts fresh.
-With gates that sum to 1 (`model.renormalize`) and nothing dropped (`model.dropless`, or a
+With gates that sum to 1 (`model.renormalize`) and nothing dropped (`model.dispatch=dropless`, or a
 capacity no token exceeds), the upcycled model computes exactly what the dense one did.
 """
 

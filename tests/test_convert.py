@@ -52,8 +52,8 @@ def load_model(workdir, **model_overrides):
 def test_logits_equal_transformers(converted, name, path):
     expected = np.load(os.path.join(FIXTURES, name, "expected.npz"))
     # capacity: one group of all 32 tokens, C = T (nothing can be dropped), the [E, C, d] path
-    overrides = ({"dropless": True} if path == "dropless" else
-                 {"dropless": False, "num_groups": 1})
+    overrides = ({"dispatch": "dropless"} if path == "dropless" else
+                 {"dispatch": "capacity", "num_groups": 1})
     config, model = load_model(converted[name], **overrides)
     logits, aux = model(expected["input_ids"], train=False)
     np.testing.assert_allclose(np.asarray(logits), expected["logits"], atol=1e-4, rtol=0)
@@ -119,7 +119,7 @@ def test_to_hf_of_a_model_made_here(tmp_path, model):
     from moejax.checkpoint import Checkpoints
 
     config = tiny.get_config("smoke")
-    config.model.update(vocab_size=257, dropless=True, **model)
+    config.model.update(vocab_size=257, dispatch="dropless", **model)
     s = state.setup(config, parallel.make_mesh({}))
     train_state = state.init(s)
     ckpt = Checkpoints(str(tmp_path / "run"), 1, False)

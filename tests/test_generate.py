@@ -21,7 +21,7 @@ def tiny_config(num_experts=8, qk_norm="head"):
     config = tiny.get_config("smoke")
     config.model.update(vocab_size=257, num_kv_heads=1, qk_norm=qk_norm, num_layers=3,
                         first_dense_layers=1, moe_every=2, num_experts=num_experts,
-                        dropless=True)  # as generate.load sets it
+                        dispatch="dropless")  # as generate.load sets it
     return config
 
 
@@ -106,7 +106,7 @@ def test_too_long_is_one_line_error(moe):
 
 def test_cli_prints_tokens_per_second(moe, tmp_path, monkeypatch, capsys):
     config, (_, train_state) = tiny_config(), moe
-    config.model.dropless = False  # load() turns it on
+    config.model.dispatch = "capacity"  # load() makes it dropless
     ckpt = Checkpoints(str(tmp_path), 1, False)
     ckpt.save(0, train_state, {"step": 0, "tokens_seen": 0})
     ckpt.close()

@@ -12,6 +12,8 @@ import pytest
 from flax import nnx
 
 from moejax import parallel
+from moejax.moe import cpu, experts, layer
+from moejax.moe.dropless import ragged_ffn
 from moejax.moe.layer import MoE, MoEConfig
 from moejax.params import bytes_per_device, param_counts
 from tests import reference
@@ -20,10 +22,10 @@ D, F = 16, 32
 
 
 def make(num_experts, top_k, cf, *, mesh=None, activation="swiglu", renormalize=False, groups=8,
-         dropless=False):
+         dispatch="capacity"):
     cfg = MoEConfig(num_experts=num_experts, top_k=top_k, capacity_factor=cf,
                     eval_capacity_factor=cf, min_capacity=1, renormalize=renormalize,
-                    jitter_eps=0.0, num_groups=groups, dropless=dropless)
+                    jitter_eps=0.0, num_groups=groups, dispatch=dispatch)
     model = MoE(D, F, cfg, activation, mesh=mesh, rngs=nnx.Rngs(0))
     if mesh is not None:
         place(model, mesh)
@@ -103,16 +105,38 @@ LAYOUTS = [  # (data, fsdp, expert, tensor) over the 8 devices
 ]
 
 
-@pytest.mark.parametrize("num_experts", [8, 16])
+def portable_on_cpu(monkeypatch, path):
+    """Make this CPU process run what a GPU or TPU runs for `path`: the capacity experts as a
+    batched matmul instead of cpu.py's scan, dropless across devices by ragged all-to-all
+    (through the stand-in of test_dropless.py) instead of the ring XLA:CPU runs."""
+    from tests.test_dropless import emulated_ragged_all_to_all
+
+    if path == "capacity_portable":
+        monkeypatch.setattr(cpu, "experts_ffn", lambda x, w_in, w_out, activation, *_:
+                            experts.batched_experts(x, w_in, w_out, activation))
+    if path == "dropless_ragged":
+        monkeypatch.setattr(layer, "ring_ffn", lambda *args: ragged_ffn(
+            *args, ragged_all_to_all=emulated_ragged_all_to_all))
+    return {"capacity_portable": "capacity", "dropless_ragged": "dropless"}.get(path, path)
+
+
+# Each way assignments reach their experts, as a GPU or TPU runs it where CPU differs.
+PATHS = [("capacity", 8), ("capacity", 16), ("capacity_portable", 8), ("dropless_ragged", 8),
+         ("dropless_ring", 8)]
+
+
+@pytest.mark.parametrize("path,num_experts", PATHS, ids=lambda p: str(p))
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: "d{}f{}e{}t{}".format(*t))
-def test_same_numbers_on_every_mesh(num_experts, layout):
+def test_same_numbers_on_every_mesh(path, num_experts, layout, monkeypatch):
+    dispatch = portable_on_cpu(monkeypatch, path)
     x = tokens()
-    _, y0, aux0, (g0, gx0) = loss_and_grads(make(num_experts, 2, 1.0), x)
-    assert float(aux0["dropped_frac"]) > 0.05  # dropping is really exercised
+    _, y0, aux0, (g0, gx0) = loss_and_grads(make(num_experts, 2, 1.0, dispatch=dispatch), x)
+    if dispatch == "capacity":
+        assert float(aux0["dropped_frac"]) > 0.05  # dropping is really exercised
 
     sizes = dict(zip(parallel.AXES, layout, strict=True))
     mesh = parallel.make_mesh(sizes)
-    model = make(num_experts, 2, 1.0, mesh=mesh)
+    model = make(num_experts, 2, 1.0, mesh=mesh, dispatch=dispatch)
     want = [a if sizes.get(a, 1) > 1 else None for a in ("expert", "fsdp", None, "tensor")]
     assert list(model.w_in[...].sharding.spec) == want  # [E, d, g, f] really split
     xs = jax.device_put(x, parallel.token_sharding(mesh))
@@ -131,7 +155,7 @@ def test_same_numbers_on_every_mesh(num_experts, layout):
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_dropless_equals_reference_and_padded_path(top_k):
     x = tokens()
-    model = make(4, top_k, 0.5, dropless=True)
+    model = make(4, top_k, 0.5, dispatch="dropless")
     model.router[...] = model.router[...].at[:, 0].add(0.5)  # skewed: capacity would drop
     assert float(make(4, top_k, 0.5)(x, train=True)[1]["dropped_frac"]) > 0.2
     y, aux = model(x, train=True)
@@ -157,19 +181,6 @@ def test_dropless_equals_reference_and_padded_path(top_k):
         np.testing.assert_allclose(v2[...], v1[...], atol=1e-5, err_msg=str(path))
 
 
-def test_dropless_expert_parallel_falls_back_to_worst_case_capacity():
-    x = tokens()
-    _, y0, aux0, (g0, gx0) = loss_and_grads(make(8, 2, 1.0, dropless=True), x)
-    mesh = parallel.make_mesh({"data": 2, "expert": 4})
-    with pytest.warns(UserWarning, match="worst-case capacity"):
-        model = make(8, 2, 1.0, dropless=True, mesh=mesh)
-    _, y, aux, (g, gx) = loss_and_grads(model, jax.device_put(x, parallel.token_sharding(mesh)))
-    assert float(aux["dropped_frac"]) == 0.0
-    np.testing.assert_allclose(y, y0, atol=1e-5)
-    np.testing.assert_allclose(gx, gx0, atol=1e-5)
-    np.testing.assert_allclose(g.w_in[...], g0.w_in[...], atol=1e-5)
-
-
 def test_compiled_layer_uses_all_to_all_and_never_gathers_experts():
     mesh = parallel.make_mesh({"data": 2, "expert": 4})
     model = make(8, 2, 1.25, mesh=mesh)
@@ -186,7 +197,7 @@ def test_compiled_layer_uses_all_to_all_and_never_gathers_experts():
 
 
 def test_eval_ignores_jitter_and_train_uses_it():
-    cfg = MoEConfig(8, 2, 1.0, 1.0, 1, False, 0.5, 8)
+    cfg = MoEConfig(8, 2, 1.0, 1.0, min_capacity=1, jitter_eps=0.5, num_groups=8)
     model = MoE(D, F, cfg, "swiglu", mesh=None, rngs=nnx.Rngs(0))
     x = tokens()
     clean = model(x, train=False)[0]

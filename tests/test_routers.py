@@ -35,7 +35,7 @@ def weights(model):
 @pytest.mark.parametrize("score,renormalize", [("sigmoid", True), ("sigmoid", False),
                                                ("softmax", False)])
 def test_sigmoid_scores_and_selection_bias_match_reference(score, renormalize):
-    model = make(score=score, renormalize=renormalize, bias_rate=0.1)
+    model = make(router_score=score, renormalize=renormalize, bias_rate=0.1)
     bias = np.linspace(-0.3, 0.3, 8)  # big enough to change many choices
     model.router_bias[...] = bias
     x = tokens()
@@ -68,7 +68,7 @@ def test_bias_update_moves_toward_the_mean_load():
 
 @pytest.mark.parametrize("cf,score", [(1.0, "softmax"), (2.0, "sigmoid"), (0.25, "softmax")])
 def test_expert_choice_matches_reference(cf, score):
-    model = make(routing="experts", capacity_factor=cf, score=score)
+    model = make(routing="experts", capacity_factor=cf, router_score=score)
     x = tokens()
     y, aux = model(x, train=True)
     cap = router.capacity(N // 8, 8, 2, cf)
@@ -91,7 +91,7 @@ def test_expert_choice_same_on_expert_parallel_mesh():
 
 
 def test_shared_experts_add_a_dense_ffn():
-    model = make(num_shared=2, capacity_factor=4.0)
+    model = make(num_shared_experts=2, capacity_factor=4.0)
     x = tokens()
     y, _ = model(x, train=True)
     xs = np.asarray(x).reshape(N, D)

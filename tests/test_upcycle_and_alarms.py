@@ -26,7 +26,7 @@ def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch):
     dense_loss = dense["eval_loss"][6]
     # Gates that sum to 1 and nothing dropped: every token gets k copies of the same FFN.
     moe = train_and_evaluate(smoke(**{"train.init_from": str(tmp_path / "dense"),
-                                      "model.renormalize": True, "model.dropless": True,
+                                      "model.renormalize": True, "model.dispatch": "dropless",
                                       "train.steps": 3, "train.stop_at": 2}),
                              str(tmp_path / "moe"))
     assert "upcycled from" in capsys.readouterr().out
@@ -40,7 +40,7 @@ def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch):
     # with the dense run gone.
     shutil.rmtree(tmp_path / "dense")
     again = train_and_evaluate(smoke(**{"train.init_from": str(tmp_path / "dense"),
-                                        "model.renormalize": True, "model.dropless": True,
+                                        "model.renormalize": True, "model.dispatch": "dropless",
                                         "train.steps": 3}), str(tmp_path / "moe"))
     assert list(again["train_loss"]) == [3]
 

@@ -1,4 +1,5 @@
-"""Feed-forward blocks shared by the dense FFN and the batched experts.
+"""Feed-forward blocks shared by the dense FFN and the experts, and the one place that picks
+the expert kernels per backend.
 
 Parameters: w_in [..., d, g, f] with g = 2 for gated activations (gate, then linear) and 1
 otherwise, w_out [..., f, d]; leading axes are experts. Keeping g apart lets `tensor` split f
@@ -11,9 +12,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-
-from moejax.moe import cpu_experts
-from moejax.moe.dispatch import take_rows
+from jax.experimental.pallas.ops.tpu.megablox.ops import backend as megablox
+from jax.sharding import PartitionSpec as P
 
 # name -> (activation, gated). Gated: act(x @ w_gate) * (x @ w_lin), w_in = [w_gate | w_lin].
 ACTIVATIONS = {
@@ -47,193 +47,13 @@ def flat_in(w_in: jax.Array) -> jax.Array:
     return w_in.reshape(*w_in.shape[:-2], -1)
 
 
-def experts_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
-                filled: jax.Array | None = None) -> jax.Array:
-    """x: [E, S * C, d] -> [E, S * C, d]: expert e's FFN on its S segments of C slots.
-
-    A segment is the slots one capacity group sent to expert e: its first filled[e, s] rows
-    are tokens, the rest is padding (zero in, zero out). filled: [E, S] int, or None for one
-    segment of full rows. Only filled rows are computed, rounded up to a chunk (see
-    `_prefix_lengths`), so the ~20% of slots that a capacity factor of 1.25 leaves empty cost
-    nothing. With S > 1 each expert's filled rows are first gathered to the front.
-    """
-    if filled is None:
-        filled = jnp.full((x.shape[0], 1), x.shape[1], jnp.int32)
-    # Inside shard_map the weights are invariant over the token axes and x is not; mark them
-    # varying here so that autodiff, not the custom VJP, sums their gradients over those axes.
-    x, w_in, w_out, filled = _same_varying_axes(x, w_in, w_out, filled)
-    return _experts(x, w_in, w_out, filled.astype(jnp.int32), activation)
-
-
-def trailing_filled(x: jax.Array, segments: int, activation: str) -> jax.Array:
-    """[E, S * C, d] -> filled [E, S]: each segment's rows up to its last nonzero one.
-
-    Padding slots are zero, so this finds the filled rows without being told. A token whose
-    input is exactly zero, last in its queue, counts as padding: the same numbers for gated
-    activations and relu, where a zero row gives zero output and passes back no gradient.
-    Plain gelu passes back gelu'(0) = 0.5 there, so it runs every row.
-    """
-    num_experts, rows, _ = x.shape
-    cap = rows // segments
-    if not (is_gated(activation) or activation == "relu"):
-        return jnp.full((num_experts, segments), cap, jnp.int32)
-    nonzero = jnp.any(x != 0, axis=-1).reshape(num_experts, segments, cap)
-    return jnp.max(jnp.where(nonzero, jnp.arange(1, cap + 1), 0), axis=-1).astype(jnp.int32)
-
-
-def _same_varying_axes(*arrays):
-    def varying(a):
-        return jax.typeof(a).manual_axis_type.varying
-
-    axes = frozenset().union(*map(varying, arrays))
-    return [jax.lax.pcast(a, tuple(sorted(axes - varying(a))), to="varying") for a in arrays]
-
-
-def _prefix_lengths(rows: int) -> tuple[int, ...]:
-    """Static row counts the experts can run at: 0 and multiples of a chunk up to `rows`.
-
-    At most 16 chunks: each length is a separately compiled branch (compiling 16 costs the
-    tiny config well under a second), and the chunk is what an expert computes beyond its
-    tokens at worst.
-    """
-    chunk = -(-max(1, -(-rows // 16)) // 8) * 8  # ceil(rows / 16) rounded up to a multiple of 8
-    return tuple(min(rows, m * chunk) for m in range(-(-rows // chunk) + 1))
-
-
-def _compaction(filled: jax.Array, cap: int):
-    """Row maps between one expert's [S * C] slots and its filled rows packed to the front.
-
-    Returns src [S * C] (slot of each packed row; S * C past the last), back [S * C] (packed
-    row of each slot; S * C if empty) and the number of filled rows.
-    """
-    rows = filled.shape[0] * cap
-    slot = jnp.arange(rows, dtype=jnp.int32)
-    seg, pos = slot // cap, slot % cap
-    start = jnp.cumsum(filled) - filled
-    back = jnp.where(pos < filled[seg], start[seg] + pos, rows)
-    src = jnp.full((rows,), rows, jnp.int32).at[back].set(slot, mode="drop")
-    return src, back, filled.sum()
-
-
-def _activate(h: jax.Array, activation: str) -> jax.Array:
+def activate(h: jax.Array, activation: str) -> jax.Array:
+    """The activation of a flattened w_in's output [..., g*f] -> [..., f]."""
     act, gated = ACTIVATIONS[activation]
     if gated:
         gate, h = jnp.split(h, 2, axis=-1)
         return act(gate) * h
     return act(h)
-
-
-def _pad_rows(a: jax.Array, rows: int) -> jax.Array:
-    return jnp.pad(a, ((0, rows - a.shape[0]), (0, 0)))
-
-
-def _on_filled_rows(filled, rows):
-    """pack / unpack between one expert's [S*C] slots and its filled rows at the front, the
-    switch index that covers those rows and the static lengths it picks from."""
-    segments = filled.shape[0]
-    src, back, n = _compaction(filled, rows // segments)
-    lengths = _prefix_lengths(rows)
-    index = (n + lengths[1] - 1) // lengths[1]
-    if segments == 1:  # the filled rows already lead
-        return (lambda a: a), (lambda a: a), index, lengths
-    return (lambda a: take_rows(a, src)), (lambda a: take_rows(a, back)), index, lengths
-
-
-def _one_expert_fwd(x, w_in, w_out, filled, activation):
-    """x: [S*C, d] -> y [S*C, d] and the pre-activation h [S*C, in_width] (packed rows)."""
-    rows = x.shape[0]
-    pack, unpack, index, lengths = _on_filled_rows(filled, rows)
-
-    def branch(length):
-        def run(x, w_in, w_out):
-            h = x[:length] @ w_in
-            y = _activate(h, activation) @ w_out
-            return _pad_rows(y, rows), _pad_rows(h, rows)
-        return run
-
-    y, h = jax.lax.switch(index, [branch(m) for m in lengths], pack(x), w_in, w_out)
-    return unpack(y), h
-
-
-def _one_expert_bwd(x, w_in, w_out, filled, h, dy, activation, grads_in_scan):
-    """-> dx and expert e's weight gradients, or with grads_in_scan=False the inputs of those
-    gradients' matmuls in slot order: dh [S*C, in_width] and a [S*C, d_ff]."""
-    rows = x.shape[0]
-    pack, unpack, index, lengths = _on_filled_rows(filled, rows)
-
-    def branch(length):
-        def run(x, w_in, w_out, h, dy):
-            x, h, dy = x[:length], h[:length], dy[:length]
-            a, act_vjp = jax.vjp(lambda h: _activate(h, activation), h)
-            dh, = act_vjp(dy @ w_out.T)
-            dx = _pad_rows(dh @ w_in.T, rows)
-            if grads_in_scan:
-                return dx, x.T @ dh, a.T @ dy
-            return dx, _pad_rows(dh, rows), _pad_rows(a, rows)
-        return run
-
-    dx, g_in, g_out = jax.lax.switch(index, [branch(m) for m in lengths],
-                                     pack(x), w_in, w_out, h, pack(dy))
-    if grads_in_scan:
-        return unpack(dx), g_in, g_out
-    return unpack(dx), unpack(g_in), unpack(g_out)
-
-
-# On CPU, float32 SwiGLU experts run in a kernel (cpu_experts.cc) that streams each expert's
-# weights once per pass. Elsewhere one expert at a time in a scan, with a hand-written
-# backward: XLA:CPU runs the 2-D matmuls faster than a batched one, writes each expert's
-# result in place into the stacked output, and a switch on the filled rows runs only those.
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _experts(x, w_in, w_out, filled, activation):
-    return _experts_fwd(x, w_in, w_out, filled, activation)[0]
-
-
-def _experts_fwd(x, w_in, w_out, filled, activation):
-    if cpu_experts.supports(x, w_in, w_out, activation):
-        y, h = jax.lax.platform_dependent(x, w_in, w_out, filled, cpu=cpu_experts.forward,
-                                          default=partial(_scan_fwd, activation=activation))
-    else:
-        y, h = _scan_fwd(x, w_in, w_out, filled, activation)
-    return y, (x, w_in, w_out, filled, h)
-
-
-def _scan_fwd(x, w_in, w_out, filled, activation):
-    def body(_, args):
-        return None, _one_expert_fwd(*args, activation)
-
-    _, (y, h) = jax.lax.scan(body, None, (x, w_in, w_out, filled))
-    return y, h
-
-
-def _experts_bwd(activation, res, dy):
-    x, w_in, w_out, filled, h = res
-    if cpu_experts.supports(x, w_in, w_out, activation):
-        grads = jax.lax.platform_dependent(x, w_in, w_out, filled, h, dy,
-                                           cpu=cpu_experts.backward,
-                                           default=partial(_scan_bwd, activation=activation))
-    else:
-        grads = _scan_bwd(x, w_in, w_out, filled, h, dy, activation)
-    return *grads, None
-
-
-def _scan_bwd(x, w_in, w_out, filled, h, dy, activation):
-    # A weight gradient made inside the scan is written to a temporary, then copied into the
-    # zero-filled stacked output: three passes over each expert's d x d_ff weights. Made
-    # after the scan as one batched matmul, it is written once, but the scan must store dh
-    # and a (rows x d_ff per expert) and the matmul runs the empty slots too. With fewer
-    # rows than d_model the second costs less (`bench layer`, E = 256: experts 20% faster).
-    grads_in_scan = x.shape[1] >= x.shape[2]
-
-    def body(_, args):
-        return None, _one_expert_bwd(*args, activation, grads_in_scan)
-
-    _, (dx, g_in, g_out) = jax.lax.scan(body, None, (x, w_in, w_out, filled, h, dy))
-    if grads_in_scan:
-        return dx, g_in, g_out
-    return dx, jnp.einsum("erd,erf->edf", x, g_in), jnp.einsum("erf,erd->efd", g_out, dy)
-
-
-_experts.defvjp(_experts_fwd, _experts_bwd)
 
 
 def ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str) -> jax.Array:
@@ -247,12 +67,122 @@ def ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str) -> jax
     return jnp.einsum("...tf,...fd->...td", h, w_out)
 
 
+def capacity_experts(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
+                     filled: jax.Array | None = None, segments: int = 1) -> jax.Array:
+    """x: [E, S * C, d] capacity buffers, S segments of C slots per expert -> [E, S * C, d].
+
+    GPU and TPU: one batched matmul per projection, XLA's own kernel for equal groups. CPU:
+    `cpu.experts_ffn`, which computes only the filled rows (filled: [E, S] tokens at the
+    front of each segment, None = find them from the zero padding).
+    """
+    from moejax.moe import cpu  # CPU-only code: imported only here, lowered only for CPU
+
+    return jax.lax.platform_dependent(
+        cpu=lambda: cpu.experts_ffn(x, w_in, w_out, activation, filled, segments),
+        default=lambda: batched_experts(x, w_in, w_out, activation))
+
+
+def batched_experts(x, w_in, w_out, activation):
+    """[E, R, d] -> [E, R, d], every row of every expert's buffer."""
+    h = activate(jnp.einsum("erd,edf->erf", x, w_in), activation)
+    return jnp.einsum("erf,efd->erd", h, w_out)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x: [M, k] rows sorted by group, w: [G, k, n], group_sizes: [G] summing to at most M
+    -> [M, n]: group g's rows times w[g]; rows past the last group are zero.
+
+    TPU: the megablox grouped matmul (Pallas, shipped in jax). Elsewhere `lax.ragged_dot`,
+    which XLA:GPU lowers to grouped GEMMs and XLA:CPU to a masked dot over all G groups.
+    """
+    return jax.lax.platform_dependent(x, w, group_sizes, tpu=megablox_gmm,
+                                      default=jax.lax.ragged_dot)
+
+
+def megablox_gmm(x, w, group_sizes, *, interpret=False):
+    """`grouped_matmul` by the megablox kernels: gmm forward, gmm and tgmm backward.
+
+    The kernels work in tiles of rows and leave rows outside every group unwritten: the rows
+    are padded to whole tiles and put in one more group, which has no weights, so that gmm
+    zeroes its rows (it does for groups past the weights it is given), forward and backward.
+    """
+    m = x.shape[0]
+    padded = -(-m // _row_tile(m)) * _row_tile(m)
+    rest = jnp.array([padded], jnp.int32) - group_sizes.sum(dtype=jnp.int32)
+    sizes = jnp.concatenate([group_sizes.astype(jnp.int32), rest])
+    x, w, sizes = same_varying_axes(jnp.pad(x, ((0, padded - m), (0, 0))), w.astype(x.dtype),
+                                    sizes)
+    return _gmm(x, w, sizes, interpret)[:m]
+
+
+def _row_tile(m):
+    return min(512, -(-m // 128) * 128)
+
+
+def _tiles(m, k, n):
+    """(rows, contraction, output) tile of each kernel call: multiples of 128 or whole dims,
+    as Mosaic wants; the gmm calls of the backward pass swap k and n."""
+    return _row_tile(m), min(k, 1024), min(n, 1024)
+
+
+# megablox declares its outputs without the mesh axes they vary over, which shard_map's type
+# check (check_vma) rejects: the kernels run in a shard_map of no axes with the check off,
+# and their results get the axes of the inputs (made equal above, so the cotangents have
+# them too: autodiff, outside, sums the weight gradients over the token axes).
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm(x, w, sizes, interpret):
+    return _gmm_fwd(x, w, sizes, interpret)[0]
+
+
+def _unchecked(f, *args):
+    """f(*args) in a shard_map of no further axes with the type check off; outside any
+    shard_map, a plain call."""
+    if not _varying(args[0]):
+        return f(*args)
+    return jax.shard_map(f, in_specs=P(), out_specs=P(), axis_names=frozenset(),
+                         check_vma=False)(*args)
+
+
+def _gmm_fwd(x, w, sizes, interpret):
+    y = _unchecked(lambda x, w, sizes: megablox.gmm(x, w, sizes, x.dtype, _tiles,
+                                                     interpret=interpret), x, w, sizes)
+    return _varying_like(y, x), (x, w, sizes)
+
+
+def _gmm_bwd(interpret, res, dy):
+    def grads(x, w, sizes, dy):  # as megablox's own VJP (megablox/ops.py)
+        dx = megablox.gmm(dy, w, sizes, x.dtype, _tiles, transpose_rhs=True,
+                          interpret=interpret)
+        dw = megablox.tgmm(x.T, dy, sizes, w.dtype, _tiles, None, w.shape[0],
+                           interpret=interpret)
+        return dx, dw
+
+    x, w, sizes = res
+    dx, dw = _unchecked(grads, x, w, sizes, dy)
+    return _varying_like(dx, x), _varying_like(dw, x), None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def _varying(a):
+    return jax.typeof(a).manual_axis_type.varying
+
+
+def _varying_like(a, like):
+    missing = tuple(sorted(_varying(like) - _varying(a)))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+
+def same_varying_axes(*arrays):
+    """The arrays, each marked varying over every mesh axis any of them varies over."""
+    axes = frozenset().union(*map(_varying, arrays))
+    return [jax.lax.pcast(a, tuple(sorted(axes - _varying(a))), to="varying") for a in arrays]
+
+
 def grouped_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, group_sizes: jax.Array,
                 activation: str) -> jax.Array:
-    """x: [N, d] rows sorted by expert, group_sizes: [E] rows per expert -> [N, d].
-
-    A grouped matmul (`lax.ragged_dot`): no padding, nothing dropped. Fast where XLA has a
-    grouped-matmul kernel (GPU, TPU); XLA:CPU lowers it to a masked dot over all E experts.
-    """
-    h = _activate(jax.lax.ragged_dot(x, w_in, group_sizes), activation)
-    return jax.lax.ragged_dot(h, w_out, group_sizes)
+    """x: [N, d] rows sorted by expert, group_sizes: [E] rows per expert -> [N, d]: no
+    padding, nothing dropped; rows past the last group give zero."""
+    h = activate(grouped_matmul(x, w_in, group_sizes), activation)
+    return grouped_matmul(h, w_out, group_sizes)

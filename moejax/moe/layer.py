@@ -8,7 +8,6 @@ numbers on any layout of the mesh.
 """
 
 import dataclasses
-import warnings
 from functools import partial
 
 import jax
@@ -19,40 +18,41 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from moejax import parallel
 from moejax.moe import router
-from moejax.moe.dispatch import combine, dispatch, slots, sorted_slots
-from moejax.moe.experts import (
-    IN_NAMES,
-    OUT_NAMES,
-    experts_ffn,
-    ffn,
-    flat_in,
-    grouped_ffn,
-    in_shape,
-    trailing_filled,
-)
-from moejax.moe.ragged import ragged_ffn
+from moejax.moe.dispatch import combine, dispatch, slots
+from moejax.moe.dropless import ragged_ffn, ring_ffn, sorted_ffn
+from moejax.moe.experts import IN_NAMES, OUT_NAMES, capacity_experts, ffn, flat_in, in_shape
 from moejax.parallel import EXPERT_AXIS, TOKEN_AXES, num_token_shards
+
+# How assignments reach their experts (`model.dispatch`):
+#   capacity       [E, C, d] buffers per group, overflow past C dropped, all_to_all
+#   dropless       rows sorted by expert, a grouped matmul, ragged all-to-all across devices
+#   dropless_ring  the same, across devices by all-gather and reduce-scatter
+DISPATCHES = ("capacity", "dropless", "dropless_ring")
+ROUTINGS = ("tokens", "experts")
 
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
+    """The model config keys the MoE layer reads, under the same names (configs/tiny.py)."""
+
     num_experts: int
-    top_k: int  # choices per token: 1 = Switch, 2 = GShard / Mixtral
-    capacity_factor: float  # training; C = ceil(cf * tokens_per_group * k / E)
-    eval_capacity_factor: float
-    min_capacity: int
-    renormalize: bool  # gates of the k choices sum to 1 (Mixtral) or stay raw scores (Switch)
-    jitter_eps: float  # multiplicative router-input noise in training; 0 = off
-    num_groups: int | None  # capacity groups in the global batch; None = one per device
-    dropless: bool = False  # no capacity: every assignment is computed (see moe_ffn)
-    score: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
+    top_k: int = 2  # choices per token: 1 = Switch, 2 = GShard / Mixtral
+    capacity_factor: float = 1.25  # training; C = ceil(cf * tokens_per_group * k / E)
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    renormalize: bool = False  # the k gates sum to 1 (Mixtral) or stay raw scores (Switch)
+    jitter_eps: float = 0.0  # multiplicative router-input noise in training; 0 = off
+    num_groups: int = 0  # capacity groups in the global batch; 0 = one per token shard
+    dispatch: str = "capacity"  # see DISPATCHES
+    router_score: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
     routing: str = "tokens"  # tokens: each token picks k experts | experts: expert choice
     bias_rate: float = 0.0  # auxiliary-loss-free balancing: bias step per train step; 0 = off
-    num_shared: int = 0  # always-on shared experts (DeepSeek), each d_ff wide
+    num_shared_experts: int = 0  # always-on shared experts (DeepSeek), each d_ff wide
     shared_gate: bool = False  # shared output scaled by sigmoid(x @ w) per token (Qwen2-MoE)
 
-
-ROUTINGS = ("tokens", "experts")
+    @classmethod
+    def from_config(cls, model_config) -> "MoEConfig":
+        return cls(**{f.name: model_config[f.name] for f in dataclasses.fields(cls)})
 
 
 def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=None, noise=None,
@@ -64,47 +64,40 @@ def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=Non
     Inside shard_map, `expert_axis` names the axis experts are split over and `token_axes`
     the axes the groups are split over; outside, both are empty and everything is local.
     Returns y: [G, T, d] and a dict of aux losses and routing statistics over all groups.
-
-    dropless: tokens are sorted by expert and run through a grouped matmul (no padding); with
-    experts split over devices they travel by `lax.ragged_all_to_all` (`ragged.ragged_ffn`).
-    XLA:CPU lacks that op, so on CPU split experts run the capacity path with the worst case
-    C = T (an expert can get every token of a group once): exact, and the experts skip the
-    empty slots, but the all-to-alls move E/k times the bytes.
     """
     num_groups, group_size, d = x.shape
-    ep = jax.lax.axis_size(expert_axis) if expert_axis else 1
     cf = cfg.capacity_factor if train else cfg.eval_capacity_factor
-    cap = (group_size if cfg.dropless else  # an expert can take each token once at most
+    cap = (group_size if cfg.dispatch != "capacity" else  # an expert takes a token once at most
            min(group_size, router.capacity(group_size, cfg.num_experts, cfg.top_k, cf,
                                            cfg.min_capacity)))
 
     router_in = x.astype(jnp.float32) if noise is None else x.astype(jnp.float32) * noise
     logits = jnp.einsum("gtd,de->gte", router_in, router_w.astype(jnp.float32))
     if cfg.routing == "experts":
-        r = jax.vmap(partial(router.expert_choice, capacity=cap, score=cfg.score))(logits)
+        r = jax.vmap(partial(router.expert_choice, capacity=cap, score=cfg.router_score))(logits)
     else:
         r = jax.vmap(partial(router.route, k=cfg.top_k, capacity=cap,
-                             renormalize=cfg.renormalize, score=cfg.score, bias=bias))(logits)
-    if cfg.dropless and cfg.routing == "tokens":
-        flat = (x.reshape(-1, d), r.gates.reshape(-1, cfg.top_k),
-                r.expert_ids.reshape(-1, cfg.top_k), experts, activation)
-        if ep == 1:
-            y = _sorted_ffn(*flat).reshape(x.shape)
-        else:  # chosen when lowering: the CPU program never holds the ragged op
-            y = jax.lax.platform_dependent(
-                cpu=lambda: _capacity_ffn(x, r, experts, cap, activation, expert_axis),
-                default=lambda: ragged_ffn(*flat, expert_axis).reshape(x.shape))
-    else:
+                             renormalize=cfg.renormalize, score=cfg.router_score,
+                             bias=bias))(logits)
+    if cfg.dispatch == "capacity":
         y = _capacity_ffn(x, r, experts, cap, activation, expert_axis)
+    else:
+        y = _dropless_ffn(x.reshape(-1, d), r.gates.reshape(-1, cfg.top_k),
+                          r.expert_ids.reshape(-1, cfg.top_k), experts, activation,
+                          expert_axis, cfg.dispatch).reshape(x.shape)
     return y, _aux(x, logits, r, cfg.top_k, cfg.routing == "experts", token_axes)
 
 
-def _sorted_ffn(x, gates, expert_ids, experts, activation):
-    """Dropless on one device: x [N, d] -> [N, d] through a grouped matmul."""
-    slot, source, sizes = sorted_slots(expert_ids, experts["w_in"].shape[0])
-    ys = grouped_ffn(dispatch(x, slot, source), experts["w_in"], experts["w_out"], sizes,
-                     activation)
-    return combine(ys, gates, slot, source)
+def _dropless_ffn(x, gates, expert_ids, experts, activation, expert_axis, how):
+    """x: [N, d] -> [N, d], every assignment computed (moejax/moe/dropless.py)."""
+    if not expert_axis or jax.lax.axis_size(expert_axis) == 1:
+        return sorted_ffn(x, gates, expert_ids, experts, activation)
+    args = (x, gates, expert_ids, experts, activation, expert_axis)
+    if how == "dropless_ring":
+        return ring_ffn(*args)
+    # Chosen when lowering: XLA:CPU has no ragged all-to-all, so its program runs the ring.
+    return jax.lax.platform_dependent(cpu=lambda: ring_ffn(*args),
+                                      default=lambda: ragged_ffn(*args))
 
 
 def _capacity_ffn(x, r, experts, cap, activation, expert_axis):
@@ -123,11 +116,10 @@ def _capacity_ffn(x, r, experts, cap, activation, expert_axis):
     # Expert e's segments: one per (source device, group), C slots each.
     segments = ep * num_groups
     xe = buf.transpose(2, 1, 0, 3, 4).reshape(experts_here, segments * cap, d)
-    if ep == 1:  # queues fill from position 0: the router's counts give the filled slots
-        filled = jnp.minimum(r.tokens_per_expert, cap).T
-    else:  # counts would cost an all-to-all of their own; the zero padding tells as much
-        filled = trailing_filled(xe, segments, activation)
-    ye = experts_ffn(xe, experts["w_in"], experts["w_out"], activation, filled)
+    # One device: queues fill from position 0, so the router's counts give the filled slots.
+    # Across devices counts would cost an all-to-all of their own; the zero padding tells.
+    filled = jnp.minimum(r.tokens_per_expert, cap).T if ep == 1 else None
+    ye = capacity_experts(xe, experts["w_in"], experts["w_out"], activation, filled, segments)
     ye = ye.reshape(experts_here, ep, num_groups, cap, d).transpose(2, 1, 0, 3, 4)
     if expert_axis:
         ye = jax.lax.all_to_all(ye, expert_axis, 1, 1, tiled=True)
@@ -174,12 +166,6 @@ class MoE(nnx.Module):
     def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, activation: str, *,
                  mesh: Mesh | None, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.cfg, self.activation, self.mesh, self.dtype = cfg, activation, mesh, dtype
-        if (cfg.dropless and mesh is not None and mesh.shape[EXPERT_AXIS] > 1
-                and jax.default_backend() == "cpu"):
-            warnings.warn("dropless MoE with experts split over devices runs the capacity path "
-                          "at worst-case capacity (XLA:CPU has no ragged all-to-all): exact, "
-                          f"but the all-to-alls move {cfg.num_experts // cfg.top_k}x the bytes",
-                          stacklevel=2)
         e = cfg.num_experts
         init = nnx.initializers.lecun_normal()
         init_in = nnx.initializers.lecun_normal(in_axis=-3, out_axis=(-2, -1))  # [d, g, f]
@@ -197,14 +183,14 @@ class MoE(nnx.Module):
 
         self.w_in = expert_weight(init_in, in_shape(d_model, d_ff, activation), IN_NAMES)
         self.w_out = expert_weight(init, (d_ff, d_model), OUT_NAMES)
-        if cfg.num_shared:  # one FFN as wide as all shared experts together
-            shared_ff = cfg.num_shared * d_ff
+        if cfg.num_shared_experts:  # one FFN as wide as all shared experts together
+            shared_ff = cfg.num_shared_experts * d_ff
             self.shared_in = nnx.Param(
                 init_in(rngs.params(), in_shape(d_model, shared_ff, activation), param_dtype),
                 out_sharding=IN_NAMES, eager_sharding=False)
             self.shared_out = nnx.Param(init(rngs.params(), (shared_ff, d_model), param_dtype),
                                         out_sharding=OUT_NAMES, eager_sharding=False)
-        if cfg.num_shared and cfg.shared_gate:
+        if cfg.num_shared_experts and cfg.shared_gate:
             self.shared_gate = nnx.Param(init(rngs.params(), (d_model, 1), param_dtype),
                                          out_sharding=("embed", None), eager_sharding=False)
 
@@ -253,7 +239,7 @@ class MoE(nnx.Module):
                 out_specs=(P(TOKEN_AXES), P()))
         y, aux = local(x, noise, self.router[...], bias, experts)
         y = checkpoint_name(y, "moe_out")
-        if cfg.num_shared:
+        if cfg.num_shared_experts:
             w_in, w_out = self.shared_in[...].astype(self.dtype), self.shared_out[...]
             shared = ffn(x.reshape(-1, x.shape[-1]), w_in, w_out.astype(self.dtype),
                          self.activation).reshape(x.shape)

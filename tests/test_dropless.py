@@ -1,10 +1,9 @@
-"""Dropless expert parallelism through ragged all-to-alls (moejax/moe/ragged.py).
+"""Dropless expert parallelism (moejax/moe/dropless.py): ragged all-to-alls and the ring.
 
 XLA:CPU cannot run `lax.ragged_all_to_all`, so here the exchanges go through
 `emulated_ragged_all_to_all`, written from that op's documented contract with a dense
 all_to_all, and the result must equal the all-experts reference. The layer itself is lowered
-for a GPU to check that it takes this path there, and the CPU path it takes instead is
-tested in test_layer.py.
+for a GPU to check that it takes that path there and the ring on CPU.
 """
 
 import jax
@@ -15,7 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax import parallel
-from moejax.moe.ragged import ragged_ffn
+from moejax.moe.dropless import ragged_ffn, ring_ffn
 from tests import reference
 from tests.test_layer import D, F, make, tokens
 
@@ -38,8 +37,9 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
 
 
 def routing(n, k, key):
-    """Distinct experts per token, skewed so that some experts get several times their share."""
-    logits = jax.random.normal(key, (n, E)) + jnp.linspace(2.0, 0.0, E)
+    """Distinct experts per token, skewed so that some experts get several times their share
+    and the last expert none."""
+    logits = (jax.random.normal(key, (n, E)) + jnp.linspace(2.0, 0.0, E)).at[:, -1].set(-1e9)
     gates, ids = jax.lax.top_k(jax.nn.softmax(logits), k)
     return gates, ids.astype(jnp.int32)
 
@@ -54,9 +54,10 @@ def dense_reference(x, gates, ids, w_in, w_out):
     return jnp.einsum("end,ne->nd", out, weight)
 
 
+@pytest.mark.parametrize("how", ["ragged", "ring"])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("data,expert", [(4, 2), (2, 4), (1, 8)])
-def test_ragged_expert_parallel_equals_all_experts_reference(k, data, expert):
+def test_dropless_expert_parallel_equals_all_experts_reference(how, k, data, expert):
     keys = jax.random.split(jax.random.key(3), 5)
     n = 128
     x = jax.random.normal(keys[0], (n, D))
@@ -65,14 +66,16 @@ def test_ragged_expert_parallel_equals_all_experts_reference(k, data, expert):
     w_out = jax.random.normal(keys[3], (E, F, D)) * F**-0.5
     ct = jax.random.normal(keys[4], (n, D))
     counts = np.bincount(np.asarray(ids).reshape(-1), minlength=E)
-    assert counts.max() > 2 * counts.mean()  # uneven: ragged sizes are really exercised
+    assert counts.max() > 2 * counts.mean() and counts.min() == 0  # uneven, one expert idle
 
     mesh = parallel.make_mesh({"data": data, "expert": expert})
     tok, exp = P(parallel.TOKEN_AXES), P(parallel.EXPERT_AXIS)
 
     def layer(x, gates, ids, w_in, w_out):
-        return ragged_ffn(x, gates, ids, {"w_in": w_in, "w_out": w_out}, "swiglu",
-                          parallel.EXPERT_AXIS, ragged_all_to_all=emulated_ragged_all_to_all)
+        args = (x, gates, ids, {"w_in": w_in, "w_out": w_out}, "swiglu", parallel.EXPERT_AXIS)
+        if how == "ring":
+            return ring_ffn(*args)
+        return ragged_ffn(*args, ragged_all_to_all=emulated_ragged_all_to_all)
 
     sharded = jax.shard_map(layer, mesh=mesh, in_specs=(tok, tok, tok, exp, exp),
                             out_specs=tok)
@@ -96,10 +99,10 @@ def test_ragged_expert_parallel_equals_all_experts_reference(k, data, expert):
         np.testing.assert_allclose(g, g0, atol=1e-5, err_msg=name)
 
 
-def test_dropless_layer_uses_ragged_all_to_all_on_gpu_and_not_on_cpu():
+@pytest.mark.parametrize("dispatch", ["dropless", "dropless_ring"])
+def test_dropless_layer_lowers_to_ragged_all_to_all_on_gpu_and_the_ring_on_cpu(dispatch):
     mesh = parallel.make_mesh({"data": 2, "expert": 4})
-    with pytest.warns(UserWarning, match="worst-case capacity"):  # this process is on CPU
-        model = make(E, 2, 1.0, dropless=True, mesh=mesh)
+    model = make(E, 2, 1.0, dispatch=dispatch, mesh=mesh)
     graphdef, state = nnx.split(model)
     x = jax.device_put(tokens(), parallel.token_sharding(mesh))
 
@@ -111,5 +114,7 @@ def test_dropless_layer_uses_ragged_all_to_all_on_gpu_and_not_on_cpu():
     gpu = step.lower(lowering_platforms=("cuda",)).as_text()
     cpu = step.lower().as_text()
     # There and back in the forward pass, and both again in the backward.
-    assert gpu.count("ragged_all_to_all") == 4
-    assert "ragged_all_to_all" not in cpu and "all_to_all" in cpu
+    assert gpu.count("ragged_all_to_all") == (4 if dispatch == "dropless" else 0)
+    for program in (cpu,) if dispatch == "dropless" else (cpu, gpu):
+        assert "ragged_all_to_all" not in program and "all_to_all" not in program
+        assert "all_gather" in program and "reduce_scatter" in program

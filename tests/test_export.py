@@ -1,0 +1,66 @@
+"""The whole train step of tiny:smoke as a TPU or a GPU runs it, lowered on this CPU machine
+(`jax.export`), for each way assignments reach their experts.
+
+An exported module names the source file of every op in its locations, so the CPU-only code
+(moejax/moe/cpu.py) is absent exactly when no op of it was lowered; the CPU export is the
+control that shows the check can fail.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import tiny
+from moejax import config_lib, parallel, state
+
+MESH = {"data": 2, "expert": 4}
+CPU_CODE = "moejax/moe/cpu.py"
+
+
+@functools.cache
+def exported(dispatch: str, platform: str) -> str:
+    config = tiny.get_config("smoke")
+    config.model.update(vocab_size=257, dispatch=dispatch)
+    config.mesh.update(MESH)
+    config.data.update(seq_len=128, batch_size=8)  # splash attention works in 128-row blocks
+    config_lib.validate(config, jax.device_count())
+    s = state.setup(config, parallel.make_mesh(MESH))
+    tokens = jax.ShapeDtypeStruct((8, 129), jnp.int32, sharding=parallel.token_sharding(s.mesh))
+    step = state.train_step_fn(s)
+    # ragged_all_to_all is a custom call without a compatibility promise for serialized
+    # exports; these are read here, never stored.
+    unstable = [jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")]
+    return jax.export.export(step, platforms=(platform,), disabled_checks=unstable)(
+        s.abstract, tokens, jnp.int32(0)).mlir_module()
+
+
+def test_cpu_export_holds_the_cpu_experts():
+    assert CPU_CODE in exported("capacity", "cpu")
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_capacity_path_is_one_batched_matmul_per_projection(platform):
+    module = exported("capacity", platform)
+    assert CPU_CODE not in module
+    assert "batched_experts" in module  # moejax/moe/experts.py: XLA's batched dot
+    assert "ragged_dot" not in module and "all_to_all" in module
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "dropless_ring"])
+def test_dropless_on_tpu_runs_the_megablox_kernel(dispatch):
+    module = exported(dispatch, "tpu")
+    assert CPU_CODE not in module and "ragged_dot" not in module
+    assert "tpu_custom_call" in module and "megablox/gmm.py" in module
+    assert ("ragged_all_to_all" in module) == (dispatch == "dropless")
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "dropless_ring"])
+def test_dropless_on_gpu_runs_ragged_dot(dispatch):
+    module = exported(dispatch, "cuda")
+    assert CPU_CODE not in module and "tpu_custom_call" not in module
+    assert "chlo.ragged_dot" in module
+    assert ("ragged_all_to_all" in module) == (dispatch == "dropless")
+    if dispatch == "dropless_ring":
+        assert "all_gather" in module and "reduce_scatter" in module
