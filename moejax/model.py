@@ -13,6 +13,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
+from moejax import attention
 from moejax.moe.experts import IN_NAMES, OUT_NAMES, ffn, in_shape
 from moejax.moe.layer import MoE, MoEConfig
 from moejax.parallel import constrain
@@ -110,7 +111,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions):
         q, k, v = self.project(x, positions)
-        y = checkpoint_name(jax.nn.dot_product_attention(q, k, v, is_causal=True), "attn_ctx")
+        y = checkpoint_name(attention.causal(q, k, v, self.mesh), "attn_ctx")
         return jnp.einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype))
 
     def decode(self, x, positions, cache, layer):

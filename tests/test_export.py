@@ -64,3 +64,9 @@ def test_dropless_on_gpu_runs_ragged_dot(dispatch):
     assert ("ragged_all_to_all" in module) == (dispatch == "dropless")
     if dispatch == "dropless_ring":
         assert "all_gather" in module and "reduce_scatter" in module
+
+
+def test_attention_is_the_splash_kernel_on_tpu_only():
+    assert "splash_attention_kernel.py" in exported("capacity", "tpu")
+    for platform in ("cuda", "cpu"):  # cuDNN is chosen when traced on a GPU host (attention.py)
+        assert "splash_attention_kernel.py" not in exported("capacity", platform)
