@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.moe.dispatch import take_rows
-from moejax.moe.experts import activate, is_gated
+from moejax.moe.experts import activate, is_gated, same_varying_axes
 
 
 def experts_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
@@ -29,7 +29,7 @@ def experts_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str
         filled = trailing_filled(x, segments, activation)
     # Inside shard_map the weights are invariant over the token axes and x is not; mark them
     # varying here so that autodiff, not the custom VJP, sums their gradients over those axes.
-    x, w_in, w_out, filled = _same_varying_axes(x, w_in, w_out, filled)
+    x, w_in, w_out, filled = same_varying_axes(x, w_in, w_out, filled)
     return _experts(x, w_in, w_out, filled.astype(jnp.int32), activation)
 
 
@@ -47,14 +47,6 @@ def trailing_filled(x: jax.Array, segments: int, activation: str) -> jax.Array:
         return jnp.full((num_experts, segments), cap, jnp.int32)
     nonzero = jnp.any(x != 0, axis=-1).reshape(num_experts, segments, cap)
     return jnp.max(jnp.where(nonzero, jnp.arange(1, cap + 1), 0), axis=-1).astype(jnp.int32)
-
-
-def _same_varying_axes(*arrays):
-    def varying(a):
-        return jax.typeof(a).manual_axis_type.varying
-
-    axes = frozenset().union(*map(varying, arrays))
-    return [jax.lax.pcast(a, tuple(sorted(axes - varying(a))), to="varying") for a in arrays]
 
 
 def _prefix_lengths(rows: int) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.moe.dispatch import combine, dispatch, sorted_slots
-from moejax.moe.experts import grouped_ffn
+from moejax.moe.experts import grouped_ffn, same_varying_axes
 
 
 def sorted_ffn(x, gates, expert_ids, experts, activation):
@@ -78,7 +78,9 @@ def ragged_ffn(x, gates, expert_ids, experts, activation, expert_axis, *,
     received = table.sum(0).reshape(devices, local)
     group_start = _exclusive_cumsum(received, 1).reshape(-1)
     before_me = _exclusive_cumsum(table, 0)[me]
-    buffer = jnp.zeros((devices * n * k, x.shape[1]), x.dtype)
+    # The op's result has its output buffer's mesh-axis type: make each buffer vary like
+    # the rows it receives (with `tensor` > 1 the expert outputs vary over it too).
+    rows, buffer = same_varying_axes(rows, jnp.zeros((devices * n * k, x.shape[1]), x.dtype))
     # Slice g goes to device g // local; this device receives slices (source, local expert).
     arrived = ragged_all_to_all(rows, buffer, sorted_start[me], counts,
                                 group_start + before_me, to_me.reshape(-1),
@@ -90,7 +92,8 @@ def ragged_ffn(x, gates, expert_ids, experts, activation, expert_axis, *,
     # before s, and lands where s sorted expert me * local + e.
     start_here = (_exclusive_cumsum(group_sizes, 0)[None, :] + _exclusive_cumsum(to_me, 0))
     start_there = jax.lax.dynamic_slice_in_dim(sorted_start, me * local, local, axis=1)
-    back = ragged_all_to_all(ys, jnp.zeros_like(rows), start_here.reshape(-1),
+    ys, into = same_varying_axes(ys, jnp.zeros_like(rows))
+    back = ragged_all_to_all(ys, into, start_here.reshape(-1),
                              to_me.reshape(-1), start_there.reshape(-1), counts,
                              axis_name=expert_axis)
     return combine(back, gates, slot, source)
