@@ -1,11 +1,21 @@
-"""The benchmarks: the layer one times whole forward + backward passes; the train one runs."""
+"""The benchmarks: the layer one times whole forward + backward passes; the train one runs
+every MoE path asked for beside the dense twin and reports MFU against the model's FLOPs."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import tiny
-from moejax import bench
+from configs import moe_1b, tiny
+from moejax import bench, parallel, state
+from moejax.config_lib import ConfigError
 from moejax.moe.experts import ffn
+
+# tiny.py:smoke by hand: d_model 32, 2 layers of 2 heads x 16, d_ff 64, 8 experts, top-2,
+# byte vocabulary (257, tied), sequences of 32, batch 16.
+SMOKE_ATTN = 2 * 32 * 16 + 2 * 2 * 32 * 16 + 2 * 16 * 32  # q, k and v, out
+SMOKE_LAYER = SMOKE_ATTN + 2 * 32 + 32 * 8 + 2 * (32 * 2 * 64 + 64 * 32)  # norms, router, 2 of 8
+SMOKE_ACTIVE = 257 * 32 + 32 + 2 * SMOKE_LAYER  # embedding, final norm, layers
+SMOKE_DENSE = 257 * 32 + 32 + 2 * (SMOKE_ATTN + 2 * 32 + 32 * 2 * 128 + 128 * 32)
 
 
 def test_fwd_bwd_runs_every_matmul_of_forward_and_backward():
@@ -26,14 +36,153 @@ def test_ratio_is_the_median_of_per_round_ratios():
     assert bench.median_ratio([2.0, 4.0, 9.0], [1.0, 4.0, 3.0]) == 2.0
 
 
+def smoke_model(num_experts=8):
+    c = bench.resolve(tiny.get_config("smoke"))
+    c.model.num_experts = num_experts
+    return c, state.setup(c, parallel.make_mesh(parallel.mesh_sizes(c.mesh, 1))).model
+
+
+def test_train_numbers_match_a_hand_computation():
+    config, model = smoke_model()
+    config.train.peak_tflops = 0.001  # 1 GFLOP/s per device
+    r = bench.train_numbers(config, model, step_s=0.5, num_devices=8, device_kind="cpu")
+    assert SMOKE_ACTIVE == 41_664 and r["active_params"] == SMOKE_ACTIVE
+    # 6 per active matmul weight (the tied embedding once, as the output projection) plus
+    # causal attention, 6 x layers x heads x head_dim x seq_len; 16 x 32 tokens per step.
+    flops_per_step = (6 * SMOKE_ACTIVE + 6 * 2 * 2 * 16 * 32) * 16 * 32
+    assert flops_per_step == 134_283_264
+    assert r["step_ms"] == pytest.approx(500.0)
+    assert r["tokens_per_s"] == pytest.approx(1024.0)
+    assert r["tflops_per_device"] == pytest.approx(flops_per_step / 0.5 / 8 / 1e12)
+    assert r["mfu"] == pytest.approx(0.033570816)  # 33.57 GFLOP/s of 1 per device
+    config.train.peak_tflops = 0.0  # the table then: an H200, 989 TFLOP/s; a CPU, none
+    h200 = bench.train_numbers(config, model, 0.5, 8, "NVIDIA H200")
+    assert h200["mfu"] == pytest.approx(flops_per_step / 0.5 / (8 * 989e12))
+    assert bench.train_numbers(config, model, 0.5, 8, "cpu")["mfu"] is None
+
+
+def fake_steps(monkeypatch):
+    """bench_train without compiling a step: records each state's config; a step takes ~1 ms."""
+    seen = []
+
+    def stepping(s):
+        seen.append(s.config)
+        return lambda tokens, step: jax.block_until_ready(jnp.zeros(()) + step)
+
+    monkeypatch.setattr(bench, "stepping", stepping)
+    return seen
+
+
+def test_bench_train_has_one_row_per_dispatch_and_the_dense_twin(monkeypatch):
+    seen = fake_steps(monkeypatch)
+    r = bench.bench_train(tiny.get_config("smoke"), 2, ["capacity", "dropless"])
+    assert list(r) == ["moe:capacity", "moe:dropless", "dense"]
+    assert [(c.model.num_experts, c.model.dispatch) for c in seen] == [
+        (8, "capacity"), (8, "dropless"), (0, "capacity")]
+    assert [row["active_params"] for row in r.values()] == [SMOKE_ACTIVE] * 2 + [SMOKE_DENSE]
+    assert r["dense"]["vs_dense"] == 1.0 and all(row["mfu"] is None for row in r.values())
+    # The default: the config's own dispatch.
+    assert list(bench.bench_train(tiny.get_config("smoke"), 1)) == ["moe:capacity", "dense"]
+
+
+def run_main(monkeypatch, capsys, *argv) -> str:
+    monkeypatch.setattr(bench.hostmem, "keep_freed_memory", lambda: False)  # this process's
+    monkeypatch.setattr("sys.argv", ["bench", *argv])
+    bench.main()
+    return capsys.readouterr().out
+
+
+def test_bench_train_prints_mfu_na_without_a_peak_and_takes_overrides(monkeypatch, capsys):
+    fake_steps(monkeypatch)
+    out = run_main(monkeypatch, capsys, "train", "--config", "configs/tiny.py:smoke",
+                   "--dispatch", "capacity", "dropless", "--repeats", "2", "--batch_size",
+                   "8", "--seq_len", "16", "--vocab_size", "300")
+    lines = out.splitlines()
+    assert lines[0].startswith("device: cpu x8;")
+    assert "batch 8 x 16 tokens, vocab 300, median of 2 steps" in lines[0]
+    assert lines[1].startswith("MFU n/a")
+    assert lines[2].split() == ["model", "active", "M", "step", "ms", "tokens/s", "TFLOP/s/dev",
+                                "MFU", "/", "dense"]
+    rows = [line.split() for line in lines[3:]]
+    assert [row[0] for row in rows] == ["moe:capacity", "moe:dropless", "dense"]
+    assert all(row[5] == "n/a" for row in rows)
+    # 300 x 32 more embedding weights than the byte vocabulary's 257.
+    assert float(rows[0][1]) == pytest.approx((SMOKE_ACTIVE + 43 * 32) / 1e6, abs=5e-6)
+
+
+def test_vocab_is_the_byte_tokenizers_or_given():
+    assert bench.resolve(tiny.get_config("smoke")).model.vocab_size == 257
+    with pytest.raises(ConfigError, match="--vocab_size"):  # gpt2's size is not guessed
+        bench.resolve(moe_1b.get_config())
+    c = bench.resolve(moe_1b.get_config(), vocab=50257, batch_size=8, seq_len=1024)
+    assert (c.model.vocab_size, c.data.batch_size, c.data.seq_len) == (50257, 8, 1024)
+
+
+def test_bench_train_without_the_vocab_it_needs_exits_with_one_line(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main(monkeypatch, capsys, "train", "--config", "configs/moe_1b.py")
+    message = str(e.value.code)
+    assert "\n" not in message and message.startswith("error: configs/moe_1b.py: ")
+    assert "tokenizer 'gpt2'" in message and message.endswith("pass --vocab_size N")
+
+
+def test_layer_bench_bf16_dropless_row(monkeypatch, capsys):
+    dtypes = {}  # each timed function's activations
+    round_robin = bench.round_robin
+
+    def spy(fns, repeats):
+        dtypes.update({name: str(args[1].dtype) for name, (fn, args) in fns.items()})
+        return round_robin(fns, repeats)
+
+    monkeypatch.setattr(bench, "round_robin", spy)
+    out = run_main(monkeypatch, capsys, "layer", "--experts", "4", "--tokens", "64",
+                   "--d_model", "16", "--d_ff", "32", "--repeats", "1", "--dtype", "bfloat16",
+                   "--dispatch", "dropless")
+    assert dtypes == {"moe": "bfloat16", "dense": "bfloat16"}  # no expert buffers to time
+    header, columns, row = out.splitlines()
+    assert header.endswith("fwd+bwd, bfloat16, median of 1")
+    assert columns.split()[-1] == "dispatch"
+    e, c, moe_ms, experts_ms, dense_ms, ratio, routing, dispatch = row.split()
+    assert (e, dispatch) == ("4", "dropless")
+    assert c == experts_ms == routing == "-"  # no capacity, no buffers, so no routing share
+    assert float(moe_ms) > 0 and float(dense_ms) > 0 and float(ratio) > 0
+
+
+def test_layer_table_has_a_row_per_expert_count_and_dispatch(monkeypatch, capsys):
+    def bench_layer(e, tokens, d_model, d_ff, top_k, cf, repeats, dispatch, dtype):
+        # What bench_layer returns, without the seconds of compiling.
+        if dispatch == "dropless":
+            return {"E": e, "C": None, "moe": 3.0, "experts": None, "dense": 2.0, "ratio": 1.5,
+                    "routing": None}
+        return {"E": e, "C": 10 * e, "moe": 3.0, "experts": 2.5, "dense": 2.0, "ratio": 1.5,
+                "routing": 0.25}
+
+    monkeypatch.setattr(bench, "bench_layer", bench_layer)
+    columns = (f"{'E':>5} {'C':>5} {'moe ms':>9} {'experts ms':>11} {'dense ms':>9} "
+               f"{'ratio':>6} {'routing':>8}")
+    # The default (capacity, float32) keeps the columns the CPU regression guard reads.
+    out = run_main(monkeypatch, capsys, "layer", "--experts", "8", "64")
+    assert out.splitlines()[1:] == [columns, f"{8:>5} {80:>5} {3.0:>9.1f} {2.5:>11.1f} "
+                                    f"{2.0:>9.1f} {1.5:>6.2f} {0.25:>8.2f}",
+                                    f"{64:>5} {640:>5} {3.0:>9.1f} {2.5:>11.1f} "
+                                    f"{2.0:>9.1f} {1.5:>6.2f} {0.25:>8.2f}"]
+    out = run_main(monkeypatch, capsys, "layer", "--experts", "8", "64", "--dispatch",
+                   "capacity", "dropless")
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [(r[0], r[1], r[-1]) for r in rows] == [
+        ("8", "80", "capacity"), ("8", "-", "dropless"),
+        ("64", "640", "capacity"), ("64", "-", "dropless")]
+
+
 @pytest.mark.slow
-def test_bench_train_steps_the_moe_and_its_dense_twin():
+def test_bench_train_steps_each_moe_path_and_its_dense_twin():
     # The states come from moejax.state, born in the config's layout over the 8 test devices;
     # the step donates its state, so each call must get the one the previous call returned.
-    r = bench.bench_train(tiny.get_config("smoke"), steps=2)
-    for name in ("moe", "dense"):
-        assert r[name]["step_ms"] > 0 and r[name]["tokens_per_s"] > 0
-    assert r["ratio"] > 0
+    r = bench.bench_train(tiny.get_config("smoke"), steps=2, dispatches=["capacity", "dropless"])
+    assert list(r) == ["moe:capacity", "moe:dropless", "dense"]
+    for row in r.values():
+        assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and row["tflops_per_device"] > 0
+        assert row["vs_dense"] > 0
 
 
 def test_compile_bench_compiles_each_depth():
