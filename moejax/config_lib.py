@@ -10,7 +10,7 @@ import ml_collections
 def parse_variant(arg: str | None, allowed: tuple[str, ...]) -> str | None:
     """`--config configs/x.py:name` passes "name"; no suffix passes None."""
     if arg and arg not in allowed:
-        raise ValueError(f"unknown config variant {arg!r}; allowed: {', '.join(allowed)}")
+        raise ConfigError(f"unknown variant {arg!r}; allowed: {', '.join(allowed)}")
     return arg or None
 
 
@@ -76,6 +76,12 @@ def validate(config, num_devices: int) -> None:
     def one_of(key, value, allowed):
         check(value in allowed, key, value, f"unknown; allowed: {', '.join(allowed)}")
 
+    # Sizes first: a zero here would otherwise surface as a division by zero below.
+    for key in ("d_model", "num_layers", "num_heads", "head_dim", "d_ff", "max_seq_len"):
+        check(m[key] >= 1, f"model.{key}", m[key], "must be >= 1")
+    check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size,
+          "must be >= 0 (0 = the tokenizer's)")
+    check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     given = {a: config.mesh[a] for a in parallel.AXES}
     check(list(given.values()).count(-1) <= 1, "mesh",
           ", ".join(f"{a}={s}" for a, s in given.items()),
@@ -140,10 +146,32 @@ def validate(config, num_devices: int) -> None:
     check(d.batch_size % (token_shards * t.grad_accum) == 0, "data.batch_size", d.batch_size,
           f"must be a multiple of data x fsdp x expert x grad_accum = {token_shards} x "
           f"{t.grad_accum}")
+    if m.num_experts:  # the rule MoE.__call__ enforces, found now rather than when tracing
+        micro_tokens = d.batch_size // t.grad_accum * d.seq_len
+        check(m.num_groups >= 0 and m.num_groups % token_shards == 0
+              and micro_tokens % (m.num_groups or 1) == 0, "model.num_groups", m.num_groups,
+              f"must be a multiple of the {token_shards} token shards (data x fsdp x expert) "
+              f"that divides the {micro_tokens} tokens of a micro-batch (data.batch_size / "
+              "train.grad_accum x data.seq_len); 0 = one per token shard")
+    for key in ("eval_batches", "keep_checkpoints"):
+        check(t[key] >= 1, f"train.{key}", t[key], "must be >= 1")
+    check(t.stop_at >= 0, "train.stop_at", t.stop_at, "must be >= 0 (0 = never)")
+    check(t.lr >= 0, "train.lr", t.lr, "must be >= 0 (0 = a frozen run)")
+    check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    for key in ("b1", "b2"):
+        check(0 <= t[key] < 1, f"train.{key}", t[key], "must be in [0, 1)")
+    # optax.clip_by_global_norm(0) scales every gradient to zero: there is no "off" value.
+    check(t.grad_clip > 0, "train.grad_clip", t.grad_clip,
+          "must be > 0 (a global-norm bound; 0 would zero every update)")
+    check(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
     one_of("train.schedule", t.schedule, ("cosine", "rsqrt"))
     if t.schedule == "cosine":
         check(0 <= t.warmup_steps < t.steps, "train.warmup_steps", t.warmup_steps,
               f"must be in 0..train.steps-1={t.steps - 1} (the cosine needs steps after it)")
+    else:  # rsqrt: lr * min(step / warmup, sqrt(warmup / step))
+        check(t.warmup_steps >= 1, "train.warmup_steps", t.warmup_steps,
+              "must be >= 1 with train.schedule=rsqrt (it divides by the warmup)")
     check(0 <= t.collapse_threshold < 1, "train.collapse_threshold", t.collapse_threshold,
           "must be in [0, 1): a fraction of the uniform load 1/E (0 = off)")
     check(t.collapse_checks >= 1, "train.collapse_checks", t.collapse_checks, "must be >= 1")
@@ -162,7 +190,7 @@ def check_workdir(workdir: str) -> None:
 
 def run(main) -> None:
     """Parse --config / --workdir like absl's app.run, but a bad flag or config value is one
-    line, not a dump."""
+    line, not a dump, and --help prints the usage of `main`'s module."""
     import sys
 
     from absl import flags
@@ -177,15 +205,111 @@ def run(main) -> None:
     flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator)")
     flags.mark_flags_as_required(["config", "workdir"])
     try:
-        argv = flags.FLAGS(sys.argv)
-    except (flags.Error, ValueError, KeyError, AttributeError) as e:
-        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        argv = parse_flags(sys.argv, sys.modules[main.__module__].__doc__)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     f = flags.FLAGS
     init_distributed(f.coordinator, f.num_processes, f.process_id)
     try:
         main(argv)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+
+
+def parse_flags(argv: list[str], doc: str | None) -> list[str]:
+    """absl's flags.FLAGS(argv), after a --config flag is defined: -h / --help prints `doc`'s
+    summary and the flags, then exits 0; a bad flag, config file or override key raises one
+    ConfigError line. Returns the arguments that are not flags."""
+    import sys
+
+    from absl import flags
+
+    if {"-h", "-help", "--help"} & set(argv[1:]):
+        print(usage(doc))
+        sys.exit(0)
+    try:
+        rest = flags.FLAGS(argv)
+        flags.FLAGS.config.keys()  # a missing file shows only when the config is first read
+    except Exception as e:  # whatever the config file raised; nothing has run yet
+        raise ConfigError(flag_error(e, argv)) from None
+    return rest
+
+
+def usage(doc: str | None) -> str:
+    """The module docstring's summary and usage line, then the flags it defines."""
+    from absl import flags
+
+    f = flags.FLAGS
+    summary = "\n\n".join((doc or "").strip().split("\n\n")[:2])
+    listing = f.module_help(f.find_module_defining_flag("config")).strip().split("\n", 1)[1]
+    return (f"{summary}\n\nflags:\n{listing}\n  --config.KEY=VALUE: set any key of the config, "
+            "e.g.\n    --config.train.lr=1e-3 (configs/tiny.py lists them all)")
+
+
+def flag_error(e: Exception, argv: list[str]) -> str:
+    """What went wrong parsing `argv`, in one line that names the flag and what is allowed."""
+    from absl import flags
+
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith(("--config=", "-config="))),
+                None)
+    if spec is None and (i := next((i for i, a in enumerate(argv)
+                                    if a in ("--config", "-config")), None)) is not None:
+        spec = argv[i + 1] if i + 1 < len(argv) else None
+    chain = [e]  # absl and ml_collections re-raise what the config file raised: find it
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(inner)
+    if spec is not None:
+        path = spec.split(":", 1)[0]
+        if not os.path.isfile(path):
+            return f"--config={spec}: no such file; allowed: a configs/<name>.py file"
+        for err in chain:
+            if isinstance(err, SyntaxError):
+                return (f"--config={spec}: {err.msg} at line {err.lineno} of {path}; allowed: "
+                        "a Python file defining get_config()")
+        for err in reversed(chain):  # the innermost: the outer ones wrap its traceback
+            if isinstance(err, ConfigError):
+                return f"--config={spec}: {first_line(err)}"
+        if unknown := unknown_override(spec, argv):
+            return unknown
+        if "Error whilst parsing config file" in str(e) or not isinstance(e, flags.Error):
+            inner = chain[-1]  # what the config file itself raised
+            return f"--config={spec}: cannot load ({type(inner).__name__}: {first_line(inner)})"
+    return first_line(e)
+
+
+def unknown_override(spec: str, argv: list[str]) -> str | None:
+    """'unknown key model.num_expert; did you mean model.num_experts?' for the first
+    --config.KEY=... whose key the config (loaded again, overrides aside) does not have."""
+    import difflib
+    import re
+
+    from ml_collections import config_flags
+
+    try:
+        config = config_flags.config_flags.ConfigFileFlagParser("config").parse(spec)
+        keys = flat_keys(config)
+    except Exception:  # the caller reports the original error instead
+        return None
+    for arg in argv:
+        if match := re.match(r"^--?(?:no)?config\.([^=]+)", arg):
+            key = match.group(1)
+            if key not in keys:
+                close = difflib.get_close_matches(key, keys, n=1)
+                groups = sorted({k.split(".")[0] + ".*" if "." in k else k for k in keys
+                                 if not any(o.startswith(k + ".") for o in keys)})
+                return f"unknown key {key}; " + (f"did you mean {close[0]}?" if close else
+                                                 f"allowed: {', '.join(groups)}")
+    return None
+
+
+def flat_keys(config, prefix: str = "") -> list[str]:
+    """Every dotted key of a ConfigDict, groups and leaves: ['model', 'model.d_model', ...]."""
+    keys = []
+    for name, value in config.items():
+        keys.append(prefix + name)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys += flat_keys(value, f"{prefix}{name}.")
+    return keys
 
 
 def init_distributed(coordinator: str | None, num_processes: int | None,

@@ -292,6 +292,8 @@ def main() -> None:
     from absl import flags
     from ml_collections import config_flags
 
+    from moejax import config_lib  # imports no jax: XLA_FLAGS can still be set below
+
     config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:variant]",
                                     lock_config=True)
     flags.DEFINE_string("mesh", None, "fsdp=8,expert=8: sizes of data, fsdp, expert, tensor "
@@ -299,7 +301,7 @@ def main() -> None:
     flags.DEFINE_float("hbm_gib", 80.0, "device memory for the verdict, GiB")
     flags.mark_flags_as_required(["config"])
     try:
-        flags.FLAGS(sys.argv)
+        config_lib.parse_flags(sys.argv, __doc__)  # --help, bad flags and config files
         config = flags.FLAGS.config
         # -1 means "the remaining devices", and only the devices the rest need are made.
         mesh = {a: max(int(s), 1) for a, s in config.mesh.items()}
@@ -313,8 +315,6 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = (f"{xla_flags} --xla_force_host_platform_device_count="
                                f"{math.prod(mesh.values())}")
     os.environ["JAX_PLATFORMS"] = "cpu"
-    from moejax import config_lib
-
     try:
         p = plan(config, mesh)
     except config_lib.ConfigError as e:
