@@ -64,7 +64,7 @@ def get_config(arg=None):
             split="train",
             streaming=False,  # hub: stream instead of downloading the whole set
             text_key="text",
-            eval_fraction=0.05,  # share of whole documents held out for evaluation
+            eval_fraction=0.05,  # held out for eval: whole documents, long ones in chunks
             tokenizer="byte",  # byte | a Hugging Face tokenizer name or path
             seq_len=128,
             batch_size=32,  # sequences per step, all hosts together
@@ -95,6 +95,9 @@ def get_config(arg=None):
             collapse_threshold=0.1,  # warn if an expert gets < this x 1/E of the load; 0 = off
             collapse_checks=4,  # ... at this many log points in a row
             init_from="",  # a dense run's workdir: start from its newest checkpoint (upcycling)
+            # Every checkpoint of the workdir is damaged (checkpoints/ and best/): False = stop
+            # with an error; True = start over at step 0 (the damaged ones stay set aside).
+            restart_if_damaged=False,
         ),
     )
     if variant == "dense":

@@ -4,9 +4,11 @@ A save writes a temporary directory and renames it into place when complete; old
 deleted only after that. So a run killed while saving keeps every intact checkpoint it had,
 plus a half-written temporary directory that the next start reports and a new save of that
 step replaces. A checkpoint damaged later (a truncated or deleted file) fails to restore: it is
-moved aside with a warning and the next older one is used.
+moved aside with a warning and the next older one is used, then the best one. If damaged ones
+were there but none restores, the run refuses to start over unless train.restart_if_damaged.
 """
 
+import contextlib
 import logging
 import os
 import time
@@ -35,12 +37,13 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                             options=options, item_handlers=handlers())
+        self.best_dir = os.path.join(os.path.abspath(workdir), "best")
         self.best = None
         if keep_best:
             best = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_mode="min",
                                                 best_fn=lambda m: m["eval_loss"])
-            self.best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"),
-                                              options=best, item_handlers=handlers())
+            self.best = ocp.CheckpointManager(self.best_dir, options=best,
+                                              item_handlers=handlers())
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -56,34 +59,57 @@ class Checkpoints:
             self.latest.wait_until_finished()
             self.best.save(step, args=args, metrics={"eval_loss": float(eval_loss)}, force=True)
 
-    def restore(self, step: int, like):
-        """Restore `step` into arrays shaped and sharded like `like` (any mesh)."""
+    def restore(self, step: int, like, mgr: ocp.CheckpointManager | None = None):
+        """Restore `step` of `mgr` (default: latest) into arrays shaped and sharded like
+        `like` (any mesh)."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        out = self.latest.restore(step, args=ocp.args.Composite(
+        out = (mgr or self.latest).restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return out.state, out.meta
 
-    def restore_latest(self, like):
-        """(state, meta) of the newest checkpoint that restores, or None if none does."""
+    def restore_latest(self, like, restart_if_damaged: bool = False):
+        """(state, meta) of the newest checkpoint that restores, else of the best one in best/;
+        None if there is none. Damaged ones are set aside. If there were damaged ones and none
+        restores: ConfigError, or None (start over) with restart_if_damaged."""
         root = str(self.latest.directory)
         for name in sorted(os.listdir(root)) if jax.process_index() == 0 else []:
             if ".orbax-checkpoint-tmp" in name:  # orbax never lists these; a new save replaces it
                 log.warning(f"checkpoint {root}/{name} is half-written (the run stopped while "
                             "saving it): skipped")
-        for step in reversed(self.latest.all_steps()):
-            try:
-                restored, error = self.restore(step, like), None
-            except Exception as e:  # whatever broke, this step cannot be resumed from
-                restored, error = None, e
-            if on_every_process(error is None):
-                return restored
-            self.set_aside(step, error)
+        found = newest_that_restores(self.latest, lambda step: self.restore(step, like),
+                                     self.set_aside)
+        if found:
+            return found[1]
+        with contextlib.ExitStack() as stack:
+            best = self.best or read_manager(self.best_dir, handlers())
+            if best is not None and best is not self.best:  # keep_best off: read it only
+                stack.callback(best.close)
+            if best is not None and (found := newest_that_restores(
+                    best, lambda step: self.restore(step, like, best),
+                    lambda step, error: self.set_aside(step, error, best))):
+                log.warning(f"no checkpoint in {root} restores: resuming from the best one, "
+                            f"{self.best_dir}/{found[0]}")
+                return found[1]
+        broken = [f"{os.path.basename(d)}/{n}" for d in (root, self.best_dir)
+                  if os.path.isdir(d) for n in sorted(os.listdir(d)) if ".broken-" in n]
+        if broken and not restart_if_damaged:
+            raise ConfigError(
+                f"train.restart_if_damaged=False: no checkpoint in {root} or {self.best_dir} "
+                f"restores, and damaged ones were there (set aside: {', '.join(broken)}); "
+                "allowed: repair one, or --config.train.restart_if_damaged=True to start over "
+                "at step 0")
+        if broken:
+            log.warning(f"no checkpoint in {root} or {self.best_dir} restores: starting over "
+                        "at step 0 (train.restart_if_damaged=True)")
         return None
 
-    def set_aside(self, step: int, error: Exception | None):
-        """Rename a broken step out of orbax's sight: the next save of that step and the
-        rotation must not trip over it, and it stays on disk for a post-mortem."""
-        path = os.path.join(str(self.latest.directory), str(step))
+    def set_aside(self, step: int, error: Exception | None,
+                  mgr: ocp.CheckpointManager | None = None):
+        """Rename a broken step of `mgr` (default: latest) out of orbax's sight: the next save
+        of that step and the rotation must not trip over it, and it stays on disk for a
+        post-mortem."""
+        mgr = mgr or self.latest
+        path = os.path.join(str(mgr.directory), str(step))
         if jax.process_index() == 0:
             aside = f"{path}.broken-{time.strftime('%Y%m%d-%H%M%S')}"
             reason = "failed on another process" if error is None else first_line(error)
@@ -91,8 +117,8 @@ class Checkpoints:
                         f"moved to {aside}")
             os.rename(path, aside)
         if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
-        self.latest.reload()
+            multihost_utils.sync_global_devices(f"set aside checkpoint {mgr.directory} {step}")
+        mgr.reload()
 
     def check_shapes(self, params):
         """Raise ConfigError naming the first parameter whose shape in the newest readable
@@ -130,6 +156,30 @@ def shapes(tree) -> dict:
     return {path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def newest_that_restores(mgr: ocp.CheckpointManager, restore, skip) -> tuple | None:
+    """(step, restore(step)) for the newest step of `mgr` that restores on every process, or
+    None; `skip(step, error)` for each newer one that does not (error None: failed on another
+    process)."""
+    for step in reversed(mgr.all_steps()):
+        try:
+            restored, error = restore(step), None
+        except Exception as e:  # whatever broke, this step cannot be read
+            restored, error = None, e
+        if on_every_process(error is None):
+            return step, restored
+        skip(step, error)
+    return None
+
+
+def read_manager(path: str, item_handlers) -> ocp.CheckpointManager | None:
+    """A manager that only reads `path`, or None if there is no such directory: orbax would
+    create it."""
+    if not os.path.isdir(path):
+        return None
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False),
+                                 item_handlers=item_handlers)
+
+
 def on_every_process(ok: bool) -> bool:
     """All processes must resume from the same step, even if only one of them failed to read."""
     if jax.process_count() == 1:
@@ -144,7 +194,7 @@ def run_checkpoints(workdir: str, key: str) -> ocp.CheckpointManager:
     if not os.path.isdir(path):  # else orbax would create it in someone else's run
         raise ConfigError(f"{key}={workdir!r}: no checkpoints/ in it; allowed: the --workdir "
                           "of a run that saved a checkpoint")
-    mgr = ocp.CheckpointManager(path, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    mgr = read_manager(path, {"state": ocp.PyTreeCheckpointHandler()})
     if mgr.latest_step() is None:
         mgr.close()
         raise ConfigError(f"{key}={workdir!r}: no checkpoint in {path}; allowed: the "
@@ -161,3 +211,27 @@ def restore_params(mgr: ocp.CheckpointManager, step: int, target):
         partial_restore=True)))
     return out.state["params"]
 
+
+def read_params(workdir: str, key: str, target) -> tuple[int, object]:
+    """(step, parameters) of the newest checkpoint of another run whose parameters restore,
+    into `target`'s shapes and shardings; else of its best one. Damaged ones are skipped with a
+    warning and left where they are: this run only reads. ConfigError naming `key` if none."""
+    def skip(mgr):
+        return lambda step, error: log.warning(
+            f"checkpoint {mgr.directory}/{step} does not restore "
+            f"({'failed on another process' if error is None else first_line(error)}): skipped")
+
+    with contextlib.closing(run_checkpoints(workdir, key)) as mgr:
+        latest = str(mgr.directory)
+        found = newest_that_restores(mgr, lambda s: restore_params(mgr, s, target), skip(mgr))
+    best_dir = os.path.join(os.path.abspath(workdir), "best")
+    if not found and (best := read_manager(best_dir, {"state": ocp.PyTreeCheckpointHandler()})):
+        with contextlib.closing(best):
+            if found := newest_that_restores(best, lambda s: restore_params(best, s, target),
+                                             skip(best)):
+                log.warning(f"no checkpoint in {latest} restores: using the best one, "
+                            f"{best_dir}/{found[0]}")
+    if found:
+        return found
+    raise ConfigError(f"{key}={workdir!r}: no checkpoint in {latest} or {best_dir} restores "
+                      "(all damaged); allowed: the --workdir of a run with an intact checkpoint")

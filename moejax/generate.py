@@ -10,7 +10,6 @@ once per token or per max_new_tokens.
 
 import argparse
 import collections
-import contextlib
 import functools
 import time
 
@@ -20,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from moejax import config_lib, data, parallel, state
-from moejax.checkpoint import restore_params, run_checkpoints
+from moejax.checkpoint import read_params
 from moejax.config_lib import ConfigError
 
 BUCKET = 64  # padded prompt length and cache length are multiples of this (<= max_seq_len)
@@ -28,19 +27,19 @@ TRACES = collections.Counter()  # traces (= compilations) of the jitted generate
 
 
 def load(workdir: str):
-    """The run's config and model with the newest checkpoint's parameters, on one device."""
+    """The run's config and model with the parameters of its newest checkpoint that restores
+    (damaged ones are skipped with a warning, then the best one is tried), on one device.
+    Writes nothing into the workdir."""
     try:
         config = config_lib.run_config(workdir)
-        mgr = run_checkpoints(workdir, "--workdir")
+        config.model.num_groups = 1  # one capacity group: the prompt's tokens are routed together
+        if config.model.routing == "tokens":  # no capacity: padding and batch-mates drop nothing
+            config.model.dispatch = "dropless"
+        setup = state.setup(config, parallel.make_mesh({}))  # one device, whatever the run's mesh
+        # The parameters only: the optimizer state is twice their size.
+        step, params = read_params(workdir, "--workdir", setup.abstract["params"])
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    config.model.num_groups = 1  # one capacity group: the prompt's tokens are routed together
-    if config.model.routing == "tokens":  # no capacity: padding and batch-mates drop nothing
-        config.model.dispatch = "dropless"
-    setup = state.setup(config, parallel.make_mesh({}))  # one device, whatever the run's mesh
-    with contextlib.closing(mgr):  # the parameters only: the optimizer state is twice their size
-        step = mgr.latest_step()
-        params = restore_params(mgr, step, setup.abstract["params"])
     return config, nnx.merge(setup.graphdef, params), step
 
 
