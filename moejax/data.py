@@ -4,6 +4,8 @@ Sources (config.data.source): `stdlib` (the Python standard library's own .py fi
 machine with Python, nothing to download), `files` (local text / json / parquet through
 Hugging Face `datasets`) and `hub` (a Hugging Face dataset by name, optionally streamed).
 Documents are joined with an end-of-document token and cut into sequences of seq_len + 1.
+The held-out split takes whole stdlib files; of `files` and `hub` documents it takes chunks of
+CHUNK_CHARS characters, so that even one long file gives both splits.
 
 Batch order is a function of (seed, step) alone: step s takes sequences s*B .. s*B+B-1 of a
 seeded permutation of the epoch, so a resumed run reads exactly the batches it would have
@@ -12,7 +14,9 @@ reads only its own rows of it.
 """
 
 import glob
+import itertools
 import logging
+import math
 import os
 import sysconfig
 import zlib
@@ -23,10 +27,14 @@ from moejax.config_lib import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
+CHUNK_CHARS = 2048  # files / hub: the held-out split takes whole chunks of documents
+EXTENSIONS = {"text": "txt", "json": "jsonl", "parquet": "parquet"}  # for error messages
+
 
 class ByteTokenizer:
     """UTF-8 bytes plus one end-of-document token: no vocabulary file, nothing to download."""
 
+    name = "byte"
     vocab_size = 257
     eos_id = 256
 
@@ -43,6 +51,7 @@ class HFTokenizer:
     def __init__(self, name_or_path: str):
         from tokenizers import Tokenizer
 
+        self.name = name_or_path
         if os.path.exists(name_or_path):
             path = name_or_path
             if os.path.isdir(path):
@@ -73,6 +82,14 @@ def make_tokenizer(name: str):
                           "tokenizer name") from None
 
 
+def check_vocab(vocab_size: int, tokenizer) -> None:
+    """model.vocab_size must hold every id the tokenizer makes (0: take the tokenizer's)."""
+    if vocab_size and vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab_size}: smaller than tokenizer "
+                          f"{tokenizer.name!r}'s {tokenizer.vocab_size} tokens; allowed: 0 (the "
+                          f"tokenizer's) or >= {tokenizer.vocab_size}")
+
+
 def stdlib_files() -> list[str]:
     root = sysconfig.get_paths()["stdlib"]
     skip = {"site-packages", "test", "tests", "idle_test"}
@@ -82,19 +99,62 @@ def stdlib_files() -> list[str]:
 
 
 def is_eval_doc(key: str, eval_fraction: float) -> bool:
-    """Whole documents are held out, chosen by a hash of their name or index: stable."""
+    """Whether document (or chunk) `key` is held out: a hash of its name or index, stable."""
     return zlib.crc32(key.encode()) / 2**32 < eval_fraction
+
+
+def split_parts(key: str, text: str, eval_fraction: float, split: str) -> list[str]:
+    """The parts of document `key` that belong to `split` ('train' or 'eval').
+
+    The document is cut into chunks of CHUNK_CHARS characters. With u the hash of `key` in
+    [0, 1), chunk c is held out when (u + c * eval_fraction) mod 1 < eval_fraction: chunk 0
+    exactly when the whole document was before (is_eval_doc), then one chunk in every
+    1 / eval_fraction, so a document of that many chunks always gives both splits. Consecutive
+    chunks of one split are joined back: only a change of split cuts the text.
+    """
+    u = zlib.crc32(key.encode()) / 2**32
+    chunks = max(1, math.ceil(len(text) / CHUNK_CHARS))
+    mine = [((u + c * eval_fraction) % 1.0 < eval_fraction) == (split == "eval")
+            for c in range(chunks)]
+    parts = []
+    for member, run in itertools.groupby(range(chunks), key=mine.__getitem__):
+        if member:
+            run = list(run)
+            parts.append(text[run[0] * CHUNK_CHARS: (run[-1] + 1) * CHUNK_CHARS])
+    return parts
+
+
+def check_path(cfg) -> None:
+    """data.path (source `files`) is a glob matching at least one file."""
+    if os.path.isdir(cfg.path):
+        example = os.path.join(cfg.path, "*." + EXTENSIONS.get(cfg.format, "txt"))
+        raise ConfigError(f"data.path={cfg.path!r}: a directory; allowed: a glob of the files "
+                          f"in it, e.g. {example!r}")
+    if all(os.path.isdir(f) for f in glob.glob(cfg.path, recursive=True)):
+        raise ConfigError(f"data.path={cfg.path!r}: no file matches; allowed: a glob of local "
+                          "files")
+
+
+def not_parquet(f: str) -> ConfigError:
+    return ConfigError(f"data.format='parquet': {f} is not a parquet file (no PAR1 header); "
+                       "allowed: parquet files, or data.format='text' or 'json' for text")
 
 
 def readable_files(cfg) -> list[str]:
     """The files matching data.path that read to the end (text and json: as UTF-8). Any other
     is skipped and counted (data.on_error = skip) or stops the run (fail)."""
     files = [f for f in sorted(glob.glob(cfg.path, recursive=True)) if not os.path.isdir(f)]
-    good, bad = [], []
+    good, bad, wrong_format = [], [], []
+    binary = cfg.format == "parquet"
     for f in files:
         try:
-            binary = cfg.format == "parquet"
             with open(f, "rb" if binary else "r", encoding=None if binary else "utf-8") as fh:
+                if binary and fh.read(4) != b"PAR1":
+                    if cfg.on_error == "fail":
+                        raise not_parquet(f)
+                    wrong_format.append(f)
+                    bad.append(f"{f} (not parquet)")
+                    continue
                 while fh.read(1 << 24):  # in pieces: a file may be larger than memory
                     pass
             good.append(f)
@@ -107,6 +167,8 @@ def readable_files(cfg) -> list[str]:
             bad.append(f"{f} ({reason})")
     if bad:
         summary = f"{len(bad)} of {len(files)} files: {'; '.join(bad[:3])}"
+        if not good and wrong_format:
+            raise not_parquet(wrong_format[0])
         if not good:
             raise ConfigError(f"data.path={cfg.path!r}: no readable file ({summary}); allowed: "
                               "a glob matching readable UTF-8 files")
@@ -121,10 +183,18 @@ def hf_dataset(cfg, streaming: bool):
     if cfg.source == "files":
         files = readable_files(cfg)
         kwargs = {"sample_by": "document"} if cfg.format == "text" else {}
-        return datasets.load_dataset(cfg.format, data_files=files, split="train",
-                                     streaming=streaming, **kwargs)
-    return datasets.load_dataset(cfg.path, cfg.hub_config or None, split=cfg.split,
-                                 streaming=streaming)
+        ds = datasets.load_dataset(cfg.format, data_files=files, split="train",
+                                   streaming=streaming, **kwargs)
+        where = files[0] + (f" (and {len(files) - 1} more files)" if len(files) > 1 else "")
+        columns = ["text"] if cfg.format == "text" else ds.column_names
+    else:
+        ds = datasets.load_dataset(cfg.path, cfg.hub_config or None, split=cfg.split,
+                                   streaming=streaming)
+        where, columns = f"data.path={cfg.path!r}", ds.column_names
+    if columns is not None and cfg.text_key not in columns:  # None: a stream of unknown keys
+        raise ConfigError(f"data.text_key={cfg.text_key!r}: not a key of {where} (its keys: "
+                          f"{', '.join(columns)}); allowed: one of its keys")
+    return ds
 
 
 def load_documents(cfg, split: str) -> list[str]:
@@ -139,8 +209,8 @@ def load_documents(cfg, split: str) -> list[str]:
                 texts.append(f.read())
         return texts
     texts = hf_dataset(cfg, streaming=False)[cfg.text_key]
-    return [t for i, t in enumerate(texts)
-            if is_eval_doc(str(i), cfg.eval_fraction) == (split == "eval")]
+    return [p for i, t in enumerate(texts)
+            for p in split_parts(str(i), t, cfg.eval_fraction, split)]
 
 
 def pack(texts, tokenizer, seq_len: int) -> np.ndarray:
@@ -195,13 +265,13 @@ class StreamBatches:
         buffer = np.zeros((0,), np.int32)
         width = self.cfg.seq_len + 1
         for i, example in enumerate(ds):
-            if is_eval_doc(str(i), self.cfg.eval_fraction) != (self.split == "eval"):
-                continue
-            buffer = np.concatenate([buffer, self.tokenizer.encode(example[self.cfg.text_key]),
-                                     [self.tokenizer.eos_id]])
-            while len(buffer) >= width:
-                yield buffer[:width]
-                buffer = buffer[width:]
+            for part in split_parts(str(i), example[self.cfg.text_key], self.cfg.eval_fraction,
+                                    self.split):
+                buffer = np.concatenate([buffer, self.tokenizer.encode(part),
+                                         [self.tokenizer.eos_id]])
+                while len(buffer) >= width:
+                    yield buffer[:width]
+                    buffer = buffer[width:]
 
     def host_rows(self, step: int, rows: slice) -> np.ndarray:
         count = rows.stop - rows.start
@@ -218,16 +288,17 @@ class StreamBatches:
 
 def make_batches(cfg, tokenizer, split: str, seed: int):
     """Training batches are shuffled; eval batches are the first ones of the held-out split."""
-    if cfg.source == "files" and not glob.glob(cfg.path, recursive=True):
-        raise ConfigError(f"data.path={cfg.path!r}: no file matches; allowed: a glob of local "
-                          "files")
+    if cfg.source == "files":
+        check_path(cfg)
     if cfg.streaming:
+        hf_dataset(cfg, streaming=True)  # its checks (files, text_key) before anything compiles
         return StreamBatches(cfg, tokenizer, split)
     sequences = pack(load_documents(cfg, split), tokenizer, cfg.seq_len)
     if len(sequences) < cfg.batch_size:
         key = "data.source='stdlib'" if cfg.source == "stdlib" else f"data.path={cfg.path!r}"
+        more = "more text, a larger data.eval_fraction" if split == "eval" else "more text"
         raise ConfigError(f"{key}: the {split} split holds {len(sequences)} sequences "
                           f"of data.seq_len + 1 = {cfg.seq_len + 1} tokens; allowed: at least "
-                          f"data.batch_size={cfg.batch_size} (more text, or a smaller batch "
+                          f"data.batch_size={cfg.batch_size} ({more}, or a smaller batch "
                           "or seq_len)")
     return Batches(sequences, cfg.batch_size, seed, shuffle=split == "train")
