@@ -27,15 +27,22 @@ def heatmap(values: np.ndarray, cell: int = 12) -> np.ndarray:
 
 
 class Writer:
-    def __init__(self, workdir: str):
+    """Everything from `first_step` on is this launch's to log: rows a previous launch logged
+    past the checkpoint this one resumed from (0 for a fresh start) are dropped, so each step
+    appears once and its values are the ones the run's state went through."""
+
+    def __init__(self, workdir: str, first_step: int):
         self.active = jax.process_index() == 0
         if not self.active:
             return
         from tensorboardX import SummaryWriter
 
         os.makedirs(workdir, exist_ok=True)
-        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        # purge_step has TensorBoard hide the earlier events from first_step on.
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=first_step)
+        path = os.path.join(workdir, "metrics.jsonl")
+        drop_rows_from(path, first_step)
+        self.jsonl = open(path, "a")
 
     def scalars(self, step: int, values: dict):
         if not self.active:
@@ -68,16 +75,46 @@ class Writer:
             self.jsonl.close()
 
 
+def drop_rows_from(path: str, first_step: int) -> None:
+    """Rewrite metrics.jsonl without the rows of steps >= first_step, and without a row torn
+    by a kill mid-write. Atomic: a crash leaves the old file or the new one, never half."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [ln for ln in lines if ln.endswith("\n") and _step(ln) is not None
+            and _step(ln) < first_step]
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class Progress:
-    """Tokens/s, step time and ETA over the steps since the last report."""
+    """Tokens/s, step time and ETA over the steps since the last report. Counting starts at
+    start(step), after the first step, which compiles: its time says nothing about the rate."""
 
-    def __init__(self, total_steps: int, tokens_per_step: int, start_step: int):
+    def __init__(self, total_steps: int, tokens_per_step: int):
         self.total, self.tokens_per_step = total_steps, tokens_per_step
-        self.last_step, self.last_time = start_step, time.perf_counter()
+        self.last_step, self.last_time = None, None
 
-    def tick(self, step: int) -> dict:
+    def start(self, step: int):
+        self.last_step, self.last_time = step, time.perf_counter()
+
+    def tick(self, step: int) -> dict | None:
+        """None when no step has finished since start(): nothing to measure yet."""
+        if self.last_step is None or step <= self.last_step:
+            return None
         now = time.perf_counter()
-        steps = max(step - self.last_step, 1)
+        steps = step - self.last_step
         step_s = (now - self.last_time) / steps
         self.last_step, self.last_time = step, now
         return {"perf/step_ms": 1e3 * step_s, "perf/tokens_per_s": self.tokens_per_step / step_s,

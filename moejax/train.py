@@ -6,21 +6,21 @@ Order of work: check the config, workdir, tokenizer, data and any checkpoint's s
 compiled yet) -> model and optimizer (sharded) -> resume from the newest intact checkpoint in
 workdir, if any, else start from a dense run's (train.init_from: sparse upcycling) -> loop
 (step, log, eval, checkpoint). See docs/reliability.md for what happens on SIGTERM, damaged
-checkpoints and non-finite steps.
+checkpoints, non-finite steps, Ctrl-C and a second run on the same workdir.
 """
 
 import contextlib
 import os
 import signal
 import sys
-import threading
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from moejax import config_lib, data, hostmem, parallel, state, upcycle
+from moejax import config_lib, data, hostmem, parallel, state, upcycle, workdir as workdir_lib
 from moejax.checkpoint import Checkpoints
 from moejax.flops import device_peak_flops, train_flops_per_token
 from moejax.metrics import CollapseAlarm, Progress, Writer, format_eta
@@ -42,29 +42,53 @@ class NonFiniteError(RuntimeError):
 
 @contextlib.contextmanager
 def preemption_notice():
-    """Yields `reached(step)`: True at the same step on every process once SIGTERM, the usual
-    preemption notice, has reached any of them."""
+    """Yields `stop(step)`: None, or why to stop ("preempted": SIGTERM, the usual preemption
+    notice; "interrupted": Ctrl-C), at the same step on every process once the signal has
+    reached any of them. A second Ctrl-C stops at once, without saving."""
+    received = []  # the signals that arrived, in order
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    def stop(step):
+        if jax.process_count() > 1:
+            return "preempted" if multihost_utils.reached_preemption_sync_point(step) else None
+        if received:
+            return "interrupted" if received[0] == signal.SIGINT else "preempted"
+        return None
+
     if jax.process_count() > 1:
-        # jax.distributed catches SIGTERM itself and has the processes agree on a step.
-        yield multihost_utils.reached_preemption_sync_point
-        return
-    notice = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: notice.set())
+        # jax.distributed catches SIGTERM itself (its handler is not Python's to replace) and
+        # has the processes agree on a step; Ctrl-C is handed to it as a SIGTERM.
+        handlers = {signal.SIGINT: lambda *_: os.kill(os.getpid(), signal.SIGTERM)}
+    else:
+        handlers = {signal.SIGTERM: on_signal, signal.SIGINT: on_signal}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
-        yield lambda step: notice.is_set()
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Train to config.train.steps, or stop early with a checkpoint at train.stop_at or on
-    SIGTERM; returns the losses seen and the steps skipped as non-finite."""
-    tc, mc = config.train, config.model
+    """Train to config.train.steps, or stop early with a checkpoint at train.stop_at, on
+    SIGTERM or on Ctrl-C; returns the losses seen and the steps skipped as non-finite."""
     # Every check that can fail on a bad config or input runs before anything compiles.
     config_lib.validate(config, jax.device_count())
     config_lib.check_workdir(workdir)
+    with workdir_lib.lock(workdir):  # one run per workdir; released however this one ends
+        return train(config, workdir)
+
+
+def train(config, workdir: str) -> dict:
+    """train_and_evaluate, once the config is valid and this run holds the workdir."""
+    tc, mc = config.train, config.model
     mesh = parallel.make_mesh(parallel.mesh_sizes(config.mesh, jax.device_count()))
     tokenizer = data.make_tokenizer(config.data.tokenizer)
+    data.check_vocab(mc.vocab_size, tokenizer)
     with config.unlocked():
         mc.vocab_size = mc.vocab_size or tokenizer.vocab_size
     seq_len = config.data.seq_len
@@ -76,12 +100,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if tc.init_from and ckpt.latest_step() is None:
         upcycle.check(tc.init_from, setup.abstract["params"])
 
-    writer = Writer(workdir)
-    start_step = 0
-    if restored := ckpt.restore_latest(setup.abstract):
-        train_state, meta = restored
-        start_step = meta["step"]
+    restored = ckpt.restore_latest(setup.abstract, tc.restart_if_damaged)
+    start_step = restored[1]["step"] if restored else 0
+    for key, value in (("train.steps", tc.steps), ("train.stop_at", tc.stop_at)):
+        if restored and value and value <= start_step:  # else it would exit 0, having done nothing
+            raise config_lib.ConfigError(
+                f"{key}={value}: the checkpoint is at step {start_step}; nothing to train; "
+                f"allowed: > {start_step}" + (" or 0 (never)" if key == "train.stop_at" else ""))
+    # A fresh start evaluates step 0 again; a resumed one logs from the step after its own.
+    writer = Writer(workdir, start_step + 1 if restored else 0)
+    if restored:
+        train_state = restored[0]
         writer.print(f"resumed from {workdir} at step {start_step}")
+        for line in workdir_lib.config_changes(workdir, config):
+            writer.print(line)
     else:
         train_state = state.init(setup)
         if tc.init_from:
@@ -109,8 +141,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for line in state.undivided(setup):
         writer.print(f"not split (the mesh axis does not divide it): {line}")
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        workdir_lib.save_config(workdir, config, start_step)
 
     token_sharding = parallel.token_sharding(mesh)
     shape = (config.data.batch_size, seq_len + 1)
@@ -127,7 +158,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return loss
 
     history = {"train_loss": {}, "eval_loss": {}, "skipped_steps": []}
-    progress = Progress(tc.steps, tokens_per_step, start_step)
+    progress = Progress(tc.steps, tokens_per_step)
     last = min(tc.steps, tc.stop_at or tc.steps)
     pending = {}  # step -> (loss, skipped) still on device
     in_a_row = 0  # non-finite steps
@@ -138,7 +169,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with preemption_notice() as preempted, contextlib.closing(ckpt), contextlib.closing(writer):
         for step in range(start_step + 1, last + 1):
             batch = global_batch(train_data, step - 1, token_sharding, shape)
+            started = time.perf_counter()
             train_state, metrics = step_fn(train_state, batch, jnp.int32(step - 1))
+            if step == start_step + 1:
+                # The first call compiles before it returns; rates start once its step ran.
+                writer.print(f"compiled train step in {time.perf_counter() - started:.1f} s")
+                jax.block_until_ready(metrics)
+                progress.start(step)
             pending[step] = metrics["loss"], metrics["skipped"]
             log = step % tc.log_every == 0 or step == last
             stop = preempted(step)
@@ -164,12 +201,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
             if log:
                 m = jax.device_get(metrics)
-                perf = progress.tick(step)
+                perf = progress.tick(step)  # None at the first step: nothing timed yet
                 values = {"train/loss": m["loss"], "train/ce_loss": m["ce_loss"],
-                          "opt/lr": m["lr"], "opt/grad_norm": m["grad_norm"],
-                          "perf/tokens_per_s": perf["perf/tokens_per_s"],
-                          "perf/step_ms": perf["perf/step_ms"]}
-                if peak:
+                          "opt/lr": m["lr"], "opt/grad_norm": m["grad_norm"]}
+                if perf:
+                    values["perf/tokens_per_s"] = perf["perf/tokens_per_s"]
+                    values["perf/step_ms"] = perf["perf/step_ms"]
+                if perf and peak:
                     achieved = perf["perf/tokens_per_s"] * flops_per_token / jax.device_count()
                     values["perf/mfu"] = achieved / peak
                 if moe_layers:
@@ -180,17 +218,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     for warning in alarm.update(step, load) if alarm else []:
                         writer.print(warning)
                 writer.scalars(step, values)
-                writer.print(f"step {step}/{tc.steps} loss {m['loss']:.4f} "
-                             f"tok/s {perf['perf/tokens_per_s']:,.0f} "
-                             f"step {perf['perf/step_ms']:.0f} ms "
-                             f"ETA {format_eta(perf['eta_s'])}")
+                writer.print(f"step {step}/{tc.steps} loss {m['loss']:.4f}" + (
+                    f" tok/s {perf['perf/tokens_per_s']:,.0f} step {perf['perf/step_ms']:.0f} "
+                    f"ms ETA {format_eta(perf['eta_s'])}" if perf else ""))
 
             eval_loss = evaluate(step) if step % tc.eval_every == 0 or step == tc.steps else None
             if save:
                 ckpt.save(step, train_state, {"step": step, "tokens_seen": step * tokens_per_step},
                           eval_loss)
             if stop:
-                writer.print(f"preempted: saved step {step} in {workdir}; run the same "
+                writer.print(f"{stop}: saved step {step} in {workdir}; run the same "
                              "command again to resume")
                 break
     return history
@@ -205,6 +242,8 @@ def main(argv):
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except NonFiniteError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C while starting, or a second one: nothing saved
+        sys.exit("interrupted: no checkpoint saved by this launch after its last one")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from moejax.flops import train_flops_per_token
 from moejax.model import Transformer, moe_layer_ids
 from moejax.params import param_counts
 from moejax.train import train_and_evaluate
+from moejax.workdir import changed_keys
 
 VARIANTS = ("dense", "e2", "e4", "e8", "e16")
 BEGIN = "<!-- scaling:begin (written by moejax.experiments.scaling) -->"
@@ -103,21 +104,7 @@ def routing_stats(rows: list[dict], num_experts: int, since_step: int) -> list[d
 
 def saved_config_differs(config, workdir: str) -> list[str]:
     """Keys whose values differ from the config.json a run already wrote in workdir."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        saved = flatten(json.load(f))
-    now = flatten(json.loads(config.to_json_best_effort()))
-    return [k for k in sorted(saved.keys() | now.keys())
-            if k != "train.stop_at" and saved.get(k) != now.get(k)]
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
+    return [key for key, _, _ in changed_keys(workdir, config) if key != "train.stop_at"]
 
 
 def git(*args) -> str:
