@@ -98,9 +98,14 @@ def stdlib_files() -> list[str]:
     return sorted(files, key=lambda f: os.path.relpath(f, root))
 
 
+def _unit_hash(key: str) -> float:
+    """A stable hash of a document's name or index, in [0, 1)."""
+    return zlib.crc32(key.encode()) / 2**32
+
+
 def is_eval_doc(key: str, eval_fraction: float) -> bool:
-    """Whether document (or chunk) `key` is held out: a hash of its name or index, stable."""
-    return zlib.crc32(key.encode()) / 2**32 < eval_fraction
+    """Whether the whole document `key` is held out."""
+    return _unit_hash(key) < eval_fraction
 
 
 def split_parts(key: str, text: str, eval_fraction: float, split: str) -> list[str]:
@@ -112,7 +117,7 @@ def split_parts(key: str, text: str, eval_fraction: float, split: str) -> list[s
     1 / eval_fraction, so a document of that many chunks always gives both splits. Consecutive
     chunks of one split are joined back: only a change of split cuts the text.
     """
-    u = zlib.crc32(key.encode()) / 2**32
+    u = _unit_hash(key)
     chunks = max(1, math.ceil(len(text) / CHUNK_CHARS))
     mine = [((u + c * eval_fraction) % 1.0 < eval_fraction) == (split == "eval")
             for c in range(chunks)]
