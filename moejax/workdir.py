@@ -4,6 +4,7 @@ the one that started at each step).
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -19,57 +20,75 @@ LOCK = "lock"
 
 @contextlib.contextmanager
 def lock(workdir: str):
-    """Hold `workdir/lock` (pid, host, start time) while the block runs; ConfigError if another
-    live run holds it. Only process 0 takes it; every process stops if it is refused."""
-    error = None
+    """Hold `workdir/lock` while the block runs; ConfigError if another live run holds it. Only
+    process 0 takes it; every process stops if it is refused."""
+    error, fd = None, None
     if jax.process_index() == 0:
         try:
-            _take(workdir)
+            fd = _take(workdir)
         except ConfigError as e:
             error = e
     if not on_every_process(error is None):
+        if fd is not None:
+            _release(workdir, fd)
         raise error or ConfigError(f"--workdir={workdir!r}: in use by another run (process 0 "
                                    "was refused its lock); allowed: a workdir no other run uses")
     try:
         yield
     finally:
-        if jax.process_index() == 0:
-            _release(workdir)
+        if fd is not None:
+            _release(workdir, fd)
 
 
-def _take(workdir: str) -> None:
+def _take(workdir: str) -> int:
+    """The open lock file, flock-ed and naming this process. The kernel drops a flock when its
+    holder dies however it dies, so a killed run leaves no lock that blocks, and of several
+    starts taking over a dead run's lock exactly one wins. The pid, host and start time in the
+    file are for the message, and for hosts whose shared filesystem has no locks."""
     path = os.path.join(workdir, LOCK)
     mine = {"pid": os.getpid(), "host": socket.gethostname(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):  # the second try follows the removal of a stale lock
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            # O_EXCL: creating the file is the test-and-set; of two starts, one fails here.
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read(path)
-            if holder is not None and _alive(holder):
-                host_note = "" if holder["host"] == mine["host"] else (
-                    f", or remove {path} if that run has ended (another host: its process "
-                    "cannot be checked from here)")
-                raise ConfigError(
-                    f"--workdir={workdir!r}: in use by process {holder['pid']} on "
-                    f"{holder['host']} since {holder['since']}; allowed: a workdir no other run "
-                    f"uses{host_note}") from None
-            # A run killed without cleaning up (SIGKILL, a crash, SIGTERM while starting).
-            # Two starts taking over the same stale lock in the same instant could both win;
-            # that needs a kill and two launches within microseconds.
-            what = ("unreadable" if holder is None else
-                    f"process {holder['pid']} on {holder['host']} since {holder['since']}, "
-                    "no longer running")
-            print(f"workdir: taking over the stale lock {path} ({what})", flush=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(mine, f)
-        return
-    raise ConfigError(f"--workdir={workdir!r}: another run took {path} while this one took "
-                      "over its stale lock; allowed: a workdir no other run uses")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _in_use(workdir, path, _read(path), mine) from None
+        except OSError:  # a filesystem without locks: the file's content is all there is
+            pass
+        try:  # the holder may have released (removed the file) between our open and flock
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    holder = _read(path)
+    if holder is not None and _alive(holder) and holder != mine:
+        # Not flock-ed, yet named by a live process: a run on another host (locks do not reach
+        # across every shared filesystem) or a run of a version without flock.
+        os.close(fd)
+        raise _in_use(workdir, path, holder, mine)
+    if os.fstat(fd).st_size:
+        what = ("unreadable" if holder is None else
+                f"process {holder['pid']} on {holder['host']} since {holder['since']}, "
+                "no longer running")
+        print(f"workdir: taking over the stale lock {path} ({what})", flush=True)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(mine).encode(), 0)
+    return fd
+
+
+def _in_use(workdir: str, path: str, holder: dict | None, mine: dict) -> ConfigError:
+    if holder is None:  # flock-ed but not yet written: a run starting this very moment
+        return ConfigError(f"--workdir={workdir!r}: in use by a run that is starting; allowed: "
+                           "a workdir no other run uses")
+    host_note = "" if holder["host"] == mine["host"] else (
+        f", or remove {path} if that run has ended (another host: its process cannot be "
+        "checked from here)")
+    return ConfigError(f"--workdir={workdir!r}: in use by process {holder['pid']} on "
+                       f"{holder['host']} since {holder['since']}; allowed: a workdir no other "
+                       f"run uses{host_note}")
 
 
 def _read(path: str) -> dict | None:
@@ -93,11 +112,14 @@ def _alive(holder: dict) -> bool:
     return True
 
 
-def _release(workdir: str) -> None:
+def _release(workdir: str, fd: int) -> None:
+    """Remove the file, then drop the flock: a start that opened the file meanwhile sees it
+    gone and opens the next one."""
     path = os.path.join(workdir, LOCK)
     holder = _read(path)
     if holder and holder["pid"] == os.getpid() and holder["host"] == socket.gethostname():
         os.remove(path)
+    os.close(fd)
 
 
 def flat(tree: dict, prefix: str = "") -> dict:

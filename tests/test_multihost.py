@@ -119,3 +119,37 @@ def test_killed_process_stops_the_others_and_relaunch_resumes(tmp_path):
     outs = run(tmp_path, 2, "--config.train.steps=100000",
                f"--config.train.stop_at={saved[-1] + 2}", "--config.train.log_every=1")
     assert f"resumed from {tmp_path} at step {saved[-1]}" in outs[0]
+
+
+def test_a_held_workdir_refuses_every_process_and_ctrl_c_saves_on_all(tmp_path):
+    from tests.test_run_guards import holders
+
+    (holder,) = holders(tmp_path, tmp_path / "go", 1, 300.0)
+    (tmp_path / "go").touch()
+    assert holder.stdout.readline() == "won\n"
+    procs = start(tmp_path, 2)
+    outs = [wait(p, 300) for p in procs]
+    holder.kill()
+    holder.wait()
+    assert [p.returncode for p, _ in procs] == [1, 1], outs
+    assert f"error: --workdir='{tmp_path}': in use by process {holder.pid} on " in outs[0]
+    assert "error: --workdir=" in outs[1] and "process 0 was refused its lock" in outs[1]
+    assert not (tmp_path / "checkpoints").exists()
+
+    # Ctrl-C reaches one process (a terminal sends it to the whole job; a scheduler may not):
+    # both stop at the same step with a checkpoint of it, and the same command resumes.
+    long = ["--config.train.steps=100000", "--config.train.ckpt_every=100000",
+            "--config.train.eval_every=100000", "--config.train.log_every=1"]
+    procs = start(tmp_path, 2, *long)
+    deadline = time.time() + 300
+    while "step 3/" not in open(f"{tmp_path}.2.0.log").read():
+        assert time.time() < deadline and procs[0][0].poll() is None, "no step 3"
+        time.sleep(0.5)
+    procs[1][0].send_signal(signal.SIGINT)
+    outs = [wait(p, 240) for p in procs]
+    assert [p.returncode for p, _ in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    saved = sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir() if d.name.isdigit())
+    assert len(saved) == 1 and f"preempted: saved step {saved[0]} in {tmp_path}" in outs[0]
+    assert not (tmp_path / "lock").exists()
+    outs = run(tmp_path, 2, *long[:-1], f"--config.train.stop_at={saved[0] + 1}")
+    assert f"resumed from {tmp_path} at step {saved[0]}" in outs[0]

@@ -108,6 +108,53 @@ def test_the_lock_is_only_removed_by_its_holder(tmp_path, live_pid):
     assert json.loads((tmp_path / "lock").read_text())["pid"] == live_pid
 
 
+HOLDER = """
+import os, sys, time
+from moejax import workdir
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.001)
+try:
+    with workdir.lock(sys.argv[1]):
+        print("won", flush=True)
+        time.sleep(float(sys.argv[3]))
+except workdir.ConfigError as e:
+    print("refused", e, flush=True)
+"""
+
+
+def holders(workdir, go, n, hold_s):
+    """n processes that take workdir's lock at once when `go` appears, each holding it hold_s."""
+    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(workdir), str(go), str(hold_s)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    for p in procs:
+        assert p.stdout.readline() == "ready\n"
+    return procs
+
+
+def test_of_several_starts_on_a_dead_runs_lock_exactly_one_wins(tmp_path, dead_pid):
+    write_lock(tmp_path, dead_pid)
+    procs = holders(tmp_path, tmp_path / "go", 4, 3.0)
+    (tmp_path / "go").touch()
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert sum("won" in out for out in outs) == 1, outs
+    assert sum("refused" in out for out in outs) == 3, outs
+    assert not (tmp_path / "lock").exists()
+
+
+def test_a_live_holder_refuses_and_its_kill_frees_the_lock(tmp_path):
+    (holder,) = holders(tmp_path, tmp_path / "go", 1, 120.0)
+    (tmp_path / "go").touch()
+    assert holder.stdout.readline() == "won\n"
+    with pytest.raises(config_lib.ConfigError, match=f"in use by process {holder.pid} on "), \
+            workdir_lib.lock(str(tmp_path)):
+        pass
+    holder.kill()  # no cleanup: the file stays, naming a dead process, but the flock is gone
+    holder.wait()
+    with workdir_lib.lock(str(tmp_path)):
+        assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
+
+
 # ---------------------------------------------------------------------------------------------
 # Signals: Ctrl-C is a preemption; a second one stops at once.
 
