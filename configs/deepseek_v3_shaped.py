@@ -11,27 +11,95 @@ Variants (mesh per hardware; docs/memory.md has the planner's answer for each):
   h100x256  32 nodes of 8 x H100: fsdp=32 x expert=8
   v5p256    a TPU v5p slice of 256 chips: fsdp=16 x expert=16
   smoke     the same shapes of everything but size, for tests
+Every key is explained in configs/tiny.py.
 """
 
-from configs import tiny
-from moejax.config_lib import parse_variant
+from moejax.config_lib import config_dict, parse_variant
 
 
 def get_config(arg=None):
     variant = parse_variant(arg, ("h100x8", "h100x256", "v5p256", "smoke"))
-    config = tiny.get_config()
-    config.model.update(vocab_size=129_280, d_model=7168, num_layers=61, num_heads=128,
-                        num_kv_heads=8, head_dim=128, d_ff=2048, dense_d_ff=18_432,
-                        first_dense_layers=3, num_experts=256, top_k=8, num_shared_experts=1,
-                        router_score="sigmoid", renormalize=True, bias_rate=1e-3,
-                        rope_theta=1e4, tie_embeddings=False, max_seq_len=4096,
-                        dtype="bfloat16", remat="full", capacity_factor=1.25)
-    config.data.update(source="hub", path="HuggingFaceFW/fineweb-edu", hub_config="sample-10BT",
-                       streaming=True, tokenizer="deepseek-ai/DeepSeek-V3", seq_len=4096,
-                       batch_size=1024)
-    config.train.update(steps=100_000, lr=2.2e-4, warmup_steps=2_000, log_every=10,
-                        eval_every=1_000, eval_batches=20, ckpt_every=500, balance_coef=1e-4)
-    config.mesh.update(data=1, fsdp=-1, expert=1, tensor=1)
+    config = config_dict(
+        seed=0,
+        model=dict(
+            vocab_size=129_280,
+            d_model=7168,
+            num_layers=61,
+            num_heads=128,
+            num_kv_heads=8,  # grouped-query attention in place of MLA
+            head_dim=128,
+            d_ff=2048,
+            dense_d_ff=18_432,
+            activation="swiglu",
+            rope_theta=1e4,
+            norm_eps=1e-6,
+            qk_norm="none",
+            qkv_bias=False,
+            max_seq_len=4096,
+            tie_embeddings=False,
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat="full",
+            num_experts=256,
+            top_k=8,
+            moe_every=1,
+            first_dense_layers=3,
+            capacity_factor=1.25,
+            eval_capacity_factor=2.0,
+            min_capacity=4,
+            renormalize=True,
+            jitter_eps=0.0,
+            num_groups=0,
+            dispatch="capacity",
+            router_score="sigmoid",
+            routing="tokens",
+            bias_rate=1e-3,  # auxiliary-loss-free balancing
+            num_shared_experts=1,
+            shared_gate=False,
+        ),
+        mesh=dict(data=1, fsdp=-1, expert=1, tensor=1),
+        data=dict(
+            source="hub",
+            path="HuggingFaceFW/fineweb-edu",
+            format="text",
+            hub_config="sample-10BT",
+            split="train",
+            streaming=True,
+            text_key="text",
+            eval_fraction=0.05,
+            tokenizer="deepseek-ai/DeepSeek-V3",
+            seq_len=4096,
+            batch_size=1024,
+            on_error="skip",
+        ),
+        train=dict(
+            steps=100_000,
+            stop_at=0,
+            lr=2.2e-4,
+            schedule="cosine",
+            warmup_steps=2_000,
+            min_lr_ratio=0.1,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            grad_clip=1.0,
+            grad_accum=1,
+            balance_coef=1e-4,  # small: the bias does the balancing (DeepSeek-V3: 1e-4)
+            z_coef=1e-3,
+            log_every=10,
+            eval_every=1_000,
+            eval_batches=20,
+            ckpt_every=500,
+            keep_checkpoints=2,
+            keep_best=True,
+            peak_tflops=0.0,
+            max_nonfinite_steps=5,
+            collapse_threshold=0.1,
+            collapse_checks=4,
+            init_from="",
+            restart_if_damaged=False,
+        ),
+    )
     if variant == "h100x8":
         config.mesh.update(fsdp=8)
         config.data.update(batch_size=32)

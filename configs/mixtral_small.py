@@ -1,19 +1,101 @@
 """A small Mixtral-style model: 8 SwiGLU experts, top-2 with renormalized gates, every layer.
   python -m moejax.train --config configs/mixtral_small.py --workdir runs/mixtral_small
+Variants: `:smoke` (the same architecture at toy size, seconds on CPU, for tests).
+Every key is explained in configs/tiny.py.
 """
 
-from configs import tiny
+from moejax.config_lib import config_dict, parse_variant
 
 
 def get_config(arg=None):
-    config = tiny.get_config()
-    config.model.update(d_model=768, num_layers=12, num_heads=12, head_dim=64, d_ff=2048,
-                        num_experts=8, top_k=2, renormalize=True, capacity_factor=1.25,
-                        tie_embeddings=False, dtype="bfloat16", max_seq_len=4096)
-    config.mesh.update(data=-1, expert=8)
-    config.data.update(source="hub", path="HuggingFaceFW/fineweb-edu", hub_config="sample-10BT",
-                       streaming=True, tokenizer="mistralai/Mistral-7B-v0.1", seq_len=1024,
-                       batch_size=128)
-    config.train.update(steps=50_000, lr=6e-4, warmup_steps=2_000, log_every=50,
-                        eval_every=1_000, eval_batches=20, ckpt_every=1_000)
+    variant = parse_variant(arg, ("smoke",))
+    config = config_dict(
+        seed=0,
+        model=dict(
+            vocab_size=0,
+            d_model=768,
+            num_layers=12,
+            num_heads=12,
+            num_kv_heads=0,
+            head_dim=64,
+            d_ff=2048,
+            dense_d_ff=0,
+            activation="swiglu",
+            rope_theta=10_000.0,
+            norm_eps=1e-6,
+            qk_norm="none",
+            qkv_bias=False,
+            max_seq_len=4096,
+            tie_embeddings=False,
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat="none",
+            num_experts=8,
+            top_k=2,
+            moe_every=1,
+            first_dense_layers=0,
+            capacity_factor=1.25,
+            eval_capacity_factor=2.0,
+            min_capacity=4,
+            renormalize=True,  # Mixtral: the two gates sum to 1
+            jitter_eps=0.0,
+            num_groups=0,
+            dispatch="capacity",
+            router_score="softmax",
+            routing="tokens",
+            bias_rate=0.0,
+            num_shared_experts=0,
+            shared_gate=False,
+        ),
+        mesh=dict(data=-1, fsdp=1, expert=8, tensor=1),
+        data=dict(
+            source="hub",
+            path="HuggingFaceFW/fineweb-edu",
+            format="text",
+            hub_config="sample-10BT",
+            split="train",
+            streaming=True,
+            text_key="text",
+            eval_fraction=0.05,
+            tokenizer="mistralai/Mistral-7B-v0.1",
+            seq_len=1024,
+            batch_size=128,
+            on_error="skip",
+        ),
+        train=dict(
+            steps=50_000,
+            stop_at=0,
+            lr=6e-4,
+            schedule="cosine",
+            warmup_steps=2_000,
+            min_lr_ratio=0.1,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            grad_clip=1.0,
+            grad_accum=1,
+            balance_coef=1e-2,
+            z_coef=1e-3,
+            log_every=50,
+            eval_every=1_000,
+            eval_batches=20,
+            ckpt_every=1_000,
+            keep_checkpoints=2,
+            keep_best=True,
+            peak_tflops=0.0,
+            max_nonfinite_steps=5,
+            collapse_threshold=0.1,
+            collapse_checks=4,
+            init_from="",
+            restart_if_damaged=False,
+        ),
+    )
+    if variant == "smoke":
+        config.model.update(d_model=64, num_layers=2, num_heads=4, head_dim=16, d_ff=160,
+                            dtype="float32")
+        config.data.update(source="stdlib", streaming=False, tokenizer="byte", seq_len=32,
+                           batch_size=16)
+        config.train.update(steps=6, warmup_steps=2, log_every=2, eval_every=3, eval_batches=2,
+                            ckpt_every=3)
+        config.mesh.update(expert=1)
     return config

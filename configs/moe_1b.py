@@ -1,18 +1,100 @@
 """About 1.08B total parameters (0.40B active per token) for one GPU or TPU host.
   python -m moejax.train --config configs/moe_1b.py --workdir runs/moe_1b
+Variants: `:smoke` (the same architecture at toy size, seconds on CPU, for tests).
+Every key is explained in configs/tiny.py.
 """
 
-from configs import tiny
+from moejax.config_lib import config_dict, parse_variant
 
 
 def get_config(arg=None):
-    config = tiny.get_config()
-    config.model.update(d_model=1024, num_layers=16, num_heads=16, head_dim=64, d_ff=2304,
-                        num_experts=8, top_k=2, renormalize=True, tie_embeddings=False,
-                        dtype="bfloat16", vocab_size=0)
-    config.mesh.update(data=-1, expert=1)
-    config.data.update(source="hub", path="HuggingFaceFW/fineweb-edu", hub_config="sample-10BT",
-                       streaming=True, tokenizer="gpt2", seq_len=2048, batch_size=32)
-    config.train.update(steps=20_000, lr=5e-4, warmup_steps=1_000, log_every=20,
-                        eval_every=1_000, eval_batches=10, ckpt_every=1_000)
+    variant = parse_variant(arg, ("smoke",))
+    config = config_dict(
+        seed=0,
+        model=dict(
+            vocab_size=0,
+            d_model=1024,
+            num_layers=16,
+            num_heads=16,
+            num_kv_heads=0,
+            head_dim=64,
+            d_ff=2304,
+            dense_d_ff=0,
+            activation="swiglu",
+            rope_theta=10_000.0,
+            norm_eps=1e-6,
+            qk_norm="none",
+            qkv_bias=False,
+            max_seq_len=2048,
+            tie_embeddings=False,
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat="none",
+            num_experts=8,
+            top_k=2,
+            moe_every=1,
+            first_dense_layers=0,
+            capacity_factor=1.25,
+            eval_capacity_factor=2.0,
+            min_capacity=4,
+            renormalize=True,
+            jitter_eps=0.0,
+            num_groups=0,
+            dispatch="capacity",
+            router_score="softmax",
+            routing="tokens",
+            bias_rate=0.0,
+            num_shared_experts=0,
+            shared_gate=False,
+        ),
+        mesh=dict(data=-1, fsdp=1, expert=1, tensor=1),
+        data=dict(
+            source="hub",
+            path="HuggingFaceFW/fineweb-edu",
+            format="text",
+            hub_config="sample-10BT",
+            split="train",
+            streaming=True,
+            text_key="text",
+            eval_fraction=0.05,
+            tokenizer="gpt2",
+            seq_len=2048,
+            batch_size=32,
+            on_error="skip",
+        ),
+        train=dict(
+            steps=20_000,
+            stop_at=0,
+            lr=5e-4,
+            schedule="cosine",
+            warmup_steps=1_000,
+            min_lr_ratio=0.1,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            grad_clip=1.0,
+            grad_accum=1,
+            balance_coef=1e-2,
+            z_coef=1e-3,
+            log_every=20,
+            eval_every=1_000,
+            eval_batches=10,
+            ckpt_every=1_000,
+            keep_checkpoints=2,
+            keep_best=True,
+            peak_tflops=0.0,
+            max_nonfinite_steps=5,
+            collapse_threshold=0.1,
+            collapse_checks=4,
+            init_from="",
+            restart_if_damaged=False,
+        ),
+    )
+    if variant == "smoke":
+        config.model.update(d_model=64, num_layers=2, num_heads=4, head_dim=16, d_ff=144,
+                            dtype="float32")
+        config.data.update(source="stdlib", streaming=False, tokenizer="byte", seq_len=32,
+                           batch_size=16)
+        config.train.update(steps=6, warmup_steps=2, log_every=2, eval_every=3, eval_batches=2,
+                            ckpt_every=3)
     return config

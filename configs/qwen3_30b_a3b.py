@@ -1,33 +1,102 @@
 """Qwen3-30B-A3B-shaped: 30.5B parameters total, 3.3B active per token (Qwen3 report, 2025).
 
-48 layers, d_model 2048, 32 query heads of 128 sharing 4 key-value heads, 128 fine-grained
-SwiGLU experts of width 768 in every layer, top-8 with renormalized gates, untied 152k
-vocabulary. (Qwen3's query/key RMSNorm is not modelled yet; it adds 256 weights per layer.)
+48 layers, d_model 2048, 32 query heads of 128 sharing 4 key-value heads with RMSNorm on each
+head's queries and keys, 128 fine-grained SwiGLU experts of width 768 in every layer, top-8
+with renormalized gates, untied 152k vocabulary.
   python -m moejax.plan --config configs/qwen3_30b_a3b.py:h100x8
 Variants (mesh per hardware; docs/memory.md has the planner's answer for each):
   h100x8  one 8 x H100-80GB node: fsdp=8
   v5p64   a TPU v5p slice of 64 chips: fsdp=4 x expert=16
   smoke   the same shapes of everything but size, for tests
+Every key is explained in configs/tiny.py.
 """
 
-from configs import tiny
-from moejax.config_lib import parse_variant
+from moejax.config_lib import config_dict, parse_variant
 
 
 def get_config(arg=None):
     variant = parse_variant(arg, ("h100x8", "v5p64", "smoke"))
-    config = tiny.get_config()
-    config.model.update(vocab_size=151_936, d_model=2048, num_layers=48, num_heads=32,
-                        num_kv_heads=4, head_dim=128, d_ff=768, num_experts=128, top_k=8,
-                        renormalize=True, rope_theta=1e6, qk_norm="head", tie_embeddings=False,
-                        max_seq_len=32_768, dtype="bfloat16", remat="full",
-                        capacity_factor=1.25)
-    config.data.update(source="hub", path="HuggingFaceFW/fineweb-edu", hub_config="sample-10BT",
-                       streaming=True, tokenizer="Qwen/Qwen3-30B-A3B", seq_len=4096,
-                       batch_size=256)
-    config.train.update(steps=100_000, lr=3e-4, warmup_steps=2_000, log_every=10,
-                        eval_every=1_000, eval_batches=20, ckpt_every=500, balance_coef=1e-3)
-    config.mesh.update(data=1, fsdp=-1, expert=1, tensor=1)
+    config = config_dict(
+        seed=0,
+        model=dict(
+            vocab_size=151_936,
+            d_model=2048,
+            num_layers=48,
+            num_heads=32,
+            num_kv_heads=4,
+            head_dim=128,
+            d_ff=768,
+            dense_d_ff=0,
+            activation="swiglu",
+            rope_theta=1e6,
+            norm_eps=1e-6,
+            qk_norm="head",
+            qkv_bias=False,
+            max_seq_len=32_768,
+            tie_embeddings=False,
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat="full",
+            num_experts=128,
+            top_k=8,
+            moe_every=1,
+            first_dense_layers=0,
+            capacity_factor=1.25,
+            eval_capacity_factor=2.0,
+            min_capacity=4,
+            renormalize=True,
+            jitter_eps=0.0,
+            num_groups=0,
+            dispatch="capacity",
+            router_score="softmax",
+            routing="tokens",
+            bias_rate=0.0,
+            num_shared_experts=0,
+            shared_gate=False,
+        ),
+        mesh=dict(data=1, fsdp=-1, expert=1, tensor=1),
+        data=dict(
+            source="hub",
+            path="HuggingFaceFW/fineweb-edu",
+            format="text",
+            hub_config="sample-10BT",
+            split="train",
+            streaming=True,
+            text_key="text",
+            eval_fraction=0.05,
+            tokenizer="Qwen/Qwen3-30B-A3B",
+            seq_len=4096,
+            batch_size=256,
+            on_error="skip",
+        ),
+        train=dict(
+            steps=100_000,
+            stop_at=0,
+            lr=3e-4,
+            schedule="cosine",
+            warmup_steps=2_000,
+            min_lr_ratio=0.1,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            grad_clip=1.0,
+            grad_accum=1,
+            balance_coef=1e-3,
+            z_coef=1e-3,
+            log_every=10,
+            eval_every=1_000,
+            eval_batches=20,
+            ckpt_every=500,
+            keep_checkpoints=2,
+            keep_best=True,
+            peak_tflops=0.0,
+            max_nonfinite_steps=5,
+            collapse_threshold=0.1,
+            collapse_checks=4,
+            init_from="",
+            restart_if_damaged=False,
+        ),
+    )
     if variant == "h100x8":
         config.mesh.update(fsdp=8)
         config.data.update(batch_size=32)

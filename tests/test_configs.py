@@ -1,6 +1,10 @@
-"""Every shipped config builds (abstractly) and is what its docstring says."""
+"""Every shipped config builds (abstractly), is self-contained and is what its docstring says."""
 
-import importlib
+import ast
+import functools
+import importlib.util
+import math
+from pathlib import Path
 
 import pytest
 from flax import nnx
@@ -8,6 +12,53 @@ from flax import nnx
 from moejax import config_lib
 from moejax.model import Transformer
 from moejax.params import param_counts
+from moejax.workdir import flat
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+NAMES = sorted(p.stem for p in CONFIGS.glob("*.py"))
+# Variants a file accepts beyond those its unknown-variant error lists.
+COMBINED = {"switch_scaling": ["dense,smoke", "e2,smoke", "e4,smoke", "e8,smoke", "e16,smoke"]}
+# Smoke variants trained by the slow test; every other file's trains in the fast suite.
+SLOW_SMOKE = ["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3_shaped"]
+# Architecture features a smoke variant keeps from its file's default (only sizes change).
+FEATURES = ("activation", "qk_norm", "qkv_bias", "tie_embeddings", "moe_every", "renormalize",
+            "jitter_eps", "dispatch", "router_score", "routing", "bias_rate",
+            "num_shared_experts", "shared_gate")
+
+
+@functools.cache
+def load(name):
+    """configs/<name>.py, loaded by path as `--config configs/<name>.py` does."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def allowed(name):
+    """The variants configs/<name>.py names in its unknown-variant error."""
+    with pytest.raises(ValueError, match="; allowed: ") as error:
+        load(name).get_config("nosuch")
+    return str(error.value).split("; allowed: ")[1].split(", ")
+
+
+def variants(name):
+    return [None, *allowed(name), *COMBINED.get(name, [])]
+
+
+def declared_keys(name):
+    """The dotted keys of the config_dict(...) call in configs/<name>.py, in source order."""
+    tree = ast.parse((CONFIGS / f"{name}.py").read_text())
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and getattr(node.func, "id", None) == "config_dict"]
+    assert len(calls) == 1, f"configs/{name}.py: {len(calls)} config_dict(...) calls; want 1"
+    keys = []
+    for group in calls[0].keywords:
+        if isinstance(group.value, ast.Call):  # model=dict(...)
+            keys += [f"{group.arg}.{key.arg}" for key in group.value.keywords]
+        else:
+            keys.append(group.arg)
+    return keys
 
 
 def counts(config, vocab):
@@ -28,37 +79,105 @@ def counts(config, vocab):
     ("deepseek_v3_shaped", 129280, (660e9, 690e9), (36e9, 45e9)),
 ])
 def test_config_sizes(name, vocab, total, active):
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = load(name).get_config()
     c = counts(config, vocab)
     assert total[0] < c["total"] < total[1], c
     assert active[0] < c["active"] < active[1], c
 
 
-def test_unknown_variant_names_the_allowed_ones():
-    with pytest.raises(ValueError, match="allowed: dense, smoke"):
-        importlib.import_module("configs.tiny").get_config("smok")
+@pytest.mark.parametrize("name", NAMES)
+def test_every_variant_has_exactly_the_keys_of_tiny(name):
+    want = set(flat(load("tiny").get_config().to_dict()))
+    for variant in variants(name):
+        got = set(flat(load(name).get_config(variant).to_dict()))
+        assert not want - got, f"configs/{name}.py:{variant} lacks {sorted(want - got)}"
+        assert not got - want, f"configs/{name}.py:{variant} has extra {sorted(got - want)}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_files_are_self_contained(name):
+    """No config imports another (an inheritance chain); each declares every key itself, in
+    configs/tiny.py's order, so the files read alike."""
+    for node in ast.walk(ast.parse((CONFIGS / f"{name}.py").read_text())):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"configs/{name}.py:{node.lineno}: a relative import"
+            modules = [node.module]
+        else:
+            continue
+        for module in modules:
+            assert module.split(".")[0] != "configs", f"configs/{name}.py imports {module}"
+    assert declared_keys(name) == declared_keys("tiny")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_smoke_variant_applies_and_is_small(name):
+    default, smoke = load(name).get_config(), load(name).get_config("smoke")
+    assert smoke.to_dict() != default.to_dict(), f"configs/{name}.py ignores :smoke"
+    m, d = smoke.model, smoke.data
+    for key in FEATURES:
+        assert m[key] == default.model[key], f"configs/{name}.py:smoke changes model.{key}"
+    for key in ("num_experts", "first_dense_layers", "num_kv_heads", "dense_d_ff"):
+        assert bool(m[key]) == bool(default.model[key]), f"model.{key}"
+    assert m.d_model <= 64 and 2 <= m.num_layers <= 4 and m.num_experts <= 16
+    assert m.vocab_size == 0 and m.dtype == "float32"
+    assert (d.source, d.tokenizer, d.streaming, d.seq_len, d.batch_size) == (
+        "stdlib", "byte", False, 32, 16)
+    assert smoke.mesh.to_dict() == dict(data=-1, fsdp=1, expert=1, tensor=1)
+    assert smoke.train.steps <= 8 and smoke.train.eval_batches <= 2
+    assert counts(smoke, 257)["total"] < 2e6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_variant_names_the_allowed_ones(name):
+    with pytest.raises(ValueError, match="unknown variant 'nosuch'; allowed: .*smoke"):
+        load(name).get_config("nosuch")  # every name it lists loads: the test of the keys
+
+
+def test_unknown_tiny_variant_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed: dense, smoke$"):
+        load("tiny").get_config("smok")
+
+
+def test_switch_scaling_smoke_alone_is_e8():
+    scaling = load("switch_scaling")
+    assert scaling.get_config("smoke").to_dict() == scaling.get_config("e8,smoke").to_dict()
+    assert scaling.get_config().to_dict() == scaling.get_config("e8").to_dict()
+    assert scaling.get_config("e4,smoke").model.num_experts == 4
+    with pytest.raises(ValueError, match="allowed: smoke"):
+        scaling.get_config("e4,big")
 
 
 def test_dense_variant_matches_active_flops():
-    tiny = importlib.import_module("configs.tiny")
+    tiny = load("tiny")
     moe, dense = counts(tiny.get_config(), 257), counts(tiny.get_config("dense"), 257)
     router = 4 * 128 * 8
     assert dense["total"] == dense["active"] == moe["active"] - router
 
 
 def test_validate_names_the_key():
-    config = importlib.import_module("configs.tiny").get_config()
+    config = load("tiny").get_config()
     config.model.top_k = 9
     with pytest.raises(config_lib.ConfigError, match=r"model.top_k=9: must be in 1..num_experts=8"):
         config_lib.validate(config, 8)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3_shaped"])
-def test_real_model_smoke_variants_train(name, tmp_path):
+def train_smoke(name, workdir):
     from moejax.train import train_and_evaluate
 
-    config = importlib.import_module(f"configs.{name}").get_config("smoke")
-    out = train_and_evaluate(config, str(tmp_path))
-    steps = config.train.steps
-    assert out["eval_loss"][steps] < out["eval_loss"][0]
+    config = load(name).get_config("smoke")
+    out = train_and_evaluate(config, workdir)
+    first, last = out["eval_loss"][0], out["eval_loss"][config.train.steps]
+    assert math.isfinite(last) and last < first, out["eval_loss"]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in SLOW_SMOKE])
+def test_smoke_variants_train(name, tmp_path):
+    train_smoke(name, str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW_SMOKE)
+def test_real_model_smoke_variants_train(name, tmp_path):
+    train_smoke(name, str(tmp_path))
