@@ -28,7 +28,7 @@ python3 -c 'import jax; print("jax", jax.__version__, jax.devices())' | tee -a "
 
 # One MoE FFN of configs/moe_1b.py (d_model 1024, d_ff 2304, 8 experts, top-2) vs the dense
 # FFN of equal active FLOPs, fwd+bwd, on 16384 tokens (a batch of 8 x 2048).
-python3 -m moejax.bench layer --dtype bfloat16 --dispatch capacity dropless --experts 8 \
+python3 -m moejax.bench layer --dtype bfloat16 --dispatch=capacity,dropless --experts=8 \
     --top_k 2 --d_model 1024 --d_ff 2304 --tokens 16384 --repeats 50 2>&1 | tee "$out/layer.txt"
 
 # Whole train steps, round-robin, so all three states (two MoE, one dense: 28.5 GiB of params
@@ -40,5 +40,5 @@ python3 -m moejax.bench layer --dtype bfloat16 --dispatch capacity dropless --ex
 gib=$(python3 -c 'import jax; print((jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0) >> 30)')
 batch=$(( gib >= 96 ? 4 : 2 ))
 python3 -m moejax.bench train --config configs/moe_1b.py --vocab_size 50257 \
-    --dispatch capacity dropless --batch_size "$batch" --seq_len 2048 --repeats 10 2>&1 \
+    --dispatch=capacity,dropless --batch_size "$batch" --seq_len 2048 --repeats 10 2>&1 \
     | tee "$out/train.txt"

@@ -1,4 +1,7 @@
-"""Benchmarks: `python -m moejax.bench layer` and `python -m moejax.bench train`.
+"""Benchmarks of the MoE layer, of whole train steps and of compile time.
+
+  python -m moejax.bench layer|train|compile [--experts=8,64] [--dispatch=capacity,dropless]
+      [--config configs/X.py[:variant]] [--config.model.num_experts=16] [--layers=4,32]
 
 layer: median fwd+bwd time of one MoE FFN against a dense SwiGLU FFN doing the same active
 FLOPs (d_ff_dense = k * d_ff), one device, per expert count and dispatch. For the capacity
@@ -13,8 +16,8 @@ Every timed function runs once per round, round-robin, so load from anything els
 machine hits all columns alike; the ratios are medians of the per-round ratios.
 """
 
-import argparse
 import functools
+import os
 import statistics
 import sys
 import time
@@ -224,17 +227,6 @@ def bench_compile(config, layers: list[int]) -> dict:
     return out
 
 
-def load_config(spec: str):
-    """`configs/x.py[:variant]` -> the ConfigDict its get_config returns."""
-    import importlib.util
-
-    path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant or None)
-
-
 def cell(value, width: int, fmt: str) -> str:
     """`value` formatted and right-aligned, or '-' where the column does not apply."""
     return f"{'-' if value is None else format(value, fmt):>{width}}"
@@ -256,16 +248,16 @@ def print_train(r: dict, spec: str, config, repeats: int, device: str) -> None:
               f"{row['vs_dense']:>8.2f}")
 
 
-def print_layer(args, device: str) -> None:
+def print_layer(args, experts: list[int], dispatches: list[str], device: str) -> None:
     # The dispatch column only when there is more than the default capacity path to tell apart.
-    by_dispatch = args.dispatch != ["capacity"]
+    by_dispatch = dispatches != ["capacity"]
     print(f"device: {device}; tokens={args.tokens} d_model={args.d_model} d_ff={args.d_ff} "
           f"top_k={args.top_k} capacity_factor={args.capacity_factor}; fwd+bwd, {args.dtype}, "
           f"median of {args.repeats}")
     print(f"{'E':>5} {'C':>5} {'moe ms':>9} {'experts ms':>11} {'dense ms':>9} {'ratio':>6} "
           f"{'routing':>8}" + (f" {'dispatch':>9}" if by_dispatch else ""))
-    for e in args.experts:
-        for dispatch in args.dispatch:
+    for e in experts:
+        for dispatch in dispatches:
             r = bench_layer(e, args.tokens, args.d_model, args.d_ff, args.top_k,
                             args.capacity_factor, args.repeats, dispatch,
                             jnp.dtype(args.dtype))
@@ -274,58 +266,109 @@ def print_layer(args, device: str) -> None:
                   + (f" {dispatch:>9}" if by_dispatch else ""), flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["layer", "train", "compile"])
-    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256],
-                        help="layer: expert counts, one row each")
-    parser.add_argument("--tokens", type=int, default=4096, help="layer: tokens (one device)")
-    parser.add_argument("--d_model", type=int, default=512)
-    parser.add_argument("--d_ff", type=int, default=1024)
-    parser.add_argument("--top_k", type=int, default=2)
-    parser.add_argument("--capacity_factor", type=float, default=1.25)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="layer: weights and activations")
-    parser.add_argument("--dispatch", nargs="+", choices=DISPATCHES, default=None,
-                        help="layer: one row per dispatch and E (default: capacity); train: one "
-                        "MoE row each, and the dense twin (default: the config's model.dispatch)")
-    parser.add_argument("--repeats", type=int, default=10,
-                        help="layer, train: timed rounds (train: steps of each model)")
-    parser.add_argument("--config", default="configs/tiny.py",
-                        help="train, compile: config file[:variant]")
-    parser.add_argument("--vocab_size", type=int, default=0,
-                        help="train, compile: vocabulary; needed where model.vocab_size is 0 "
-                        "and data.tokenizer is not byte (gpt2: 50257)")
-    parser.add_argument("--batch_size", type=int, default=0,
-                        help="train, compile: sequences per step (0 = the config's)")
-    parser.add_argument("--seq_len", type=int, default=0,
-                        help="train, compile: tokens per sequence (0 = the config's)")
-    parser.add_argument("--layers", type=int, nargs="+", default=[4, 32],
-                        help="compile: the depths to compile")
-    args = parser.parse_args()
+MODES = {  # mode: the flags it reads
+    "layer": ("experts", "tokens", "d_model", "d_ff", "top_k", "capacity_factor", "dtype",
+              "dispatch", "repeats"),
+    "train": ("config", "vocab_size", "batch_size", "seq_len", "dispatch", "repeats"),
+    "compile": ("config", "vocab_size", "batch_size", "seq_len", "layers"),
+}
+
+
+def define_flags(fv, argv: list[str]) -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    class Items(flags.ListParser):  # comma-separated, each checked as it is parsed
+        def __init__(self, allowed: str, item):
+            super().__init__()
+            self.allowed, self.item = allowed, item
+
+        def parse(self, argument):
+            items = super().parse(argument)
+            try:
+                return [self.item(x) for x in items]
+            except ValueError:
+                raise ValueError(f"allowed: {self.allowed}") from None
+
+    def natural(x: str) -> int:
+        if not x.isdigit() or int(x) < 1:
+            raise ValueError(x)
+        return int(x)
+
+    def dispatch(x: str) -> str:
+        if x not in DISPATCHES:
+            raise ValueError(x)
+        return x
+
+    def ints(name, default, help):
+        flags.DEFINE(Items("comma-separated integers >= 1, e.g. 8,64", natural), name, default,
+                     help, flag_values=fv, serializer=flags.CsvListSerializer(","))
+
+    ints("experts", ["8", "64", "256"], "layer: expert counts, one row each")
+    flags.DEFINE_integer("tokens", 4096, "layer: tokens (one device)", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("d_model", 512, "layer: model width", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("d_ff", 1024, "layer: expert width", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("top_k", 2, "layer: experts per token", lower_bound=1, flag_values=fv)
+    flags.DEFINE_float("capacity_factor", 1.25, "layer: capacity factor", lower_bound=0.0,
+                       flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "layer: weights and "
+                      "activations", flag_values=fv)
+    flags.DEFINE(Items(f"comma-separated of {', '.join(DISPATCHES)}", dispatch), "dispatch",
+                 None, "layer: one row per dispatch and E (default: capacity); train: one MoE "
+                 "row each, and the dense twin (default: the config's model.dispatch)",
+                 flag_values=fv, serializer=flags.CsvListSerializer(","))
+    flags.DEFINE_integer("repeats", 10, "layer, train: timed rounds (train: steps of each "
+                         "model)", lower_bound=1, flag_values=fv)
+    # Where the checkout's configs/ is, so a bench from another directory still finds it.
+    default = os.path.join(config_lib.CONFIGS, "tiny.py")
+    try:  # the default is read now, with any --config.KEY=VALUE of argv
+        config_flags.DEFINE_config_file("config", default, "train, compile: "
+                                        "configs/<name>.py[:variant]", flag_values=fv,
+                                        lock_config=True, sys_argv=argv)
+    except Exception as e:
+        raise ConfigError(config_lib.flag_error(e, [*argv, f"--config={default}"])) from None
+    flags.DEFINE_integer("vocab_size", 0, "train, compile: vocabulary; needed where "
+                         "model.vocab_size is 0 and data.tokenizer is not byte (gpt2: 50257)",
+                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("batch_size", 0, "train, compile: sequences per step (0 = the "
+                         "config's)", lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("seq_len", 0, "train, compile: tokens per sequence (0 = the "
+                         "config's)", lower_bound=0, flag_values=fv)
+    ints("layers", ["4", "32"], "compile: the depths to compile")
+
+
+def main(argv=None):
+    from absl import flags
+
+    argv = sys.argv if argv is None else argv
+    fv = flags.FlagValues()  # its own: main may run more than once in one process (tests)
+    with config_lib.one_line_errors():
+        define_flags(fv, argv)
+        mode = config_lib.positional(config_lib.parse_flags(argv, __doc__, fv, "repeats"),
+                                     {"MODE": tuple(MODES)})[0]
+        config_lib.check_flags(fv, MODES[mode], mode)
     malloc = "freed memory kept" if hostmem.keep_freed_memory() else "default"
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()}; host malloc: {malloc}"
-
-    if args.mode == "layer":
-        args.dispatch = args.dispatch or ["capacity"]
-        print_layer(args, device)
+    if mode == "layer":
+        print_layer(fv, fv.experts, fv.dispatch or ["capacity"], device)
         return
+    spec = fv["config"].config_filename
+    spec = spec if fv["config"].present else os.path.relpath(spec)  # the default: short
     try:
-        config = resolve(load_config(args.config), args.vocab_size, args.batch_size,
-                         args.seq_len)
-        if args.mode == "compile":
-            times = bench_compile(config, args.layers)
+        config = resolve(fv.config, fv.vocab_size, fv.batch_size, fv.seq_len)
+        if mode == "compile":
+            times = bench_compile(config, fv.layers)
         else:
-            r = bench_train(config, args.repeats, args.dispatch)
+            r = bench_train(config, fv.repeats, fv.dispatch)
     except ConfigError as e:
-        sys.exit(f"error: {args.config}: {e}")
-    if args.mode == "compile":
-        print(f"device: {device}; {args.config}: train step lowered and compiled")
+        sys.exit(f"error: {spec}: {e}")
+    if mode == "compile":
+        print(f"device: {device}; {spec}: train step lowered and compiled")
         for n, seconds in times.items():
-            print(f"{n:>4} layers {seconds:7.1f} s  ({seconds / times[args.layers[0]]:.2f}x)")
+            print(f"{n:>4} layers {seconds:7.1f} s  ({seconds / times[fv.layers[0]]:.2f}x)")
     else:
-        print_train(r, args.config, config, args.repeats, device)
+        print_train(r, spec, config, fv.repeats, device)
 
 
 if __name__ == "__main__":

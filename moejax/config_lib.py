@@ -1,8 +1,12 @@
 """Helpers for configs/*.py: variant strings and checks that run before anything compiles."""
 
+import contextlib
 import math
 import os
+import re
+import sys
 import tempfile
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -18,13 +22,15 @@ def config_dict(**groups) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(groups)
 
 
+# configs/ sits beside the package in a checkout (an editable install), not inside it.
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
 def defaults() -> ml_collections.ConfigDict:
     """configs/tiny.py next to the package: every key a run has, with its default."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "tiny.py")
-    spec = importlib.util.spec_from_file_location("tiny", path)
+    spec = importlib.util.spec_from_file_location("tiny", os.path.join(CONFIGS, "tiny.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
@@ -191,8 +197,6 @@ def check_workdir(workdir: str) -> None:
 def run(main) -> None:
     """Parse --config / --workdir like absl's app.run, but a bad flag or config value is one
     line, not a dump, and --help prints the usage of `main`'s module."""
-    import sys
-
     from absl import flags
     from ml_collections import config_flags
 
@@ -204,57 +208,117 @@ def run(main) -> None:
     flags.DEFINE_integer("num_processes", None, "processes in the job (with --coordinator)")
     flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator)")
     flags.mark_flags_as_required(["config", "workdir"])
-    try:
+    with one_line_errors():
         argv = parse_flags(sys.argv, sys.modules[main.__module__].__doc__)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
     f = flags.FLAGS
     init_distributed(f.coordinator, f.num_processes, f.process_id)
-    try:
+    with one_line_errors():
         main(argv)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A ConfigError ends the program with its one line on stderr and exit code 1."""
+    try:
+        yield
     except ConfigError as e:
         sys.exit(f"error: {e}")
 
 
-def parse_flags(argv: list[str], doc: str | None) -> list[str]:
-    """absl's flags.FLAGS(argv), after a --config flag is defined: -h / --help prints `doc`'s
-    summary and the flags, then exits 0; a bad flag, config file or override key raises one
-    ConfigError line. Returns the arguments that are not flags."""
-    import sys
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """`path.py[:variant]` with `--config.a.b=v` overrides, read by config_flags exactly as
+    train's --config reads them; any problem is train's one-line ConfigError."""
+    from absl import flags
+    from ml_collections import config_flags
 
+    argv = ["load", f"--config={spec}", *overrides]
+    fv = flags.FlagValues()  # private: loading twice must not redefine global flags
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    if rest := parse_flags(argv, None, fv)[1:]:
+        raise ConfigError(f"{rest[0]!r}: not an override; allowed: --config.KEY=VALUE")
+    return fv.config
+
+
+def parse_flags(argv: list[str], doc: str | None, flag_values=None,
+                flag: str = "config") -> list[str]:
+    """absl's flags.FLAGS(argv), or `flag_values`'s: -h / --help prints `doc`'s summary and
+    the flags of `flag`'s module, then exits 0; a bad flag, config file or override key raises
+    one ConfigError line. Returns the arguments that are not flags, the program's name first."""
     from absl import flags
 
+    fv = flags.FLAGS if flag_values is None else flag_values
     if {"-h", "-help", "--help"} & set(argv[1:]):
-        print(usage(doc))
+        print(usage(doc, fv, flag))
         sys.exit(0)
     try:
-        rest = flags.FLAGS(argv)
-        flags.FLAGS.config.keys()  # a missing file shows only when the config is first read
+        rest = fv(argv)
+        if "config" in fv and fv["config"].value is not None:
+            fv.config.keys()  # a missing file shows only when the config is first read
     except Exception as e:  # whatever the config file raised; nothing has run yet
-        raise ConfigError(flag_error(e, argv)) from None
+        message = flag_error(e, argv)
+        if flag_values is not None:  # train's and plan's messages are as their tests pin them
+            message = name_allowed(message, e, fv, flag)
+        raise ConfigError(message) from None
     return rest
 
 
-def usage(doc: str | None) -> str:
+def name_allowed(message: str, e: Exception, fv, flag: str) -> str:
+    """absl's message, with what is allowed: the flags of the entry point for an unknown one
+    (the global FLAGS would list absl's own too), the help of a missing one."""
+    from absl import flags
+
+    if isinstance(e, flags.UnrecognizedFlagError) and not e.flagname.startswith("config."):
+        own = [f.name for f in fv.flags_by_module_dict()[fv.find_module_defining_flag(flag)]]
+        return (f"{message}; allowed: {', '.join('--' + n for n in own)}"
+                + (", --config.KEY=VALUE" if "config" in own else ""))
+    if missing := re.search(r"Flag --(\w+) must have a value other than None", message):
+        return f"missing --{missing[1]}; allowed: {fv[missing[1]].help}"
+    return message
+
+
+def usage(doc: str | None, flag_values=None, flag: str = "config") -> str:
     """The module docstring's summary and usage line, then the flags it defines."""
     from absl import flags
 
-    f = flags.FLAGS
-    summary = "\n\n".join((doc or "").strip().split("\n\n")[:2])
-    listing = f.module_help(f.find_module_defining_flag("config")).strip().split("\n", 1)[1]
-    return (f"{summary}\n\nflags:\n{listing}\n  --config.KEY=VALUE: set any key of the config, "
-            "e.g.\n    --config.train.lr=1e-3 (configs/tiny.py lists them all)")
+    f, summary = flags.FLAGS if flag_values is None else flag_values, (doc or "").strip()
+    module = f.find_module_defining_flag(flag)
+    listing = f.module_help(module).strip().split("\n", 1)[1]
+    if "config" in f and f.find_module_defining_flag("config") == module:
+        listing += ("\n  --config.KEY=VALUE: set any key of the config, e.g.\n    "
+                    "--config.train.lr=1e-3 (configs/tiny.py lists them all)")
+    return "\n\n".join(summary.split("\n\n")[:2]) + f"\n\nflags:\n{listing}"
+
+
+def positional(rest: list[str], expected: dict) -> list[str]:
+    """The arguments after the program's name that are not flags: one per key of `expected`
+    (NAME: a tuple of the values allowed, or a phrase saying what is), no more."""
+    args = rest[1:]
+    for i, (name, allowed) in enumerate(expected.items()):
+        what = ", ".join(allowed) if isinstance(allowed, tuple) else allowed
+        if i >= len(args):
+            raise ConfigError(f"missing {name}; allowed: {what}")
+        if isinstance(allowed, tuple) and args[i] not in allowed:
+            raise ConfigError(f"{name}={args[i]!r}: unknown; allowed: {what}")
+    if len(args) > len(expected):
+        raise ConfigError(f"{args[len(expected)]!r}: unexpected argument; allowed: "
+                          + (" ".join(expected) if expected else "flags only"))
+    return args
+
+
+def check_flags(fv, allowed: Sequence[str], context: str) -> None:
+    """A flag given that `context` (a mode, a subcommand) would ignore is an error."""
+    for name in fv:  # an entry point's own FlagValues, so its flags only
+        if fv[name].present and name.split(".")[0] not in allowed:  # config.KEY: an override
+            raise ConfigError(f"--{name}: not a flag of {context}; allowed: "
+                              + ", ".join(f"--{a}" for a in allowed))
 
 
 def flag_error(e: Exception, argv: list[str]) -> str:
     """What went wrong parsing `argv`, in one line that names the flag and what is allowed."""
     from absl import flags
 
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith(("--config=", "-config="))),
-                None)
-    if spec is None and (i := next((i for i, a in enumerate(argv)
-                                    if a in ("--config", "-config")), None)) is not None:
-        spec = argv[i + 1] if i + 1 < len(argv) else None
+    spec = config_spec(argv)
     chain = [e]  # absl and ml_collections re-raise what the config file raised: find it
     while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None:
         chain.append(inner)
@@ -277,11 +341,20 @@ def flag_error(e: Exception, argv: list[str]) -> str:
     return first_line(e)
 
 
+def config_spec(argv: list[str]) -> str | None:
+    """The value of --config in `argv`, in either spelling, if it is there."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith(("--config=", "-config="))),
+                None)
+    if spec is None and (i := next((i for i, a in enumerate(argv)
+                                    if a in ("--config", "-config")), None)) is not None:
+        spec = argv[i + 1] if i + 1 < len(argv) else None
+    return spec
+
+
 def unknown_override(spec: str, argv: list[str]) -> str | None:
     """'unknown key model.num_expert; did you mean model.num_experts?' for the first
     --config.KEY=... whose key the config (loaded again, overrides aside) does not have."""
     import difflib
-    import re
 
     from ml_collections import config_flags
 
@@ -315,8 +388,6 @@ def flat_keys(config, prefix: str = "") -> list[str]:
 def init_distributed(coordinator: str | None, num_processes: int | None,
                      process_id: int | None) -> None:
     """Join the multi-host job, if this is one; a single process needs nothing."""
-    import os
-
     import jax
 
     if coordinator:

@@ -1,7 +1,7 @@
 """Weights in from and out to Hugging Face transformers: Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE.
 
   python -m moejax.convert from-hf SRC --workdir DIR [--mesh fsdp=8,expert=8]
-  python -m moejax.convert to-hf --workdir DIR OUT [--dtype bfloat16] [--shard_gib 4]
+  python -m moejax.convert to-hf OUT --workdir DIR [--dtype bfloat16] [--shard_gib 4]
 
 from-hf: SRC is a local folder with config.json and *.safetensors, or a hub name (fetched with
 huggingface_hub). DIR gets config.py (the model as a moejax config, fine-tuning defaults for
@@ -16,7 +16,6 @@ to-hf: the newest checkpoint of DIR as config.json + *.safetensors files of at m
 tensor is fetched from the devices at a time, one file's tensors are held at a time.
 """
 
-import argparse
 import contextlib
 import functools
 import glob
@@ -296,33 +295,47 @@ def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4
     return [names[f] for f in files]
 
 
+COMMANDS = {  # subcommand: its positional argument, what that may be, the flags it takes
+    "from-hf": ("SRC", "a local folder with config.json + *.safetensors, or a hub name like "
+                "org/model", ("workdir", "mesh")),
+    "to-hf": ("OUT", "the folder to write the transformers checkpoint into",
+              ("workdir", "dtype", "shard_gib")),
+}
+
+
 def main(argv=None):
+    from absl import flags
+
     from moejax.plan import parse_mesh
 
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("from-hf", help="a transformers checkpoint -> a moejax run")
-    a.add_argument("src", help="local folder with config.json + *.safetensors, or a hub name")
-    a.add_argument("--workdir", required=True)
-    a.add_argument("--mesh", default="", help="layout of the written state, e.g. fsdp=8 "
-                   "(default: fsdp over all devices); also the config's mesh")
-    b = sub.add_parser("to-hf", help="a moejax run's newest checkpoint -> transformers")
-    b.add_argument("out")
-    b.add_argument("--workdir", required=True)
-    b.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the "
-                   "imported checkpoint's, else float32)")
-    b.add_argument("--shard_gib", type=float, default=4.0, help="largest file, in GiB")
-    args = p.parse_args(argv)
+    argv = sys.argv if argv is None else argv
+    fv = flags.FlagValues()  # its own: main may run more than once in one process (tests)
+    flags.DEFINE_string("workdir", None, "from-hf: the run to create; to-hf: the run to read",
+                        flag_values=fv)
+    flags.DEFINE_string("mesh", "", "from-hf: layout of the written state, e.g. fsdp=8 "
+                        "(default: fsdp over all devices); also the config's mesh",
+                        flag_values=fv)
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "to-hf: the files' "
+                      "dtype (default: the imported checkpoint's, else float32)", flag_values=fv)
+    flags.DEFINE_float("shard_gib", 4.0, "to-hf: largest file, in GiB", flag_values=fv)
+    flags.register_validator("shard_gib", lambda g: g > 0, "must be > 0", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    names = tuple(COMMANDS)
+    with config_lib.one_line_errors():
+        rest = config_lib.parse_flags(argv, __doc__, fv, "workdir")
+        command = config_lib.positional(rest[:2], {"COMMAND": names})[0]
+        arg, what, allowed = COMMANDS[command]
+        path = config_lib.positional(rest, {"COMMAND": names, arg: what})[1]
+        config_lib.check_flags(fv, allowed, command)
     config_lib.init_distributed(None, None, None)
     try:
-        if args.command == "from-hf":
-            mesh = parse_mesh(args.mesh) if args.mesh else None
-            path = from_hf(args.src, args.workdir, mesh)
-            print(f"wrote {args.workdir}: checkpoint 0 and {path}; fine-tune with\n"
-                  f"  python -m moejax.train --config {path} --workdir {args.workdir}")
+        if command == "from-hf":
+            mesh = parse_mesh(fv.mesh) if fv.mesh else None
+            out = from_hf(path, fv.workdir, mesh)
+            print(f"wrote {fv.workdir}: checkpoint 0 and {out}; fine-tune with\n"
+                  f"  python -m moejax.train --config {out} --workdir {fv.workdir}")
         else:
-            to_hf(args.workdir, args.out, args.dtype, args.shard_gib)
+            to_hf(fv.workdir, path, fv.dtype, fv.shard_gib)
     except (ConfigError, ValueError) as e:
         sys.exit(f"error: {config_lib.first_line(e)}")
 

@@ -8,9 +8,9 @@ Shapes are rounded up to buckets of BUCKET positions, so a run compiles once per
 once per token or per max_new_tokens.
 """
 
-import argparse
 import collections
 import functools
+import sys
 import time
 
 import jax
@@ -140,33 +140,47 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     return rows
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--prompt", action="append", help="repeat for a batch; none: one empty")
-    p.add_argument("--tokens", type=int, default=200, help="new tokens per prompt, at most")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=0.95, help="nucleus mass; 1 = every token")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hf_tokenizer", default="",
-                   help="tokenizer name or path; default: the run's data.tokenizer")
-    args = p.parse_args()
-    config, model, step = load(args.workdir)
-    tokenizer = data.make_tokenizer(args.hf_tokenizer or config.data.tokenizer)
-    texts = args.prompt or [""]
+def main(argv=None):
+    from absl import flags
+
+    argv = sys.argv if argv is None else argv
+    fv = flags.FlagValues()  # its own: main may run more than once in one process (tests)
+    flags.DEFINE_string("workdir", None, "a run's directory (train or convert from-hf)",
+                        flag_values=fv)
+    flags.DEFINE_multi_string("prompt", None, "repeat for a batch; none: one empty",
+                              flag_values=fv)
+    flags.DEFINE_integer("tokens", 200, "new tokens per prompt, at most", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_float("temperature", 0.8, "0 = greedy", lower_bound=0.0, flag_values=fv)
+    flags.DEFINE_float("top_p", 0.95, "nucleus mass; 1 = every token", flag_values=fv)
+    flags.register_validator("top_p", lambda p: 0 < p <= 1, "must be in (0, 1]",
+                             flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
+    flags.DEFINE_string("hf_tokenizer", "", "tokenizer name or path; default: the run's "
+                        "data.tokenizer", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    with config_lib.one_line_errors():
+        config_lib.positional(config_lib.parse_flags(argv, __doc__, fv, "workdir"), {})
+    config, model, step = load(fv.workdir)
+    with config_lib.one_line_errors():
+        tokenizer = data.make_tokenizer(fv.hf_tokenizer or config.data.tokenizer)
+    texts = fv.prompt or [""]
     # An empty prompt starts where a document starts: after an end-of-document token.
     prompts = [list(map(int, tokenizer.encode(t))) or [tokenizer.eos_id] for t in texts]
-    kwargs = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                  eos_id=tokenizer.eos_id,
-                  cache_len=cache_length(prompts, args.tokens, model.max_seq_len))
+    try:
+        cache_len = cache_length(prompts, fv.tokens, model.max_seq_len)
+    except ValueError as e:
+        sys.exit(f"error: --tokens={fv.tokens}: {e}; allowed: at most "
+                 f"{model.max_seq_len - max(map(len, prompts))} with these prompts")
+    kwargs = dict(temperature=fv.temperature, top_p=fv.top_p, seed=fv.seed,
+                  eos_id=tokenizer.eos_id, cache_len=cache_len)
     start = time.perf_counter()
     generate(model, prompts, 1, **kwargs)  # compiles the very program the timed call runs
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    outs = generate(model, prompts, args.tokens, **kwargs)
+    outs = generate(model, prompts, fv.tokens, **kwargs)
     seconds = time.perf_counter() - start
-    print(f"# step {step} of {args.workdir}")
+    print(f"# step {step} of {fv.workdir}")
     for text, prompt, new in zip(texts, prompts, outs, strict=True):
         print(tokenizer.decode((prompt if text else []) + new))
     n = sum(map(len, outs))

@@ -95,7 +95,7 @@ def run_main(monkeypatch, capsys, *argv) -> str:
 def test_bench_train_prints_mfu_na_without_a_peak_and_takes_overrides(monkeypatch, capsys):
     fake_steps(monkeypatch)
     out = run_main(monkeypatch, capsys, "train", "--config", "configs/tiny.py:smoke",
-                   "--dispatch", "capacity", "dropless", "--repeats", "2", "--batch_size",
+                   "--dispatch=capacity,dropless", "--repeats", "2", "--batch_size",
                    "8", "--seq_len", "16", "--vocab_size", "300")
     lines = out.splitlines()
     assert lines[0].startswith("device: cpu x8;")
@@ -108,6 +108,14 @@ def test_bench_train_prints_mfu_na_without_a_peak_and_takes_overrides(monkeypatc
     assert all(row[5] == "n/a" for row in rows)
     # 300 x 32 more embedding weights than the byte vocabulary's 257.
     assert float(rows[0][1]) == pytest.approx((SMOKE_ACTIVE + 43 * 32) / 1e6, abs=5e-6)
+
+
+def test_bench_train_reads_the_default_config_with_config_overrides(monkeypatch, capsys):
+    seen = fake_steps(monkeypatch)
+    out = run_main(monkeypatch, capsys, "train", "--config.model.num_experts=4",
+                   "--config.model.num_layers=2", "--repeats=1")
+    assert "; configs/tiny.py: batch" in out.splitlines()[0]  # the default, overridden
+    assert [(c.model.num_experts, c.model.num_layers) for c in seen] == [(4, 2), (0, 2)]
 
 
 def test_vocab_is_the_byte_tokenizers_or_given():
@@ -137,7 +145,7 @@ def test_layer_bench_bf16_dropless_row(monkeypatch, capsys):
     monkeypatch.setattr(bench, "round_robin", spy)
     out = run_main(monkeypatch, capsys, "layer", "--experts", "4", "--tokens", "64",
                    "--d_model", "16", "--d_ff", "32", "--repeats", "1", "--dtype", "bfloat16",
-                   "--dispatch", "dropless")
+                   "--dispatch=dropless")
     assert dtypes == {"moe": "bfloat16", "dense": "bfloat16"}  # no expert buffers to time
     header, columns, row = out.splitlines()
     assert header.endswith("fwd+bwd, bfloat16, median of 1")
@@ -161,13 +169,13 @@ def test_layer_table_has_a_row_per_expert_count_and_dispatch(monkeypatch, capsys
     columns = (f"{'E':>5} {'C':>5} {'moe ms':>9} {'experts ms':>11} {'dense ms':>9} "
                f"{'ratio':>6} {'routing':>8}")
     # The default (capacity, float32) keeps the columns the CPU regression guard reads.
-    out = run_main(monkeypatch, capsys, "layer", "--experts", "8", "64")
+    out = run_main(monkeypatch, capsys, "layer", "--experts=8,64")
     assert out.splitlines()[1:] == [columns, f"{8:>5} {80:>5} {3.0:>9.1f} {2.5:>11.1f} "
                                     f"{2.0:>9.1f} {1.5:>6.2f} {0.25:>8.2f}",
                                     f"{64:>5} {640:>5} {3.0:>9.1f} {2.5:>11.1f} "
                                     f"{2.0:>9.1f} {1.5:>6.2f} {0.25:>8.2f}"]
-    out = run_main(monkeypatch, capsys, "layer", "--experts", "8", "64", "--dispatch",
-                   "capacity", "dropless")
+    out = run_main(monkeypatch, capsys, "layer", "--experts=8,64",
+                   "--dispatch=capacity,dropless")
     rows = [line.split() for line in out.splitlines()[2:]]
     assert [(r[0], r[1], r[-1]) for r in rows] == [
         ("8", "80", "capacity"), ("8", "-", "dropless"),

@@ -1,11 +1,13 @@
 """Issue #20: bad input is one line naming the key, its value and what is allowed, and a nonzero
 exit, before anything compiles; -h / --help print the usage and exit 0.
 
-validate() and the flag parsing of config_lib.run and plan.main run in-process (sys.argv
-monkeypatched); only --help runs as a real `python -m` process, since the usage it prints comes
-from the module that runs as __main__.
+validate() and the flag parsing of config_lib.run, plan.main and the other entry points run
+in-process (sys.argv monkeypatched, or argv given); --help runs as a real `python -m` process,
+since the usage it prints comes from the module that runs as __main__, and so does one bad
+input per entry point, to see stderr itself.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -166,17 +168,143 @@ def test_good_flags_reach_main(argv):
     assert seen == {"experts": 4}
 
 
-@pytest.mark.parametrize("module,flag,listed", [
+# ---------------------------------------------------------------------------------------------
+# Every entry point: --help, and bad input as one line (generate, convert, bench, scaling).
+
+HELP = [  # module, the help flag, texts the usage holds
     ("moejax.train", "--help", ["Train an MoE (or dense) language model.",
                                 "python -m moejax.train --config", "--workdir:", "--config:",
                                 "--coordinator:", "--config.KEY=VALUE"]),
     ("moejax.plan", "-h", ["Size a run before paying for it", "python -m moejax.plan --config",
                            "--mesh:", "--hbm_gib:", "--config:"]),
-])
+    ("moejax.generate", "--help", ["Generate text from the newest checkpoint",
+                                   "python -m moejax.generate --workdir", "--workdir:",
+                                   "--prompt:", "--tokens:", "--top_p:", "--hf_tokenizer:"]),
+    ("moejax.convert", "--help", ["Weights in from and out to Hugging Face",
+                                  "python -m moejax.convert from-hf SRC --workdir DIR",
+                                  "python -m moejax.convert to-hf OUT --workdir DIR",
+                                  "--workdir:", "--mesh:", "--dtype:", "--shard_gib:"]),
+    ("moejax.bench", "-h", ["Benchmarks of the MoE layer",
+                            "python -m moejax.bench layer|train|compile", "--experts:",
+                            "--dispatch:", "--config:", "--layers:", "--config.KEY=VALUE"]),
+    ("moejax.scaling", "--help", ["Switch Transformer's scaling result",
+                                  "python -m moejax.scaling --config configs/switch_scaling.py",
+                                  "--variants:", "--out:", "--workdir:", "--config:"]),
+]
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.mark.parametrize("module,flag,listed", HELP, ids=[m for m, _, _ in HELP])
 def test_help_prints_the_usage_and_exits_0(module, flag, listed):
     out = subprocess.run([sys.executable, "-m", module, flag], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         text=True, timeout=120, env=ENV)
     assert out.returncode == 0, out.stderr[-3000:]
     for text in listed:
         assert text in out.stdout, out.stdout
-    assert "Nothing is allocated" not in out.stdout  # the summary, not the whole docstring
+    assert "\n\n\n" not in out.stdout and "Nothing is allocated" not in out.stdout  # the summary
+
+
+ALLOWED_GENERATE = "--workdir, --prompt, --tokens, --temperature, --top_p, --seed, --hf_tokenizer"
+ALLOWED_LAYER = ("--experts, --tokens, --d_model, --d_ff, --top_k, --capacity_factor, --dtype, "
+                 "--dispatch, --repeats")
+BAD_INPUTS = [  # module, arguments, the whole message (what stderr shows); {tmp}: tmp_path
+    ("generate", [], "missing --workdir; allowed: a run's directory (train or convert from-hf)"),
+    ("generate", ["--workdir=w", "--bogus=1"],
+     f"Unknown command line flag 'bogus'; allowed: {ALLOWED_GENERATE}"),
+    ("generate", ["--workdir=w", "--tokens=0"], "flag --tokens=0: 0 is not a positive integer"),
+    ("generate", ["--workdir", "w", "--tokens", "-3"],
+     "flag --tokens=-3: -3 is not a positive integer"),
+    ("generate", ["--workdir=w", "--top_p=0"], "flag --top_p=0.0: must be in (0, 1]"),
+    ("generate", ["--workdir=w", "--top_p=1.5"], "flag --top_p=1.5: must be in (0, 1]"),
+    ("generate", ["--workdir=w", "--temperature=-1"],
+     "flag --temperature=-1: -1.0 is not a non-negative number"),
+    ("generate", ["--workdir=w", "hello"], "'hello': unexpected argument; allowed: flags only"),
+    ("generate", ["--workdir={tmp}"], "--workdir='{tmp}': no config.json in it; allowed: the "
+     "workdir of a run (train) or of a conversion (convert from-hf)"),
+    ("convert", [], "missing --workdir; allowed: from-hf: the run to create; to-hf: the run to "
+     "read"),
+    ("convert", ["--workdir=w"], "missing COMMAND; allowed: from-hf, to-hf"),
+    ("convert", ["export", "--workdir=w"], "COMMAND='export': unknown; allowed: from-hf, to-hf"),
+    ("convert", ["from-hf", "--workdir=w"], "missing SRC; allowed: a local folder with "
+     "config.json + *.safetensors, or a hub name like org/model"),
+    ("convert", ["to-hf", "--workdir=w"],
+     "missing OUT; allowed: the folder to write the transformers checkpoint into"),
+    ("convert", ["from-hf", "a", "b", "--workdir=w"],
+     "'b': unexpected argument; allowed: COMMAND SRC"),
+    ("convert", ["to-hf", "out", "--workdir=w", "--mesh=fsdp=8"],
+     "--mesh: not a flag of to-hf; allowed: --workdir, --dtype, --shard_gib"),
+    ("convert", ["from-hf", "src", "--workdir=w", "--dtype=bfloat16"],
+     "--dtype: not a flag of from-hf; allowed: --workdir, --mesh"),
+    ("convert", ["to-hf", "out", "--workdir=w", "--dtype=int8"],
+     "flag --dtype=int8: value should be one of <float32|bfloat16|float16>"),
+    ("convert", ["to-hf", "out", "--workdir=w", "--shard_gib=0"],
+     "flag --shard_gib=0.0: must be > 0"),
+    ("convert", ["from-hf", "src", "--workdir=w", "--bogus"],
+     "Unknown command line flag 'bogus'; allowed: --workdir, --mesh, --dtype, --shard_gib"),
+    ("bench", [], "missing MODE; allowed: layer, train, compile"),
+    ("bench", ["sweep"], "MODE='sweep': unknown; allowed: layer, train, compile"),
+    ("bench", ["layer", "--experts=8,x"],
+     "flag --experts=8,x: allowed: comma-separated integers >= 1, e.g. 8,64"),
+    ("bench", ["layer", "--experts", "8", "64"], "'64': unexpected argument; allowed: MODE"),
+    ("bench", ["layer", "--dispatch=capacity,sorted"], "flag --dispatch=capacity,sorted: "
+     "allowed: comma-separated of capacity, dropless, dropless_ring"),
+    ("bench", ["layer", "--repeats=0"], "flag --repeats=0: 0 is not a positive integer"),
+    ("bench", ["layer", "--bogus=1"], f"Unknown command line flag 'bogus'; allowed: "
+     f"{ALLOWED_LAYER}, --config, --vocab_size, --batch_size, --seq_len, --layers, "
+     "--config.KEY=VALUE"),
+    ("bench", ["layer", "--config.model.num_experts=4"],
+     f"--config.model.num_experts: not a flag of layer; allowed: {ALLOWED_LAYER}"),
+    ("bench", ["train", "--layers=4"], "--layers: not a flag of train; allowed: --config, "
+     "--vocab_size, --batch_size, --seq_len, --dispatch, --repeats"),
+    ("bench", ["train", "--config=configs/nosuch.py"],
+     "--config=configs/nosuch.py: no such file; allowed: a configs/<name>.py file"),
+    ("bench", ["compile", "--config.model.num_expert=4"],  # on the default configs/tiny.py
+     "unknown key model.num_expert; did you mean model.num_experts?"),
+    ("scaling", [], "missing --config; allowed: configs/switch_scaling.py[:variant]; a variant, "
+     "e.g. :smoke, goes after each of --variants (e4 -> e4,smoke)"),
+    ("scaling", ["--config=configs/switch_scaling.py", "--variants=dense,e3"],
+     "--variants=dense,e3: unknown variant 'e3'; allowed: dense, e2, e4, e8, e16"),
+    ("scaling", ["--config=configs/switch_scaling.py:smoke", "--variants=e3"],
+     "--variants=e3 (each ,smoke from --config): unknown variant 'e3'; allowed: dense, e2"),
+    ("scaling", ["--config=configs/switch_scaling.py", "--config.train.stepz=1"],
+     "unknown key train.stepz; did you mean train.steps?"),
+    ("scaling", ["--config=configs/switch_scaling.py", "--bogus"], "Unknown command line flag "
+     "'bogus'; allowed: --config, --variants, --out, --workdir, --config.KEY=VALUE"),
+    ("scaling", ["--config=configs/switch_scaling.py", "extra"],
+     "'extra': unexpected argument; allowed: flags only"),
+    ("scaling", ["--config=configs/nosuch.py"],
+     "--config=configs/nosuch.py: no such file; allowed: a configs/<name>.py file"),
+]
+
+
+def matches(message: str, want: str) -> bool:
+    """The whole message; a want naming a config's variants may stop after the first few."""
+    return message == want or ("unknown variant" in want and message.startswith(want))
+
+
+@pytest.mark.parametrize("module,args,error", BAD_INPUTS,
+                         ids=[f"{m} {' '.join(a)}" for m, a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_flag(monkeypatch, tmp_path, module, args, error):
+    """In this process (a subprocess costs seconds of importing jax; one per module runs as a
+    process below): main exits with the line that Python prints to stderr, exit code 1."""
+    main = importlib.import_module(f"moejax.{module}").main
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as e:
+        main([module, *(a.format(tmp=tmp_path) for a in args)])
+    message = e.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    assert matches(message, "error: " + error.format(tmp=tmp_path)), message
+
+
+PROCESSES = [("generate", ["--workdir=w", "--top_p=1.5"]), ("convert", ["export", "--workdir=w"]),
+             ("bench", ["layer", "--experts=8,x"]),
+             ("scaling", ["--config=configs/switch_scaling.py", "--config.train.stepz=1"])]
+
+
+@pytest.mark.parametrize("module,args", PROCESSES, ids=[m for m, _ in PROCESSES])
+def test_bad_input_as_a_process_prints_one_line_and_no_traceback(module, args):
+    error = next(e for m, a, e in BAD_INPUTS if (m, a) == (module, args))
+    out = subprocess.run([sys.executable, "-m", f"moejax.{module}", *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, env=ENV)
+    assert out.returncode != 0 and out.stdout == "", out
+    assert out.stderr.splitlines() == [f"error: {error}"], out.stderr

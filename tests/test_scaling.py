@@ -2,7 +2,8 @@
 
 import pytest
 
-from moejax.experiments import scaling
+from moejax import scaling
+from moejax.config_lib import ConfigError
 
 
 def test_variants_differ_only_in_expert_parameters():
@@ -19,11 +20,12 @@ def test_variants_differ_only_in_expert_parameters():
 
 
 def test_overrides_and_unknown_keys():
-    config = scaling.variant_config("e4", {"train.steps": "7", "model.jitter_eps": "0.5"})
+    config = scaling.variant_config("e4", ["--config.train.steps=7",
+                                           "--config.model.jitter_eps=0.5"])
     assert config.train.steps == 7 and config.model.jitter_eps == 0.5
-    with pytest.raises(SystemExit, match="train.stepz"):
-        scaling.variant_config("e4", {"train.stepz": "7"})
-    with pytest.raises(ValueError, match="allowed: dense, e2"):
+    with pytest.raises(ConfigError, match="unknown key train.stepz; did you mean train.steps?"):
+        scaling.variant_config("e4", ["--config.train.stepz=7"])
+    with pytest.raises(ConfigError, match="unknown variant 'e3'; allowed: dense, e2"):
         scaling.variant_config("e3")
 
 
@@ -54,6 +56,13 @@ def test_runner_writes_table_and_plot_then_reuses_finished_runs(tmp_path, monkey
     assert text.startswith("# intro") and text.endswith("## Findings\n")
     assert text.count(scaling.BEGIN) == 1
 
+    # The command line: --config's own variant goes after each of --variants' (the same runs).
+    argv = ["--config", f"{scaling.SWITCH}:smoke", "--variants=dense,e2", f"--out={out}",
+            f"--workdir={runs}"]
+    scaling.main(["scaling", *argv])
+    text = (out / "scaling.md").read_text()
+    assert "python -m moejax.scaling " + " ".join(argv) in text and "| e2,smoke |" in text
+
     # A workdir holding a different config is an error, not a silent mix of two runs.
     with pytest.raises(SystemExit, match="lr"):
-        scaling.run(variants[:1], str(out), str(runs), {"train.lr": "0.1"})
+        scaling.run(variants[:1], str(out), str(runs), ["--config.train.lr=0.1"])

@@ -1,31 +1,34 @@
 """Switch Transformer's scaling result at small scale: dense vs top-1 MoE with 2-16 experts,
 at equal FLOPs per token and equal steps (configs/switch_scaling.py).
 
-  python -m moejax.experiments.scaling [--variants dense e2 e4 e8 e16] [--out docs]
-      [--workdir runs/scaling] [--config.train.steps=300 ...]
+  python -m moejax.scaling --config configs/switch_scaling.py[:smoke] [--variants dense,e2,e4]
+      [--out docs] [--workdir runs/scaling] [--config.train.steps=300 ...]
 
-Each variant trains in WORKDIR/<variant> through train.train_and_evaluate. A variant whose
-workdir holds a finished run of the same config is not trained again; an unfinished one resumes
-from its newest checkpoint. Then OUT/scaling.md gets the results between two marker lines (text
-around them is kept) and OUT/scaling.png the held-out loss curves, one line per variant.
+Each variant trains in WORKDIR/<variant> through train.train_and_evaluate, its config read as
+`--config PATH:<variant>` with the --config.KEY=VALUE overrides (a variant of --config itself,
+as in `:smoke`, is appended to each: `:e4,smoke`). A variant whose workdir holds a finished run
+of the same config is not trained again; an unfinished one resumes from its newest checkpoint.
+Then OUT/scaling.md gets the results between two marker lines (text around them is kept) and
+OUT/scaling.png the held-out loss curves, one line per variant.
 """
 
-import argparse
 import datetime
 import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from moejax import data
+from moejax import config_lib, data
 from moejax.flops import train_flops_per_token
 from moejax.model import Transformer, moe_layer_ids
 from moejax.params import param_counts
@@ -33,27 +36,17 @@ from moejax.train import train_and_evaluate
 from moejax.workdir import changed_keys
 
 VARIANTS = ("dense", "e2", "e4", "e8", "e16")
-BEGIN = "<!-- scaling:begin (written by moejax.experiments.scaling) -->"
+BEGIN = "<!-- scaling:begin (written by moejax.scaling) -->"
 END = "<!-- scaling:end -->"
 
 
-def variant_config(variant: str, overrides: dict | None = None):
-    """configs/switch_scaling.py:<variant> with `{"train.steps": "300"}`-style overrides."""
-    from configs import switch_scaling  # configs/ is importable from the repository root
+SWITCH = os.path.join(config_lib.CONFIGS, "switch_scaling.py")
 
-    config = switch_scaling.get_config(variant)
-    for key, text in (overrides or {}).items():
-        *groups, name = key.split(".")
-        node = config
-        for g in groups:
-            node = node.get(g) if hasattr(node, "get") else None
-        if not hasattr(node, "get") or name not in node:
-            raise SystemExit(f"error: --config.{key}: no such key in {switch_scaling.__file__}")
-        old = node[name]
-        if isinstance(old, bool):
-            node[name] = text.lower() in ("1", "true", "yes")
-        else:
-            node[name] = type(old)(float(text)) if isinstance(old, int) else type(old)(text)
+
+def variant_config(variant: str, overrides: Sequence[str] = (), path: str = SWITCH):
+    """PATH:<variant> with `--config.train.steps=300`-style overrides, read as train reads
+    --config (config_lib.load): a bad key or value is its one-line ConfigError."""
+    config = config_lib.load(f"{path}:{variant}", overrides)
     # Filled in here as the trainer does, so this config compares equal to its config.json.
     config.model.vocab_size = (config.model.vocab_size
                                or data.make_tokenizer(config.data.tokenizer).vocab_size)
@@ -291,37 +284,67 @@ def plot(records: list[dict], path: str, steps: int) -> bool:
     return True
 
 
-def run(variants, out: str, workdir: str, overrides: dict | None = None,
-        command: str = "") -> list[dict]:
+def run(variants, out: str, workdir: str, overrides: Sequence[str] = (), command: str = "",
+        path: str = SWITCH) -> list[dict]:
     """Train (or reuse) every variant, then write OUT/scaling.md and OUT/scaling.png."""
+    configs = [variant_config(v, overrides, path) for v in variants]  # all checked first
     records = []
-    for v in variants:
-        config = variant_config(v, overrides)
+    for v, config in zip(variants, configs, strict=True):
         records.append(run_variant(v, config, os.path.join(workdir, v.replace(",", "_"))))
     os.makedirs(out, exist_ok=True)
-    config = variant_config(variants[0], overrides)
-    plot(records, os.path.join(out, "scaling.png"), config.train.steps)
-    write_doc(os.path.join(out, "scaling.md"), results_markdown(records, config, command))
+    plot(records, os.path.join(out, "scaling.png"), configs[0].train.steps)
+    write_doc(os.path.join(out, "scaling.md"), results_markdown(records, configs[0], command))
     print(f"wrote {out}/scaling.md and {out}/scaling.png")
     return records
 
 
+def overrides_of(argv: list[str]) -> list[str]:
+    """The --config.KEY=VALUE arguments of argv (a value given as the next argument too)."""
+    out = []
+    for i, arg in enumerate(argv):
+        if re.match(r"^--?(no)?config\.", arg):
+            out.append(arg)
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                out.append(argv[i + 1])
+    return out
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                        help="configs/switch_scaling.py variants, e.g. dense e8 or e4,smoke")
-    parser.add_argument("--out", default="docs", help="where scaling.md and scaling.png go")
-    parser.add_argument("--workdir", default="runs/scaling", help="one subdirectory per variant")
-    args, rest = parser.parse_known_args(argv)
-    overrides = {}
-    for arg in rest:
-        key, eq, value = arg.removeprefix("--config.").partition("=")
-        if not arg.startswith("--config.") or not eq:
-            parser.error(f"unrecognized argument {arg!r}; allowed: --config.<group>.<key>=<value>")
-        overrides[key] = value
-    command = " ".join(["python -m moejax.experiments.scaling", *map(shlex.quote, argv)])
-    run(args.variants, args.out, args.workdir, overrides, command)
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = sys.argv if argv is None else argv
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "configs/switch_scaling.py[:variant]; a "
+                                    "variant, e.g. :smoke, goes after each of --variants (e4 "
+                                    "-> e4,smoke)", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    flags.DEFINE_list("variants", list(VARIANTS), "the config's variants, one run each",
+                      flag_values=fv)
+    flags.DEFINE_string("out", "docs", "where scaling.md and scaling.png go", flag_values=fv)
+    flags.DEFINE_string("workdir", "runs/scaling", "one subdirectory per variant",
+                        flag_values=fv)
+    flags.mark_flag_as_required("config", flag_values=fv)
+    with config_lib.one_line_errors():
+        config_lib.positional(config_lib.parse_flags(argv, __doc__, fv), {})
+        if not fv.variants:
+            raise config_lib.ConfigError("--variants is empty; allowed: comma-separated "
+                                         f"variants of the config, e.g. {','.join(VARIANTS)}")
+        path, _, suffix = fv["config"].config_filename.partition(":")
+        variants = [f"{v},{suffix}" if suffix else v for v in fv.variants]
+        overrides = overrides_of(argv[1:])
+        for v in variants:  # a wrong name is found before any variant trains
+            try:
+                variant_config(v, overrides, path)
+            except config_lib.ConfigError as e:  # --config and the overrides loaded: v's
+                given, text = f"--config={path}:{v}: ", str(e)
+                if text.startswith(given):
+                    each = f" (each ,{suffix} from --config)" if suffix else ""
+                    text = (f"--variants={','.join(fv.variants)}{each}: "
+                            f"{text.removeprefix(given)}")
+                raise config_lib.ConfigError(text) from None
+        command = " ".join(["python -m moejax.scaling", *map(shlex.quote, argv[1:])])
+        run(variants, fv.out, fv.workdir, overrides, command, path)
 
 
 if __name__ == "__main__":

@@ -1,1 +1,0 @@
-"""Experiments that train several configs and write their results into docs/."""
