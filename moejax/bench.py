@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import config_lib, data, flops, hostmem, parallel, state
+from moejax import cli, config_lib, data, flops, hostmem, parallel, state
 from moejax.config_lib import ConfigError
 from moejax.moe.experts import capacity_experts, ffn, flat_in
 from moejax.moe.layer import DISPATCHES, MoE, MoEConfig
@@ -327,7 +327,7 @@ def define_flags(fv, argv: list[str]) -> None:
                                         "configs/<name>.py[:variant]", flag_values=fv,
                                         lock_config=True, sys_argv=argv)
     except Exception as e:
-        raise ConfigError(config_lib.flag_error(e, [*argv, f"--config={default}"])) from None
+        raise ConfigError(cli.flag_error(e, [*argv, f"--config={default}"])) from None
     flags.DEFINE_integer("vocab_size", 0, "train, compile: vocabulary; needed where "
                          "model.vocab_size is 0 and data.tokenizer is not byte (gpt2: 50257)",
                          lower_bound=0, flag_values=fv)
@@ -343,11 +343,11 @@ def main(argv=None):
 
     argv = sys.argv if argv is None else argv
     fv = flags.FlagValues()  # its own: main may run more than once in one process (tests)
-    with config_lib.one_line_errors():
+    with cli.one_line_errors():
         define_flags(fv, argv)
-        mode = config_lib.positional(config_lib.parse_flags(argv, __doc__, fv, "repeats"),
-                                     {"MODE": tuple(MODES)})[0]
-        config_lib.check_flags(fv, MODES[mode], mode)
+        mode = cli.positional(cli.parse_flags(argv, __doc__, fv, "repeats"),
+                              {"MODE": tuple(MODES)})[0]
+        cli.check_flags(fv, MODES[mode], mode)
     malloc = "freed memory kept" if hostmem.keep_freed_memory() else "default"
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()}; host malloc: {malloc}"
     if mode == "layer":

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from moejax import config_lib, parallel, state
+from moejax import cli, config_lib, parallel, state
 from moejax.checkpoint import Checkpoints, path_name, restore_params, run_checkpoints
 from moejax.config_lib import ConfigError
 from moejax.hf_map import ARCHS, arch_of, hf_config, model_config, weight_map
@@ -321,13 +321,13 @@ def main(argv=None):
     flags.register_validator("shard_gib", lambda g: g > 0, "must be > 0", flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)
     names = tuple(COMMANDS)
-    with config_lib.one_line_errors():
-        rest = config_lib.parse_flags(argv, __doc__, fv, "workdir")
-        command = config_lib.positional(rest[:2], {"COMMAND": names})[0]
+    with cli.one_line_errors():
+        rest = cli.parse_flags(argv, __doc__, fv, "workdir")
+        command = cli.positional(rest[:2], {"COMMAND": names})[0]
         arg, what, allowed = COMMANDS[command]
-        path = config_lib.positional(rest, {"COMMAND": names, arg: what})[1]
-        config_lib.check_flags(fv, allowed, command)
-    config_lib.init_distributed(None, None, None)
+        path = cli.positional(rest, {"COMMAND": names, arg: what})[1]
+        cli.check_flags(fv, allowed, command)
+    cli.init_distributed(None, None, None)
     try:
         if command == "from-hf":
             mesh = parse_mesh(fv.mesh) if fv.mesh else None

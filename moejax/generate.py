@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import config_lib, data, parallel, state
+from moejax import cli, config_lib, data, parallel, state
 from moejax.checkpoint import read_params
 from moejax.config_lib import ConfigError
 
@@ -159,10 +159,10 @@ def main(argv=None):
     flags.DEFINE_string("hf_tokenizer", "", "tokenizer name or path; default: the run's "
                         "data.tokenizer", flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)
-    with config_lib.one_line_errors():
-        config_lib.positional(config_lib.parse_flags(argv, __doc__, fv, "workdir"), {})
+    with cli.one_line_errors():
+        cli.positional(cli.parse_flags(argv, __doc__, fv, "workdir"), {})
     config, model, step = load(fv.workdir)
-    with config_lib.one_line_errors():
+    with cli.one_line_errors():
         tokenizer = data.make_tokenizer(fv.hf_tokenizer or config.data.tokenizer)
     texts = fv.prompt or [""]
     # An empty prompt starts where a document starts: after an end-of-document token.

@@ -292,7 +292,7 @@ def main() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    from moejax import config_lib  # imports no jax: XLA_FLAGS can still be set below
+    from moejax import cli, config_lib  # import no jax: XLA_FLAGS can still be set below
 
     config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:variant]",
                                     lock_config=True)
@@ -301,7 +301,7 @@ def main() -> None:
     flags.DEFINE_float("hbm_gib", 80.0, "device memory for the verdict, GiB")
     flags.mark_flags_as_required(["config"])
     try:
-        config_lib.parse_flags(sys.argv, __doc__)  # --help, bad flags and config files
+        cli.parse_flags(sys.argv, __doc__)  # --help, bad flags and config files
         config = flags.FLAGS.config
         # -1 means "the remaining devices", and only the devices the rest need are made.
         mesh = {a: max(int(s), 1) for a, s in config.mesh.items()}

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from moejax import config_lib, data
+from moejax import cli, config_lib, data
 from moejax.flops import train_flops_per_token
 from moejax.model import Transformer, moe_layer_ids
 from moejax.params import param_counts
@@ -45,8 +45,8 @@ SWITCH = os.path.join(config_lib.CONFIGS, "switch_scaling.py")
 
 def variant_config(variant: str, overrides: Sequence[str] = (), path: str = SWITCH):
     """PATH:<variant> with `--config.train.steps=300`-style overrides, read as train reads
-    --config (config_lib.load): a bad key or value is its one-line ConfigError."""
-    config = config_lib.load(f"{path}:{variant}", overrides)
+    --config (cli.load): a bad key or value is its one-line ConfigError."""
+    config = cli.load(f"{path}:{variant}", overrides)
     # Filled in here as the trainer does, so this config compares equal to its config.json.
     config.model.vocab_size = (config.model.vocab_size
                                or data.make_tokenizer(config.data.tokenizer).vocab_size)
@@ -325,8 +325,8 @@ def main(argv=None):
     flags.DEFINE_string("workdir", "runs/scaling", "one subdirectory per variant",
                         flag_values=fv)
     flags.mark_flag_as_required("config", flag_values=fv)
-    with config_lib.one_line_errors():
-        config_lib.positional(config_lib.parse_flags(argv, __doc__, fv), {})
+    with cli.one_line_errors():
+        cli.positional(cli.parse_flags(argv, __doc__, fv), {})
         if not fv.variants:
             raise config_lib.ConfigError("--variants is empty; allowed: comma-separated "
                                          f"variants of the config, e.g. {','.join(VARIANTS)}")
