@@ -28,8 +28,14 @@ def get_config(arg=None):
             qkv_bias=False,  # biases on the query, key and value projections (Qwen2-MoE)
             max_seq_len=2048,  # longest sequence the positions are meant for
             tie_embeddings=True,
-            dtype="float32",  # activations: float32 | bfloat16 (the router is always float32)
-            param_dtype="float32",
+            # Compute: float32 | bfloat16 (attention, FFN, experts). Router, norm statistics,
+            # logits and loss are float32 whatever this says.
+            dtype="float32",
+            param_dtype="float32",  # master weights and AdamW's second moment
+            # Quantized training (QAT, Qwix) of the expert matmuls: none | int8 | fp8
+            # (float8_e4m3fn operands); docs/architecture.md, "Precision".
+            quantization="none",
+            quantize_dense=False,  # True: the attention and dense FFN matmuls too
             remat="none",  # recompute in the backward pass: none | full | matmuls (keeps the
             # attention and FFN matmul outputs, recomputes the rest, MoE dispatch included)
             num_experts=8,  # 0 = dense
@@ -80,6 +86,7 @@ def get_config(arg=None):
             weight_decay=0.1,
             b1=0.9,
             b2=0.95,
+            moment_dtype="float32",  # AdamW's first moment: float32 | bfloat16
             grad_clip=1.0,
             grad_accum=1,  # micro-batches per step
             balance_coef=1e-2,

@@ -124,6 +124,13 @@ def validate(config, num_devices: int) -> None:
     one_of("model.activation", m.activation, tuple(ACTIVATIONS))
     one_of("model.dtype", m.dtype, ("float32", "bfloat16"))
     one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16"))
+    from moejax.quant import QTYPES
+
+    one_of("model.quantization", m.quantization, tuple(QTYPES))
+    check(not m.quantize_dense or m.quantization != "none", "model.quantize_dense",
+          m.quantize_dense, "needs model.quantization=int8 or fp8 (it quantizes the dense "
+          "matmuls too)")
+    one_of("train.moment_dtype", t.moment_dtype, ("float32", "bfloat16"))
     check(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even (rotary pairs)")
     check(m.num_kv_heads >= 0 and m.num_heads % (m.num_kv_heads or m.num_heads) == 0,
           "model.num_kv_heads", m.num_kv_heads,

@@ -17,6 +17,7 @@ from moejax import attention
 from moejax.moe.experts import IN_NAMES, OUT_NAMES, ffn, in_shape
 from moejax.moe.layer import MoE, MoEConfig
 from moejax.parallel import constrain
+from moejax.quant import QTYPES, einsum
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -66,6 +67,12 @@ def kv_heads(cfg) -> int:
     return cfg.num_kv_heads or cfg.num_heads
 
 
+def dense_qtype(cfg):
+    """The quantization of the attention and dense FFN matmuls (moejax/quant.py); the router,
+    the embeddings and the output logits are never quantized."""
+    return QTYPES[cfg.quantization] if cfg.quantize_dense else None
+
+
 QK_NORMS = ("none", "head", "all")
 
 
@@ -81,6 +88,7 @@ class Attention(nnx.Module):
         self.kv = param(rngs, (d, 2, kv, hd), ("embed", None, "kv_heads", None), param_dtype, d)
         self.out = param(rngs, (h, hd, d), ("heads", None, "embed"), param_dtype, h * hd)
         self.theta, self.dtype, self.mesh = cfg.rope_theta, dtype, mesh
+        self.qtype = dense_qtype(cfg)
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(hd, cfg.norm_eps, param_dtype, (None,))
             self.k_norm = RMSNorm(hd, cfg.norm_eps, param_dtype, (None,))
@@ -97,8 +105,9 @@ class Attention(nnx.Module):
 
     def project(self, x, positions):
         """x: [B, S, d] -> q [B, S, h, hd], k and v [B, S, kv, hd]; q, k rotated to positions."""
-        q = jnp.einsum("bsd,dhe->bshe", x, self.q[...].astype(self.dtype))
-        k, v = jnp.unstack(jnp.einsum("bsd,dkhe->kbshe", x, self.kv[...].astype(self.dtype)))
+        q = einsum("bsd,dhe->bshe", x, self.q[...].astype(self.dtype), self.qtype)
+        k, v = jnp.unstack(einsum("bsd,dkhe->kbshe", x, self.kv[...].astype(self.dtype),
+                                  self.qtype))
         if self.qkv_bias:
             kv_bias = self.kv_bias[...].astype(self.dtype)
             q, k, v = q + self.q_bias[...].astype(self.dtype), k + kv_bias[0], v + kv_bias[1]
@@ -112,7 +121,7 @@ class Attention(nnx.Module):
     def __call__(self, x, positions):
         q, k, v = self.project(x, positions)
         y = checkpoint_name(attention.causal(q, k, v, self.mesh), "attn_ctx")
-        return jnp.einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype))
+        return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype)
 
     def decode(self, x, positions, cache, layer):
         """Attention of x [B, S, d] at positions [B, S] over the cache of its stack, {"k", "v"}:
@@ -129,19 +138,20 @@ class Attention(nnx.Module):
         keys, values = cache["k"][layer], cache["v"][layer]  # [B, L, kv, hd]
         mask = jnp.arange(keys.shape[1]) <= positions[:, None, :, None]  # [B, 1, S, L]
         y = jax.nn.dot_product_attention(q, keys, values, mask=mask)
-        return jnp.einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype)), cache
+        return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype), cache
 
 
 class MLP(nnx.Module):
-    def __init__(self, d_model, d_ff, activation, dtype, param_dtype, rngs):
+    def __init__(self, d_model, d_ff, activation, dtype, param_dtype, rngs, qtype=None):
         self.w_in = param(rngs, in_shape(d_model, d_ff, activation), IN_NAMES, param_dtype,
                           d_model)
         self.w_out = param(rngs, (d_ff, d_model), OUT_NAMES, param_dtype, d_ff)
-        self.activation, self.dtype = activation, dtype
+        self.activation, self.dtype, self.qtype = activation, dtype, qtype
 
     def __call__(self, x):
         w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
-        return ffn(x.reshape(-1, x.shape[-1]), w_in, w_out, self.activation).reshape(x.shape)
+        return ffn(x.reshape(-1, x.shape[-1]), w_in, w_out, self.activation,
+                   self.qtype).reshape(x.shape)
 
 
 def is_moe_layer(cfg, layer: int) -> bool:
@@ -180,7 +190,8 @@ class Block(nnx.Module):
             # A dense model (num_experts = 0) widens its FFNs to k * d_ff so it does the same
             # FLOPs per token as the MoE it is compared to; dense_d_ff, if set, wins.
             d_ff = cfg.dense_d_ff or cfg.d_ff * (cfg.top_k if cfg.num_experts == 0 else 1)
-            self.ffn = MLP(cfg.d_model, d_ff, cfg.activation, dtype, param_dtype, rngs)
+            self.ffn = MLP(cfg.d_model, d_ff, cfg.activation, dtype, param_dtype, rngs,
+                           dense_qtype(cfg))
 
     def __call__(self, x, positions, *, train, rng):
         return self.feed_forward(x + self.attn(self.attn_norm(x), positions), train, rng)
@@ -309,11 +320,13 @@ class Transformer(nnx.Module):
         return constrain(jnp.take(table, tokens, axis=0), self.mesh, ("batch", None, None))
 
     def logits(self, x):
-        """x: [B, S, d] from the last block -> float32 logits [B, S, V]."""
+        """x: [B, S, d] from the last block -> float32 logits [B, S, V], accumulated and
+        returned in float32 whatever the compute dtype: the loss's log-softmax reads them."""
         x = self.final_norm(x)
         if self.unembed is None:
-            logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(self.dtype))
+            logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype))
-        logits = constrain(logits, self.mesh, ("batch", None, "vocab"))
-        return logits.astype(jnp.float32)
+            logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        return constrain(logits, self.mesh, ("batch", None, "vocab"))

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax import parallel
 from moejax.checkpoint import path_name
-from moejax.model import Transformer
+from moejax.model import DTYPES, Transformer
 from moejax.moe import router
 
 
@@ -41,9 +41,13 @@ def make_optimizer(tc):
         return jax.tree_util.tree_map_with_path(decays, params,
                                                 is_leaf=lambda v: isinstance(v, nnx.Variable))
 
+    # optax.adamw can store the first moment in another dtype (mu_dtype), not the second:
+    # nu stays in the parameters' dtype (float32 by default). That is where it must be: a
+    # step moves nu by about (1 - b2) of itself, which bfloat16's 8 significant bits round
+    # away for b2 near 1, while mu moves by (1 - b1) = 0.1.
     tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                     optax.adamw(lr, tc.b1, tc.b2, weight_decay=tc.weight_decay,
-                                 mask=decay_mask))
+                     optax.adamw(lr, tc.b1, tc.b2, mu_dtype=DTYPES[tc.moment_dtype],
+                                 weight_decay=tc.weight_decay, mask=decay_mask))
     return tx, lr
 
 

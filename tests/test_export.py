@@ -20,9 +20,9 @@ CPU_CODE = "moejax/moe/cpu.py"
 
 
 @functools.cache
-def exported(dispatch: str, platform: str) -> str:
+def exported(dispatch: str, platform: str, quantization: str = "none") -> str:
     config = tiny.get_config("smoke")
-    config.model.update(vocab_size=257, dispatch=dispatch)
+    config.model.update(vocab_size=257, dispatch=dispatch, quantization=quantization)
     config.mesh.update(MESH)
     config.data.update(seq_len=128, batch_size=8)  # splash attention works in 128-row blocks
     config_lib.validate(config, jax.device_count())
@@ -70,3 +70,23 @@ def test_attention_is_the_splash_kernel_on_tpu_only():
     assert "splash_attention_kernel.py" in exported("capacity", "tpu")
     for platform in ("cuda", "cpu"):  # cuDNN is chosen when traced on a GPU host (attention.py)
         assert "splash_attention_kernel.py" not in exported("capacity", platform)
+
+
+QUANTIZED = {"int8": "xi8>", "fp8": "xf8E4M3FN>"}  # an operand's element type in the module
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("quantization", ["int8", "fp8"])
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_quantized_experts_run_qwix_matmuls_of_the_quantized_type(dispatch, quantization,
+                                                                  platform):
+    """Quantized, the capacity experts are a batched dot_general and the dropless ones a
+    ragged dot on every backend (moejax/quant.py): megablox has no quantized form."""
+    module = exported(dispatch, platform, quantization)
+    op = "stablehlo.dot_general" if dispatch == "capacity" else '"chlo.ragged_dot"'
+    matmuls = [line for line in module.splitlines()
+               if op in line and QUANTIZED[quantization] in line]
+    assert len(matmuls) >= 2, matmuls  # w_in and w_out
+    assert "moejax/quant.py" in module
+    assert CPU_CODE not in module and "megablox/gmm.py" not in module
+    assert ("ragged_all_to_all" in module) == (dispatch == "dropless")

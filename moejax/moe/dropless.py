@@ -22,15 +22,16 @@ from moejax.moe.dispatch import combine, dispatch, sorted_slots
 from moejax.moe.experts import grouped_ffn, same_varying_axes
 
 
-def sorted_ffn(x, gates, expert_ids, experts, activation):
-    """x: [N, d], gates and expert_ids: [N, k] -> [N, d], all experts here."""
+def sorted_ffn(x, gates, expert_ids, experts, activation, qtype=None):
+    """x: [N, d], gates and expert_ids: [N, k] -> [N, d], all experts here. qtype: the
+    matmuls' quantization (moejax/quant.py), None = float, as in the two below."""
     slot, source, sizes = sorted_slots(expert_ids, experts["w_in"].shape[0])
     ys = grouped_ffn(dispatch(x, slot, source), experts["w_in"], experts["w_out"], sizes,
-                     activation)
+                     activation, qtype)
     return combine(ys, gates, slot, source)
 
 
-def ring_ffn(x, gates, expert_ids, experts, activation, expert_axis):
+def ring_ffn(x, gates, expert_ids, experts, activation, expert_axis, qtype=None):
     """As ragged_ffn, by all-gather and reduce-scatter over `expert_axis`.
 
     Assignments to other devices' experts are sorted last, into a group without weights
@@ -45,7 +46,7 @@ def ring_ffn(x, gates, expert_ids, experts, activation, expert_axis):
     slot, source, sizes = sorted_slots(jnp.where(mine, ids, local), local + 1)
     slot = jnp.where(mine, slot, slot.size)
     ys = grouped_ffn(dispatch(x, slot, source), experts["w_in"], experts["w_out"], sizes[:local],
-                     activation)
+                     activation, qtype)
     y = combine(ys, jnp.where(mine, gates, 0), slot, source)
     return jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
 
@@ -54,7 +55,7 @@ def _exclusive_cumsum(a, axis):
     return jnp.cumsum(a, axis=axis) - a
 
 
-def ragged_ffn(x, gates, expert_ids, experts, activation, expert_axis, *,
+def ragged_ffn(x, gates, expert_ids, experts, activation, expert_axis, qtype=None, *,
                ragged_all_to_all=jax.lax.ragged_all_to_all):
     """x: [N, d] this device's tokens; gates, expert_ids: [N, k] over all E experts; experts:
     this device's E_local experts. Returns [N, d]; nothing is dropped.
@@ -86,7 +87,7 @@ def ragged_ffn(x, gates, expert_ids, experts, activation, expert_axis, *,
                                 group_start + before_me, to_me.reshape(-1),
                                 axis_name=expert_axis)
 
-    ys = grouped_ffn(arrived, experts["w_in"], experts["w_out"], group_sizes, activation)
+    ys = grouped_ffn(arrived, experts["w_in"], experts["w_out"], group_sizes, activation, qtype)
 
     # Back: slice (source s, local e) of ys starts at e's group plus the rows of sources
     # before s, and lands where s sorted expert me * local + e.

@@ -5,6 +5,10 @@ Parameters: w_in [..., d, g, f] with g = 2 for gated activations (gate, then lin
 otherwise, w_out [..., f, d]; leading axes are experts. Keeping g apart lets `tensor` split f
 without splitting gate from linear. The expert kernels take w_in flattened to [E, d, g*f]
 (`flat_in`: gate half first), as one wide matmul runs faster than two narrow ones.
+
+`qtype` (moejax/quant.py; None = float) quantizes a block's matmuls for training. Neither
+megablox nor cpu.py's scan has a quantized form, so a quantized run takes Qwix's ragged dot
+(dropless) or batched dot_general (capacity) on every backend: one switch, `qtype`.
 """
 
 from functools import partial
@@ -14,6 +18,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.pallas.ops.tpu.megablox.ops import backend as megablox
 from jax.sharding import PartitionSpec as P
+
+from moejax import quant
 
 # name -> (activation, gated). Gated: act(x @ w_gate) * (x @ w_lin), w_in = [w_gate | w_lin].
 ACTIVATIONS = {
@@ -56,25 +62,31 @@ def activate(h: jax.Array, activation: str) -> jax.Array:
     return act(h)
 
 
-def ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str) -> jax.Array:
+def ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
+        qtype=None) -> jax.Array:
     """x: [..., T, d], w_in: [..., d, g, f], w_out: [..., f, d] -> [..., T, d]."""
     act, gated = ACTIVATIONS[activation]
 
     def project(g):  # one matmul per half: XLA:CPU runs a [d, 2, f] contraction slower
-        return checkpoint_name(jnp.einsum("...td,...df->...tf", x, w_in[..., g, :]), "ffn_in")
+        return checkpoint_name(quant.einsum("...td,...df->...tf", x, w_in[..., g, :], qtype),
+                               "ffn_in")
 
     h = act(project(0)) * project(1) if gated else act(project(0))
-    return jnp.einsum("...tf,...fd->...td", h, w_out)
+    return quant.einsum("...tf,...fd->...td", h, w_out, qtype)
 
 
 def capacity_experts(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
-                     filled: jax.Array | None = None, segments: int = 1) -> jax.Array:
+                     filled: jax.Array | None = None, segments: int = 1,
+                     qtype=None) -> jax.Array:
     """x: [E, S * C, d] capacity buffers, S segments of C slots per expert -> [E, S * C, d].
 
     GPU and TPU: one batched matmul per projection, XLA's own kernel for equal groups. CPU:
     `cpu.experts_ffn`, which computes only the filled rows (filled: [E, S] tokens at the
-    front of each segment, None = find them from the zero padding).
+    front of each segment, None = find them from the zero padding). Quantized: the batched
+    matmul everywhere (an empty slot is a zero row: its scale is 1 and its output zero).
     """
+    if qtype is not None:
+        return batched_experts(x, w_in, w_out, activation, qtype)
     from moejax.moe import cpu  # CPU-only code: imported only here, lowered only for CPU
 
     return jax.lax.platform_dependent(
@@ -82,19 +94,26 @@ def capacity_experts(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation
         default=lambda: batched_experts(x, w_in, w_out, activation))
 
 
-def batched_experts(x, w_in, w_out, activation):
+def batched_experts(x, w_in, w_out, activation, qtype=None):
     """[E, R, d] -> [E, R, d], every row of every expert's buffer."""
-    h = activate(jnp.einsum("erd,edf->erf", x, w_in), activation)
-    return jnp.einsum("erf,efd->erd", h, w_out)
+    if qtype is not None:  # Qwix's custom VJPs want the weights as varying as the tokens
+        x, w_in, w_out = same_varying_axes(x, w_in, w_out)
+    h = activate(quant.einsum("erd,edf->erf", x, w_in, qtype), activation)
+    return quant.einsum("erf,efd->erd", h, w_out, qtype)
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
+                   qtype=None) -> jax.Array:
     """x: [M, k] rows sorted by group, w: [G, k, n], group_sizes: [G] summing to at most M
     -> [M, n]: group g's rows times w[g]; rows past the last group are zero.
 
     TPU: the megablox grouped matmul (Pallas, shipped in jax). Elsewhere `lax.ragged_dot`,
     which XLA:GPU lowers to grouped GEMMs and XLA:CPU to a masked dot over all G groups.
+    Quantized: `quant.ragged_dot` (Qwix, a `ragged_dot` of the quantized operands) everywhere.
     """
+    if qtype is not None:
+        x, w = same_varying_axes(x, w)
+        return quant.ragged_dot(x, w, group_sizes, qtype)
     return jax.lax.platform_dependent(x, w, group_sizes, tpu=megablox_gmm,
                                       default=jax.lax.ragged_dot)
 
@@ -181,8 +200,8 @@ def same_varying_axes(*arrays):
 
 
 def grouped_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, group_sizes: jax.Array,
-                activation: str) -> jax.Array:
+                activation: str, qtype=None) -> jax.Array:
     """x: [N, d] rows sorted by expert, group_sizes: [E] rows per expert -> [N, d]: no
     padding, nothing dropped; rows past the last group give zero."""
-    h = activate(grouped_matmul(x, w_in, group_sizes), activation)
-    return grouped_matmul(h, w_out, group_sizes)
+    h = activate(grouped_matmul(x, w_in, group_sizes, qtype), activation)
+    return grouped_matmul(h, w_out, group_sizes, qtype)

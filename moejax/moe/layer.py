@@ -22,6 +22,7 @@ from moejax.moe.dispatch import combine, dispatch, slots
 from moejax.moe.dropless import ragged_ffn, ring_ffn, sorted_ffn
 from moejax.moe.experts import IN_NAMES, OUT_NAMES, capacity_experts, ffn, flat_in, in_shape
 from moejax.parallel import EXPERT_AXIS, TOKEN_AXES, num_token_shards
+from moejax.quant import QTYPES
 
 # How assignments reach their experts (`model.dispatch`):
 #   capacity       [E, C, d] buffers per group, overflow past C dropped, all_to_all
@@ -49,6 +50,7 @@ class MoEConfig:
     bias_rate: float = 0.0  # auxiliary-loss-free balancing: bias step per train step; 0 = off
     num_shared_experts: int = 0  # always-on shared experts (DeepSeek), each d_ff wide
     shared_gate: bool = False  # shared output scaled by sigmoid(x @ w) per token (Qwen2-MoE)
+    quantization: str = "none"  # the expert matmuls' forward operands: none | int8 | fp8
 
     @classmethod
     def from_config(cls, model_config) -> "MoEConfig":
@@ -79,20 +81,21 @@ def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=Non
         r = jax.vmap(partial(router.route, k=cfg.top_k, capacity=cap,
                              renormalize=cfg.renormalize, score=cfg.router_score,
                              bias=bias))(logits)
+    qtype = QTYPES[cfg.quantization]
     if cfg.dispatch == "capacity":
-        y = _capacity_ffn(x, r, experts, cap, activation, expert_axis)
+        y = _capacity_ffn(x, r, experts, cap, activation, expert_axis, qtype)
     else:
         y = _dropless_ffn(x.reshape(-1, d), r.gates.reshape(-1, cfg.top_k),
                           r.expert_ids.reshape(-1, cfg.top_k), experts, activation,
-                          expert_axis, cfg.dispatch).reshape(x.shape)
+                          expert_axis, cfg.dispatch, qtype).reshape(x.shape)
     return y, _aux(x, logits, r, cfg.top_k, cfg.routing == "experts", token_axes)
 
 
-def _dropless_ffn(x, gates, expert_ids, experts, activation, expert_axis, how):
+def _dropless_ffn(x, gates, expert_ids, experts, activation, expert_axis, how, qtype):
     """x: [N, d] -> [N, d], every assignment computed (moejax/moe/dropless.py)."""
     if not expert_axis or jax.lax.axis_size(expert_axis) == 1:
-        return sorted_ffn(x, gates, expert_ids, experts, activation)
-    args = (x, gates, expert_ids, experts, activation, expert_axis)
+        return sorted_ffn(x, gates, expert_ids, experts, activation, qtype)
+    args = (x, gates, expert_ids, experts, activation, expert_axis, qtype)
     if how == "dropless_ring":
         return ring_ffn(*args)
     # Chosen when lowering: XLA:CPU has no ragged all-to-all, so its program runs the ring.
@@ -100,7 +103,7 @@ def _dropless_ffn(x, gates, expert_ids, experts, activation, expert_axis, how):
                                       default=lambda: ragged_ffn(*args))
 
 
-def _capacity_ffn(x, r, experts, cap, activation, expert_axis):
+def _capacity_ffn(x, r, experts, cap, activation, expert_axis, qtype):
     """x [G, T, d] -> [G, T, d] through [E, C, d] buffers, all_to_all'd to the experts."""
     num_groups, _, d = x.shape
     ep = jax.lax.axis_size(expert_axis) if expert_axis else 1
@@ -119,7 +122,8 @@ def _capacity_ffn(x, r, experts, cap, activation, expert_axis):
     # One device: queues fill from position 0, so the router's counts give the filled slots.
     # Across devices counts would cost an all-to-all of their own; the zero padding tells.
     filled = jnp.minimum(r.tokens_per_expert, cap).T if ep == 1 else None
-    ye = capacity_experts(xe, experts["w_in"], experts["w_out"], activation, filled, segments)
+    ye = capacity_experts(xe, experts["w_in"], experts["w_out"], activation, filled, segments,
+                          qtype)
     ye = ye.reshape(experts_here, ep, num_groups, cap, d).transpose(2, 1, 0, 3, 4)
     if expert_axis:
         ye = jax.lax.all_to_all(ye, expert_axis, 1, 1, tiled=True)
@@ -239,10 +243,10 @@ class MoE(nnx.Module):
                 out_specs=(P(TOKEN_AXES), P()))
         y, aux = local(x, noise, self.router[...], bias, experts)
         y = checkpoint_name(y, "moe_out")
-        if cfg.num_shared_experts:
+        if cfg.num_shared_experts:  # experts too: quantized with the routed ones
             w_in, w_out = self.shared_in[...].astype(self.dtype), self.shared_out[...]
             shared = ffn(x.reshape(-1, x.shape[-1]), w_in, w_out.astype(self.dtype),
-                         self.activation).reshape(x.shape)
+                         self.activation, QTYPES[cfg.quantization]).reshape(x.shape)
             if cfg.shared_gate:
                 shared = shared * jax.nn.sigmoid(x @ self.shared_gate[...].astype(self.dtype))
             y = y + shared
