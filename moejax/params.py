@@ -1,14 +1,45 @@
-"""Parameter accounting: total vs active parameters and bytes per device.
+"""Parameter accounting: total vs active parameters, and bytes per device at each precision.
 
 Total parameters decide memory; active parameters (what one token touches) decide compute.
+Every byte count here is arithmetic on the shard shapes of the real state (live arrays, or the
+abstract ones `state.setup` gives), so it holds for any backend.
 """
 
 import math
 
 import jax
+import numpy as np
+import optax
 from flax import nnx
 
+from moejax import state
 from moejax.moe.layer import ExpertParam
+
+# Weight-only quantized inference of the routed experts, as generate and export are to store
+# it (issue 21): int8 with one float32 scale per output channel; int4 packed two to a byte
+# with one bfloat16 scale per 128 consecutive inputs of a channel, since a 4-bit grid over a
+# whole channel loses the small weights. The other weights stay bfloat16 (the router float32).
+WEIGHT_ONLY = {"int8": {"bits": 8, "group": 0, "scale_dtype": "float32"},
+               "int4": {"bits": 4, "group": 128, "scale_dtype": "bfloat16"}}
+
+
+def precision(config) -> dict:
+    """The dtypes `config` trains with: the one place that reads the keys. AdamW's second
+    moment follows the parameters (optax keeps nu in their dtype); quantization (QAT) changes
+    the expert matmuls, not what is stored."""
+    mc, tc = config.model, config.train
+    return {"params": mc.param_dtype, "mu": tc.moment_dtype, "nu": mc.param_dtype,
+            "compute": mc.dtype, "quantization": mc.quantization}
+
+
+def precision_line(config, train_state: dict) -> str:
+    """The start-up report's line: the dtypes the state holds (mixed where the model keeps
+    some leaves in float32), the compute dtype and quantization from the config."""
+    mu, nu = adam_moments(train_state["opt_state"])
+    p = precision(config)
+    return (f"precision: params {dtype_mix(train_state['params'])}, moments mu "
+            f"{dtype_mix(mu)} / nu {dtype_mix(nu)}, compute {p['compute']}, "
+            f"quantization {p['quantization']}")
 
 
 def param_counts(model: nnx.Module, top_k: int, num_experts: int) -> dict:
@@ -19,11 +50,117 @@ def param_counts(model: nnx.Module, top_k: int, num_experts: int) -> dict:
     return {"total": total, "active": active, "expert": expert}
 
 
-def bytes_per_device(tree) -> int:
-    """Bytes of `tree` on one device: its first local shard of each live array, or the shard
-    shape of each abstract one (jax.ShapeDtypeStruct with a sharding). Shards are even."""
-    def one(x):
-        if isinstance(x, jax.Array):
-            return x.addressable_shards[0].data.nbytes
-        return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-    return sum(one(x) for x in jax.tree.leaves(tree))
+def shard_shape(x) -> tuple:
+    """The shape of one device's shard: the first local one of a live array, else the
+    sharding's shard shape of an abstract one (jax.ShapeDtypeStruct). Shards are even."""
+    if isinstance(x, jax.Array):
+        return x.addressable_shards[0].data.shape
+    return x.sharding.shard_shape(x.shape)
+
+
+def bytes_per_device(tree, bits: int = 0) -> int:
+    """Bytes of `tree` on one device; `bits` > 0: as if each element took that many bits
+    (int4 packs two to a byte, an odd count rounded up per array)."""
+    return sum(math.ceil(math.prod(shard_shape(x)) * (bits or x.dtype.itemsize * 8) / 8)
+               for x in jax.tree.leaves(tree))
+
+
+def dtype_mix(tree) -> str:
+    """'bfloat16' or, where leaves differ, 'bfloat16 (float32: 0.03%)', shares of elements."""
+    counts = {}
+    for x in jax.tree.leaves(tree):
+        counts[np.dtype(x.dtype).name] = counts.get(np.dtype(x.dtype).name, 0) + x.size
+    main, *rest = sorted(counts, key=counts.get, reverse=True)
+    total = sum(counts.values())
+    return main + (f" ({', '.join(f'{d}: {counts[d] / total:.2%}' for d in rest)})"
+                   if rest else "")
+
+
+def adam_moments(opt_state) -> tuple:
+    """AdamW's (mu, nu) trees out of the optimizer state."""
+    found = [s for s in jax.tree.leaves(opt_state,
+                                        is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+             if isinstance(s, optax.ScaleByAdamState)]
+    if len(found) != 1:
+        raise ValueError(f"expected one AdamW state in the optimizer state, found {len(found)}")
+    return found[0].mu, found[0].nu
+
+
+def split_experts(params) -> tuple[list, list]:
+    """(routed expert weights as (value, index of the input dim), every other leaf). An
+    ExpertParam's dims end in ('experts', input, ...), stacked layer dims ahead of them."""
+    experts, other = [], []
+    for v in jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable)):
+        value = v.get_value() if isinstance(v, nnx.Variable) else v
+        if isinstance(v, ExpertParam):
+            names = v.get_metadata().get("out_sharding")
+            experts.append((value, len(value.shape) - len(names) + 1))
+        else:
+            other.append(value)
+    return experts, other
+
+
+def scale_elements(experts: list, group: int) -> int:
+    """Scales one device holds for `experts`: one per output channel (group 0), or one per
+    `group` inputs of a channel. Where the input dim is split over devices, each keeps the
+    scales of its channels (of the groups its slice touches)."""
+    total = 0
+    for value, axis in experts:
+        shape = shard_shape(value)
+        per_channel = math.ceil(shape[axis] / group) if group else 1
+        total += math.prod(shape) // shape[axis] * per_channel
+    return total
+
+
+def train_rows(params: dict, opt_state, setting: dict) -> list[dict]:
+    """Bytes per device of parameters, gradients and AdamW's moments for each combination of
+    parameter dtype and first-moment dtype. `params`: {param_dtype: that model's params}
+    (real shapes and shardings; the router is float32 in either), `opt_state` the trained
+    config's (for its leaves besides the moments). nu and the gradients are in the
+    parameters' dtypes, mu in the moment dtype throughout, as optax's mu_dtype makes it."""
+    mu, nu = adam_moments(opt_state)
+    rest = bytes_per_device(opt_state) - bytes_per_device(mu) - bytes_per_device(nu)
+    rows = []
+    for p_dtype in ("float32", "bfloat16"):
+        for mu_dtype in ("float32", "bfloat16"):
+            b = {"params": bytes_per_device(params[p_dtype]),
+                 "mu": bytes_per_device(mu, np.dtype(mu_dtype).itemsize * 8)}
+            b.update(grads=b["params"], nu=b["params"], rest=rest)
+            b["total"] = sum(b.values())
+            rows.append({"params": p_dtype, "mu": mu_dtype, "nu": p_dtype, "bytes": b,
+                         "own": (p_dtype, mu_dtype) == (setting["params"], setting["mu"])})
+    return rows
+
+
+def inference_rows(params: dict, setting: dict) -> list[dict]:
+    """Bytes per device of the weights `generate` and export hold, on the same layout: all in
+    float32, all in bfloat16, and the routed experts weight-only int8 / int4 (WEIGHT_ONLY)
+    beside the other weights in bfloat16. `params` as for train_rows."""
+    rows = []
+    for name, p_dtype in (("float32", "float32"), ("bfloat16", "bfloat16"),
+                          ("int8", "bfloat16"), ("int4", "bfloat16")):
+        experts, other = split_experts(params[p_dtype])
+        q = WEIGHT_ONLY.get(name)
+        b = {"experts": bytes_per_device([v for v, _ in experts], q["bits"] if q else 0),
+             "scales": scale_elements(experts, q["group"]) * np.dtype(
+                 q["scale_dtype"]).itemsize if q else 0,
+             "other": bytes_per_device(other)}
+        b["total"] = sum(b.values())
+        rows.append({"name": name, "bytes": b, "own": name == setting["params"]})
+    return rows
+
+
+def precision_table(config, setup) -> dict:
+    """Bytes per device of the train state and of the inference weights at each precision
+    setting, on `setup`'s mesh (the planner's tables); the config's own rows marked."""
+    # The other parameter dtype's shapes come from its own model, which keeps the router in
+    # float32 whatever the setting; abstract, so nothing is allocated or compiled for it.
+    setting = precision(config)
+    params = {setting["params"]: setup.abstract["params"]}
+    for dtype in {"float32", "bfloat16"} - set(params):
+        other = config.copy_and_resolve_references()
+        with other.unlocked():
+            other.model.param_dtype = dtype
+        params[dtype] = state.setup(other, setup.mesh).abstract["params"]
+    return {"setting": setting, "train": train_rows(params, setup.abstract["opt_state"], setting),
+            "inference": inference_rows(params, setting)}

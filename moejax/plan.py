@@ -14,6 +14,8 @@ Conventions (docs/memory.md checks them against a real run):
   from the compiled memory analysis. Parameters and optimizer state are exact for any backend
   (the step takes and returns them in one layout, donated). Temporaries are XLA:CPU's buffer
   assignment: GPU and TPU fuse differently (and have fused attention).
+- Precision: the state and the inference weights at each dtype setting are arithmetic on the
+  real shard shapes (`moejax/params.py`); only the config's own setting is compiled.
 - Collectives: payload and wire bytes per device as `moejax/collectives.py` reads them off the
   optimized HLO.
 - All-to-all minimum, per MoE layer forward: dispatch and return each move the [E*C, d] slot
@@ -125,7 +127,7 @@ def plan(config, mesh: dict | None = None) -> dict:
 
     from moejax import config_lib, parallel, state
     from moejax.flops import train_flops_per_token
-    from moejax.params import bytes_per_device, param_counts
+    from moejax.params import bytes_per_device, param_counts, precision_table
 
     config = config.copy_and_resolve_references()
     with config.unlocked():
@@ -153,6 +155,7 @@ def plan(config, mesh: dict | None = None) -> dict:
     def whole(tree):  # bytes of the arrays, not of one device's shards
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
+
     return {
         "mesh": {a: mesh.shape[a] for a in parallel.AXES}, "devices": mesh.size,
         "compile_s": compile_s, "remat": mc.remat,
@@ -162,6 +165,7 @@ def plan(config, mesh: dict | None = None) -> dict:
         "grad_accum": config.train.grad_accum,
         "state": {k: bytes_per_device(setup.abstract[k]) for k in ("params", "opt_state")},
         "state_global": whole(setup.abstract), "params_global": whole(setup.abstract["params"]),
+        "precision": precision_table(config, setup),
         "memory": memory(compiled), "attention_scores": rows * heads * seq_len**2 * 4,
         "collectives": collective_bytes(compiled.as_text(), mesh.size),
         "alltoall_min": alltoall_minimum(config, sizes) if mc.num_experts else None,
@@ -183,8 +187,9 @@ def fit(p: dict, hbm: float) -> dict:
         # divisible), tokens per device and so the rest unchanged.
         "devices": (math.ceil((p["state_global"] + p["params_global"]) / (hbm - rest))
                     if hbm > rest else None),
-        "bf16_moments": peak - opt / 2,  # AdamW's mu and nu stored in bf16
-        "bf16_state": peak - sharded / 2,  # model.param_dtype=bfloat16: grads, moments follow
+        # Each precision row's state and gradients in place of this config's, the rest as
+        # compiled (its activations follow model.dtype, which no row changes).
+        "precision": [rest + r["bytes"]["total"] for r in p["precision"]["train"]],
         "offload_opt": peak - opt,  # optimizer state in host memory between steps
     }
 
@@ -214,6 +219,7 @@ def report(p: dict, title: str = "", hbm_gib: float = 80.0) -> str:
         "  ([B, heads, S, S] f32: XLA:CPU's, not flash attention's)",
         f"  peak                             {mem['peak'] / scale:12,.2f}",
     ]
+    lines += precision_lines(p, hbm_gib)
     lines += verdict(p, hbm_gib)
     lines += ["", "collectives per step, per device   count   payload MiB     wire MiB"]
     for op, c in p["collectives"].items():
@@ -243,14 +249,70 @@ def verdict(p: dict, hbm_gib: float) -> list[str]:
     else:
         out.append(f"  no device count: the rest alone is {f['rest'] / GiB:,.1f} GiB; "
                    "fewer tokens per device would shrink it")
-    for key, what in (("bf16_moments", "bf16 moments: peak - moments / 2"),
-                      ("bf16_state", "model.param_dtype=bfloat16: peak - (state + grads) / 2"),
-                      ("offload_opt", "optimizer state on the host: peak - moments")):
-        ok = "fits" if f[key] <= hbm else "does not fit"
-        out.append(f"  {what:<54} {f[key] / GiB:8,.1f} GiB: {ok}")
+    for row, peak in zip(p["precision"]["train"], f["precision"], strict=True):
+        if not row["own"]:
+            ok = "fits" if peak <= hbm else "does not fit"
+            out.append(f"  {setting_name(row):<54} {peak / GiB:8,.1f} GiB: {ok}")
+    ok = "fits" if f["offload_opt"] <= hbm else "does not fit"
+    out.append(f"  {'optimizer state on the host: peak - moments':<54} "
+               f"{f['offload_opt'] / GiB:8,.1f} GiB: {ok}")
     if p["remat"] != "full":
         out.append("  or rerun with --config.model.remat=full (recompute the blocks' forward)")
     return out
+
+
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+TRAIN_NOTE = """\
+  * this config. Total: with the optimizer's step counts. Peak est.: the compiled peak with
+  the row's state and gradients for this config's, against {hbm:g} GiB. Neither model.dtype
+  (activations) nor model.quantization (int8 / fp8 QAT: float master weights, quantized
+  only inside the matmuls) changes these bytes.
+"""
+INFERENCE_NOTE = """\
+  * this config's parameter dtype. Experts: the routed ones (shared ones count as other);
+  int8: one fp32 scale per output channel; int4: two to a byte, one bf16 scale per 128 inputs
+  of a channel; other weights bf16 (routers fp32); the training layout. Scales / experts:
+  {over}
+"""
+
+
+def setting_name(row: dict) -> str:
+    return f"params {SHORT[row['params']]}, mu {SHORT[row['mu']]}, nu {SHORT[row['nu']]}"
+
+
+def table(title: str, columns: tuple, rows: list, names: list, tails: list) -> list[str]:
+    """One line per row, bytes in the unit that the largest total needs."""
+    top = max(r["bytes"]["total"] for r in rows)
+    unit, scale = next((u, s) for u, s in (("GiB", GiB), ("MiB", MiB), ("KiB", 2**10), ("B", 1))
+                       if top >= s)
+    out = [f"{title + ', ' + unit:<34}" + "".join(f"{c:>11}" for c in columns)]
+    for row, name, tail in zip(rows, names, tails, strict=True):
+        out.append(f"  {'*' if row['own'] else ' '} {name:<30}"
+                   + "".join(f"{row['bytes'][c] / scale:11,.2f}" for c in columns) + tail)
+    return out
+
+
+def precision_lines(p: dict, hbm_gib: float) -> list[str]:
+    pr, hbm, s = p["precision"], hbm_gib * GiB, p["precision"]["setting"]
+    peaks = fit(p, hbm)["precision"]
+    rows = [{**r, "bytes": {**r["bytes"], "peak est.": q}}
+            for r, q in zip(pr["train"], peaks, strict=True)]
+    lines = ["", f"precision: params {s['params']}, moments mu {s['mu']} / nu {s['nu']}, "
+             f"compute {s['compute']}, quantization {s['quantization']}"]
+    lines += table("train state per device", ("params", "grads", "mu", "nu", "total",
+                                              "peak est."), rows,
+                   [setting_name(r) for r in rows], [f"  {'fits' if q <= hbm else 'over'}"
+                                                     for q in peaks])
+    lines += TRAIN_NOTE.format(hbm=hbm_gib).splitlines() + [""]
+    rows = pr["inference"]
+    fp32, q = rows[0]["bytes"]["experts"], {r["name"]: r["bytes"] for r in rows}
+    lines += table("inference weights per device", ("experts", "scales", "other", "total"), rows,
+                   [r["name"] + (" weight-only" if r["bytes"]["scales"] else "") for r in rows],
+                   [f"  experts 1/{fp32 / r['bytes']['experts']:.2f} of fp32"
+                    if fp32 else "" for r in rows])
+    over = ", ".join(f"{n} +{q[n]['scales'] / q[n]['experts']:.2%}" for n in ("int8", "int4")
+                     if fp32)
+    return lines + INFERENCE_NOTE.format(over=over or "-").splitlines() + [""]
 
 
 def alltoall_lines(p: dict, a: dict) -> list[str]:

@@ -25,7 +25,7 @@ from moejax.checkpoint import Checkpoints
 from moejax.flops import device_peak_flops, train_flops_per_token
 from moejax.metrics import CollapseAlarm, Progress, Writer, format_eta
 from moejax.model import moe_layer_ids
-from moejax.params import bytes_per_device, param_counts
+from moejax.params import bytes_per_device, param_counts, precision_line
 
 
 def global_batch(batches, step: int, sharding, shape: tuple[int, int]):
@@ -133,6 +133,7 @@ def train(config, workdir: str) -> dict:
         f"per token ({mc.num_experts} experts, top-{mc.top_k}, MoE layers {moe_layers})\n"
         f"memory per device: params {bytes_per_device(train_state['params']) / 2**20:.1f} MiB + "
         f"optimizer {bytes_per_device(train_state['opt_state']) / 2**20:.1f} MiB\n"
+        f"{precision_line(config, train_state)}\n"
         f"mesh: {parallel.describe(mesh)}; {jax.process_count()} host(s), "
         f"{jax.device_count()} devices ({jax.devices()[0].device_kind})"
         f"{'; host malloc keeps freed memory (moejax/hostmem.py)' if hostmem.kept else ''}\n"

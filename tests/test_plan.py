@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from moejax import parallel, plan, state
+from moejax import parallel, params, plan, state
 from moejax.params import bytes_per_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,13 +169,14 @@ def test_remat_policies_shrink_the_temporaries():
 
 def test_fit_is_arithmetic_on_the_plan():
     # 8 devices; per device 10 GiB of params (and as much gradient), 20 of moments, 10 more.
+    rows = [{"bytes": {"total": t * GiB}} for t in (40, 35, 20)]
     p = {"state": {"params": 10 * GiB, "opt_state": 20 * GiB}, "state_global": 240 * GiB,
-         "params_global": 80 * GiB, "memory": {"peak": 50 * GiB}}
+         "params_global": 80 * GiB, "memory": {"peak": 50 * GiB}, "precision": {"train": rows}}
     f = plan.fit(p, 40 * GiB)
     assert not f["fits"] and (f["sharded"], f["rest"]) == (40 * GiB, 10 * GiB)
     assert f["devices"] == 11  # 320 GiB of state and gradients over N, next to 10: ceil(320 / 30)
-    assert (f["bf16_moments"], f["bf16_state"], f["offload_opt"]) == (40 * GiB, 30 * GiB,
-                                                                     30 * GiB)
+    assert f["precision"] == [50 * GiB, 45 * GiB, 30 * GiB]  # each row's state + the rest
+    assert f["offload_opt"] == 30 * GiB
     assert plan.fit(p, 50 * GiB)["fits"]
     assert plan.fit(p, 10 * GiB)["devices"] is None  # the rest alone fills it
 
@@ -225,6 +226,9 @@ def test_cli_prints_the_report():
     for line in ["mesh data=1 x fsdp=2 x expert=2 x tensor=1 (4 simulated devices)",
                  "parameters", "train FLOPs", "grad_accum 2", "optimizer state",
                  "activations and temporaries", "peak", "verdict: AdamW training fits 80 GiB",
+                 "precision: params float32, moments mu float32 / nu float32, compute float32, "
+                 "quantization none", "train state per device", "* params fp32, mu fp32, nu fp32",
+                 "inference weights per device", "int4 weight-only", "experts 1/8.00 of fp32",
                  "all-to-all", "all-gather", "reduce-scatter", "per device, step (2 passes)"]:
         assert line in out.stdout, line
     assert re.search(r"compiled / minimum \(payload\) +1\.000\n", out.stdout)
@@ -232,3 +236,110 @@ def test_cli_prints_the_report():
                           "configs/tiny.py:smoke", "--mesh", "pipeline=2"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and bad.stderr.startswith("error: --mesh"), bad.stderr
+
+
+# --- Bytes per device at each precision setting ---------------------------------------------
+
+SMOKE_MESH = {"fsdp": 2, "expert": 4}
+
+
+def smoke_elements() -> dict:
+    """Per-device elements of tiny.py:smoke on fsdp=2 x expert=4, by hand from its sizes:
+    experts split over expert and their d_model dim over fsdp; every other weight's d_model
+    dim over fsdp only (parallel.RULES)."""
+    layers, d, f, e, heads, head_dim, vocab = 2, 32, 64, 8, 2, 16, 257
+    fsdp, ep = 2, 4
+    w_in = layers * e * d * 2 * f // (ep * fsdp)  # swiglu: [E, d, 2, f]
+    w_out = layers * e * f * d // (ep * fsdp)
+    router = layers * d * e // fsdp
+    other = (vocab * d + d  # tied embedding, final norm
+             + layers * (d * 2 * heads * head_dim + 2 * heads * head_dim * d + 2 * d)) // fsdp
+    return {"w_in": w_in, "w_out": w_out, "experts": w_in + w_out, "router": router,
+            "other": other + router,
+            # scales: the input dim of w_in (d) is split over fsdp: 16 per device, w_out's (f)
+            # whole; a group of 128 covers either, so int4 has one per channel as int8 does.
+            "channels": w_in // (d // fsdp) + w_out // f}
+
+
+def precision_table(**overrides):
+    config = config_with("smoke", **overrides)
+    return params.precision_table(config, state.setup(config, parallel.make_mesh(SMOKE_MESH)))
+
+
+def test_train_state_bytes_per_precision_by_hand():
+    n = smoke_elements()
+    total, router = n["experts"] + n["other"], n["router"]
+    bf16 = (total - router) * 2 + router * 4  # the router stays float32
+    table = precision_table()
+    rows = {(r["params"], r["mu"]): r for r in table["train"]}
+    assert len(rows) == 4 and [r["own"] for r in table["train"]] == [True, False, False, False]
+    assert table["setting"] == {"params": "float32", "mu": "float32", "nu": "float32",
+                                "compute": "float32", "quantization": "none"}
+    counts = 8  # AdamW's and the schedule's int32 step counts
+    for (p_dtype, mu_dtype), param_bytes in (
+            (("float32", "float32"), 4 * total), (("float32", "bfloat16"), 4 * total),
+            (("bfloat16", "float32"), bf16), (("bfloat16", "bfloat16"), bf16)):
+        b = rows[p_dtype, mu_dtype]["bytes"]
+        mu = total * (4 if mu_dtype == "float32" else 2)
+        assert b == {"params": param_bytes, "grads": param_bytes, "mu": mu, "nu": param_bytes,
+                     "rest": counts, "total": 3 * param_bytes + mu + counts}
+        # bf16 mu halves mu exactly and nothing else
+        if mu_dtype == "bfloat16":
+            full = rows[p_dtype, "float32"]["bytes"]
+            assert 2 * b["mu"] == full["mu"] and b["total"] == full["total"] - b["mu"]
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("moment_dtype", ["float32", "bfloat16"])
+def test_marked_row_is_the_state_the_step_takes(param_dtype, moment_dtype):
+    config = config_with("smoke", **{"model.param_dtype": param_dtype,
+                                     "train.moment_dtype": moment_dtype})
+    setup = state.setup(config, parallel.make_mesh(SMOKE_MESH))
+    marked = [r for r in params.precision_table(config, setup)["train"] if r["own"]]
+    assert [(r["params"], r["mu"]) for r in marked] == [(param_dtype, moment_dtype)]
+    mu, nu = params.adam_moments(setup.abstract["opt_state"])
+    b = marked[0]["bytes"]
+    assert (b["params"], b["mu"], b["nu"]) == (bytes_per_device(setup.abstract["params"]),
+                                               bytes_per_device(mu), bytes_per_device(nu))
+    assert b["total"] == bytes_per_device(setup.abstract) + b["grads"]
+
+
+def test_inference_bytes_per_precision_by_hand():
+    n = smoke_elements()
+    other_bf16 = (n["other"] - n["router"]) * 2 + n["router"] * 4
+    table = precision_table(**{"model.param_dtype": "bfloat16"})
+    rows = {r["name"]: r for r in table["inference"]}
+    assert [r["name"] for r in table["inference"] if r["own"]] == ["bfloat16"]
+    assert rows["float32"]["bytes"] == {"experts": 4 * n["experts"], "scales": 0,
+                                        "other": 4 * n["other"], "total": 4 * (n["experts"]
+                                                                              + n["other"])}
+    fp32 = rows["float32"]["bytes"]["experts"]
+    assert fp32 % 8 == 0  # so that // below is exact division
+    for name, experts, scales in (("bfloat16", fp32 // 2, 0),
+                                  ("int8", fp32 // 4, n["channels"] * 4),  # fp32 per channel
+                                  ("int4", fp32 // 8, n["channels"] * 2)):  # bf16 per group
+        assert rows[name]["bytes"] == {"experts": experts, "scales": scales,
+                                       "other": other_bf16,
+                                       "total": experts + scales + other_bf16}, name
+
+
+def test_scales_per_group_of_128_inputs():
+    mesh = parallel.make_mesh(SMOKE_MESH)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert", "fsdp"))
+    # [E, d, 2, f]: one device holds [2, 256, 2, 256], its input slice two groups long
+    w = jax.ShapeDtypeStruct((8, 512, 2, 256), jnp.float32, sharding=sharding)
+    assert params.scale_elements([(w, 1)], 0) == 2 * 2 * 256
+    assert params.scale_elements([(w, 1)], 128) == 2 * 2 * 256 * 2
+    assert params.bytes_per_device([w], 4) == 2 * 256 * 2 * 256 // 2
+
+
+def test_start_up_report_states_the_dtypes():
+    config = config_with("smoke", **{"model.dtype": "bfloat16"})
+    setup = state.setup(config, parallel.make_mesh(SMOKE_MESH))
+    # The abstract state has the dtypes and sizes the live one has, without compiling init.
+    assert params.precision_line(config, setup.abstract) == (
+        "precision: params float32, moments mu float32 / nu float32, compute bfloat16, "
+        "quantization none")
+    bf16 = state.setup(config_with("smoke", **{"model.param_dtype": "bfloat16"}), setup.mesh)
+    # the router's 2 x 32 x 8 of 115,392 elements stay float32
+    assert params.dtype_mix(bf16.abstract["params"]) == "bfloat16 (float32: 0.44%)"
