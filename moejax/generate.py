@@ -1,6 +1,7 @@
 """Generate text from the newest checkpoint of a run, with a key-value cache.
 
   python -m moejax.generate --workdir runs/tiny --prompt "def main(" [--prompt ...] [--tokens 200]
+      [--quantize int8|int4]   (the routed experts weight-only: moejax/quant.py)
 
 Prompts of any lengths go as one batch: right-padded, prefilled in one call, then decoded one
 token per step for every row at its own position, the whole loop one compiled `while_loop`.
@@ -21,6 +22,7 @@ from flax import nnx
 from moejax import cli, config_lib, data, parallel, state
 from moejax.checkpoint import read_params
 from moejax.config_lib import ConfigError
+from moejax.params import quantize_experts
 
 BUCKET = 64  # padded prompt length and cache length are multiples of this (<= max_seq_len)
 TRACES = collections.Counter()  # traces (= compilations) of the jitted generate loop
@@ -158,10 +160,15 @@ def main(argv=None):
     flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
     flags.DEFINE_string("hf_tokenizer", "", "tokenizer name or path; default: the run's "
                         "data.tokenizer", flag_values=fv)
+    flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4"], "the routed experts' "
+                      "weights: as trained, or weight-only int8 (a scale per output channel) / "
+                      "int4 (a scale per 128 inputs)", flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)
     with cli.one_line_errors():
         cli.positional(cli.parse_flags(argv, __doc__, fv, "workdir"), {})
     config, model, step = load(fv.workdir)
+    if fv.quantize != "none":
+        print(f"# {quantize_experts(model, fv.quantize)}")
     with cli.one_line_errors():
         tokenizer = data.make_tokenizer(fv.hf_tokenizer or config.data.tokenizer)
     texts = fv.prompt or [""]

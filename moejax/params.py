@@ -12,15 +12,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moejax import state
+from moejax import quant, state
 from moejax.moe.layer import ExpertParam
 
-# Weight-only quantized inference of the routed experts, as generate and export are to store
-# it (issue 21): int8 with one float32 scale per output channel; int4 packed two to a byte
-# with one bfloat16 scale per 128 consecutive inputs of a channel, since a 4-bit grid over a
-# whole channel loses the small weights. The other weights stay bfloat16 (the router float32).
-WEIGHT_ONLY = {"int8": {"bits": 8, "group": 0, "scale_dtype": "float32"},
-               "int4": {"bits": 4, "group": 128, "scale_dtype": "bfloat16"}}
+# Weight-only quantized inference of the routed experts (moejax/quant.py): bits per weight
+# and the scales' dtype; the other weights stay bfloat16 (the router float32).
+WEIGHT_ONLY = {"int8": {"bits": 8, "scale_dtype": "float32"},
+               "int4": {"bits": 4, "scale_dtype": "float32"}}
 
 
 def precision(config) -> dict:
@@ -59,9 +57,11 @@ def shard_shape(x) -> tuple:
 
 
 def bytes_per_device(tree, bits: int = 0) -> int:
-    """Bytes of `tree` on one device; `bits` > 0: as if each element took that many bits
-    (int4 packs two to a byte, an odd count rounded up per array)."""
-    return sum(math.ceil(math.prod(shard_shape(x)) * (bits or x.dtype.itemsize * 8) / 8)
+    """Bytes of `tree` on one device; `bits` > 0: as if each element took that many bits.
+    int4 counts two to a byte, as TPU and GPU store it (XLA:CPU keeps one per byte), an odd
+    count rounded up per array."""
+    return sum(math.ceil(math.prod(shard_shape(x)) * (bits or jax.dtypes.itemsize_bits(x.dtype))
+                         / 8)
                for x in jax.tree.leaves(tree))
 
 
@@ -100,14 +100,14 @@ def split_experts(params) -> tuple[list, list]:
     return experts, other
 
 
-def scale_elements(experts: list, group: int) -> int:
-    """Scales one device holds for `experts`: one per output channel (group 0), or one per
-    `group` inputs of a channel. Where the input dim is split over devices, each keeps the
-    scales of its channels (of the groups its slice touches)."""
+def scale_elements(experts: list, name: str) -> int:
+    """Scales one device holds for `experts` quantized to `name`: one per quant.weight_group
+    inputs of a channel. Where the input dim is split over devices, each keeps the scales of
+    its channels (of the groups its slice touches), as the MoE layer lays them out."""
     total = 0
     for value, axis in experts:
         shape = shard_shape(value)
-        per_channel = math.ceil(shape[axis] / group) if group else 1
+        per_channel = math.ceil(shape[axis] / quant.weight_group(value.shape[axis], name))
         total += math.prod(shape) // shape[axis] * per_channel
     return total
 
@@ -142,7 +142,7 @@ def inference_rows(params: dict, setting: dict) -> list[dict]:
         experts, other = split_experts(params[p_dtype])
         q = WEIGHT_ONLY.get(name)
         b = {"experts": bytes_per_device([v for v, _ in experts], q["bits"] if q else 0),
-             "scales": scale_elements(experts, q["group"]) * np.dtype(
+             "scales": scale_elements(experts, name) * np.dtype(
                  q["scale_dtype"]).itemsize if q else 0,
              "other": bytes_per_device(other)}
         b["total"] = sum(b.values())
@@ -164,3 +164,17 @@ def precision_table(config, setup) -> dict:
         params[dtype] = state.setup(other, setup.mesh).abstract["params"]
     return {"setting": setting, "train": train_rows(params, setup.abstract["opt_state"], setting),
             "inference": inference_rows(params, setting)}
+
+
+def quantize_experts(model, name: str) -> str:
+    """`model`'s routed experts made weight-only `name` (int8 | int4) in place, and the line
+    that says what that saved: bytes of all parameters and of the experts, before and after,
+    scales included, on one device."""
+    total, experts = (lambda: bytes_per_device(nnx.state(model)),
+                      lambda: bytes_per_device(nnx.state(model, ExpertParam)))
+    before = total(), experts()
+    quant.quantize_experts(model, name)
+    after = total(), experts()
+    return (f"weights per device: {before[0] / 2**20:,.2f} -> {after[0] / 2**20:,.2f} MiB; "
+            f"routed experts {before[1] / 2**20:,.2f} -> {after[1] / 2**20:,.2f} MiB "
+            f"({name} weight-only with scales, 1/{before[1] / after[1]:.2f})")

@@ -270,7 +270,7 @@ TRAIN_NOTE = """\
 """
 INFERENCE_NOTE = """\
   * this config's parameter dtype. Experts: the routed ones (shared ones count as other);
-  int8: one fp32 scale per output channel; int4: two to a byte, one bf16 scale per 128 inputs
+  int8: one fp32 scale per output channel; int4: two to a byte, one fp32 scale per 128 inputs
   of a channel; other weights bf16 (routers fp32); the training layout. Scales / experts:
   {over}
 """

@@ -19,11 +19,13 @@ the capacity and dropless paths would differ in their gradients. Called here, bo
 quantize the same way, stated once.
 """
 
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import qwix
+from flax import nnx
 from qwix._src.core import (
     dot_general_qt as qwix_dot_general_qt,
     ragged_dot_qt as qwix_ragged_dot_qt,
@@ -37,13 +39,15 @@ QTYPES = {"none": None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 def calibration(qtype) -> str:
     """Qwix's calibration method for `qtype`.
 
-    Qwix maps an int8 absmax to 127.5, exactly a rounding tie: -127.5 rounds to -128 and
-    +127.5 saturates at 127, and which side a row's largest element lands on then turns on
-    the last bit of x / scale, which XLA computes differently in differently fused programs
-    (one mesh layout against another). Scaling the absmax by 127.5 / 127 maps it to 127,
-    far from any tie: symmetric [-127, 127], the same on every layout.
+    Qwix maps an integer absmax to the bound plus a half (int8 127.5, int4 7.5), exactly a
+    rounding tie: -127.5 rounds to -128 and +127.5 saturates at 127, and which side a row's
+    largest element lands on then turns on the last bit of x / scale, which XLA computes
+    differently in differently fused programs (one mesh layout against another). Scaling
+    the absmax by 127.5 / 127 (7.5 / 7) maps it to 127 (7), far from any tie: symmetric
+    [-127, 127] ([-7, 7]), the same on every layout.
     """
-    return f"absmax,{127.5 / 127}" if qtype == jnp.int8 else "absmax"
+    bound = {jnp.int8: 127, jnp.int4: 7}.get(qtype)
+    return f"absmax,{(bound + 0.5) / bound}" if bound else "absmax"
 
 
 def einsum(spec: str, x: jax.Array, w: jax.Array, qtype=None) -> jax.Array:
@@ -88,3 +92,39 @@ def _ragged_dot_bwd(qtype, residuals, g):
 
 
 _ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
+
+
+# Weight-only quantization for inference (generate, convert to-hf): the routed experts'
+# weights held as int8 or int4 with float32 scales, dequantized where they are used. int8 has
+# one scale per output channel; int4 one per INT4_GROUP consecutive inputs of a channel, since
+# a 15-level grid over a whole channel loses its small weights.
+WEIGHT_ONLY = {"int8": jnp.int8, "int4": jnp.int4}
+INT4_GROUP = 128
+
+
+def weight_group(dim: int, name: str) -> int:
+    """Inputs that share a scale: the whole channel (int8), or INT4_GROUP of them, fewer
+    where that does not divide the input dim (the largest divisor of it that INT4_GROUP has)."""
+    return dim if name == "int8" else math.gcd(dim, INT4_GROUP)
+
+
+def quantize_weight(w: jax.Array, name: str, axis: int) -> qwix.QArray:
+    """w's weight-only quantization (Qwix's absmax calibration, symmetric) along its input
+    dim `axis`: every other dim channelwise, the input dim in weight_group's tiles."""
+    axis %= w.ndim
+    other = tuple(a for a in range(w.ndim) if a != axis)
+    qtype = WEIGHT_ONLY[name]
+    tiles = {axis: weight_group(w.shape[axis], name)} if name == "int4" else None
+    return qwix.quantize(w.astype(jnp.float32), qtype, channelwise_axes=other, tiled_axes=tiles,
+                         calibration_method=calibration(qtype), scale_dtype=jnp.float32)
+
+
+def quantize_experts(model, name: str) -> None:
+    """The routed experts' weights of `model` replaced, in place, by their int8 / int4
+    QArrays (the MoE layer dequantizes them after gathering its shards)."""
+    from moejax.moe.layer import ExpertParam
+
+    for _, v in nnx.to_flat_state(nnx.state(model, ExpertParam)):
+        names = v.get_metadata()["out_sharding"]
+        w = v.get_value()
+        v.set_value(quantize_weight(w, name, -(len(names) - 1)))

@@ -317,7 +317,7 @@ def test_inference_bytes_per_precision_by_hand():
     assert fp32 % 8 == 0  # so that // below is exact division
     for name, experts, scales in (("bfloat16", fp32 // 2, 0),
                                   ("int8", fp32 // 4, n["channels"] * 4),  # fp32 per channel
-                                  ("int4", fp32 // 8, n["channels"] * 2)):  # bf16 per group
+                                  ("int4", fp32 // 8, n["channels"] * 4)):  # fp32 per group
         assert rows[name]["bytes"] == {"experts": experts, "scales": scales,
                                        "other": other_bf16,
                                        "total": experts + scales + other_bf16}, name
@@ -328,8 +328,8 @@ def test_scales_per_group_of_128_inputs():
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert", "fsdp"))
     # [E, d, 2, f]: one device holds [2, 256, 2, 256], its input slice two groups long
     w = jax.ShapeDtypeStruct((8, 512, 2, 256), jnp.float32, sharding=sharding)
-    assert params.scale_elements([(w, 1)], 0) == 2 * 2 * 256
-    assert params.scale_elements([(w, 1)], 128) == 2 * 2 * 256 * 2
+    assert params.scale_elements([(w, 1)], "int8") == 2 * 2 * 256
+    assert params.scale_elements([(w, 1)], "int4") == 2 * 2 * 256 * 2
     assert params.bytes_per_device([w], 4) == 2 * 256 * 2 * 256 // 2
 
 

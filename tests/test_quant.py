@@ -187,12 +187,17 @@ def final_eval_loss(tmp_path_factory, dtype, quantization, moment_dtype):
     return _FINAL_EVAL_LOSS[setting]
 
 
-@pytest.mark.parametrize("setting", [("bfloat16", "none", "bfloat16"),
-                                     ("float32", "int8", "float32")], ids=str)
+@pytest.mark.parametrize("setting", [("float32", "none", "bfloat16"),
+                                     ("bfloat16", "none", "float32"),
+                                     ("bfloat16", "none", "bfloat16"),
+                                     ("bfloat16", "int8", "float32"),
+                                     ("bfloat16", "fp8", "float32")], ids=str)
 def test_smoke_training_matches_float32(setting, tmp_path_factory):
+    """(compute, quantization, first moment): the final held-out loss within 1% of float32's
+    (the tiny config's 600 steps: docs/benchmarks.md, "Precision")."""
     want = final_eval_loss(tmp_path_factory, "float32", "none", "float32")
     got = final_eval_loss(tmp_path_factory, *setting)
-    assert abs(got - want) / want < 0.02, (got, want)
+    assert abs(got - want) / want < 0.01, (got, want)
 
 
 @pytest.mark.parametrize("key,value,message", [

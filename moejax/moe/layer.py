@@ -12,6 +12,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
@@ -211,11 +212,17 @@ class MoE(nnx.Module):
         if train and cfg.jitter_eps > 0:
             noise = router.jitter_noise(rng, x.shape, cfg.jitter_eps)
         bias = self.router_bias[...] if cfg.bias_rate > 0 else None
-        experts = {"w_in": self.w_in[...].astype(self.dtype),
-                   "w_out": self.w_out[...].astype(self.dtype)}
+        # Weight-only quantized (generate, quant.quantize_experts): a QArray, int8 / int4 values
+        # and scales, each laid out by the weight's dims and dequantized once gathered.
+        experts = {name: getattr(self, name).get_value().astype(self.dtype)
+                   for name in ("w_in", "w_out")}
         sharded = mesh is not None
-        specs = {name: parallel.spec(parallel.names_of(getattr(self, name)), w.shape, mesh)
-                 for name, w in experts.items()} if sharded else {}
+        def layout(name, w):  # a PartitionSpec per array of the weight (values, scales)
+            names = parallel.names_of(getattr(self, name))
+            return jax.tree.map(lambda a: parallel.spec(names, a.shape, mesh), w)
+
+        specs = {name: layout(name, w) for name, w in experts.items()} if sharded else {}
+        tensor_split = sharded and "tensor" in jax.tree.leaves(specs["w_out"])[0]
         x = x.astype(self.dtype)
 
         def local(x, noise, router_w, bias, experts):
@@ -224,14 +231,17 @@ class MoE(nnx.Module):
 
             # ZeRO-3: this device holds 1/fsdp of its experts' weights; gather the rest now
             # (the transpose, in the backward pass, reduce-scatters their gradients).
-            experts = {name: _gather(w, specs[name], "fsdp") if sharded else w
+            if sharded:
+                experts = {name: jax.tree.map(partial(_gather, axis_name="fsdp"), w, specs[name])
+                           for name, w in experts.items()}
+            experts = {name: qwix.dequantize(w) if isinstance(w, qwix.QArray) else w
                        for name, w in experts.items()}
             experts["w_in"] = flat_in(experts["w_in"])
             y, aux = moe_ffn(grouped(x), router_w, experts, cfg, train=train,
                              activation=self.activation, bias=bias, noise=grouped(noise),
                              expert_axis=EXPERT_AXIS if sharded else None,
                              token_axes=TOKEN_AXES if sharded else ())
-            if sharded and "tensor" in specs["w_out"]:  # each holds part of every hidden layer
+            if tensor_split:  # each holds part of every hidden layer
                 y = jax.lax.psum(y, "tensor")
             return y.reshape(x.shape), aux
 
