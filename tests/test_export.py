@@ -90,3 +90,43 @@ def test_quantized_experts_run_qwix_matmuls_of_the_quantized_type(dispatch, quan
     assert "moejax/quant.py" in module
     assert CPU_CODE not in module and "megablox/gmm.py" not in module
     assert ("ragged_all_to_all" in module) == (dispatch == "dropless")
+
+
+@functools.cache
+def exported_weight_only(name: str, platform: str) -> str:
+    """The forward of tiny:smoke as generate runs it (dropless, eval) with its routed experts
+    weight-only `name` (moejax/quant.py), on the MESH."""
+    from flax import nnx
+
+    from moejax import quant
+
+    config = tiny.get_config("smoke")
+    config.model.update(vocab_size=257, dispatch="dropless")
+    config.mesh.update(MESH)
+    config.data.update(seq_len=128, batch_size=8)
+    s = state.setup(config, parallel.make_mesh(MESH))
+    model = nnx.merge(s.graphdef, state.init(s)["params"])
+    quant.quantize_experts(model, name)
+    graphdef, params = nnx.split(model)
+    tokens = jax.ShapeDtypeStruct((8, 128), jnp.int32, sharding=parallel.token_sharding(s.mesh))
+
+    def forward(params, tokens):
+        return nnx.merge(graphdef, params)(tokens, train=False)[0]
+
+    unstable = [jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")]
+    return jax.export.export(jax.jit(forward), platforms=(platform,),
+                             disabled_checks=unstable)(params, tokens).mlir_module()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_weight_only_experts_enter_as_their_integer_type(name, platform):
+    """The program takes the experts' values as i8 / i4 (what a device holds between calls)
+    and dequantizes them inside, where the float kernels of its backend then run."""
+    module = exported_weight_only(name, platform)
+    main = next(line for line in module.splitlines() if "func.func public @main" in line)
+    assert main.count({"int8": "xi8>", "int4": "xi4>"}[name]) == 2, main  # w_in and w_out
+    assert "round_nearest_even" not in module  # quantized once, outside: only dequantized
+    assert CPU_CODE not in module
+    kernel = "megablox/gmm.py" if platform == "tpu" else "chlo.ragged_dot"
+    assert kernel in module
