@@ -35,9 +35,10 @@ def precision_line(config, train_state: dict) -> str:
     some leaves in float32), the compute dtype and quantization from the config."""
     mu, nu = adam_moments(train_state["opt_state"])
     p = precision(config)
+    note = quant.backend_note(p["quantization"], jax.devices()[0])
     return (f"precision: params {dtype_mix(train_state['params'])}, moments mu "
             f"{dtype_mix(mu)} / nu {dtype_mix(nu)}, compute {p['compute']}, "
-            f"quantization {p['quantization']}")
+            f"quantization {p['quantization']}" + (f"\n{note}" if note else ""))
 
 
 def param_counts(model: nnx.Module, top_k: int, num_experts: int) -> dict:

@@ -50,6 +50,22 @@ def calibration(qtype) -> str:
     return f"absmax,{(bound + 0.5) / bound}" if bound else "absmax"
 
 
+def backend_note(name: str, device) -> str | None:
+    """One line where `device` has no matmul of `model.quantization`'s type, else None. XLA
+    then converts the quantized operands back and multiplies in float32: the numbers of the
+    quantized matmul (an e4m3 product is exact in float32), none of its speed."""
+    if name != "fp8":
+        return None
+    capability = getattr(device, "compute_capability", None)
+    if device.platform == "cpu":
+        return ("model.quantization=fp8: XLA:CPU has no float8 matmul; it runs the "
+                "float8_e4m3fn operands upcast to float32 (fp8's numbers, not its speed)")
+    if device.platform == "gpu" and capability and float(capability) < 8.9:
+        return (f"model.quantization=fp8: this GPU (compute capability {capability}) has no "
+                "float8 matmul, which needs 8.9+ (Ada, Hopper); XLA upcasts the operands")
+    return None
+
+
 def einsum(spec: str, x: jax.Array, w: jax.Array, qtype=None) -> jax.Array:
     """jnp.einsum(spec, x, w), both operands quantized to `qtype` when one is given
     (`qwix`'s dot_general_qt). x is the activation, w the weight."""

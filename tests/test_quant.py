@@ -209,3 +209,22 @@ def test_quantization_keys_are_validated(key, value, message):
     config.model[key] = value
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(config, 8)
+
+
+def test_fp8_on_this_cpu_says_it_is_upcast_in_one_line():
+    from types import SimpleNamespace
+
+    from moejax.params import precision_line
+    from moejax.state import setup
+
+    config = tiny.get_config("smoke")
+    config.model.update(vocab_size=257, quantization="fp8")
+    line = precision_line(config, setup(config, parallel.make_mesh({})).abstract)
+    assert line.splitlines()[1] == (
+        "model.quantization=fp8: XLA:CPU has no float8 matmul; it runs the float8_e4m3fn "
+        "operands upcast to float32 (fp8's numbers, not its speed)")
+    ampere = SimpleNamespace(platform="gpu", compute_capability="8.0")
+    assert "needs 8.9+" in quant.backend_note("fp8", ampere)
+    hopper = SimpleNamespace(platform="gpu", compute_capability="9.0")
+    assert quant.backend_note("fp8", hopper) is None
+    assert quant.backend_note("int8", jax.devices()[0]) is None
