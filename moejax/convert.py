@@ -2,6 +2,7 @@
 
   python -m moejax.convert from-hf SRC --workdir DIR [--mesh fsdp=8,expert=8]
   python -m moejax.convert to-hf OUT --workdir DIR [--dtype bfloat16] [--shard_gib 4]
+      [--quantize int8|int4]
 
 from-hf: SRC is a local folder with config.json and *.safetensors, or a hub name (fetched with
 huggingface_hub). DIR gets config.py (the model as a moejax config, fine-tuning defaults for
@@ -14,6 +15,10 @@ model. Run it on every host of a pod, like `train`.
 to-hf: the newest checkpoint of DIR as config.json + *.safetensors files of at most
 --shard_gib each (+ model.safetensors.index.json), which AutoModelForCausalLM loads; one
 tensor is fetched from the devices at a time, one file's tensors are held at a time.
+--quantize writes the routed experts' weights weight-only int8 / int4 (moejax's own
+quantization, as generate --quantize runs) in compressed-tensors' pack-quantized format, which
+transformers loads with the compressed-tensors package; from-hf reads such a checkpoint back,
+dequantized (moejax/hf_quant.py).
 """
 
 import contextlib
@@ -34,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from moejax import cli, config_lib, parallel, state
+from moejax import cli, config_lib, hf_quant, parallel, quant, state
 from moejax.checkpoint import Checkpoints, path_name, restore_params, run_checkpoints
 from moejax.config_lib import ConfigError
 from moejax.hf_map import ARCHS, arch_of, hf_config, model_config, weight_map
@@ -121,6 +126,8 @@ def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
     config.data.batch_size = -(-config.data.batch_size // shards) * shards
     config_lib.validate(config, jax.device_count())
     tensors = Tensors(folder)
+    if "quantization_config" in hf:  # compressed-tensors: dequantized as it is read
+        tensors = hf_quant.Dequantized(tensors, hf["quantization_config"])
     mesh = parallel.make_mesh(sizes)
     setup = state.setup(config, mesh)
     wmap = weight_map(arch, config.model, setup.abstract["params"])
@@ -220,8 +227,10 @@ def get_config(arg=None):
 
 # --- to-hf -------------------------------------------------------------------------------
 
-def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4.0) -> list:
-    """Write the newest checkpoint of workdir to `out`; returns the files written."""
+def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4.0,
+          quantize: str = "none") -> list:
+    """Write the newest checkpoint of workdir to `out`, its routed experts weight-only
+    `quantize`d (none | int8 | int4); returns the files written."""
 
     if jax.process_count() > 1:  # every tensor is fetched whole from the devices
         raise ConfigError("to-hf: runs on one host (it fetches each tensor whole); allowed: "
@@ -234,7 +243,11 @@ def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4
     dtype = dtype or (saved or {}).get("dtype") or (saved or {}).get("torch_dtype") or "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype={dtype!r}: unknown; allowed: float32, bfloat16, float16")
+    if quantize not in ("none", *quant.WEIGHT_ONLY):
+        raise ConfigError(f"--quantize={quantize!r}: unknown; allowed: none, "
+                          + ", ".join(quant.WEIGHT_ONLY))
     hf = hf_config(config, dtype, saved)
+    hf.pop("quantization_config", None)  # an imported one's: these weights are ours
     arch = ARCHS[hf["architectures"][0]]
     mesh = parallel.make_mesh({"fsdp": jax.device_count()})
     setup = state.setup(config, mesh)
@@ -244,6 +257,7 @@ def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4
     wmap = weight_map(arch, config.model, setup.abstract["params"])
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                 "float16": np.float16}[dtype]
+    quantizer = hf_quant.Quantizer(quantize, np_dtype) if quantize != "none" else None
     os.makedirs(out, exist_ok=True)
 
     def tensors():  # (HF name, numpy array), one fetched from the devices at a time
@@ -253,7 +267,10 @@ def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4
                 names, _, theirs = part(*ids)
                 w = np.asarray(jax.device_get(x[ids] if ids else x))
                 for n, t in zip(names, theirs(w), strict=True):
-                    yield n, np.ascontiguousarray(t.astype(np_dtype))
+                    # routed experts: [layers, experts] lead; quantized from float32
+                    ts = quantizer(n, t, len(lead) == 2) if quantizer else {n: t.astype(np_dtype)}
+                    for k, v in ts.items():
+                        yield k, np.ascontiguousarray(v)
 
     files, chunk, size, weight_map_ = [], {}, 0, {}
     limit = int(shard_gib * 2**30)
@@ -285,6 +302,8 @@ def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4
             json.dump({"metadata": {"total_size": total},
                        "weight_map": {n: names[f] for n, f in sorted(weight_map_.items())}},
                       f, indent=2)
+    if quantizer:
+        hf["quantization_config"] = quantizer.config()
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     for name in HF_FILES[1:]:  # generation config and tokenizer, as imported
@@ -292,6 +311,8 @@ def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4
             shutil.copy(os.path.join(workdir, "hf", name), out)
     print(f"wrote step {step} of {workdir} to {out}: {len(files)} safetensors file(s), "
           f"{total / 2**20:.1f} MiB ({dtype}), config.json ({hf['architectures'][0]})")
+    if quantizer:
+        print(quantizer.line())
     return [names[f] for f in files]
 
 
@@ -299,7 +320,7 @@ COMMANDS = {  # subcommand: its positional argument, what that may be, the flags
     "from-hf": ("SRC", "a local folder with config.json + *.safetensors, or a hub name like "
                 "org/model", ("workdir", "mesh")),
     "to-hf": ("OUT", "the folder to write the transformers checkpoint into",
-              ("workdir", "dtype", "shard_gib")),
+              ("workdir", "dtype", "shard_gib", "quantize")),
 }
 
 
@@ -318,6 +339,9 @@ def main(argv=None):
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "to-hf: the files' "
                       "dtype (default: the imported checkpoint's, else float32)", flag_values=fv)
     flags.DEFINE_float("shard_gib", 4.0, "to-hf: largest file, in GiB", flag_values=fv)
+    flags.DEFINE_enum("quantize", "none", ["none", *quant.WEIGHT_ONLY], "to-hf: the routed "
+                      "experts' weights weight-only, in compressed-tensors' format",
+                      flag_values=fv)
     flags.register_validator("shard_gib", lambda g: g > 0, "must be > 0", flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)
     names = tuple(COMMANDS)
@@ -335,7 +359,7 @@ def main(argv=None):
             print(f"wrote {fv.workdir}: checkpoint 0 and {out}; fine-tune with\n"
                   f"  python -m moejax.train --config {out} --workdir {fv.workdir}")
         else:
-            to_hf(fv.workdir, path, fv.dtype, fv.shard_gib)
+            to_hf(fv.workdir, path, fv.dtype, fv.shard_gib, fv.quantize)
     except (ConfigError, ValueError) as e:
         sys.exit(f"error: {config_lib.first_line(e)}")
 
