@@ -63,8 +63,10 @@ def get_config(arg=None):
         # experts split, tokens sent by all-to-all; tensor: heads and FFN hidden split.
         mesh=dict(data=-1, fsdp=1, expert=1, tensor=1),
         data=dict(
-            source="stdlib",  # stdlib | files | hub
-            path="",  # files: a glob of local files; hub: the dataset name
+            source="stdlib",  # stdlib | files | hub | prepared (a store of one of them)
+            # files: a glob of local files; hub: the dataset name; prepared: the folder that
+            # `python -m moejax.data prepare --config ... --out DIR` wrote (moejax/store.py)
+            path="",
             format="text",  # files: text | json | parquet
             hub_config="",  # hub: the dataset's config name
             split="train",

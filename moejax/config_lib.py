@@ -143,12 +143,7 @@ def validate(config, num_devices: int) -> None:
     one_of("model.remat", m.remat, tuple(REMAT))
     check(1 <= d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
           f"must be in 1..model.max_seq_len={m.max_seq_len}")
-    one_of("data.source", d.source, ("stdlib", "files", "hub"))
-    one_of("data.on_error", d.on_error, ("skip", "fail"))
-    if d.source == "files":
-        one_of("data.format", d.format, ("text", "json", "parquet"))
-    if d.source == "hub":
-        check(d.path, "data.path", d.path, "empty; allowed: a Hugging Face dataset name")
+    check_data(d)
     for key in ("grad_accum", "steps", "log_every", "eval_every", "ckpt_every",
                 "max_nonfinite_steps"):
         check(t[key] >= 1, f"train.{key}", t[key], "must be >= 1")
@@ -173,7 +168,6 @@ def validate(config, num_devices: int) -> None:
     # optax.clip_by_global_norm(0) scales every gradient to zero: there is no "off" value.
     check(t.grad_clip > 0, "train.grad_clip", t.grad_clip,
           "must be > 0 (a global-norm bound; 0 would zero every update)")
-    check(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
     one_of("train.schedule", t.schedule, ("cosine", "rsqrt"))
     if t.schedule == "cosine":
         check(0 <= t.warmup_steps < t.steps, "train.warmup_steps", t.warmup_steps,
@@ -184,6 +178,26 @@ def validate(config, num_devices: int) -> None:
     check(0 <= t.collapse_threshold < 1, "train.collapse_threshold", t.collapse_threshold,
           "must be in [0, 1): a fraction of the uniform load 1/E (0 = off)")
     check(t.collapse_checks >= 1, "train.collapse_checks", t.collapse_checks, "must be >= 1")
+
+
+def check_data(d) -> None:
+    """The data.* keys naming the source: checked by train (validate) and by `python -m
+    moejax.data prepare`, which reads the source."""
+
+    def one_of(key, value, allowed):
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: unknown; allowed: {', '.join(allowed)}")
+
+    one_of("data.source", d.source, ("stdlib", "files", "hub", "prepared"))
+    one_of("data.on_error", d.on_error, ("skip", "fail"))
+    if d.source == "files":
+        one_of("data.format", d.format, ("text", "json", "parquet"))
+    if not d.path and d.source in ("hub", "prepared"):
+        raise ConfigError("data.path='': empty; allowed: " + (
+            "a Hugging Face dataset name" if d.source == "hub" else
+            "a folder written by python -m moejax.data prepare"))
+    if not 0 <= d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction!r}: must be in [0, 1)")
 
 
 def check_workdir(workdir: str) -> None:

@@ -1,16 +1,22 @@
 """Text -> tokens -> fixed-length sequences -> this host's rows of each global batch.
 
+  python -m moejax.data prepare --config configs/X.py[:variant] --out DIR [--num_proc N]
+      [--config.a.b=v]
+
 Sources (config.data.source): `stdlib` (the Python standard library's own .py files: on every
 machine with Python, nothing to download), `files` (local text / json / parquet through
-Hugging Face `datasets`) and `hub` (a Hugging Face dataset by name, optionally streamed).
+Hugging Face `datasets`), `hub` (a Hugging Face dataset by name, optionally streamed) and
+`prepared` (data.path: a token store that `prepare` wrote from one of the others, its
+documents tokenized once, in parallel, and memory-mapped by every run: moejax/store.py).
 Documents are joined with an end-of-document token and cut into sequences of seq_len + 1.
 The held-out split takes whole stdlib files; of `files` and `hub` documents it takes chunks of
 CHUNK_CHARS characters, so that even one long file gives both splits.
 
 Batch order is a function of (seed, step) alone: step s takes sequences s*B .. s*B+B-1 of a
-seeded permutation of the epoch, so a resumed run reads exactly the batches it would have
-read, and every host, whatever the number of hosts, agrees on the global batch. Each host
-reads only its own rows of it.
+seeded permutation of the epoch (of a prepared store: a Feistel bijection, computed per
+position, never held), so a resumed run reads exactly the batches it would have read, and
+every host, whatever the number of hosts, agrees on the global batch. Each host reads only
+its own rows of it.
 """
 
 import glob
@@ -18,6 +24,7 @@ import itertools
 import logging
 import math
 import os
+import sys
 import sysconfig
 import zlib
 
@@ -236,17 +243,29 @@ class Batches:
 
     def indices(self, step: int) -> np.ndarray:
         """Sequence ids of global batch `step`, [batch_size]."""
-        n = len(self.sequences)
-        batches_per_epoch = n // self.batch_size  # the last partial batch of an epoch is skipped
+        batches_per_epoch = len(self.sequences) // self.batch_size  # a last partial one: skipped
         epoch, k = divmod(step, batches_per_epoch)
-        order = np.arange(n)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(n)
-        return order[k * self.batch_size: (k + 1) * self.batch_size]
+        positions = np.arange(k * self.batch_size, (k + 1) * self.batch_size)
+        return self.order(epoch, positions) if self.shuffle else positions
+
+    def order(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """The sequence ids at `positions` of epoch `epoch`'s shuffled order."""
+        n = len(self.sequences)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)[positions]
 
     def host_rows(self, step: int, rows: slice) -> np.ndarray:
         """This host's rows `rows` of global batch `step`: [rows, seq_len + 1]."""
-        return self.sequences[self.indices(step)[rows]]
+        return np.asarray(self.sequences[self.indices(step)[rows]], np.int32)
+
+
+class StoreBatches(Batches):
+    """A prepared store's batches: its sequences are a memory map (a host reads its rows and
+    nothing else) and the shuffle a Feistel bijection, O(batch) time and memory per step."""
+
+    def order(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        from moejax import store
+
+        return store.feistel(positions, len(self.sequences), self.seed, epoch)
 
 
 class StreamBatches:
@@ -293,12 +312,17 @@ class StreamBatches:
 
 def make_batches(cfg, tokenizer, split: str, seed: int):
     """Training batches are shuffled; eval batches are the first ones of the held-out split."""
-    if cfg.source == "files":
-        check_path(cfg)
-    if cfg.streaming:
-        hf_dataset(cfg, streaming=True)  # its checks (files, text_key) before anything compiles
-        return StreamBatches(cfg, tokenizer, split)
-    sequences = pack(load_documents(cfg, split), tokenizer, cfg.seq_len)
+    if cfg.source == "prepared":
+        from moejax import store
+
+        sequences, kind = store.open_split(cfg, tokenizer, split), StoreBatches
+    else:
+        if cfg.source == "files":
+            check_path(cfg)
+        if cfg.streaming:
+            hf_dataset(cfg, streaming=True)  # its checks (files, text_key) before compiling
+            return StreamBatches(cfg, tokenizer, split)
+        sequences, kind = pack(load_documents(cfg, split), tokenizer, cfg.seq_len), Batches
     if len(sequences) < cfg.batch_size:
         key = "data.source='stdlib'" if cfg.source == "stdlib" else f"data.path={cfg.path!r}"
         more = "more text, a larger data.eval_fraction" if split == "eval" else "more text"
@@ -306,4 +330,32 @@ def make_batches(cfg, tokenizer, split: str, seed: int):
                           f"of data.seq_len + 1 = {cfg.seq_len + 1} tokens; allowed: at least "
                           f"data.batch_size={cfg.batch_size} ({more}, or a smaller batch "
                           "or seq_len)")
-    return Batches(sequences, cfg.batch_size, seed, shuffle=split == "train")
+    return kind(sequences, cfg.batch_size, seed, shuffle=split == "train")
+
+
+def main(argv=None):
+    from absl import flags
+    from ml_collections import config_flags
+
+    from moejax import cli, store
+
+    argv = sys.argv if argv is None else argv
+    fv = flags.FlagValues()  # its own: main may run more than once in one process (tests)
+    config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:variant]: its data.* "
+                                    "keys name the source, the tokenizer and the held-out "
+                                    "fraction", flag_values=fv, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("out", None, "the store's folder: new, empty, or an unfinished "
+                        "prepare's", flag_values=fv)
+    flags.DEFINE_integer("num_proc", os.cpu_count() or 1, "tokenizer processes",
+                         lower_bound=1, flag_values=fv)
+    flags.mark_flags_as_required(["config", "out"], flag_values=fv)
+    with cli.one_line_errors():
+        cli.positional(cli.parse_flags(argv, __doc__, fv, "out"), {"COMMAND": ("prepare",)})
+        try:
+            store.prepare(fv.config.data, fv.out, fv.num_proc)
+        except KeyboardInterrupt:
+            sys.exit(f"interrupted: {fv.out} is unfinished; run the same command again")
+
+
+if __name__ == "__main__":
+    main()

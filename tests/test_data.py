@@ -37,6 +37,19 @@ def test_batch_order_is_a_function_of_seed_and_step():
     np.testing.assert_array_equal(a.host_rows(2, slice(4, 8)), a.host_rows(2, slice(0, 8))[4:])
 
 
+def test_in_memory_order_is_the_seeded_permutation():
+    """The embedded default's order (issue #22 moved it into Batches.order): unchanged."""
+    seqs = np.arange(43)[:, None] * np.ones((1, 3), np.int32)
+    batches = data.Batches(seqs, 8, seed=5, shuffle=True)
+    for step in [0, 4, 5, 11]:
+        epoch, k = divmod(step, 5)
+        want = np.random.default_rng([5, epoch]).permutation(43)[k * 8: (k + 1) * 8]
+        np.testing.assert_array_equal(batches.indices(step), want)
+        np.testing.assert_array_equal(batches.host_rows(step, slice(0, 8)), seqs[want])
+    np.testing.assert_array_equal(data.Batches(seqs, 8, 5, shuffle=False).indices(2),
+                                  np.arange(16, 24))
+
+
 def test_stdlib_split_holds_out_whole_files():
     cfg = tiny.get_config().data
     train, held_out = data.load_documents(cfg, "train"), data.load_documents(cfg, "eval")
