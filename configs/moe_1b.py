@@ -53,6 +53,7 @@ def get_config(arg=None):
         data=dict(
             source="hub",
             path="HuggingFaceFW/fineweb-edu",
+            mixture="",
             format="text",
             hub_config="sample-10BT",
             split="train",

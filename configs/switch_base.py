@@ -56,6 +56,7 @@ def get_config(arg=None):
         data=dict(
             source="hub",
             path="allenai/c4",
+            mixture="",
             format="text",
             hub_config="en",
             split="train",

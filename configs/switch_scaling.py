@@ -70,6 +70,7 @@ def get_config(arg=None):
         data=dict(
             source="stdlib",
             path="",
+            mixture="",
             format="text",
             hub_config="",
             split="train",

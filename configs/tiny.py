@@ -67,6 +67,9 @@ def get_config(arg=None):
             # files: a glob of local files; hub: the dataset name; prepared: the folder that
             # `python -m moejax.data prepare --config ... --out DIR` wrote (moejax/store.py)
             path="",
+            # Weighted prepared stores instead of data.path (with source=prepared, path=""):
+            # "DIR_A:0.3,DIR_B:0.7", weights normalised; "" = one source (moejax/mixture.py)
+            mixture="",
             format="text",  # files: text | json | parquet
             hub_config="",  # hub: the dataset's config name
             split="train",

@@ -3,6 +3,7 @@
 import math
 import os
 import tempfile
+from fractions import Fraction
 
 import ml_collections
 
@@ -192,12 +193,53 @@ def check_data(d) -> None:
     one_of("data.on_error", d.on_error, ("skip", "fail"))
     if d.source == "files":
         one_of("data.format", d.format, ("text", "json", "parquet"))
-    if not d.path and d.source in ("hub", "prepared"):
+    if d.get("mixture", ""):
+        if d.source != "prepared":
+            raise ConfigError(f"data.mixture={d.mixture!r}: needs data.source='prepared' (its "
+                              "entries are prepared stores); allowed: data.source='prepared', "
+                              "or data.mixture='' (one source)")
+        if d.path:
+            raise ConfigError(f"data.path={d.path!r}: unused with data.mixture (its entries "
+                              "name the stores); allowed: ''")
+        parse_mixture(d.mixture)
+    elif not d.path and d.source in ("hub", "prepared"):
         raise ConfigError("data.path='': empty; allowed: " + (
             "a Hugging Face dataset name" if d.source == "hub" else
             "a folder written by python -m moejax.data prepare"))
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction!r}: must be in [0, 1)")
+
+
+MIXTURE_FORM = ("comma-separated STORE_DIR:WEIGHT entries of distinct prepared stores, "
+                "weights > 0 (normalised to sum 1), e.g. 'stores/code:0.3,stores/web:0.7'")
+
+
+def parse_mixture(value: str) -> list[tuple[str, Fraction]]:
+    """data.mixture 'DIR_A:0.3,DIR_B:0.7' -> [(DIR_A, 3/10), (DIR_B, 7/10)]: exact weights,
+    normalised to sum 1 ('a:3,b:7' is the same mixture); a bad string is one ConfigError line."""
+    entries = []
+    for entry in value.split(","):
+        path, colon, weight = entry.strip().rpartition(":")
+        problem = None
+        try:
+            w = Fraction(weight.strip()) if colon else None
+        except (ValueError, ZeroDivisionError):
+            w = None
+        if not colon and entry.strip():
+            problem = f"entry {entry.strip()!r}: no weight (or not a number) after its ':'"
+        elif not path.strip():
+            problem = f"entry {entry.strip()!r} names no store"
+        elif w is None:
+            problem = f"entry {entry.strip()!r}: no weight (or not a number) after its ':'"
+        elif w <= 0:
+            problem = f"entry {entry.strip()!r}: weight {weight.strip()} is not > 0"
+        elif path.strip() in [p for p, _ in entries]:
+            problem = f"store {path.strip()!r} appears twice"
+        if problem:
+            raise ConfigError(f"data.mixture={value!r}: {problem}; allowed: {MIXTURE_FORM}")
+        entries.append((path.strip(), w))
+    total = sum(w for _, w in entries)
+    return [(p, w / total) for p, w in entries]
 
 
 def check_workdir(workdir: str) -> None:

@@ -7,7 +7,8 @@ Sources (config.data.source): `stdlib` (the Python standard library's own .py fi
 machine with Python, nothing to download), `files` (local text / json / parquet through
 Hugging Face `datasets`), `hub` (a Hugging Face dataset by name, optionally streamed) and
 `prepared` (data.path: a token store that `prepare` wrote from one of the others, its
-documents tokenized once, in parallel, and memory-mapped by every run: moejax/store.py).
+documents tokenized once, in parallel, and memory-mapped by every run: moejax/store.py; or
+data.mixture: several stores with weights, moejax/mixture.py).
 Documents are joined with an end-of-document token and cut into sequences of seq_len + 1.
 The held-out split takes whole stdlib files; of `files` and `hub` documents it takes chunks of
 CHUNK_CHARS characters, so that even one long file gives both splits.
@@ -311,7 +312,12 @@ class StreamBatches:
 
 
 def make_batches(cfg, tokenizer, split: str, seed: int):
-    """Training batches are shuffled; eval batches are the first ones of the held-out split."""
+    """Training batches are shuffled; eval batches are the first ones of the held-out split.
+    A data.mixture gives weighted batches of several prepared stores (moejax/mixture.py)."""
+    if cfg.get("mixture", ""):
+        from moejax import mixture
+
+        return mixture.make(cfg, tokenizer, split, seed)
     if cfg.source == "prepared":
         from moejax import store
 
@@ -331,6 +337,14 @@ def make_batches(cfg, tokenizer, split: str, seed: int):
                           f"data.batch_size={cfg.batch_size} ({more}, or a smaller batch "
                           "or seq_len)")
     return kind(sequences, cfg.batch_size, seed, shuffle=split == "train")
+
+
+def mixture_line(batches, steps: int) -> str | None:
+    """"data mixture over N steps: code 0.300 (weight 0.300, 9.6 of 32 rows/step avg), ...":
+    the proportions steps 0 .. steps-1 of a data.mixture realise; None for one source."""
+    from moejax import mixture
+
+    return mixture.line(batches, steps)
 
 
 def main(argv=None):

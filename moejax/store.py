@@ -86,9 +86,10 @@ def feistel(positions, n: int, seed: int, epoch: int, rounds: int = 6) -> np.nda
 
 # --- reading --------------------------------------------------------------------------------
 
-def read_manifest(path: str, key: str = "data.path") -> dict:
-    """DIR/manifest.json of a finished store, or one ConfigError line saying what is wrong."""
-    where = f"{key}={path!r}"
+def read_manifest(path: str, key: str = "data.path", where: str | None = None) -> dict:
+    """DIR/manifest.json of a finished store, or one ConfigError line saying what is wrong
+    (naming it `where`, by default key=path)."""
+    where = where or f"{key}={path!r}"
     if not os.path.isdir(path):
         raise ConfigError(f"{where}: no such folder; allowed: a folder written by {PREPARE}")
     if os.path.exists(os.path.join(path, INCOMPLETE)):
@@ -114,11 +115,15 @@ def read_manifest(path: str, key: str = "data.path") -> dict:
     return manifest
 
 
-def open_split(cfg, tokenizer, split: str) -> np.ndarray:
-    """The `split` sequences of the store data.path as a read-only memory map,
-    [sequences, seq_len + 1]; a store of another tokenizer or held-out fraction is refused."""
-    manifest = read_manifest(cfg.path)
-    where, tok = f"data.path={cfg.path!r}", manifest["tokenizer"]
+def open_split(cfg, tokenizer, split: str, path: str | None = None,
+               where: str | None = None) -> np.ndarray:
+    """The `split` sequences of the store data.path (or `path`, an entry of data.mixture,
+    named `where` in errors) as a read-only memory map, [sequences, seq_len + 1]; a store of
+    another tokenizer or held-out fraction is refused."""
+    path = cfg.path if path is None else path
+    where = where or f"data.path={path!r}"
+    manifest = read_manifest(path, where=where)
+    tok = manifest["tokenizer"]
     if tok.get("sha256") != tokenizer_record(tokenizer)["sha256"]:
         other = " (another version of it)" if tok["name"] == tokenizer.name else ""
         raise ConfigError(f"{where}: prepared with tokenizer {tok['name']!r}{other} "
@@ -130,7 +135,7 @@ def open_split(cfg, tokenizer, split: str) -> np.ndarray:
                           f"{manifest['eval_fraction']!r} (or prepare a store with "
                           f"{cfg.eval_fraction!r})")
     dtype, count = np.dtype(manifest["dtype"]), manifest["splits"][split]["tokens"]
-    file = os.path.join(cfg.path, split, "tokens.bin")
+    file = os.path.join(path, split, "tokens.bin")
     size = os.path.getsize(file) if os.path.exists(file) else None
     if size != count * dtype.itemsize:
         raise ConfigError(f"{where}: {split}/tokens.bin holds {size} bytes, its manifest says "

@@ -1,0 +1,211 @@
+"""Issue #22, item 4: weighted mixtures of prepared stores (moejax/mixture.py)."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from moejax import config_lib, data, mixture, store
+
+# Three corpora told apart by content: every row of store L holds the letter L, and every row
+# is unique (the text is L00000L00001...: no 17-token window repeats).
+LETTERS = {"code": "C", "web": "W", "math": "M"}
+SIZES = {"code": 2000, "web": 2600, "math": 3100}  # numbers per corpus: unequal stores
+WEIGHTS = {"code": 0.25, "web": 0.6, "math": 0.15}  # 2.5, 6 and 1.5 rows of a 10-row batch
+B = 10
+
+
+def cfg_of(**kw):
+    cfg = tiny.get_config().data
+    cfg.update(**{"seq_len": 16, "batch_size": B, "eval_fraction": 0.2, **kw})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixture")
+    for name, letter in LETTERS.items():
+        corpus = root / f"{name}.txt"
+        corpus.write_text("".join(f"{letter}{i:05d}" for i in range(SIZES[name])))
+        store.prepare(cfg_of(source="files", path=str(corpus), format="text"),
+                      str(root / name), num_proc=1, print_fn=lambda line: None)
+    return root
+
+
+def mixture_cfg(root, weights=WEIGHTS, **kw):
+    spec = ",".join(f"{root / name}:{w}" for name, w in weights.items())
+    return cfg_of(source="prepared", mixture=spec, **kw)
+
+
+def batches(root, split="train", seed=0, **kw):
+    cfg = mixture_cfg(root, **kw)
+    config_lib.check_data(cfg)
+    return data.make_batches(cfg, data.ByteTokenizer(), split, seed)
+
+
+def source_of(row) -> str:
+    letters = {chr(t) for t in row if t < 256 and chr(t).isalpha()}
+    assert len(letters) == 1, row
+    return next(name for name, letter in LETTERS.items() if letter in letters)
+
+
+def test_proportions_over_1000_steps_are_the_weights(stores):
+    mix = batches(stores)
+    assert isinstance(mix, mixture.MixtureBatches) and mix.names == list(LETTERS)
+    seen = {name: 0 for name in LETTERS}
+    for step in range(1000):
+        rows = mix.host_rows(step, slice(0, B))
+        assert rows.shape == (B, 17) and rows.dtype == np.int32
+        counts = {name: 0 for name in LETTERS}
+        for row in rows:  # the source of every row, from its content
+            counts[source_of(row)] += 1
+        assert counts == mix.mix(step)
+        for name, w in WEIGHTS.items():  # every batch is close to the weights, too
+            assert abs(counts[name] - B * w) <= 1, (step, counts)
+            seen[name] += counts[name]
+    realised = {name: rows / (1000 * B) for name, rows in seen.items()}
+    for name, w in WEIGHTS.items():
+        assert abs(realised[name] / w - 1) < 0.01, realised
+    assert dict(zip(mix.names, mix.cumulative(1000).tolist(), strict=True)) == seen
+    assert data.mixture_line(mix, 1000) == (
+        "data mixture over 1,000 steps: "
+        f"code {realised['code']:.3f} (weight 0.250, {seen['code'] / 1000:.1f} of 10 rows/step "
+        f"avg), web {realised['web']:.3f} (weight 0.600, {seen['web'] / 1000:.1f} of 10 "
+        f"rows/step avg), math {realised['math']:.3f} (weight 0.150, "
+        f"{seen['math'] / 1000:.1f} of 10 rows/step avg)")
+    single = data.make_batches(cfg_of(), data.ByteTokenizer(), "eval", 0)
+    assert data.mixture_line(single, 10) is None
+
+
+@pytest.mark.parametrize("weights", [[Fraction(1, 3)] * 3, [0.3, 0.7], [0.01, 0.99],
+                                     [0.123, 0.456, 0.2, 0.221]])
+def test_schedule_is_closed_form_exact_and_monotone(weights):
+    """Any weights: cumulative counts sum to step * B, never fall, track the weights to < K."""
+    w = [Fraction(x) if isinstance(x, Fraction) else Fraction(str(x)) for x in weights]
+    w = [x / sum(w) for x in w]
+    k = len(w)
+    rows = [np.zeros((5, 1), np.int32)] * k
+    for seed in (0, 7):
+        mix = mixture.MixtureBatches([str(i) for i in range(k)], w, rows, 32, seed, True)
+        steps = np.array([mix.cumulative(s) for s in range(1001)])
+        assert (steps.sum(1) == 32 * np.arange(1001)).all() and (np.diff(steps, axis=0) >= 0).all()
+        assert (np.abs(steps - 32 * np.arange(1001)[:, None] * np.array(w, float)) < k).all()
+        far = 10**12  # step 10^12, directly: exact integers, still within K rows
+        assert (np.abs(mix.cumulative(far) - np.array([int(far * 32 * x) for x in w])) <= k).all()
+
+
+def test_determinism_random_access_and_host_rows(stores):
+    a, b = batches(stores, seed=3), batches(stores, seed=3)
+    for step in range(500):
+        a.host_rows(step, slice(0, B))
+    # A resumed run: step 500 first, with no earlier step read, gives the very same rows.
+    np.testing.assert_array_equal(b.host_rows(500, slice(0, B)), a.host_rows(500, slice(0, B)))
+    for step in [7, 0, 499, 10**6]:
+        np.testing.assert_array_equal(b.host_rows(step, slice(0, B)),
+                                      a.host_rows(step, slice(0, B)))
+    other = batches(stores, seed=4)
+    assert not np.array_equal(other.host_rows(0, slice(0, B)), a.host_rows(0, slice(0, B)))
+    # Hosts: rows 4:7 of the global batch are exactly what a host reading 4:7 gets.
+    for step in (0, 11):
+        np.testing.assert_array_equal(a.host_rows(step, slice(4, 7)),
+                                      a.host_rows(step, slice(0, B))[4:7])
+
+
+def test_each_source_reads_its_own_feistel_order(stores):
+    mix, tok = batches(stores, seed=5), data.ByteTokenizer()
+    cfg = mixture_cfg(stores)
+    for i, name in enumerate(mix.names):
+        own = store.open_split(cfg, tok, "train", path=str(stores / name))
+        n = len(own)
+        by_epoch, rows, step = {0: [], 1: [], 2: []}, [], 0
+        while mix.cumulative(step)[i] < 2 * n:  # two epochs of this source
+            source, ids = mix.locate(step)
+            mine = ids[source == i]
+            # This step's rows of the source: the next positions of its stream, in its order.
+            positions = np.arange(mix.cumulative(step)[i], mix.cumulative(step + 1)[i])
+            want = [store.feistel(positions[positions // n == e] % n, n, 5, e)
+                    for e in np.unique(positions // n)]
+            assert sorted(mine.tolist()) == sorted(np.concatenate(want or [[]]).tolist())
+            batch = mix.host_rows(step, slice(0, B))
+            np.testing.assert_array_equal(batch[source == i], own[mine])
+            for e in np.unique(positions // n):
+                by_epoch[int(e)] += store.feistel(positions[positions // n == e] % n, n, 5,
+                                                  int(e)).tolist()
+            rows += [tuple(r) for r in batch[source == i]]
+            step += 1
+        for epoch in (0, 1):  # every sequence exactly once per epoch
+            assert sorted(by_epoch[epoch]) == list(range(n))
+        assert by_epoch[0] != by_epoch[1]  # each epoch reshuffled
+        assert len(set(rows)) == n and len(rows) >= 2 * n  # by content: n distinct rows
+        assert {source_of(r) for r in rows} == {name}
+
+
+def test_eval_batches_are_each_split_in_order(stores):
+    mix = batches(stores, split="eval")
+    assert not mix.shuffle
+    for step in (0, 1, 5):
+        source, ids = mix.locate(step)
+        start = mix.cumulative(step)
+        for i, rows in enumerate(mix.sequences):
+            want = np.arange(start[i], start[i] + mix.counts(step)[i]) % len(rows)
+            assert sorted(ids[source == i].tolist()) == sorted(want.tolist())
+    np.testing.assert_array_equal(batches(stores, split="eval").host_rows(2, slice(0, B)),
+                                  mix.host_rows(2, slice(0, B)))
+
+
+@pytest.mark.parametrize("spec,problem", [
+    ("a:0.3,b", "entry 'b': no weight"),
+    ("a:0.3,b:x", "entry 'b:x': no weight"),
+    ("a:0.3,b:nan", "entry 'b:nan': no weight"),
+    ("a:0.3,b:inf", "entry 'b:inf': no weight"),
+    ("a:0.3,b:1/0", "entry 'b:1/0': no weight"),
+    ("a:0.3,b:0", "entry 'b:0': weight 0 is not > 0"),
+    ("a:0.3,b:-0.7", "entry 'b:-0.7': weight -0.7 is not > 0"),
+    ("a:0.3,:0.7", "entry ':0.7' names no store"),
+    ("a:0.3,,b:0.7", "entry '' names no store"),
+    ("a:0.5,a:0.5", "store 'a' appears twice"),
+])
+def test_bad_mixture_strings_are_refused_in_one_line(spec, problem):
+    cfg = cfg_of(source="prepared", mixture=spec)
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.check_data(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"data.mixture={spec!r}: {problem}")
+    assert msg.endswith("allowed: " + config_lib.MIXTURE_FORM)
+
+
+def test_mixture_needs_prepared_source_and_no_path():
+    with pytest.raises(config_lib.ConfigError, match=r"^data.mixture='a:1': needs "
+                       r"data.source='prepared'.*data.mixture='' \(one source\)$"):
+        config_lib.check_data(cfg_of(mixture="a:1"))
+    with pytest.raises(config_lib.ConfigError, match=r"^data.path='x': unused with "
+                       r"data.mixture.*allowed: ''$"):
+        config_lib.check_data(cfg_of(source="prepared", path="x", mixture="a:1"))
+    assert config_lib.parse_mixture("a:3, b/c:7") == [("a", Fraction(3, 10)),
+                                                       ("b/c", Fraction(7, 10))]
+    assert config_lib.parse_mixture("x:y/z:1") == [("x:y/z", 1)]  # a ':' in a path
+    config_lib.check_data(cfg_of(source="prepared", mixture="a:1"))  # files: checked on open
+
+
+def test_bad_stores_are_refused_in_one_line(stores, tmp_path):
+    tok = data.ByteTokenizer()
+    cfg = mixture_cfg(stores, {"code": 0.5, "nope": 0.5})
+    with pytest.raises(config_lib.ConfigError, match=r"^data.mixture entry '.*nope': no such "
+                       "folder; allowed: a folder written by python -m moejax.data prepare$"):
+        data.make_batches(cfg, tok, "train", 0)
+    with pytest.raises(config_lib.ConfigError, match=r"^data.mixture entry '.*code': the eval "
+                       r"split holds \d+ sequences .*allowed: at least data.batch_size=1000 "):
+        data.make_batches(mixture_cfg(stores, batch_size=1000), tok, "eval", 0)
+    with pytest.raises(config_lib.ConfigError, match=r"^data.eval_fraction=0.1: the store "
+                       r"data.mixture entry '.*code' holds out 0.2; allowed: 0.2 "):
+        data.make_batches(mixture_cfg(stores, eval_fraction=0.1), tok, "train", 0)
+    pytest.importorskip("tokenizers")
+    from tests.test_store import hf_tokenizer_file
+
+    path = hf_tokenizer_file(tmp_path)
+    with pytest.raises(config_lib.ConfigError) as e:
+        data.make_batches(mixture_cfg(stores, tokenizer=path), data.make_tokenizer(path),
+                          "train", 0)
+    assert "\n" not in str(e.value) and str(e.value).startswith(
+        "data.mixture entry ") and "prepared with tokenizer 'byte'" in str(e.value)
