@@ -250,9 +250,13 @@ class Batches:
         return self.order(epoch, positions) if self.shuffle else positions
 
     def order(self, epoch: int, positions: np.ndarray) -> np.ndarray:
-        """The sequence ids at `positions` of epoch `epoch`'s shuffled order."""
-        n = len(self.sequences)
-        return np.random.default_rng([self.seed, epoch]).permutation(n)[positions]
+        """The sequence ids at `positions` of epoch `epoch`'s shuffled order (the epoch's
+        permutation kept: drawing it costs O(n) and every step of the epoch reads it)."""
+        cached = getattr(self, "_cached", None)  # one tuple: a reader never sees half of it
+        if cached is None or cached[0] != epoch:
+            n = len(self.sequences)
+            cached = self._cached = epoch, np.random.default_rng([self.seed, epoch]).permutation(n)
+        return cached[1][positions]
 
     def host_rows(self, step: int, rows: slice) -> np.ndarray:
         """This host's rows `rows` of global batch `step`: [rows, seq_len + 1]."""

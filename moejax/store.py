@@ -258,6 +258,9 @@ def _eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+BATCH = 128  # documents per tokenizer call, per write and per read-back
+
+
 def shard_size(documents: int) -> int:
     """Documents per shard: about 20 shards (20 progress lines), 5,000 to 100,000 each."""
     return max(1, min(100_000, max(5_000, -(-documents // 20))))
@@ -314,12 +317,16 @@ def prepare(cfg, out: str, num_proc: int, print_fn=print) -> dict:
             shard = docs.select(range(start, stop))
             procs = min(num_proc, stop - start)
             os.makedirs(cache, exist_ok=True)
-            tokens = shard.map(function, batched=True, batch_size=256, with_indices=True,
+            # Rows in flight are bounded in documents, not bytes: BATCH of them per process in
+            # map's writer and in the read-back below, so a corpus of 1 MB files holds
+            # ~BATCH MB of text (and 4x that in int32 ids) per process, not a shard's worth.
+            tokens = shard.map(function, batched=True, batch_size=BATCH, with_indices=True,
+                               writer_batch_size=BATCH,
                                fn_kwargs={"offset": start}, remove_columns=shard.column_names,
                                features=features, num_proc=procs if procs > 1 else None,
                                cache_file_name=os.path.join(cache, "shard.arrow"),
                                new_fingerprint=f"prepare-{start}", load_from_cache_file=False)
-            for table in tokens.with_format("arrow").iter(batch_size=4096):
+            for table in tokens.with_format("arrow").iter(batch_size=BATCH):
                 held_out = table.column("eval").to_numpy(zero_copy_only=False)
                 ids = table.column("ids")
                 text_bytes += int(np.sum(table.column("bytes").to_numpy()))
