@@ -5,11 +5,13 @@
 Order of work: check the config, workdir, tokenizer, data and any checkpoint's shapes (nothing
 compiled yet) -> model and optimizer (sharded) -> resume from the newest intact checkpoint in
 workdir, if any, else start from a dense run's (train.init_from: sparse upcycling) -> loop
-(step, log, eval, checkpoint). See docs/reliability.md for what happens on SIGTERM, damaged
-checkpoints, non-finite steps, Ctrl-C and a second run on the same workdir.
+(step, log, eval, checkpoint; a thread reads the next batches meanwhile: moejax/prefetch.py).
+See docs/reliability.md for what happens on SIGTERM, damaged checkpoints, non-finite steps,
+Ctrl-C and a second run on the same workdir.
 """
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -26,6 +28,9 @@ from moejax.flops import device_peak_flops, train_flops_per_token
 from moejax.metrics import CollapseAlarm, Progress, Writer, format_eta
 from moejax.model import moe_layer_ids
 from moejax.params import bytes_per_device, param_counts, precision_line
+from moejax.prefetch import Prefetcher
+
+PREFETCH = 2  # train batches built ahead, while the steps before them run; 0: in the loop
 
 
 def global_batch(batches, step: int, sharding, shape: tuple[int, int]):
@@ -139,6 +144,8 @@ def train(config, workdir: str) -> dict:
         f"{'; host malloc keeps freed memory (moejax/hostmem.py)' if hostmem.kept else ''}\n"
         f"global batch: {config.data.batch_size} x {seq_len} = {tokens_per_step} tokens; "
         f"{flops_per_token / 1e6:.1f} MFLOP per token")
+    if (mix := data.mixture_line(train_data, tc.steps)) is not None:
+        writer.print(mix)
     for line in state.undivided(setup):
         writer.print(f"not split (the mesh axis does not divide it): {line}")
     if jax.process_index() == 0:
@@ -167,9 +174,14 @@ def train(config, workdir: str) -> dict:
              if moe_layers and tc.collapse_threshold > 0 else None)
     if start_step == 0:
         evaluate(0)
-    with preemption_notice() as preempted, contextlib.closing(ckpt), contextlib.closing(writer):
+    # Step s takes batch s - 1; a thread reads and assembles the next ones while it runs.
+    make_batch = functools.partial(global_batch, train_data, sharding=token_sharding,
+                                   shape=shape)
+    with (preemption_notice() as preempted, contextlib.closing(ckpt),
+          contextlib.closing(writer),
+          Prefetcher(make_batch, start_step, last, PREFETCH) as batches):
         for step in range(start_step + 1, last + 1):
-            batch = global_batch(train_data, step - 1, token_sharding, shape)
+            batch = batches.get(step - 1)
             started = time.perf_counter()
             train_state, metrics = step_fn(train_state, batch, jnp.int32(step - 1))
             if step == start_step + 1:
@@ -177,6 +189,7 @@ def train(config, workdir: str) -> dict:
                 writer.print(f"compiled train step in {time.perf_counter() - started:.1f} s")
                 jax.block_until_ready(metrics)
                 progress.start(step)
+                batches.waited_ms()  # so the data wait counts over the same steps as the rates
             pending[step] = metrics["loss"], metrics["skipped"]
             log = step % tc.log_every == 0 or step == last
             stop = preempted(step)
@@ -208,6 +221,7 @@ def train(config, workdir: str) -> dict:
                 if perf:
                     values["perf/tokens_per_s"] = perf["perf/tokens_per_s"]
                     values["perf/step_ms"] = perf["perf/step_ms"]
+                    values["perf/data_wait_ms"] = batches.waited_ms()  # > 0: input-bound
                 if perf and peak:
                     achieved = perf["perf/tokens_per_s"] * flops_per_token / jax.device_count()
                     values["perf/mfu"] = achieved / peak
@@ -221,7 +235,8 @@ def train(config, workdir: str) -> dict:
                 writer.scalars(step, values)
                 writer.print(f"step {step}/{tc.steps} loss {m['loss']:.4f}" + (
                     f" tok/s {perf['perf/tokens_per_s']:,.0f} step {perf['perf/step_ms']:.0f} "
-                    f"ms ETA {format_eta(perf['eta_s'])}" if perf else ""))
+                    f"ms (data wait {values['perf/data_wait_ms']:.0f} ms) ETA "
+                    f"{format_eta(perf['eta_s'])}" if perf else ""))
 
             eval_loss = evaluate(step) if step % tc.eval_every == 0 or step == tc.steps else None
             if save:

@@ -209,10 +209,11 @@ def resumed(tmp_path_factory):
         return batches
 
     data.make_batches = make_batches
+    prefetch, train.PREFETCH = train.PREFETCH, 0  # the loop itself reads step 2's batch
     try:
         first = run(smoke(**FAST), workdir)
     finally:
-        data.make_batches = real
+        data.make_batches, train.PREFETCH = real, prefetch
     saved = Checkpoints(str(workdir), 2, False).latest.all_steps()
     metrics = workdir / "metrics.jsonl"
     logged = metrics.read_text()
