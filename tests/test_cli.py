@@ -221,8 +221,8 @@ def test_help_prints_the_usage_and_exits_0(module, flag, listed):
     assert "\n\n\n" not in out.stdout and "Nothing is allocated" not in out.stdout  # the summary
 
 
-ALLOWED_GENERATE = ("--workdir, --prompt, --tokens, --temperature, --top_p, --seed, --hf_tokenizer, "
-                    "--quantize")
+ALLOWED_GENERATE = ("--workdir, --prompt, --tokens, --temperature, --top_p, --seed, "
+                    "--hf_tokenizer, --quantize")
 ALLOWED_LAYER = ("--experts, --tokens, --d_model, --d_ff, --top_k, --capacity_factor, --dtype, "
                  "--dispatch, --repeats")
 BAD_INPUTS = [  # module, arguments, the whole message (what stderr shows); {tmp}: tmp_path
