@@ -15,11 +15,6 @@ from flax import nnx
 from moejax import quant, state
 from moejax.moe.layer import ExpertParam
 
-# Weight-only quantized inference of the routed experts (moejax/quant.py): bits per weight
-# and the scales' dtype; the other weights stay bfloat16 (the router float32).
-WEIGHT_ONLY = {"int8": {"bits": 8, "scale_dtype": "float32"},
-               "int4": {"bits": 4, "scale_dtype": "float32"}}
-
 
 def precision(config) -> dict:
     """The dtypes `config` trains with: the one place that reads the keys. AdamW's second
@@ -135,16 +130,17 @@ def train_rows(params: dict, opt_state, setting: dict) -> list[dict]:
 
 def inference_rows(params: dict, setting: dict) -> list[dict]:
     """Bytes per device of the weights `generate` and export hold, on the same layout: all in
-    float32, all in bfloat16, and the routed experts weight-only int8 / int4 (WEIGHT_ONLY)
+    float32, all in bfloat16, and the routed experts weight-only int8 / int4 (quant.WEIGHT_ONLY)
     beside the other weights in bfloat16. `params` as for train_rows."""
     rows = []
     for name, p_dtype in (("float32", "float32"), ("bfloat16", "bfloat16"),
                           ("int8", "bfloat16"), ("int4", "bfloat16")):
         experts, other = split_experts(params[p_dtype])
-        q = WEIGHT_ONLY.get(name)
-        b = {"experts": bytes_per_device([v for v, _ in experts], q["bits"] if q else 0),
-             "scales": scale_elements(experts, name) * np.dtype(
-                 q["scale_dtype"]).itemsize if q else 0,
+        q = quant.WEIGHT_ONLY.get(name)  # the qtype, as quant.quantize_weight stores it
+        b = {"experts": bytes_per_device([v for v, _ in experts],
+                                         jax.dtypes.itemsize_bits(q) if q else 0),
+             "scales": scale_elements(experts, name) * np.dtype(quant.SCALE_DTYPE).itemsize
+             if q else 0,
              "other": bytes_per_device(other)}
         b["total"] = sum(b.values())
         rows.append({"name": name, "bytes": b, "own": name == setting["params"]})

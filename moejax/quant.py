@@ -115,6 +115,7 @@ _ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
 # one scale per output channel; int4 one per INT4_GROUP consecutive inputs of a channel, since
 # a 15-level grid over a whole channel loses its small weights.
 WEIGHT_ONLY = {"int8": jnp.int8, "int4": jnp.int4}
+SCALE_DTYPE = jnp.float32
 INT4_GROUP = 128
 
 
@@ -132,7 +133,7 @@ def quantize_weight(w: jax.Array, name: str, axis: int) -> qwix.QArray:
     qtype = WEIGHT_ONLY[name]
     tiles = {axis: weight_group(w.shape[axis], name)} if name == "int4" else None
     return qwix.quantize(w.astype(jnp.float32), qtype, channelwise_axes=other, tiled_axes=tiles,
-                         calibration_method=calibration(qtype), scale_dtype=jnp.float32)
+                         calibration_method=calibration(qtype), scale_dtype=SCALE_DTYPE)
 
 
 def quantize_experts(model, name: str) -> None:
