@@ -65,6 +65,7 @@ def get_config(arg=None):
             hub_config="sample-10BT",
             split="train",
             streaming=True,
+            shuffle_buffer=1024,  # streaming: train rows drawn from this many per host; 0: in order
             text_key="text",
             eval_fraction=0.05,
             tokenizer="mistralai/Mixtral-8x7B-v0.1",

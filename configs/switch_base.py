@@ -61,6 +61,7 @@ def get_config(arg=None):
             hub_config="en",
             split="train",
             streaming=True,
+            shuffle_buffer=1024,  # streaming: train rows drawn from this many per host; 0: in order
             text_key="text",
             eval_fraction=0.05,
             tokenizer="google-t5/t5-base",

@@ -75,6 +75,7 @@ def get_config(arg=None):
             hub_config="",
             split="train",
             streaming=False,
+            shuffle_buffer=256,  # streaming: train rows drawn from this many per host; 0: in order
             text_key="text",
             eval_fraction=0.05,
             tokenizer="byte",

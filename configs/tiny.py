@@ -74,6 +74,7 @@ def get_config(arg=None):
             hub_config="",  # hub: the dataset's config name
             split="train",
             streaming=False,  # hub: stream instead of downloading the whole set
+            shuffle_buffer=256,  # streaming: train rows drawn from this many per host; 0: in order
             text_key="text",
             eval_fraction=0.05,  # held out for eval: whole documents, long ones in chunks
             tokenizer="byte",  # byte | a Hugging Face tokenizer name or path

@@ -18,13 +18,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from moejax import stream
 from moejax.config_lib import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
 
 def handlers():
-    return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+            "stream": stream.PositionHandler()}
 
 
 class Checkpoints:
@@ -48,9 +50,13 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
-    def save(self, step: int, state, meta: dict, eval_loss: float | None = None):
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  meta=ocp.args.JsonSave(meta))
+    def save(self, step: int, state, meta: dict, eval_loss: float | None = None,
+             position: dict | None = None):
+        """`position`: this process's train stream position before batch `step`, if any."""
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if position is not None:
+            items["stream"] = stream.PositionSave(position)
+        args = ocp.args.Composite(**items)
         self.latest.save(step, args=args, force=True)
         # A run resumed from before a broken checkpoint computes the best one's step again.
         if (self.best is not None and eval_loss is not None
@@ -61,11 +67,14 @@ class Checkpoints:
 
     def restore(self, step: int, like, mgr: ocp.CheckpointManager | None = None):
         """Restore `step` of `mgr` (default: latest) into arrays shaped and sharded like
-        `like` (any mesh)."""
+        `like` (any mesh); meta["stream"] is this process's saved stream position or None."""
+        mgr = mgr or self.latest
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        out = (mgr or self.latest).restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        return out.state, out.meta
+        items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        if (mgr.directory / str(step) / "stream").exists():
+            items["stream"] = stream.PositionRestore()
+        out = mgr.restore(step, args=ocp.args.Composite(**items))
+        return out.state, {**out.meta, "stream": out.get("stream")}
 
     def restore_latest(self, like, restart_if_damaged: bool = False):
         """(state, meta) of the newest checkpoint that restores, else of the best one in best/;

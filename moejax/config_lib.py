@@ -208,6 +208,9 @@ def check_data(d) -> None:
             "a folder written by python -m moejax.data prepare"))
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction!r}: must be in [0, 1)")
+    if not d.shuffle_buffer >= 0:
+        raise ConfigError(f"data.shuffle_buffer={d.shuffle_buffer!r}: must be >= 0 (rows; "
+                          "0: a stream's rows in order)")
 
 
 MIXTURE_FORM = ("comma-separated STORE_DIR:WEIGHT entries of distinct prepared stores, "

@@ -17,7 +17,8 @@ Batch order is a function of (seed, step) alone: step s takes sequences s*B .. s
 seeded permutation of the epoch (of a prepared store: a Feistel bijection, computed per
 position, never held), so a resumed run reads exactly the batches it would have read, and
 every host, whatever the number of hosts, agrees on the global batch. Each host reads only
-its own rows of it.
+its own rows of it. A streamed source (data.streaming) is read in order by each host, through
+a shuffle buffer, and where it stands is saved with each checkpoint: moejax/stream.py.
 """
 
 import glob
@@ -273,48 +274,6 @@ class StoreBatches(Batches):
         return store.feistel(positions, len(self.sequences), self.seed, epoch)
 
 
-class StreamBatches:
-    """Batches from a streamed dataset too large to hold: each host streams its own 1/P of the
-    documents (`split_dataset_by_node`) and packs its rows on the fly.
-
-    Order is deterministic given (seed, step) for a fixed number of hosts; resuming at step s
-    re-reads the stream and skips the s * rows sequences already consumed.
-    """
-
-    def __init__(self, cfg, tokenizer, split: str):
-        self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
-        self.next_step, self.rows_iter = None, None
-
-    def _sequences(self):
-        import jax
-        from datasets.distributed import split_dataset_by_node
-
-        ds = split_dataset_by_node(hf_dataset(self.cfg, streaming=True),
-                                   rank=jax.process_index(), world_size=jax.process_count())
-        buffer = np.zeros((0,), np.int32)
-        width = self.cfg.seq_len + 1
-        for i, example in enumerate(ds):
-            for part in split_parts(str(i), example[self.cfg.text_key], self.cfg.eval_fraction,
-                                    self.split):
-                buffer = np.concatenate([buffer, self.tokenizer.encode(part),
-                                         [self.tokenizer.eos_id]])
-                while len(buffer) >= width:
-                    yield buffer[:width]
-                    buffer = buffer[width:]
-
-    def host_rows(self, step: int, rows: slice) -> np.ndarray:
-        count = rows.stop - rows.start
-        if step != self.next_step:  # first call, a resume or a new eval pass: (re)start
-            self.rows_iter = self._sequences()
-            for _ in range(step * count):
-                next(self.rows_iter)
-        self.next_step = step + 1
-        out = [next(self.rows_iter, None) for _ in range(count)]
-        if out[-1] is None:
-            raise ValueError(f"data: the {self.split} stream ran out at step {step}")
-        return np.stack(out)
-
-
 def make_batches(cfg, tokenizer, split: str, seed: int):
     """Training batches are shuffled; eval batches are the first ones of the held-out split.
     A data.mixture gives weighted batches of several prepared stores (moejax/mixture.py)."""
@@ -330,8 +289,10 @@ def make_batches(cfg, tokenizer, split: str, seed: int):
         if cfg.source == "files":
             check_path(cfg)
         if cfg.streaming:
+            from moejax.stream import StreamBatches
+
             hf_dataset(cfg, streaming=True)  # its checks (files, text_key) before compiling
-            return StreamBatches(cfg, tokenizer, split)
+            return StreamBatches(cfg, tokenizer, split, seed)
         sequences, kind = pack(load_documents(cfg, split), tokenizer, cfg.seq_len), Batches
     if len(sequences) < cfg.batch_size:
         key = "data.source='stdlib'" if cfg.source == "stdlib" else f"data.path={cfg.path!r}"

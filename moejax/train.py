@@ -29,6 +29,7 @@ from moejax.metrics import CollapseAlarm, Progress, Writer, format_eta
 from moejax.model import moe_layer_ids
 from moejax.params import bytes_per_device, param_counts, precision_line
 from moejax.prefetch import Prefetcher
+from moejax.stream import StreamBatches
 
 PREFETCH = 2  # train batches built ahead, while the steps before them run; 0: in the loop
 
@@ -114,9 +115,12 @@ def train(config, workdir: str) -> dict:
                 f"allowed: > {start_step}" + (" or 0 (never)" if key == "train.stop_at" else ""))
     # A fresh start evaluates step 0 again; a resumed one logs from the step after its own.
     writer = Writer(workdir, start_step + 1 if restored else 0)
+    streamed = isinstance(train_data, StreamBatches)  # its position is saved with the state
     if restored:
         train_state = restored[0]
         writer.print(f"resumed from {workdir} at step {start_step}")
+        if streamed:
+            train_data.restore(restored[1]["stream"], start_step)
         for line in workdir_lib.config_changes(workdir, config):
             writer.print(line)
     else:
@@ -241,7 +245,7 @@ def train(config, workdir: str) -> dict:
             eval_loss = evaluate(step) if step % tc.eval_every == 0 or step == tc.steps else None
             if save:
                 ckpt.save(step, train_state, {"step": step, "tokens_seen": step * tokens_per_step},
-                          eval_loss)
+                          eval_loss, train_data.position(step) if streamed else None)
             if stop:
                 writer.print(f"{stop}: saved step {step} in {workdir}; run the same "
                              "command again to resume")

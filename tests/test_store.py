@@ -330,25 +330,6 @@ def test_prepare_as_a_process_prints_one_line(tmp_path):
 
 # --- resume: exact, to the bit -------------------------------------------------------------
 
-@pytest.fixture
-def compile_cache(tmp_path):
-    """XLA's persistent cache for one test: the three runs below compile the same two programs,
-    and only the first compiles them (a cached executable is the same program, bit for bit)."""
-    import jax
-    from jax._src import compilation_cache
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    before = {key: getattr(jax.config, key) for key in keys}
-    for key, value in zip(keys, (str(tmp_path / "xla"), 0.0, 0), strict=True):
-        jax.config.update(key, value)
-    compilation_cache.reset_cache()
-    yield
-    for key, value in before.items():
-        jax.config.update(key, value)
-    compilation_cache.reset_cache()
-
-
 def test_resume_on_a_prepared_store_is_exact(tmp_path, stdlib_store, compile_cache):
     from moejax.train import train_and_evaluate
 
