@@ -304,14 +304,6 @@ def make_batches(cfg, tokenizer, split: str, seed: int):
     return kind(sequences, cfg.batch_size, seed, shuffle=split == "train")
 
 
-def mixture_line(batches, steps: int) -> str | None:
-    """"data mixture over N steps: code 0.300 (weight 0.300, 9.6 of 32 rows/step avg), ...":
-    the proportions steps 0 .. steps-1 of a data.mixture realise; None for one source."""
-    from moejax import mixture
-
-    return mixture.line(batches, steps)
-
-
 def main(argv=None):
     from absl import flags
     from ml_collections import config_flags

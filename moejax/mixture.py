@@ -135,3 +135,12 @@ def line(batches, steps: int) -> str | None:
              "rows/step avg)" for name, w, r in zip(batches.names, batches.weights, rows,
                                                     strict=True)]
     return f"data mixture over {steps:,} steps: " + ", ".join(parts)
+
+
+def scalars(batches, step: int) -> dict[str, float]:
+    """{'data/mix/NAME': NAME's share of the rows of batches 0 .. step-1}, what TensorBoard
+    shows at step `step` (which took batch step - 1); {} if not a mixture."""
+    if not isinstance(batches, MixtureBatches) or step < 1:
+        return {}
+    rows = batches.cumulative(step) / (step * batches.batch_size)
+    return {f"data/mix/{name}": float(r) for name, r in zip(batches.names, rows, strict=True)}

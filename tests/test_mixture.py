@@ -1,5 +1,6 @@
 """Issue #22, item 4: weighted mixtures of prepared stores (moejax/mixture.py)."""
 
+import json
 from fractions import Fraction
 
 import numpy as np
@@ -68,14 +69,16 @@ def test_proportions_over_1000_steps_are_the_weights(stores):
     for name, w in WEIGHTS.items():
         assert abs(realised[name] / w - 1) < 0.01, realised
     assert dict(zip(mix.names, mix.cumulative(1000).tolist(), strict=True)) == seen
-    assert data.mixture_line(mix, 1000) == (
+    assert mixture.line(mix, 1000) == (
         "data mixture over 1,000 steps: "
         f"code {realised['code']:.3f} (weight 0.250, {seen['code'] / 1000:.1f} of 10 rows/step "
         f"avg), web {realised['web']:.3f} (weight 0.600, {seen['web'] / 1000:.1f} of 10 "
         f"rows/step avg), math {realised['math']:.3f} (weight 0.150, "
         f"{seen['math'] / 1000:.1f} of 10 rows/step avg)")
+    # What TensorBoard shows at step 1000 (data/mix/NAME): the same shares.
+    assert mixture.scalars(mix, 1000) == {f"data/mix/{name}": r for name, r in realised.items()}
     single = data.make_batches(cfg_of(), data.ByteTokenizer(), "eval", 0)
-    assert data.mixture_line(single, 10) is None
+    assert mixture.line(single, 10) is None and mixture.scalars(single, 10) == {}
 
 
 @pytest.mark.parametrize("weights", [[Fraction(1, 3)] * 3, [0.3, 0.7], [0.01, 0.99],
@@ -209,3 +212,18 @@ def test_bad_stores_are_refused_in_one_line(stores, tmp_path):
                           "train", 0)
     assert "\n" not in str(e.value) and str(e.value).startswith(
         "data.mixture entry ") and "prepared with tokenizer 'byte'" in str(e.value)
+
+
+def test_training_on_a_mixture_logs_the_proportions_so_far(stores, tmp_path):
+    from moejax.train import train_and_evaluate
+
+    config = tiny.get_config("smoke")
+    config.data.update(source="prepared", mixture=mixture_cfg(stores).mixture, eval_fraction=0.2)
+    config.train.update(steps=2, warmup_steps=1, log_every=1, eval_every=2, eval_batches=1)
+    train_and_evaluate(config, str(tmp_path / "run"))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        logged = {row["step"]: {k: v for k, v in row.items() if k.startswith("data/mix/")}
+                  for row in map(json.loads, f) if "train/loss" in row}
+    mix = data.make_batches(config.data, data.ByteTokenizer(), "train", config.seed)
+    assert logged == {step: mixture.scalars(mix, step) for step in (1, 2)}
+    assert sorted(logged[2]) == ["data/mix/code", "data/mix/math", "data/mix/web"]

@@ -94,8 +94,15 @@ def test_checkpoint_moves_between_process_counts(tmp_path, first, second):
 
 
 def test_killed_process_stops_the_others_and_relaunch_resumes(tmp_path):
+    """... from a streamed dataset: each process reads on from its own saved position."""
+    from tests.test_stream import write_shards
+
+    docs = write_shards(tmp_path.parent / f"{tmp_path.name}-docs", docs=200)
+    streamed = ["--config.data.source=files", f"--config.data.path={docs}/*.jsonl",
+                "--config.data.format=json", "--config.data.text_key=body",
+                "--config.data.streaming=True", "--config.data.eval_fraction=0.2"]
     long = ["--config.train.steps=100000", "--config.train.ckpt_every=20",
-            "--config.train.eval_every=100000", "--config.train.log_every=10"]
+            "--config.train.eval_every=100000", "--config.train.log_every=10", *streamed]
     procs = start(tmp_path, 2, *long)
     ckpts = tmp_path / "checkpoints"
     deadline = time.time() + 300
@@ -116,9 +123,12 @@ def test_killed_process_stops_the_others_and_relaunch_resumes(tmp_path):
 
     saved = sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit())
     assert saved
+    assert sorted(n for n in os.listdir(ckpts / str(saved[-1]) / "stream") if
+                  n.endswith(".npz")) == ["process_0-of-2.npz", "process_1-of-2.npz"]
     outs = run(tmp_path, 2, "--config.train.steps=100000",
-               f"--config.train.stop_at={saved[-1] + 2}", "--config.train.log_every=1")
+               f"--config.train.stop_at={saved[-1] + 2}", "--config.train.log_every=1", *streamed)
     assert f"resumed from {tmp_path} at step {saved[-1]}" in outs[0]
+    assert not any("skipping" in out for out in outs)  # both read on from their positions
 
 
 def test_a_held_workdir_refuses_every_process_and_ctrl_c_saves_on_all(tmp_path):
