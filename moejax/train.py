@@ -22,8 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from moejax import (cli, config_lib, data, hostmem, mixture, parallel, state, upcycle,
-                    workdir as workdir_lib)
+from moejax import (
+    cli,
+    config_lib,
+    data,
+    hostmem,
+    mixture,
+    parallel,
+    state,
+    upcycle,
+    workdir as workdir_lib,
+)
 from moejax.checkpoint import Checkpoints
 from moejax.flops import device_peak_flops, train_flops_per_token
 from moejax.metrics import CollapseAlarm, Progress, Writer, format_eta
