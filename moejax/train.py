@@ -22,20 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from moejax import (
-    cli,
-    config_lib,
-    data,
-    hostmem,
-    mixture,
-    parallel,
-    state,
-    upcycle,
-    workdir as workdir_lib,
-)
+from moejax import cli, config_lib, data, hostmem, parallel, state, upcycle, workdir as workdir_lib
 from moejax.checkpoint import Checkpoints
 from moejax.flops import device_peak_flops, train_flops_per_token
 from moejax.metrics import CollapseAlarm, Progress, Writer, format_eta
+from moejax.mixture import line as mixture_line, scalars as mixture_scalars
 from moejax.model import moe_layer_ids
 from moejax.params import bytes_per_device, param_counts, precision_line
 from moejax.prefetch import Prefetcher
@@ -158,7 +149,7 @@ def train(config, workdir: str) -> dict:
         f"{'; host malloc keeps freed memory (moejax/hostmem.py)' if hostmem.kept else ''}\n"
         f"global batch: {config.data.batch_size} x {seq_len} = {tokens_per_step} tokens; "
         f"{flops_per_token / 1e6:.1f} MFLOP per token")
-    if (mix := mixture.line(train_data, tc.steps)) is not None:
+    if (mix := mixture_line(train_data, tc.steps)) is not None:
         writer.print(mix)
     for line in state.undivided(setup):
         writer.print(f"not split (the mesh axis does not divide it): {line}")
@@ -236,7 +227,7 @@ def train(config, workdir: str) -> dict:
                     values["perf/tokens_per_s"] = perf["perf/tokens_per_s"]
                     values["perf/step_ms"] = perf["perf/step_ms"]
                     values["perf/data_wait_ms"] = batches.waited_ms()  # > 0: input-bound
-                values.update(mixture.scalars(train_data, step))  # the realised proportions
+                values.update(mixture_scalars(train_data, step))  # the realised proportions
                 if perf and peak:
                     achieved = perf["perf/tokens_per_s"] * flops_per_token / jax.device_count()
                     values["perf/mfu"] = achieved / peak
