@@ -67,14 +67,15 @@ class Checkpoints:
 
     def restore(self, step: int, like, mgr: ocp.CheckpointManager | None = None):
         """Restore `step` of `mgr` (default: latest) into arrays shaped and sharded like
-        `like` (any mesh); meta["stream"] is this process's saved stream position or None."""
+        `like` (any mesh); meta["stream"], where the checkpoint holds stream positions, is
+        this process's (None: saved by another number of processes)."""
         mgr = mgr or self.latest
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
         if (mgr.directory / str(step) / "stream").exists():
             items["stream"] = stream.PositionRestore()
         out = mgr.restore(step, args=ocp.args.Composite(**items))
-        return out.state, {**out.meta, "stream": out.get("stream")}
+        return out.state, {**out.meta, **({"stream": out.stream} if "stream" in items else {})}
 
     def restore_latest(self, like, restart_if_damaged: bool = False):
         """(state, meta) of the newest checkpoint that restores, else of the best one in best/;

@@ -121,7 +121,7 @@ def train(config, workdir: str) -> dict:
         train_state = restored[0]
         writer.print(f"resumed from {workdir} at step {start_step}")
         if streamed:
-            train_data.restore(restored[1]["stream"], start_step)
+            train_data.restore(restored[1].get("stream"), start_step)
         for line in workdir_lib.config_changes(workdir, config):
             writer.print(line)
     else:

@@ -161,7 +161,7 @@ def test_step_compiles_once_and_keeps_the_layout():
     assert step_fn._cache_size() == 1
 
 
-def test_checkpoint_restores_onto_other_layouts(tmp_path):
+def test_checkpoint_restores_onto_other_layouts(tmp_path, compile_cache):
     config = small(num_layers=1)
     config.model.vocab_size = 260  # real byte-tokenized data: its 257 ids, a multiple of tensor
     config.train.update(ckpt_every=3, eval_every=6)

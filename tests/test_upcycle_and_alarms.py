@@ -15,7 +15,7 @@ from moejax.train import train_and_evaluate
 from tests.test_train import smoke
 
 
-def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch):
+def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch, compile_cache):
     restored = []
     restore = ocp.CheckpointManager.restore
     monkeypatch.setattr(ocp.CheckpointManager, "restore",
