@@ -36,12 +36,16 @@ class StreamBatches:
         self.positions = {}  # step -> the position before it: the last KEEP of them
         self.kept = {}  # eval: step -> rows, every pass asks for the same ones
 
-    def _dataset(self):
+    def _read(self, dataset_state: dict | None):
+        """Iterate this host's part of the documents from `dataset_state` (None: the first)."""
         import jax
         from datasets.distributed import split_dataset_by_node
 
-        return split_dataset_by_node(hf_dataset(self.cfg, streaming=True),
-                                     rank=jax.process_index(), world_size=jax.process_count())
+        self.ds = split_dataset_by_node(hf_dataset(self.cfg, streaming=True),
+                                        rank=jax.process_index(), world_size=jax.process_count())
+        if dataset_state is not None:
+            self.ds.load_state_dict(dataset_state)
+        self.docs = iter(self.ds)
 
     def _open(self, position: dict | None, step: int):
         """Open the stream at `position` (None: its start) as the one before batch `step`."""
@@ -57,10 +61,7 @@ class StreamBatches:
         self.buffer = list(position["buffer"])
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = position["rng"]
-        self.ds = self._dataset()
-        if position["dataset"] is not None:
-            self.ds.load_state_dict(position["dataset"])
-        self.docs = iter(self.ds)
+        self._read(position["dataset"])
         self.next_step, self.positions = step, {step: position}
 
     def _position(self) -> dict:
@@ -79,8 +80,7 @@ class StreamBatches:
                 if self.split == "eval" or not self.epoch_tokens:
                     raise ValueError(f"data: the {self.split} stream ran out (it holds "
                                      f"{self.epoch_tokens} {self.split} tokens per pass)")
-                self.ds = self._dataset()  # epoch + 1, from the first document
-                self.docs = iter(self.ds)
+                self._read(None)  # epoch + 1, from the first document
                 self.epoch, self.documents, self.epoch_tokens = self.epoch + 1, 0, 0
                 continue
             # Membership in a split goes by the document's index in this host's stream.
