@@ -9,8 +9,9 @@ test:
 test-slow:
 	python -m pytest -q -m slow --durations=5 tests
 
-lint:
+lint:  # style, then the import layers of pyproject.toml's [tool.importlinter]
 	ruff check moejax tests configs
+	lint-imports
 
 bench:
 	python -m moejax.bench layer

@@ -65,10 +65,10 @@ def get_config(arg=None):
         data=dict(
             source="stdlib",  # stdlib | files | hub | prepared (a store of one of them)
             # files: a glob of local files; hub: the dataset name; prepared: the folder that
-            # `python -m moejax.data prepare --config ... --out DIR` wrote (moejax/store.py)
+            # `python -m moejax.data prepare --config ... --out DIR` wrote (moejax/data/store.py)
             path="",
             # Weighted prepared stores instead of data.path (with source=prepared, path=""):
-            # "DIR_A:0.3,DIR_B:0.7", weights normalised; "" = one source (moejax/mixture.py)
+            # "DIR_A:0.3,DIR_B:0.7", weights normalised; "" = one source (moejax/data/mixture.py)
             mixture="",
             format="text",  # files: text | json | parquet
             hub_config="",  # hub: the dataset's config name

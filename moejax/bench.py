@@ -26,12 +26,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import cli, config_lib, data, flops, hostmem, parallel, state
+from moejax import cli, config_lib, parallel
 from moejax.config_lib import ConfigError
-from moejax.moe.experts import capacity_experts, ffn, flat_in
+from moejax.data.text import ByteTokenizer
+from moejax.moe.experts import capacity_experts
+from moejax.moe.ffn import ffn, flat_in
 from moejax.moe.layer import DISPATCHES, MoE, MoEConfig
 from moejax.moe.router import capacity
-from moejax.params import param_counts
+from moejax.run import flops, hostmem, state
+from moejax.run.params import param_counts
 
 
 def round_robin(fns: dict, repeats: int) -> dict:
@@ -147,7 +150,7 @@ def vocab_size(config, override: int = 0) -> int:
     if config.model.vocab_size:
         return config.model.vocab_size
     if config.data.tokenizer == "byte":
-        return data.ByteTokenizer.vocab_size
+        return ByteTokenizer.vocab_size
     raise ConfigError(f"model.vocab_size=0 takes the size of tokenizer "
                       f"{config.data.tokenizer!r}, which bench does not load; pass "
                       "--vocab_size N")

@@ -120,12 +120,12 @@ def validate(config, num_devices: int) -> None:
               "needs model.num_shared_experts >= 1 (it gates their output)")
         check(m.dispatch == "capacity" or m.routing == "tokens", "model.dispatch", m.dispatch,
               "allowed with model.routing=experts: capacity (expert choice never drops)")
-    from moejax.moe.experts import ACTIVATIONS
+    from moejax.moe.ffn import ACTIVATIONS
 
     one_of("model.activation", m.activation, tuple(ACTIVATIONS))
     one_of("model.dtype", m.dtype, ("float32", "bfloat16"))
     one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16"))
-    from moejax.quant import QTYPES
+    from moejax.moe.quant import QTYPES
 
     one_of("model.quantization", m.quantization, tuple(QTYPES))
     check(not m.quantize_dense or m.quantization != "none", "model.quantize_dense",
@@ -137,7 +137,8 @@ def validate(config, num_devices: int) -> None:
           "model.num_kv_heads", m.num_kv_heads,
           f"must be a divisor of num_heads={m.num_heads} (0 = num_heads)")
     check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
-    from moejax.model import QK_NORMS, REMAT
+    from moejax.model.attention import QK_NORMS
+    from moejax.model.transformer import REMAT
 
     one_of("model.qk_norm", m.qk_norm, QK_NORMS)
     check(m.dense_d_ff >= 0, "model.dense_d_ff", m.dense_d_ff, "must be >= 0 (0 = d_ff)")

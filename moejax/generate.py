@@ -1,7 +1,7 @@
 """Generate text from the newest checkpoint of a run, with a key-value cache.
 
   python -m moejax.generate --workdir runs/tiny --prompt "def main(" [--prompt ...] [--tokens 200]
-      [--quantize int8|int4]   (the routed experts weight-only: moejax/quant.py)
+      [--quantize int8|int4]   (the routed experts weight-only: moejax/moe/quant.py)
 
 Prompts of any lengths go as one batch: right-padded, prefilled in one call, then decoded one
 token per step for every row at its own position, the whole loop one compiled `while_loop`.
@@ -19,10 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import cli, config_lib, data, parallel, state
-from moejax.checkpoint import read_params
+from moejax import cli, config_lib, parallel
 from moejax.config_lib import ConfigError
-from moejax.params import quantize_experts
+from moejax.data.text import make_tokenizer
+from moejax.run import state
+from moejax.run.checkpoint import read_params
+from moejax.run.params import quantize_experts
 
 BUCKET = 64  # padded prompt length and cache length are multiples of this (<= max_seq_len)
 TRACES = collections.Counter()  # traces (= compilations) of the jitted generate loop
@@ -170,7 +172,7 @@ def main(argv=None):
     if fv.quantize != "none":
         print(f"# {quantize_experts(model, fv.quantize)}")
     with cli.one_line_errors():
-        tokenizer = data.make_tokenizer(fv.hf_tokenizer or config.data.tokenizer)
+        tokenizer = make_tokenizer(fv.hf_tokenizer or config.data.tokenizer)
     texts = fv.prompt or [""]
     # An empty prompt starts where a document starts: after an end-of-document token.
     prompts = [list(map(int, tokenizer.encode(t))) or [tokenizer.eos_id] for t in texts]

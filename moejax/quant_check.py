@@ -17,8 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import cli, data, quant
+from moejax import cli
+from moejax.data import text
+from moejax.data.batches import make_batches
+from moejax.data.loader import read_first
+from moejax.moe import quant
 from moejax.moe.layer import MoE
+from moejax.run.params import quantize_experts
 
 NAMES = ("int8", "int4")
 
@@ -86,7 +91,7 @@ def check(model, tokens, prompts, max_new_tokens: int) -> dict:
     out = {}
     for name in NAMES:
         quantized = copy_of(model)
-        quant.quantize_experts(quantized, name)
+        quantize_experts(quantized, name)
         out[name] = {"layers": layer_errors(model, tokens, name),
                      "next_token": next_token_agreement(model, quantized, tokens),
                      "greedy": greedy_agreement(model, quantized, prompts, max_new_tokens)}
@@ -112,10 +117,10 @@ def main(argv=None):
         cli.positional(cli.parse_flags(argv, __doc__, fv, "workdir"), {})
     config, model, step = load(fv.workdir)
     with cli.one_line_errors():
-        tokenizer = data.make_tokenizer(config.data.tokenizer)
-        held_out = data.make_batches(config.data, tokenizer, "eval", config.seed)
-    rows = slice(0, config.data.batch_size)
-    tokens = np.concatenate([held_out.host_rows(i, rows)[:, :-1] for i in range(fv.batches)])
+        tokenizer = text.make_tokenizer(config.data.tokenizer)
+        held_out = make_batches(config.data, tokenizer, "eval", config.seed)
+    rows = read_first(held_out, slice(0, config.data.batch_size), fv.batches)
+    tokens = np.concatenate([r[:, :-1] for r in rows])
     prompts = [list(map(int, row[:16])) for row in tokens[: fv.prompts]]
     result = check(model, tokens, prompts, fv.tokens)
     print(f"# step {step} of {fv.workdir}: {tokens.shape[0]} x {tokens.shape[1]} held-out "

@@ -28,12 +28,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from moejax import cli, config_lib, data
-from moejax.flops import train_flops_per_token
-from moejax.model import Transformer, moe_layer_ids
-from moejax.params import param_counts
+from moejax import cli, config_lib
+from moejax.data import text
+from moejax.model.transformer import Transformer, moe_layer_ids
+from moejax.run.flops import train_flops_per_token
+from moejax.run.params import param_counts
+from moejax.run.workdir import changed_keys
 from moejax.train import train_and_evaluate
-from moejax.workdir import changed_keys
 
 VARIANTS = ("dense", "e2", "e4", "e8", "e16")
 BEGIN = "<!-- scaling:begin (written by moejax.scaling) -->"
@@ -49,7 +50,7 @@ def variant_config(variant: str, overrides: Sequence[str] = (), path: str = SWIT
     config = cli.load(f"{path}:{variant}", overrides)
     # Filled in here as the trainer does, so this config compares equal to its config.json.
     config.model.vocab_size = (config.model.vocab_size
-                               or data.make_tokenizer(config.data.tokenizer).vocab_size)
+                               or text.make_tokenizer(config.data.tokenizer).vocab_size)
     return config
 
 

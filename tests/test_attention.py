@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import attention, parallel
+from moejax import parallel
+from moejax.model import kernels
 
 H, HD = 4, 16
 
@@ -51,7 +52,7 @@ def check_against_numpy(fn, q, k, v, dy):
 def test_splash_matches_numpy(kv):
     # 384 = 3 blocks of 128: blocks on, below and above (skipped) the diagonal.
     q, k, v, dy = inputs(1, 384, kv)
-    check_against_numpy(lambda q, k, v: attention.splash(q, k, v, interpret=True), q, k, v, dy)
+    check_against_numpy(lambda q, k, v: kernels.splash(q, k, v, interpret=True), q, k, v, dy)
 
 
 @pytest.mark.parametrize("kv", [1, 2, H])
@@ -59,7 +60,7 @@ def test_sharded_splash_matches_numpy(kv):
     # tensor=4 splits the 4 query heads; 1 or 2 kv heads cannot split alike and are repeated.
     mesh = parallel.make_mesh({"data": 2, "tensor": 4})
     q, k, v, dy = inputs(2, 128, kv)
-    fn = jax.jit(lambda q, k, v: attention.splash(q, k, v, mesh, interpret=True))
+    fn = jax.jit(lambda q, k, v: kernels.splash(q, k, v, mesh, interpret=True))
     check_against_numpy(fn, q, k, v, dy)
 
 
@@ -72,7 +73,7 @@ def test_tpu_export_runs_splash_per_device():
     q, k, v, _ = inputs(4, 256, 2, jnp.bfloat16)
 
     def fn(q, k, v):
-        return attention.causal(q, k, v, mesh)
+        return kernels.causal(q, k, v, mesh)
 
     def grad(q, k, v):
         return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), (0, 1, 2))(q, k, v)
@@ -89,7 +90,7 @@ def test_tpu_export_runs_splash_per_device():
 
 def test_short_sequence_exports_xla_attention_for_tpu():
     q, k, v, _ = inputs(2, 64, 2)
-    assert "tpu_custom_call" not in exported(lambda *a: attention.causal(*a, None), "tpu", q, k, v)
+    assert "tpu_custom_call" not in exported(lambda *a: kernels.causal(*a, None), "tpu", q, k, v)
 
 
 @pytest.mark.parametrize("seq", [32, 128])
@@ -105,7 +106,7 @@ def test_cpu_is_xla_attention_bit_for_bit(seq):
             return jnp.sum(y * y)
         return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
 
-    ours = step(lambda q, k, v: attention.causal(q, k, v, mesh))
+    ours = step(lambda q, k, v: kernels.causal(q, k, v, mesh))
     xla = step(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
     for a, b in zip(jax.tree.leaves(ours(q, k, v)), jax.tree.leaves(xla(q, k, v)), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import pytest
 
 from configs import moe_1b, tiny
-from moejax import bench, parallel, state
+from moejax import bench, parallel
 from moejax.config_lib import ConfigError
-from moejax.moe.experts import ffn
+from moejax.moe.ffn import ffn
+from moejax.run import state
 
 # tiny.py:smoke by hand: d_model 32, 2 layers of 2 heads x 16, d_ff 64, 8 experts, top-2,
 # byte vocabulary (257, tied), sequences of 32, batch 16.

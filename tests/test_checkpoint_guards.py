@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from moejax import config_lib, generate as gen, parallel, state, train
-from moejax.checkpoint import Checkpoints
+from moejax import config_lib, generate as gen, parallel, train
+from moejax.run import state
+from moejax.run.checkpoint import Checkpoints
 from tests.test_reliability import REPO, damage, largest_file, run_cli, toy_state
 from tests.test_train import smoke
 

@@ -15,7 +15,8 @@ import sys
 import pytest
 from absl import flags
 
-from moejax import cli, config_lib, plan
+from moejax import cli, config_lib
+from moejax.plan.__main__ import main as plan_main
 from tests.test_train import smoke
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,7 +157,7 @@ def test_train_flags_fail_in_one_line(argv, config_files, args, error):
 def test_plan_flags_fail_in_one_line(argv, config_files, args, error):
     argv(*(a.format(tmp=config_files) for a in args))
     with pytest.raises(SystemExit) as e:
-        plan.main()
+        plan_main()
     assert e.value.code == error.format(tmp=config_files)
 
 
@@ -166,7 +167,7 @@ def test_plan_flags_fail_in_one_line(argv, config_files, args, error):
 def test_an_unknown_flag_names_the_entry_points_own(argv, entry, allowed):
     argv("--config=configs/tiny.py", "--workdr=w")
     with pytest.raises(SystemExit) as e:
-        cli.run(never) if entry == "train" else plan.main()
+        cli.run(never) if entry == "train" else plan_main()
     close = "did you mean --workdir? " if entry == "train" else ""
     assert e.value.code == (f"error: unknown flag --workdr; {close}allowed: {allowed}, "
                             "--config.KEY=VALUE")  # not absl's own (--log_dir, ...)
@@ -198,7 +199,7 @@ HELP = [  # module, the help flag, texts the usage holds
     ("moejax.bench", "-h", ["Benchmarks of the MoE layer",
                             "python -m moejax.bench layer|train|compile", "--experts:",
                             "--dispatch:", "--config:", "--layers:", "--config.KEY=VALUE"]),
-    ("moejax.data", "--help", ["Text -> tokens -> fixed-length sequences",
+    ("moejax.data", "--help", ["Tokenize a corpus once, in parallel",
                                "python -m moejax.data prepare --config", "--out:",
                                "--num_proc:", "--config:"]),
     ("moejax.quant_check", "-h", ["What weight-only int8 / int4 experts cost",

@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 from moejax import config_lib
-from moejax.model import Transformer
-from moejax.params import param_counts
-from moejax.workdir import flat
+from moejax.model.transformer import Transformer
+from moejax.run.params import param_counts
+from moejax.run.workdir import flat
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 NAMES = sorted(p.stem for p in CONFIGS.glob("*.py"))

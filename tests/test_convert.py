@@ -16,9 +16,11 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from moejax import convert, hf_map, parallel, state
-from moejax.checkpoint import restore_params, run_checkpoints
+from moejax import convert, parallel
 from moejax.config_lib import ConfigError
+from moejax.hf import convert as hf_convert, maps
+from moejax.run import state
+from moejax.run.checkpoint import restore_params, run_checkpoints
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 NAMES = ("mixtral", "qwen3_moe_top2", "qwen3_moe_top4", "olmoe", "qwen2_moe")
@@ -116,7 +118,7 @@ def test_to_hf_of_a_model_made_here(tmp_path, model):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from configs import tiny
-    from moejax.checkpoint import Checkpoints
+    from moejax.run.checkpoint import Checkpoints
 
     config = tiny.get_config("smoke")
     config.model.update(vocab_size=257, dispatch="dropless", **model)
@@ -147,7 +149,7 @@ def test_hub_name_goes_through_huggingface_hub(monkeypatch, tmp_path):
         return os.path.join(FIXTURES, "olmoe")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
-    assert convert.resolve("allenai/OLMoE-1B-7B-0924") == os.path.join(FIXTURES, "olmoe")
+    assert hf_convert.resolve("allenai/OLMoE-1B-7B-0924") == os.path.join(FIXTURES, "olmoe")
     assert asked == ["allenai/OLMoE-1B-7B-0924"]
 
 
@@ -207,7 +209,7 @@ def test_to_hf_refuses_what_transformers_cannot_compute(tmp_path):
     config = tiny.get_config("smoke")
     config.model.router_score = "sigmoid"
     with pytest.raises(ConfigError, match="model.router_score='sigmoid'.*allowed: softmax"):
-        hf_map.hf_config(config, "float32", None)
+        maps.hf_config(config, "float32", None)
 
 
 @pytest.mark.slow
@@ -258,7 +260,7 @@ def test_released_configs_convert_to_our_model_configs(hf, ours):
     import importlib
 
     want = importlib.import_module(f"configs.{ours}").get_config().model
-    got = hf_map.model_config(hf)
+    got = maps.model_config(hf)
     keys = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "d_ff", "num_experts", "top_k", "renormalize", "rope_theta", "norm_eps",
             "qk_norm", "tie_embeddings", "activation")
@@ -267,7 +269,7 @@ def test_released_configs_convert_to_our_model_configs(hf, ours):
 
 def test_tokenizer_travels_with_the_checkpoint(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    from moejax import data
+    from moejax.data import text
 
     src = str(tmp_path / "src")
     shutil.copytree(os.path.join(FIXTURES, "mixtral"), src)
@@ -280,7 +282,7 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path):
     with open(os.path.join(work, "config.json")) as f:
         name = json.load(f)["data"]["tokenizer"]
     assert name == os.path.join(os.path.abspath(work), "hf")
-    assert list(data.make_tokenizer(name).encode("hello world")) == [2, 3]
+    assert list(text.make_tokenizer(name).encode("hello world")) == [2, 3]
     convert.to_hf(work, str(tmp_path / "out"))
     assert os.path.exists(tmp_path / "out" / "tokenizer.json")
 
@@ -317,8 +319,8 @@ def test_each_tensor_is_read_once_whatever_the_layout(monkeypatch, tmp_path):
     """8 devices each take a slice of every weight (d_model split over fsdp, experts over
     expert); the host still reads every tensor of the files exactly once."""
     reads = []
-    get = convert.Tensors.get
-    monkeypatch.setattr(convert.Tensors, "get", lambda self, n: reads.append(n) or get(self, n))
+    get = hf_convert.Tensors.get
+    monkeypatch.setattr(hf_convert.Tensors, "get", lambda self, n: reads.append(n) or get(self, n))
     convert.from_hf(os.path.join(FIXTURES, "olmoe"), str(tmp_path / "run"),
                     {"fsdp": 2, "expert": 4})
     assert sorted(reads) == sorted(tensors(os.path.join(FIXTURES, "olmoe")))

@@ -1,5 +1,5 @@
-"""convert to-hf --quantize and from-hf of compressed-tensors checkpoints (moejax/hf_quant.py):
-the written tensors against NumPy, the round trip against quant.quantize_experts, and our
+"""convert to-hf --quantize and from-hf of compressed-tensors checkpoints (moejax/hf/compressed.py):
+the written tensors against NumPy, the round trip against params.quantize_experts, and our
 dequantization against what compressed-tensors itself makes of the same export
 (tests/fixtures/make_compressed_tensors_fixture.py)."""
 
@@ -18,8 +18,12 @@ import qwix
 from flax import nnx
 from safetensors.numpy import save_file
 
-from moejax import convert, hf_quant, quant
+from moejax import convert
 from moejax.config_lib import ConfigError
+from moejax.hf import compressed
+from moejax.hf.convert import Tensors
+from moejax.moe import quant
+from moejax.run import params
 from tests.test_convert import FIXTURES, load_model, tensors
 
 NAME = "qwen2_moe"  # routed experts, and a shared expert that must stay float
@@ -109,20 +113,20 @@ def test_int4_groups_of_a_row_against_numpy():
     for shape, group in [((6, 256), 128), ((5, 12), 4)]:
         w = (rng.normal(size=shape) * 10.0 ** rng.uniform(-2, 1, shape[:1] + (1,)))
         w = w.astype(np.float32)
-        t = hf_quant.Quantizer("int4", np.float32)("x.experts.0.w1.weight", w, True)
+        t = compressed.Quantizer("int4", np.float32)("x.experts.0.w1.weight", w, True)
         absmax = np.abs(w.reshape(shape[0], -1, group)).max(-1)
         np.testing.assert_allclose(t["x.experts.0.w1.weight_scale"], absmax / 7, rtol=1e-6)
         q = unpack_reference(t["x.experts.0.w1.weight_packed"], 4, shape[1])
         assert_rounded(q, w / np.repeat(absmax / 7, group, 1))
         assert t["x.experts.0.w1.weight_packed"].shape == (shape[0], -(-shape[1] // 8))
-        np.testing.assert_array_equal(hf_quant.unpack(t["x.experts.0.w1.weight_packed"], 4,
+        np.testing.assert_array_equal(compressed.unpack(t["x.experts.0.w1.weight_packed"], 4,
                                                       shape[1]), q)
 
 
 def test_one_group_where_the_group_sizes_agree():
     """d_model and d_ff multiples of 128 (every released model): one int4 group of 128 that
     targets every routed expert, the config vLLM takes for its fused MoE layers."""
-    quantizer = hf_quant.Quantizer("int4", np.float32)
+    quantizer = compressed.Quantizer("int4", np.float32)
     rng = np.random.default_rng(2)
     for proj, shape in [("gate_proj", (128, 256)), ("up_proj", (128, 256)),
                         ("down_proj", (256, 128))]:
@@ -193,13 +197,13 @@ def test_the_export_and_its_config(exported, how):
 @pytest.mark.parametrize("how", ["int8", "int4"])
 def test_round_trip_is_the_model_generate_quantizes(run, exported, tmp_path, how):
     """from-hf of the export: its routed experts are the dequantized int8 / int4 weights of
-    quant.quantize_experts (what generate --quantize runs), everything else the original;
+    params.quantize_experts (what generate --quantize runs), everything else the original;
     so are its logits."""
     back = str(tmp_path / "back")
     convert.from_hf(exported[how][0], back, MESH)
     _, got = load_model(back)
     _, ref = load_model(run)
-    quant.quantize_experts(ref, how)
+    params.quantize_experts(ref, how)
     got_params = dict(nnx.to_flat_state(nnx.state(got, nnx.Param)))
     ref_params = dict(nnx.to_flat_state(nnx.state(ref, nnx.Param)))
     assert got_params.keys() == ref_params.keys()
@@ -232,7 +236,7 @@ def test_dequantization_equals_compressed_tensors_own(tmp_path, how):
     maker = fixture_maker()
     expected = np.load(os.path.join(HERE, "fixtures", "compressed_tensors.npz"))
     qc = maker.export(how, str(tmp_path))
-    read = hf_quant.Dequantized(convert.Tensors(str(tmp_path)), qc)
+    read = compressed.Dequantized(Tensors(str(tmp_path)), qc)
     names = sorted(k.split("/", 1)[1] for k in expected if k.startswith(f"{how}/"))
     assert sorted(read.files) == names == sorted(maker.weights())
     for n in names:
@@ -250,11 +254,11 @@ def test_int_quantized_reads_as_the_same_weights(tmp_path):
     t = tensors(str(packed_dir))
     for k in [k for k in t if k.endswith(".weight_packed")]:
         m = k.removesuffix(".weight_packed")
-        t[f"{m}.weight"] = hf_quant.unpack(t.pop(k), 8, int(t.pop(f"{m}.weight_shape")[1]))
+        t[f"{m}.weight"] = compressed.unpack(t.pop(k), 8, int(t.pop(f"{m}.weight_shape")[1]))
     save_file(t, str(int_dir / "model.safetensors"))
     qc_int = dict(qc, format="int-quantized")
-    packed = hf_quant.Dequantized(convert.Tensors(str(packed_dir)), qc)
-    read = hf_quant.Dequantized(convert.Tensors(str(int_dir)), qc_int)
+    packed = compressed.Dequantized(Tensors(str(packed_dir)), qc)
+    read = compressed.Dequantized(Tensors(str(int_dir)), qc_int)
     assert sorted(read.files) == sorted(packed.files)
     for n in packed.files:
         assert read.shape(n) == packed.shape(n)
@@ -333,7 +337,7 @@ def test_transformers_loads_the_export(run, exported, how):
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported[how][0],
                                                            dtype=torch.float32)
     _, ref = load_model(run)
-    quant.quantize_experts(ref, how)
+    params.quantize_experts(ref, how)
     ids = np.load(os.path.join(SRC, "expected.npz"))["input_ids"]
     with torch.no_grad():
         theirs = hf(torch.tensor(ids).long()).logits.numpy()

@@ -8,7 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs import tiny
-from moejax import config_lib, data
+from moejax import config_lib
+from moejax.data import text
+from moejax.data.batches import make_batches
+from moejax.data.loader import read_first
 
 LINE = "def f(x):\n    return x + 1\n"
 
@@ -37,39 +40,39 @@ def files_cfg(**overrides):
 
 def test_one_long_file_gives_both_splits(files):
     cfg = files_cfg(path=str(files / "book.txt"))
-    tok = data.ByteTokenizer()
-    train = data.make_batches(cfg, tok, "train", seed=0)
-    held_out = data.make_batches(cfg, tok, "eval", seed=0)
-    assert len(held_out.sequences) >= cfg.batch_size
-    assert 0.02 < len(held_out.sequences) / len(train.sequences) < 0.15
+    tok = text.ByteTokenizer()
+    train = make_batches(cfg, tok, "train", seed=0)
+    held_out = make_batches(cfg, tok, "eval", seed=0)
+    assert len(held_out.rows) >= cfg.batch_size
+    assert 0.02 < len(held_out.rows) / len(train.rows) < 0.15
     # Every character is in exactly one split, in order, and the choice does not change.
-    parts = data.load_documents(cfg, "train"), data.load_documents(cfg, "eval")
+    parts = text.load_documents(cfg, "train"), text.load_documents(cfg, "eval")
     assert sum(len(p) for split in parts for p in split) == len(LINE) * 2000
     assert all(p and p in LINE * 2000 for split in parts for p in split)
-    assert parts == (data.load_documents(cfg, "train"), data.load_documents(cfg, "eval"))
+    assert parts == (text.load_documents(cfg, "train"), text.load_documents(cfg, "eval"))
 
 
 def test_short_documents_are_still_held_out_whole():
-    text = "x" * data.CHUNK_CHARS
+    doc = "x" * text.CHUNK_CHARS
     for i in range(200):
-        held_out = data.is_eval_doc(str(i), 0.2)
-        assert data.split_parts(str(i), text, 0.2, "eval") == ([text] if held_out else [])
-        assert data.split_parts(str(i), text, 0.2, "train") == ([] if held_out else [text])
+        held_out = text.is_eval_doc(str(i), 0.2)
+        assert text.split_parts(str(i), doc, 0.2, "eval") == ([doc] if held_out else [])
+        assert text.split_parts(str(i), doc, 0.2, "train") == ([] if held_out else [doc])
 
 
 def test_streaming_splits_long_documents_too(files):
     cfg = files_cfg(path=str(files / "book.txt"), streaming=True)
-    tok = data.ByteTokenizer()
-    packed = data.pack(data.load_documents(files_cfg(path=cfg.path), "eval"), tok, 32)
-    stream = data.make_batches(cfg, tok, "eval", seed=0)
-    np.testing.assert_array_equal(stream.host_rows(0, slice(0, 16)), packed[:16])
+    tok = text.ByteTokenizer()
+    packed = text.pack(text.load_documents(files_cfg(path=cfg.path), "eval"), tok, 32)
+    stream = make_batches(cfg, tok, "eval", seed=0)
+    np.testing.assert_array_equal(read_first(stream, slice(0, 16), 1)[0], packed[:16])
 
 
 def test_parquet_files_beside_others_are_read_and_others_skipped(files, caplog):
     (files / "notes.txt").write_text("not parquet")
     cfg = files_cfg(path=str(files / "*"), format="parquet", eval_fraction=0.0)
     with caplog.at_level("WARNING"):
-        assert data.load_documents(cfg, "train") == [LINE * 100] * 20
+        assert text.load_documents(cfg, "train") == [LINE * 100] * 20
     assert (f"data: skipped 4 of 5 files: {files}/book.txt (not parquet); {files}/docs.jsonl "
             f"(not parquet); {files}/notes.txt (not parquet)") in caplog.text
 
@@ -112,16 +115,16 @@ def test_bad_data_is_one_line_naming_the_key(files, overrides, error):
                  for k, v in overrides.items()}
     with pytest.raises(config_lib.ConfigError) as e:
         for split in ("train", "eval"):
-            data.make_batches(files_cfg(**overrides), data.ByteTokenizer(), split, seed=0)
+            make_batches(files_cfg(**overrides), text.ByteTokenizer(), split, seed=0)
     assert str(e.value) == error.format(tmp=files)
 
 
 def test_vocab_smaller_than_the_tokenizer_is_one_line():
-    tok = data.ByteTokenizer()
-    data.check_vocab(0, tok)
-    data.check_vocab(257, tok)
-    data.check_vocab(512, tok)
+    tok = text.ByteTokenizer()
+    text.check_vocab(0, tok)
+    text.check_vocab(257, tok)
+    text.check_vocab(512, tok)
     with pytest.raises(config_lib.ConfigError) as e:
-        data.check_vocab(100, tok)
+        text.check_vocab(100, tok)
     assert str(e.value) == ("model.vocab_size=100: smaller than tokenizer 'byte''s 257 tokens; "
                             "allowed: 0 (the tokenizer's) or >= 257")

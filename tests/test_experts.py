@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moejax import parallel
 from moejax.moe import cpu, experts
 from moejax.moe.cpu import _prefix_lengths, trailing_filled
-from moejax.moe.experts import batched_experts, grouped_matmul, in_width, megablox_gmm
+from moejax.moe.experts import batched_experts, grouped_matmul, megablox_gmm
+from moejax.moe.ffn import in_width
 
 D, F = 8, 12
 

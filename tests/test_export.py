@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import pytest
 
 from configs import tiny
-from moejax import config_lib, parallel, state
+from moejax import config_lib, parallel
+from moejax.run import state
 
 MESH = {"data": 2, "expert": 4}
 CPU_CODE = "moejax/moe/cpu.py"
@@ -81,13 +82,13 @@ QUANTIZED = {"int8": "xi8>", "fp8": "xf8E4M3FN>"}  # an operand's element type i
 def test_quantized_experts_run_qwix_matmuls_of_the_quantized_type(dispatch, quantization,
                                                                   platform):
     """Quantized, the capacity experts are a batched dot_general and the dropless ones a
-    ragged dot on every backend (moejax/quant.py): megablox has no quantized form."""
+    ragged dot on every backend (moejax/moe/quant.py): megablox has no quantized form."""
     module = exported(dispatch, platform, quantization)
     op = "stablehlo.dot_general" if dispatch == "capacity" else '"chlo.ragged_dot"'
     matmuls = [line for line in module.splitlines()
                if op in line and QUANTIZED[quantization] in line]
     assert len(matmuls) >= 2, matmuls  # w_in and w_out
-    assert "moejax/quant.py" in module
+    assert "moejax/moe/quant.py" in module
     assert CPU_CODE not in module and "megablox/gmm.py" not in module
     assert ("ragged_all_to_all" in module) == (dispatch == "dropless")
 
@@ -95,10 +96,10 @@ def test_quantized_experts_run_qwix_matmuls_of_the_quantized_type(dispatch, quan
 @functools.cache
 def exported_weight_only(name: str, platform: str) -> str:
     """The forward of tiny:smoke as generate runs it (dropless, eval) with its routed experts
-    weight-only `name` (moejax/quant.py), on the MESH."""
+    weight-only `name` (moejax/moe/quant.py), on the MESH."""
     from flax import nnx
 
-    from moejax import quant
+    from moejax.run import params
 
     config = tiny.get_config("smoke")
     config.model.update(vocab_size=257, dispatch="dropless")
@@ -106,7 +107,7 @@ def exported_weight_only(name: str, platform: str) -> str:
     config.data.update(seq_len=128, batch_size=8)
     s = state.setup(config, parallel.make_mesh(MESH))
     model = nnx.merge(s.graphdef, state.init(s)["params"])
-    quant.quantize_experts(model, name)
+    params.quantize_experts(model, name)
     graphdef, params = nnx.split(model)
     tokens = jax.ShapeDtypeStruct((8, 128), jnp.int32, sharding=parallel.token_sharding(s.mesh))
 

@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from moejax import generate as gen, parallel, state
-from moejax.checkpoint import Checkpoints
+from moejax import generate as gen, parallel
+from moejax.run import state
+from moejax.run.checkpoint import Checkpoints
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13], [7, 8, 9, 10, 11]]
 

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from moejax import hostmem
+from moejax.run import hostmem
 
 # malloc a 256 MiB block, write it, free it, do it again; print the minor page faults of the
 # second round. glibc mmaps a block this large and unmaps it on free, so by default the second block
 # faults in every 4 KiB page again (65,536 faults).
 SCRIPT = """
 import ctypes, resource
-from moejax import hostmem
+from moejax.run import hostmem
 print(hostmem.keep_freed_memory())
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

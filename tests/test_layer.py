@@ -15,7 +15,7 @@ from moejax import parallel
 from moejax.moe import cpu, experts, layer
 from moejax.moe.dropless import ragged_ffn
 from moejax.moe.layer import MoE, MoEConfig
-from moejax.params import bytes_per_device, param_counts
+from moejax.run.params import bytes_per_device, param_counts
 from tests import reference
 
 D, F = 16, 32

@@ -1,13 +1,17 @@
-"""Issue #22, item 4: weighted mixtures of prepared stores (moejax/mixture.py)."""
+"""Issue #22, item 4: weighted mixtures of prepared stores (moejax/data/mixture.py, grain's
+MapDataset.mix)."""
 
 import json
 from fractions import Fraction
 
+import grain
 import numpy as np
 import pytest
 
 from configs import tiny
-from moejax import config_lib, data, mixture, store
+from moejax import config_lib
+from moejax.data import mixture, store, text
+from moejax.data.batches import make_batches
 
 # Three corpora told apart by content: every row of store L holds the letter L, and every row
 # is unique (the text is L00000L00001...: no 17-token window repeats).
@@ -42,7 +46,14 @@ def mixture_cfg(root, weights=WEIGHTS, **kw):
 def batches(root, split="train", seed=0, **kw):
     cfg = mixture_cfg(root, **kw)
     config_lib.check_data(cfg)
-    return data.make_batches(cfg, data.ByteTokenizer(), split, seed)
+    return make_batches(cfg, text.ByteTokenizer(), split, seed)
+
+
+def counts(mix, step):
+    """{source: rows of global batch `step`}, from where the mixture says they come from."""
+    m = mix.mixture
+    return dict(zip(m.names, (m.taken((step + 1) * B) - m.taken(step * B)).tolist(),
+                    strict=True))
 
 
 def source_of(row) -> str:
@@ -53,108 +64,112 @@ def source_of(row) -> str:
 
 def test_proportions_over_1000_steps_are_the_weights(stores):
     mix = batches(stores)
-    assert isinstance(mix, mixture.MixtureBatches) and mix.names == list(LETTERS)
+    assert mix.mixture.names == list(LETTERS)
+    host = mix.host_batches(slice(0, B))
     seen = {name: 0 for name in LETTERS}
     for step in range(1000):
-        rows = mix.host_rows(step, slice(0, B))
+        rows = host[step]
         assert rows.shape == (B, 17) and rows.dtype == np.int32
-        counts = {name: 0 for name in LETTERS}
+        batch = {name: 0 for name in LETTERS}
         for row in rows:  # the source of every row, from its content
-            counts[source_of(row)] += 1
-        assert counts == mix.mix(step)
+            batch[source_of(row)] += 1
+        assert batch == counts(mix, step)
         for name, w in WEIGHTS.items():  # every batch is close to the weights, too
-            assert abs(counts[name] - B * w) <= 1, (step, counts)
-            seen[name] += counts[name]
+            assert abs(batch[name] - B * w) <= 1, (step, batch)
+            seen[name] += batch[name]
     realised = {name: rows / (1000 * B) for name, rows in seen.items()}
     for name, w in WEIGHTS.items():
         assert abs(realised[name] / w - 1) < 0.01, realised
-    assert dict(zip(mix.names, mix.cumulative(1000).tolist(), strict=True)) == seen
-    assert mixture.line(mix, 1000) == (
+    assert dict(zip(mix.mixture.names, mix.mixture.taken(1000 * B).tolist(),
+                    strict=True)) == seen
+    assert mixture.line(mix.mixture, B, 1000) == (
         "data mixture over 1,000 steps: "
         f"code {realised['code']:.3f} (weight 0.250, {seen['code'] / 1000:.1f} of 10 rows/step "
         f"avg), web {realised['web']:.3f} (weight 0.600, {seen['web'] / 1000:.1f} of 10 "
         f"rows/step avg), math {realised['math']:.3f} (weight 0.150, "
         f"{seen['math'] / 1000:.1f} of 10 rows/step avg)")
     # What TensorBoard shows at step 1000 (data/mix/NAME): the same shares.
-    assert mixture.scalars(mix, 1000) == {f"data/mix/{name}": r for name, r in realised.items()}
-    single = data.make_batches(cfg_of(), data.ByteTokenizer(), "eval", 0)
-    assert mixture.line(single, 10) is None and mixture.scalars(single, 10) == {}
+    assert mixture.scalars(mix.mixture, B, 1000) == {f"data/mix/{name}": r
+                                                     for name, r in realised.items()}
+    single = make_batches(cfg_of(), text.ByteTokenizer(), "eval", 0)
+    assert single.mixture is None and mixture.line(single.mixture, B, 10) is None
+    assert mixture.scalars(single.mixture, B, 10) == {}
 
 
 @pytest.mark.parametrize("weights", [[Fraction(1, 3)] * 3, [0.3, 0.7], [0.01, 0.99],
                                      [0.123, 0.456, 0.2, 0.221]])
-def test_schedule_is_closed_form_exact_and_monotone(weights):
-    """Any weights: cumulative counts sum to step * B, never fall, track the weights to < K."""
-    w = [Fraction(x) if isinstance(x, Fraction) else Fraction(str(x)) for x in weights]
-    w = [x / sum(w) for x in w]
+def test_counts_are_monotone_exact_and_random_access(weights):
+    """Any weights: the rows each source gave sum to the rows read, never fall, follow the
+    weights (grain rounds them to integers, the smallest to 100: within 1%, and a few rows),
+    and are found for any row count directly, 10^12 rows in as fast as 10."""
+    w = np.array([float(x) for x in weights])
+    w /= w.sum()
     k = len(w)
-    rows = [np.zeros((5, 1), np.int32)] * k
     for seed in (0, 7):
-        mix = mixture.MixtureBatches([str(i) for i in range(k)], w, rows, 32, seed, True)
-        steps = np.array([mix.cumulative(s) for s in range(1001)])
-        assert (steps.sum(1) == 32 * np.arange(1001)).all() and (np.diff(steps, axis=0) >= 0).all()
-        assert (np.abs(steps - 32 * np.arange(1001)[:, None] * np.array(w, float)) < k).all()
-        far = 10**12  # step 10^12, directly: exact integers, still within K rows
-        assert (np.abs(mix.cumulative(far) - np.array([int(far * 32 * x) for x in w])) <= k).all()
+        mix = mixture.Mixture([str(i) for i in range(k)], w, [np.zeros((5, 1), np.int32)] * k,
+                              seed, True)
+        taken = np.array([mix.taken(32 * s) for s in range(1001)])
+        assert (taken.sum(1) == 32 * np.arange(1001)).all()
+        assert (np.diff(taken, axis=0) >= 0).all()
+        want = 32 * np.arange(1001)[:, None] * w
+        assert (np.abs(taken - want) <= k + 0.01 * want).all()
+        far = 10**12 * 32
+        assert mix.taken(far).sum() == far and (np.abs(mix.taken(far) / far / w - 1) < 0.01).all()
+        # Counted against grain's own choice, row by row, for the first 2,000 rows.
+        sources = np.array([mix.picks[p][0] for p in range(2000)])
+        for n in (0, 1, 17, 2000):
+            assert mix.taken(n).tolist() == np.bincount(sources[:n], minlength=k).tolist()
 
 
 def test_determinism_random_access_and_host_rows(stores):
     a, b = batches(stores, seed=3), batches(stores, seed=3)
+    ha, hb = a.host_batches(slice(0, B)), b.host_batches(slice(0, B))
     for step in range(500):
-        a.host_rows(step, slice(0, B))
+        ha[step]
     # A resumed run: step 500 first, with no earlier step read, gives the very same rows.
-    np.testing.assert_array_equal(b.host_rows(500, slice(0, B)), a.host_rows(500, slice(0, B)))
+    np.testing.assert_array_equal(hb[500], ha[500])
     for step in [7, 0, 499, 10**6]:
-        np.testing.assert_array_equal(b.host_rows(step, slice(0, B)),
-                                      a.host_rows(step, slice(0, B)))
-    other = batches(stores, seed=4)
-    assert not np.array_equal(other.host_rows(0, slice(0, B)), a.host_rows(0, slice(0, B)))
+        np.testing.assert_array_equal(hb[step], ha[step])
+    other = batches(stores, seed=4).host_batches(slice(0, B))
+    assert not np.array_equal(other[0], ha[0])
     # Hosts: rows 4:7 of the global batch are exactly what a host reading 4:7 gets.
     for step in (0, 11):
-        np.testing.assert_array_equal(a.host_rows(step, slice(4, 7)),
-                                      a.host_rows(step, slice(0, B))[4:7])
+        np.testing.assert_array_equal(a.host_batches(slice(4, 7))[step], ha[step][4:7])
 
 
-def test_each_source_reads_its_own_feistel_order(stores):
-    mix, tok = batches(stores, seed=5), data.ByteTokenizer()
+def test_each_source_reads_its_own_shuffled_order(stores):
+    """Source i's rows, as the mixture takes them, are its split in grain's index-shuffled
+    order (its own seed, a new order each epoch): every sequence once per epoch."""
+    mix, tok = batches(stores, seed=5), text.ByteTokenizer()
     cfg = mixture_cfg(stores)
-    for i, name in enumerate(mix.names):
+    for i, name in enumerate(mix.mixture.names):
         own = store.open_split(cfg, tok, "train", path=str(stores / name))
-        n = len(own)
-        by_epoch, rows, step = {0: [], 1: [], 2: []}, [], 0
-        while mix.cumulative(step)[i] < 2 * n:  # two epochs of this source
-            source, ids = mix.locate(step)
-            mine = ids[source == i]
-            # This step's rows of the source: the next positions of its stream, in its order.
-            positions = np.arange(mix.cumulative(step)[i], mix.cumulative(step + 1)[i])
-            want = [store.feistel(positions[positions // n == e] % n, n, 5, e)
-                    for e in np.unique(positions // n)]
-            assert sorted(mine.tolist()) == sorted(np.concatenate(want or [[]]).tolist())
-            batch = mix.host_rows(step, slice(0, B))
-            np.testing.assert_array_equal(batch[source == i], own[mine])
-            for e in np.unique(positions // n):
-                by_epoch[int(e)] += store.feistel(positions[positions // n == e] % n, n, 5,
-                                                  int(e)).tolist()
-            rows += [tuple(r) for r in batch[source == i]]
+        n, seed = len(own), mixture.seed_of(5, i)
+        rows, step = [], 0
+        while mix.mixture.taken(step * B)[i] < 2 * n:  # two epochs of this source
+            batch = mix.host_batches(slice(0, B))[step]
+            rows += [r for r in batch if source_of(r) == name]
             step += 1
+        ids = [grain.experimental.index_shuffle(p % n, max_index=n - 1, seed=seed + p // n,
+                                                rounds=4) for p in range(len(rows))]
+        np.testing.assert_array_equal(np.stack(rows), own[ids])
         for epoch in (0, 1):  # every sequence exactly once per epoch
-            assert sorted(by_epoch[epoch]) == list(range(n))
-        assert by_epoch[0] != by_epoch[1]  # each epoch reshuffled
-        assert len(set(rows)) == n and len(rows) >= 2 * n  # by content: n distinct rows
-        assert {source_of(r) for r in rows} == {name}
+            assert sorted(ids[epoch * n:(epoch + 1) * n]) == list(range(n))
+        assert ids[:n] != ids[n:2 * n]  # each epoch reshuffled
+        assert len({tuple(r) for r in rows}) == n and len(rows) >= 2 * n  # by content
 
 
 def test_eval_batches_are_each_split_in_order(stores):
     mix = batches(stores, split="eval")
-    assert not mix.shuffle
-    for step in (0, 1, 5):
-        source, ids = mix.locate(step)
-        start = mix.cumulative(step)
-        for i, rows in enumerate(mix.sequences):
-            want = np.arange(start[i], start[i] + mix.counts(step)[i]) % len(rows)
-            assert sorted(ids[source == i].tolist()) == sorted(want.tolist())
-    np.testing.assert_array_equal(batches(stores, split="eval").host_rows(2, slice(0, B)),
-                                  mix.host_rows(2, slice(0, B)))
+    tok, cfg = text.ByteTokenizer(), mixture_cfg(stores)
+    host = mix.host_batches(slice(0, B))
+    rows = np.concatenate([host[step] for step in range(6)])
+    for name in mix.mixture.names:
+        own = store.open_split(cfg, tok, "eval", path=str(stores / name))
+        mine = [r for r in rows if source_of(r) == name]
+        np.testing.assert_array_equal(np.stack(mine), own[np.arange(len(mine)) % len(own)])
+    np.testing.assert_array_equal(batches(stores, split="eval").host_batches(slice(0, B))[2],
+                                  host[2])
 
 
 @pytest.mark.parametrize("spec,problem", [
@@ -192,23 +207,23 @@ def test_mixture_needs_prepared_source_and_no_path():
 
 
 def test_bad_stores_are_refused_in_one_line(stores, tmp_path):
-    tok = data.ByteTokenizer()
+    tok = text.ByteTokenizer()
     cfg = mixture_cfg(stores, {"code": 0.5, "nope": 0.5})
     with pytest.raises(config_lib.ConfigError, match=r"^data.mixture entry '.*nope': no such "
                        "folder; allowed: a folder written by python -m moejax.data prepare$"):
-        data.make_batches(cfg, tok, "train", 0)
+        make_batches(cfg, tok, "train", 0)
     with pytest.raises(config_lib.ConfigError, match=r"^data.mixture entry '.*code': the eval "
                        r"split holds \d+ sequences .*allowed: at least data.batch_size=1000 "):
-        data.make_batches(mixture_cfg(stores, batch_size=1000), tok, "eval", 0)
+        make_batches(mixture_cfg(stores, batch_size=1000), tok, "eval", 0)
     with pytest.raises(config_lib.ConfigError, match=r"^data.eval_fraction=0.1: the store "
                        r"data.mixture entry '.*code' holds out 0.2; allowed: 0.2 "):
-        data.make_batches(mixture_cfg(stores, eval_fraction=0.1), tok, "train", 0)
+        make_batches(mixture_cfg(stores, eval_fraction=0.1), tok, "train", 0)
     pytest.importorskip("tokenizers")
     from tests.test_store import hf_tokenizer_file
 
     path = hf_tokenizer_file(tmp_path)
     with pytest.raises(config_lib.ConfigError) as e:
-        data.make_batches(mixture_cfg(stores, tokenizer=path), data.make_tokenizer(path),
+        make_batches(mixture_cfg(stores, tokenizer=path), text.make_tokenizer(path),
                           "train", 0)
     assert "\n" not in str(e.value) and str(e.value).startswith(
         "data.mixture entry ") and "prepared with tokenizer 'byte'" in str(e.value)
@@ -224,6 +239,6 @@ def test_training_on_a_mixture_logs_the_proportions_so_far(stores, tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         logged = {row["step"]: {k: v for k, v in row.items() if k.startswith("data/mix/")}
                   for row in map(json.loads, f) if "train/loss" in row}
-    mix = data.make_batches(config.data, data.ByteTokenizer(), "train", config.seed)
-    assert logged == {step: mixture.scalars(mix, step) for step in (1, 2)}
+    mix = make_batches(config.data, text.ByteTokenizer(), "train", config.seed).mixture
+    assert logged == {step: mixture.scalars(mix, config.data.batch_size, step) for step in (1, 2)}
     assert sorted(logged[2]) == ["data/mix/code", "data/mix/math", "data/mix/web"]

@@ -123,7 +123,7 @@ def test_killed_process_stops_the_others_and_relaunch_resumes(tmp_path):
 
     saved = sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit())
     assert saved
-    assert sorted(n for n in os.listdir(ckpts / str(saved[-1]) / "stream") if
+    assert sorted(n for n in os.listdir(ckpts / str(saved[-1]) / "data") if
                   n.endswith(".npz")) == ["process_0-of-2.npz", "process_1-of-2.npz"]
     outs = run(tmp_path, 2, "--config.train.steps=100000",
                f"--config.train.stop_at={saved[-1] + 2}", "--config.train.log_every=1", *streamed)

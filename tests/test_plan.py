@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from moejax import parallel, params, plan, state
-from moejax.params import bytes_per_device
+from moejax import parallel
+from moejax.plan import estimate
+from moejax.plan.collectives import collective_bytes
+from moejax.run import params, state
+from moejax.run.params import bytes_per_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2**30
@@ -79,7 +82,7 @@ def test_planned_memory_within_10_percent_of_a_real_run(mesh):
     # process adds around them, make up most of the peak.
     config = config_with(**{"model.num_layers": 1, "data.batch_size": 256,
                             "mesh.data": 1})
-    p = plan.plan(config, mesh)
+    p = estimate.plan(config, mesh)
     measured, state_bytes = measured_step_memory(config, parallel.make_mesh(mesh))
     planned = p["memory"]["peak"]
     print(f"{parallel.describe(parallel.make_mesh(mesh))}: planned {planned / 2**20:.1f} MiB "
@@ -115,8 +118,8 @@ def test_forward_all_to_all_moves_the_minimum(mesh, overrides):
 
     params = setup.abstract["params"]
     hlo = jax.jit(forward).lower(params, tokens).compile().as_text()
-    moved = plan.collective_bytes(hlo, 8)["all-to-all"]
-    bound = plan.alltoall_minimum(config, mesh)
+    moved = collective_bytes(hlo, 8)["all-to-all"]
+    bound = estimate.alltoall_minimum(config, mesh)
     dropless = config.model.dispatch == "dropless"
     if dropless:  # XLA:CPU runs the ring instead: no all-to-all at all
         assert moved["count"] == bound["forward"] == 0
@@ -146,7 +149,7 @@ def test_forward_all_to_all_moves_the_minimum(mesh, overrides):
 def test_train_step_all_to_all_with_grad_accum(mesh, remat):
     config = mesh_config(**{"train.grad_accum": 2, "model.num_layers": 1,
                             "model.remat": remat})
-    p = plan.plan(config, mesh)
+    p = estimate.plan(config, mesh)
     moved, bound = p["collectives"]["all-to-all"], p["alltoall_min"]
     # 2 micro-batches in a loop x (dispatch + return) x (forward + backward, + the forward
     # again when remat recomputes it) per MoE layer
@@ -162,7 +165,7 @@ def test_remat_policies_shrink_the_temporaries():
     temp = {}
     for remat in ("none", "matmuls", "full"):
         config.model.remat = remat
-        temp[remat] = plan.plan(config, {"data": 8})["memory"]["temp"]
+        temp[remat] = estimate.plan(config, {"data": 8})["memory"]["temp"]
     print({r: f"{t / 2**20:.2f} MiB" for r, t in temp.items()})
     assert temp["full"] < temp["matmuls"] < temp["none"]
 
@@ -172,13 +175,13 @@ def test_fit_is_arithmetic_on_the_plan():
     rows = [{"bytes": {"total": t * GiB}} for t in (40, 35, 20)]
     p = {"state": {"params": 10 * GiB, "opt_state": 20 * GiB}, "state_global": 240 * GiB,
          "params_global": 80 * GiB, "memory": {"peak": 50 * GiB}, "precision": {"train": rows}}
-    f = plan.fit(p, 40 * GiB)
+    f = estimate.fit(p, 40 * GiB)
     assert not f["fits"] and (f["sharded"], f["rest"]) == (40 * GiB, 10 * GiB)
     assert f["devices"] == 11  # 320 GiB of state and gradients over N, next to 10: ceil(320 / 30)
     assert f["precision"] == [50 * GiB, 45 * GiB, 30 * GiB]  # each row's state + the rest
     assert f["offload_opt"] == 30 * GiB
-    assert plan.fit(p, 50 * GiB)["fits"]
-    assert plan.fit(p, 10 * GiB)["devices"] is None  # the rest alone fills it
+    assert estimate.fit(p, 50 * GiB)["fits"]
+    assert estimate.fit(p, 10 * GiB)["devices"] is None  # the rest alone fills it
 
 
 def test_collective_bytes_reads_every_replica_group_form():
@@ -200,7 +203,7 @@ ENTRY %main (p: f32[4,8]) -> f32[4,8] {
   ROOT %t = f32[4,8]{0,1} copy(%s)
 }
 """
-    out = plan.collective_bytes(narrowed + hlo, 8)
+    out = collective_bytes(narrowed + hlo, 8)
     # %d, over groups of one device, moves nothing; %f sends bf16 that XLA:CPU widened
     assert out["all-reduce"] == {"count": 2, "payload": 128 + 64, "wire": 128 * 2 * 3 / 4 + 64}
     assert out["all-to-all"] == {"count": 1, "payload": 128, "wire": 64}
@@ -208,11 +211,11 @@ ENTRY %main (p: f32[4,8]) -> f32[4,8] {
 
 
 def test_parse_mesh():
-    assert plan.parse_mesh("fsdp=8,expert=8") == {"fsdp": 8, "expert": 8}
-    assert plan.parse_mesh("data=2, tensor=4") == {"data": 2, "tensor": 4}
+    assert parallel.parse_mesh("fsdp=8,expert=8") == {"fsdp": 8, "expert": 8}
+    assert parallel.parse_mesh("data=2, tensor=4") == {"data": 2, "tensor": 4}
     for bad in ("data=x", "pipeline=2", "fsdp=0", "fsdp=-1"):
         with pytest.raises(ValueError):
-            plan.parse_mesh(bad)
+            parallel.parse_mesh(bad)
 
 
 def test_cli_prints_the_report():

@@ -11,8 +11,9 @@ import pytest
 from jax.extend.core import jaxprs_in_params
 
 from configs import tiny
-from moejax import config_lib, parallel, state
-from moejax.checkpoint import path_name
+from moejax import config_lib, parallel
+from moejax.run import state
+from moejax.run.checkpoint import path_name
 
 
 def smoke(**model):

@@ -1,4 +1,4 @@
-"""Quantized training of the matmuls (moejax/quant.py, `model.quantization`): Qwix's ops
+"""Quantized training of the matmuls (moejax/moe/quant.py, `model.quantization`): Qwix's ops
 against a NumPy fake quantization, the MoE layer's error and its layout invariance, which
 matmuls are quantized, a short training run, and the config checks."""
 
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from moejax import config_lib, parallel, quant
-from moejax.quant import QTYPES
+from moejax import config_lib, parallel
+from moejax.moe import quant
+from moejax.moe.quant import QTYPES
 from tests.test_layer import loss_and_grads, make, portable_on_cpu, tokens
 from tests.test_precision import dtypes, equations, forward, smoke
 
@@ -214,8 +215,8 @@ def test_quantization_keys_are_validated(key, value, message):
 def test_fp8_on_this_cpu_says_it_is_upcast_in_one_line():
     from types import SimpleNamespace
 
-    from moejax.params import precision_line
-    from moejax.state import setup
+    from moejax.run.params import precision_line
+    from moejax.run.state import setup
 
     config = tiny.get_config("smoke")
     config.model.update(vocab_size=257, quantization="fp8")

@@ -21,9 +21,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config_lib, data, parallel, state, train
-from moejax.checkpoint import Checkpoints
-from moejax.model import Transformer
+from moejax import config_lib, parallel, train
+from moejax.data import text
+from moejax.data.batches import make_batches
+from moejax.model.transformer import Transformer
+from moejax.run import state
+from moejax.run.checkpoint import Checkpoints
 from tests.test_multihost import losses, run, start, wait
 from tests.test_train import smoke
 
@@ -109,8 +112,8 @@ def checks_before_compiling(config, workdir):
     """What train_and_evaluate checks, in its order, before it builds the model."""
     config_lib.validate(config, jax.device_count())
     config_lib.check_workdir(workdir)
-    tokenizer = data.make_tokenizer(config.data.tokenizer)
-    data.make_batches(config.data, tokenizer, "train", config.seed)
+    tokenizer = text.make_tokenizer(config.data.tokenizer)
+    make_batches(config.data, tokenizer, "train", config.seed)
 
 
 @pytest.mark.parametrize("overrides,error", INVALID,
@@ -181,7 +184,7 @@ def test_bad_files_are_skipped_and_counted(files, caplog):
     cfg = smoke(**{"data.source": "files", "data.path": str(files / "mixed" / "*.txt"),
                    "data.eval_fraction": 0.0}).data
     with caplog.at_level(logging.WARNING):
-        docs = data.load_documents(cfg, "train")
+        docs = text.load_documents(cfg, "train")
     assert docs == [(files / "mixed" / "good.txt").read_text()]
     assert (f"data: skipped 2 of 3 files: {files}/mixed/dangling.txt (No such file or "
             f"directory); {files}/mixed/latin1.txt (not UTF-8: invalid continuation byte)"
@@ -303,16 +306,14 @@ def test_nonfinite_step_changes_nothing(monkeypatch):
 
 def poison(monkeypatch, steps):
     """Make training steps `steps` (1-based) read token ids past the vocabulary."""
-    real = data.make_batches
-
-    def make_batches(cfg, tokenizer, split, seed):
-        batches = real(cfg, tokenizer, split, seed)
-        if split == "train":
-            rows = batches.host_rows
-            batches.host_rows = lambda s, r: rows(s, r) + (1000 if s + 1 in steps else 0)
+    def poisoned(cfg, tokenizer, split, seed):
+        batches = make_batches(cfg, tokenizer, split, seed)
+        if split == "train":  # row p is in batch p // batch_size, which step p // B + 1 takes
+            batches.rows = batches.rows.map_with_index(
+                lambda p, row: row + (1000 if p // cfg.batch_size + 1 in steps else 0))
         return batches
 
-    monkeypatch.setattr(data, "make_batches", make_batches)
+    monkeypatch.setattr(train, "make_batches", poisoned)
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):

@@ -17,9 +17,12 @@ import time
 
 import pytest
 
-from moejax import config_lib, data, state, train, workdir as workdir_lib
-from moejax.checkpoint import Checkpoints
-from moejax.metrics import Progress
+from moejax import config_lib, train
+from moejax.data import loader
+from moejax.data.batches import make_batches
+from moejax.run import state, workdir as workdir_lib
+from moejax.run.checkpoint import Checkpoints
+from moejax.run.metrics import Progress
 from tests.test_train import smoke
 
 FAST = {"mesh.data": 1, "train.eval_batches": 1, "train.keep_best": False, "train.log_every": 1}
@@ -62,7 +65,7 @@ def test_a_workdir_in_use_is_refused_before_anything_is_built(tmp_path, live_pid
         raise AssertionError("the model was built for a refused run")
 
     monkeypatch.setattr(state, "setup", built)
-    monkeypatch.setattr(data, "make_batches", built)
+    monkeypatch.setattr(train, "make_batches", built)
     workdir = tmp_path / "run"
     write_lock(workdir, live_pid)
     (workdir / "metrics.jsonl").write_text('{"step": 0}\n')
@@ -110,7 +113,7 @@ def test_the_lock_is_only_removed_by_its_holder(tmp_path, live_pid):
 
 HOLDER = """
 import os, sys, time
-from moejax import workdir
+from moejax.run import workdir
 print("ready", flush=True)
 while not os.path.exists(sys.argv[2]):
     time.sleep(0.001)
@@ -198,22 +201,19 @@ def run(config, workdir):
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("resumed")
-    real = data.make_batches
-
-    def make_batches(cfg, tokenizer, split, seed):
-        batches = real(cfg, tokenizer, split, seed)
-        if split == "train":  # Ctrl-C while step 2's batch is read
-            rows = batches.host_rows
-            batches.host_rows = lambda s, r: (s == 1 and os.kill(os.getpid(), signal.SIGINT),
-                                              rows(s, r))[1]
+    def interrupting(cfg, tokenizer, split, seed):
+        batches = make_batches(cfg, tokenizer, split, seed)
+        if split == "train":  # Ctrl-C while step 2's batch (its first row) is read
+            batches.rows = batches.rows.map_with_index(lambda p, row: (
+                p == cfg.batch_size and os.kill(os.getpid(), signal.SIGINT), row)[1])
         return batches
 
-    data.make_batches = make_batches
-    prefetch, train.PREFETCH = train.PREFETCH, 0  # the loop itself reads step 2's batch
+    train.make_batches = interrupting
+    prefetch, loader.PREFETCH = loader.PREFETCH, 0  # the loop itself reads step 2's batch
     try:
         first = run(smoke(**FAST), workdir)
     finally:
-        data.make_batches, train.PREFETCH = real, prefetch
+        train.make_batches, loader.PREFETCH = make_batches, prefetch
     saved = Checkpoints(str(workdir), 2, False).latest.all_steps()
     metrics = workdir / "metrics.jsonl"
     logged = metrics.read_text()

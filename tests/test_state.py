@@ -1,4 +1,4 @@
-"""The sharded train state (moejax/state.py, parallel.py) on the 8 simulated devices: bytes per
+"""The sharded train state (moejax/run/state.py, parallel.py) on the 8 simulated devices: bytes per
 device, the same loss and gradients on every layout, one compile, remat, and restoring a
 checkpoint onto another layout."""
 
@@ -14,8 +14,9 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from moejax import parallel, state
-from moejax.checkpoint import path_name
+from moejax import parallel
+from moejax.run import state
+from moejax.run.checkpoint import path_name
 from moejax.train import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,7 +162,7 @@ def test_step_compiles_once_and_keeps_the_layout():
     assert step_fn._cache_size() == 1
 
 
-def test_checkpoint_restores_onto_other_layouts(tmp_path, compile_cache):
+def test_checkpoint_restores_onto_other_layouts(tmp_path):
     config = small(num_layers=1)
     config.model.vocab_size = 260  # real byte-tokenized data: its 257 ids, a multiple of tensor
     config.train.update(ckpt_every=3, eval_every=6)
@@ -181,7 +182,7 @@ def test_checkpoint_restores_onto_other_layouts(tmp_path, compile_cache):
 @pytest.mark.parametrize("layers,first,every,moe", [
     (4, 0, 1, [0, 1, 2, 3]), (4, 1, 2, [2]), (7, 1, 2, [2, 4, 6]), (5, 0, 2, [1, 3])])
 def test_scanned_stacks_put_the_moe_layers_where_the_config_says(layers, first, every, moe):
-    from moejax.model import Transformer, layer_stacks, moe_layer_ids
+    from moejax.model.transformer import Transformer, layer_stacks, moe_layer_ids
 
     config = small(num_layers=layers, first_dense_layers=first, moe_every=every)
     assert moe_layer_ids(config.model) == moe

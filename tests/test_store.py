@@ -1,4 +1,4 @@
-"""Issue #22, items 1-2: the prepared token store (moejax/store.py) and training from it."""
+"""Issue #22, items 1-2: the prepared token store (moejax/data/store.py) and training from it."""
 
 import json
 import os
@@ -6,11 +6,15 @@ import subprocess
 import sys
 import time
 
+import grain
 import numpy as np
 import pytest
 
 from configs import tiny
-from moejax import config_lib, data, store
+from moejax import config_lib
+from moejax.data import store, text
+from moejax.data.__main__ import main as prepare_main
+from moejax.data.batches import array_batches, make_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,42 +64,15 @@ def hf_tokenizer_file(tmp_path):
     return str(tmp_path / "tokenizer.json")
 
 
-# --- the shuffle ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4097, 65_537])
-def test_feistel_is_a_permutation(n):
-    for seed, epoch in [(0, 0), (3, 1), (12345, 7)]:
-        order = store.feistel(np.arange(n), n, seed, epoch)
-        assert order.dtype == np.int64 and order.shape == (n,)
-        np.testing.assert_array_equal(np.sort(order), np.arange(n))  # every index once
-
-
-def test_feistel_orders_differ_and_are_random_access():
-    n = 10_007
-    base = store.feistel(np.arange(n), n, seed=0, epoch=0)
-    for seed, epoch in [(0, 1), (1, 0), (2, 5)]:
-        other = store.feistel(np.arange(n), n, seed, epoch)
-        assert (other != base).mean() > 0.99
-    assert abs(np.corrcoef(base, np.arange(n))[0, 1]) < 0.05  # no trace of the identity
-    # Any positions, in any order, alone: the same ids as in the whole permutation.
-    positions = np.array([9_999, 3, 3, 0, 5_000, n - 1])
-    np.testing.assert_array_equal(store.feistel(positions, n, 0, 0), base[positions])
-    # 10^12 sequences: a batch's ids without anything of size n.
-    ids = store.feistel(np.arange(10**12 - 8, 10**12), 10**12, seed=1, epoch=2)
-    assert len(set(ids.tolist())) == 8 and ids.min() >= 0 and ids.max() < 10**12
-    with pytest.raises(ValueError, match="positions must be in"):
-        store.feistel([n], n, 0, 0)
-
-
 # --- prepare: the same tokens as today's path ----------------------------------------------
 
 def test_stdlib_store_holds_what_pack_gives(stdlib_store):
     out, manifest, lines = stdlib_store
-    cfg, tok = stdlib_cfg(), data.ByteTokenizer()
+    cfg, tok = stdlib_cfg(), text.ByteTokenizer()
     assert manifest["tokenizer"]["name"] == "byte" and manifest["dtype"] == "uint16"
     assert lines[-1].startswith(f"prepared {out}: train ") and " MB (uint16)" in lines[-1]
     for split in store.SPLITS:
-        docs = data.load_documents(cfg, split)
+        docs = text.load_documents(cfg, split)
         # By hand: each document's bytes and one EOS, in load_documents' order.
         assert manifest["splits"][split] == {
             "tokens": sum(len(d.encode()) + 1 for d in docs), "documents": len(docs)}
@@ -103,29 +80,26 @@ def test_stdlib_store_holds_what_pack_gives(stdlib_store):
         np.testing.assert_array_equal(flat[:1000], np.concatenate(
             [tok.encode(docs[0]), [tok.eos_id]])[:1000])
         started = time.perf_counter()
-        prepared = data.make_batches(prepared_cfg(out), tok, split, seed=0)
+        make_batches(prepared_cfg(out), tok, split, seed=0)
         assert time.perf_counter() - started < 1.0
-        assert isinstance(prepared.sequences, np.memmap)  # nothing read yet
-        # To the token: the sequences of today's path (data.pack of the same documents).
-        np.testing.assert_array_equal(prepared.sequences, data.pack(docs, tok, cfg.seq_len))
+        sequences = store.open_split(prepared_cfg(out), tok, split)
+        assert isinstance(sequences, np.memmap)  # nothing read yet
+        # To the token: the sequences of today's path (text.pack of the same documents).
+        np.testing.assert_array_equal(sequences, text.pack(docs, tok, cfg.seq_len))
 
 
 def test_batches_equal_todays_where_they_must(stdlib_store):
+    """The same rows as the in-memory path, in the same order: both are grain's index
+    shuffle (train) or the split in order (eval) of the same sequences."""
     out, _, _ = stdlib_store
-    tok = data.ByteTokenizer()
-    today = data.make_batches(stdlib_cfg(), tok, "eval", seed=0)
-    prepared = data.make_batches(prepared_cfg(out), tok, "eval", seed=0)
-    for step in range(3):  # eval batches are the first ones, in order: identical
-        rows = prepared.host_rows(step, slice(0, 32))
-        assert rows.dtype == np.int32
-        np.testing.assert_array_equal(rows, today.host_rows(step, slice(0, 32)))
-    # Train batches: the same sequences, in the store's own (Feistel) order.
-    today = data.make_batches(stdlib_cfg(), tok, "train", seed=0)
-    prepared = data.make_batches(prepared_cfg(out), tok, "train", seed=0)
-    ids = prepared.indices(5)  # step 5: positions 160..191 of epoch 0
-    np.testing.assert_array_equal(ids, store.feistel(np.arange(160, 192),
-                                                     len(today.sequences), seed=0, epoch=0))
-    np.testing.assert_array_equal(prepared.host_rows(5, slice(0, 32)), today.sequences[ids])
+    tok = text.ByteTokenizer()
+    for split, steps in (("eval", range(3)), ("train", (0, 5, 10**5))):
+        today = make_batches(stdlib_cfg(), tok, split, seed=0).host_batches(slice(0, 32))
+        prepared = make_batches(prepared_cfg(out), tok, split, seed=0).host_batches(slice(0, 32))
+        for step in steps:
+            rows = prepared[step]
+            assert rows.dtype == np.int32 and rows.shape == (32, 129)
+            np.testing.assert_array_equal(rows, today[step])
 
 
 def test_files_store_in_parallel_shards(tmp_path, monkeypatch):
@@ -136,13 +110,13 @@ def test_files_store_in_parallel_shards(tmp_path, monkeypatch):
     assert [line.split(" documents")[0] for line in lines[:2]] == [
         "prepare: 25 of 60", "prepare: 50 of 60"]
     assert "tokens, " in lines[0] and "/s of text, ETA " in lines[0]
-    tok = data.ByteTokenizer()
+    tok = text.ByteTokenizer()
     for split in store.SPLITS:
-        docs = data.load_documents(cfg, split)  # document 5 gives parts to both splits
+        docs = text.load_documents(cfg, split)  # document 5 gives parts to both splits
         assert manifest["splits"][split]["documents"] == len(docs)
         np.testing.assert_array_equal(
             store.open_split(prepared_cfg(tmp_path / "s", seq_len=16, eval_fraction=0.2), tok,
-                             split), data.pack(docs, tok, 16))
+                             split), text.pack(docs, tok, 16))
     assert manifest["source"]["documents"] == 60
     assert sorted(os.listdir(tmp_path / "s")) == ["eval", "manifest.json", "train"]
 
@@ -152,50 +126,57 @@ def test_hf_tokenizer_store(tmp_path):
     path = hf_tokenizer_file(tmp_path)
     cfg = files_cfg(write_json_docs(tmp_path / "docs.jsonl"), tokenizer=path)
     store.prepare(cfg, str(tmp_path / "s"), num_proc=1, print_fn=lambda line: None)
-    tok = data.make_tokenizer(path)
+    tok = text.make_tokenizer(path)
     for split in store.SPLITS:
         got = store.open_split(prepared_cfg(tmp_path / "s", seq_len=16, eval_fraction=0.2,
                                             tokenizer=path), tok, split)
-        np.testing.assert_array_equal(got, data.pack(data.load_documents(cfg, split), tok, 16))
+        np.testing.assert_array_equal(got, text.pack(text.load_documents(cfg, split), tok, 16))
 
 
 # --- order: (seed, step), epochs, hosts ----------------------------------------------------
 
+class Reads:
+    """Rows that record which of them are read: a sequence's id is its index here."""
+
+    def __init__(self, rows):
+        self.rows, self.asked = rows, []
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        self.asked.append(int(index))
+        return self.rows[index]
+
+
 def test_store_batches_epochs_random_access_and_host_rows(tmp_path):
     cfg = files_cfg(write_json_docs(tmp_path / "docs.jsonl"))
     store.prepare(cfg, str(tmp_path / "s"), num_proc=1, print_fn=lambda line: None)
-    tok, pcfg = data.ByteTokenizer(), prepared_cfg(tmp_path / "s", seq_len=16, eval_fraction=0.2,
+    tok, pcfg = text.ByteTokenizer(), prepared_cfg(tmp_path / "s", seq_len=16, eval_fraction=0.2,
                                                    batch_size=8)
-    a = data.make_batches(pcfg, tok, "train", seed=3)
-    n = len(a.sequences)
-    per_epoch = n // 8
-    for epoch in range(2):  # every sequence at most once per epoch, only the last part missing
-        ids = np.concatenate([a.indices(s) for s in range(epoch * per_epoch,
-                                                           (epoch + 1) * per_epoch)])
-        assert len(set(ids.tolist())) == len(ids) == per_epoch * 8
-    assert not np.array_equal(a.indices(0), a.indices(per_epoch))  # epoch 1: reshuffled
-    assert not np.array_equal(a.indices(0), data.make_batches(pcfg, tok, "train", 4).indices(0))
-    # A resumed run (a fresh reader, any step first) reads the very same rows.
-    b = data.make_batches(pcfg, tok, "train", seed=3)
-    for step in [per_epoch + 2, 0, 7, 3 * per_epoch]:
-        np.testing.assert_array_equal(b.host_rows(step, slice(0, 8)),
-                                      a.host_rows(step, slice(0, 8)))
-
-    class Reads:  # a host reads its own rows of the global batch, and nothing else
-        def __init__(self, rows):
-            self.rows, self.asked = rows, []
-
-        def __len__(self):
-            return len(self.rows)
-
-        def __getitem__(self, index):
-            self.asked.append(np.asarray(index).tolist())
-            return self.rows[index]
-
-    b.sequences = Reads(b.sequences)
-    rows = b.host_rows(4, slice(2, 6))
-    np.testing.assert_array_equal(rows, a.host_rows(4, slice(0, 8))[2:6])
-    assert b.sequences.asked == [a.indices(4)[2:6].tolist()]
+    sequences = store.open_split(pcfg, tok, "train")
+    n, reads = len(sequences), Reads(sequences)
+    a = make_batches(pcfg, tok, "train", seed=3).host_batches(slice(0, 8))
+    mine = array_batches(reads, 8, seed=3, shuffle=True).host_batches(slice(0, 8))
+    for step in range(2 * n // 8 + 1):  # the store's batches, and which sequences they are
+        np.testing.assert_array_equal(mine[step], a[step])
+    for epoch in range(2):  # every sequence exactly once per epoch
+        assert sorted(reads.asked[epoch * n:(epoch + 1) * n]) == list(range(n))
+    assert reads.asked[:n] != reads.asked[n:2 * n]  # epoch 1: reshuffled
+    other = make_batches(pcfg, tok, "train", 4).host_batches(slice(0, 8))
+    assert not np.array_equal(a[0], other[0])
+    # A resumed run (a fresh reader, any step first) reads the very same rows, 10^9 steps
+    # in as soon as at the start.
+    b = make_batches(pcfg, tok, "train", seed=3).host_batches(slice(0, 8))
+    for step in [n // 8 + 2, 0, 7, 3 * n // 8, 10**9]:
+        np.testing.assert_array_equal(b[step], a[step])
+    # A host reads its own rows of the global batch, and nothing else: positions 34..37 of
+    # grain's index shuffle.
+    reads.asked = []
+    rows = array_batches(reads, 8, seed=3, shuffle=True).host_batches(slice(2, 6))[4]
+    np.testing.assert_array_equal(rows, a[4][2:6])
+    assert reads.asked == [grain.experimental.index_shuffle(p, max_index=n - 1, seed=3, rounds=4)
+                           for p in range(4 * 8 + 2, 4 * 8 + 6)]
 
 
 # --- refusals, in one line, before anything compiles ---------------------------------------
@@ -208,10 +189,10 @@ def test_a_store_of_another_tokenizer_is_refused(tmp_path, stdlib_store):
     pytest.importorskip("tokenizers")
     out, _, _ = stdlib_store
     path = hf_tokenizer_file(tmp_path)
-    hf = data.make_tokenizer(path)
+    hf = text.make_tokenizer(path)
     with one_line(rf"^data.path='{out}': prepared with tokenizer 'byte' \(257 tokens\); allowed: "
                   rf"a store prepared with data.tokenizer='{path}' \({hf.vocab_size} tokens\)$"):
-        data.make_batches(prepared_cfg(out, tokenizer=path), hf, "train", seed=0)
+        make_batches(prepared_cfg(out, tokenizer=path), hf, "train", seed=0)
     # The same name, another tokenizer behind it (retrained, another vocabulary).
     manifest = json.loads((out / "manifest.json").read_text())
     fake = tmp_path / "fake"
@@ -224,7 +205,7 @@ def test_a_store_of_another_tokenizer_is_refused(tmp_path, stdlib_store):
 
 def test_bad_stores_are_refused_in_one_line(tmp_path, stdlib_store):
     out, manifest, _ = stdlib_store
-    tok = data.ByteTokenizer()
+    tok = text.ByteTokenizer()
     with one_line(f"^data.path='{tmp_path}/nope': no such folder; allowed: a folder written "
                   "by python -m moejax.data prepare$"):
         store.open_split(prepared_cfg(tmp_path / "nope"), tok, "train")
@@ -232,9 +213,10 @@ def test_bad_stores_are_refused_in_one_line(tmp_path, stdlib_store):
         store.open_split(prepared_cfg(tmp_path), tok, "train")
     bad = tmp_path / "bad"
     bad.mkdir()
-    for text, why in [("{not json", "JSONDecodeError"), ('{"format": "other"}', "format 'other'"),
-                      (json.dumps({**manifest, "splits": {}}), "KeyError")]:
-        (bad / "manifest.json").write_text(text)
+    for written, why in [("{not json", "JSONDecodeError"),
+                         ('{"format": "other"}', "format 'other'"),
+                         (json.dumps({**manifest, "splits": {}}), "KeyError")]:
+        (bad / "manifest.json").write_text(written)
         with one_line(rf"^data.path='{bad}': cannot read manifest.json \(.*{why}.*\); allowed: "
                       r"a store written by python -m moejax.data prepare \(format version 1\)$"):
             store.open_split(prepared_cfg(bad), tok, "train")
@@ -252,7 +234,7 @@ def test_bad_stores_are_refused_in_one_line(tmp_path, stdlib_store):
         store.open_split(prepared_cfg(out, eval_fraction=0.1), tok, "eval")
     with one_line("the train split holds 91256 sequences of data.seq_len \\+ 1 = 129 tokens; "
                   "allowed: at least data.batch_size=100000"):
-        data.make_batches(prepared_cfg(out, batch_size=100_000), tok, "train", seed=0)
+        make_batches(prepared_cfg(out, batch_size=100_000), tok, "train", seed=0)
     config = tiny.get_config()
     config.data.update(source="prepared")
     with one_line("^data.path='': empty; allowed: a folder written by python -m moejax.data "
@@ -297,7 +279,7 @@ def test_prepare_command_line(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     docs = write_json_docs(tmp_path / "docs.jsonl")
     out = tmp_path / "s"
-    data.main(["data", "prepare", "--config=configs/tiny.py", f"--out={out}", "--num_proc=1",
+    prepare_main(["data", "prepare", "--config=configs/tiny.py", f"--out={out}", "--num_proc=1",
                "--config.data.source=files", f"--config.data.path={docs}",
                "--config.data.format=json", "--config.data.text_key=body"])
     manifest = json.loads((out / "manifest.json").read_text())
@@ -315,7 +297,7 @@ def test_prepare_command_line(tmp_path, monkeypatch):
             (["prepare", "--config=configs/tiny.py", "--out=x", "--config.data.source=web"],
              "data.source='web': unknown; allowed: stdlib, files, hub, prepared")]:
         with pytest.raises(SystemExit) as e:
-            data.main(["data", *args])
+            prepare_main(["data", *args])
         assert e.value.code == f"error: {error}"
 
 
@@ -330,7 +312,7 @@ def test_prepare_as_a_process_prints_one_line(tmp_path):
 
 # --- resume: exact, to the bit -------------------------------------------------------------
 
-def test_resume_on_a_prepared_store_is_exact(tmp_path, stdlib_store, compile_cache):
+def test_resume_on_a_prepared_store_is_exact(tmp_path, stdlib_store):
     from moejax.train import train_and_evaluate
 
     out, _, _ = stdlib_store

@@ -24,7 +24,7 @@ def smoke(**overrides):
     return config
 
 
-def test_resume_is_exact(tmp_path, compile_cache):
+def test_resume_is_exact(tmp_path):
     straight = train_and_evaluate(smoke(), str(tmp_path / "a"))["train_loss"]
     first = train_and_evaluate(smoke(**{"train.stop_at": 3}), str(tmp_path / "b"))["train_loss"]
     second = train_and_evaluate(smoke(), str(tmp_path / "b"))["train_loss"]

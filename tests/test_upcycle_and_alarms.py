@@ -8,14 +8,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from moejax import upcycle
 from moejax.config_lib import ConfigError
-from moejax.metrics import CollapseAlarm
+from moejax.run import upcycle
+from moejax.run.metrics import CollapseAlarm
 from moejax.train import train_and_evaluate
 from tests.test_train import smoke
 
 
-def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch, compile_cache):
+def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch):
     restored = []
     restore = ocp.CheckpointManager.restore
     monkeypatch.setattr(ocp.CheckpointManager, "restore",
@@ -79,7 +79,7 @@ def test_bias_update_is_applied_in_the_train_step(tmp_path):
                                 "train.log_every": 1}), str(tmp_path))
     import orbax.checkpoint as ocp
 
-    from moejax.checkpoint import handlers
+    from moejax.run.checkpoint import handlers
 
     mgr = ocp.CheckpointManager(str(tmp_path / "checkpoints"), item_handlers=handlers())
     state = mgr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
@@ -115,19 +115,19 @@ def test_collapse_alarm_fires_on_a_collapsed_router(tmp_path, capsys):
     # breaks ties by the lower index, so experts 0 and 1 take every token and 2..7 starve.
     config = smoke(**{"train.lr": 0.0, "train.log_every": 1, "train.collapse_checks": 3,
                       "model.capacity_factor": 8.0})
-    from moejax import model as model_lib
+    from moejax.moe.layer import MoE
 
-    real = model_lib.MoE.__init__
+    real = MoE.__init__
 
     def zero_router(self, *args, **kwargs):
         real(self, *args, **kwargs)
         self.router[...] = self.router[...] * 0
 
     try:
-        model_lib.MoE.__init__ = zero_router
+        MoE.__init__ = zero_router
         train_and_evaluate(config, str(tmp_path))
     finally:
-        model_lib.MoE.__init__ = real
+        MoE.__init__ = real
     out = capsys.readouterr().out
     for layer in (0, 1):
         for e in range(2, 8):

@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 experts for inference (moejax/quant.py, `generate --quantize`):
+"""Weight-only int8 / int4 experts for inference (moejax/moe/quant.py, `generate --quantize`):
 Qwix's quantization against NumPy, the layer against its dequantized weights on one device
 and on a mesh, and the error on a trained model's own activations."""
 
@@ -9,7 +9,9 @@ import pytest
 import qwix
 from flax import nnx
 
-from moejax import parallel, quant
+from moejax import parallel
+from moejax.moe import quant
+from moejax.run import params
 from tests.test_layer import make, tokens
 
 QMAX = {"int8": 127, "int4": 7}  # the absmax's level (quant.calibration)
@@ -52,7 +54,7 @@ def test_quantized_weights_are_numpy_absmax_rounding(name, shape, axis):
 def quantized_copy(model, name):
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
-    quant.quantize_experts(copy, name)
+    params.quantize_experts(copy, name)
     return copy
 
 
@@ -82,7 +84,10 @@ def trained(tmp_path_factory):
     """tiny:smoke, widened so that w_out's 256 inputs make two int4 groups, trained long
     enough that its greedy text is not one repeated byte; with its held-out tokens."""
     from configs import tiny
-    from moejax import data, train
+    from moejax import train
+    from moejax.data import text
+    from moejax.data.batches import make_batches
+    from moejax.data.loader import read_first
     from moejax.generate import load
 
     config = tiny.get_config("smoke")
@@ -91,9 +96,9 @@ def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("trained"))
     train.train(config, workdir)
     _, model, _ = load(workdir)
-    tokenizer = data.make_tokenizer(config.data.tokenizer)
-    held_out = data.make_batches(config.data, tokenizer, "eval", config.seed)
-    return workdir, model, held_out.host_rows(0, slice(0, 16))[:, :-1]
+    tokenizer = text.make_tokenizer(config.data.tokenizer)
+    held_out = make_batches(config.data, tokenizer, "eval", config.seed)
+    return workdir, model, read_first(held_out, slice(0, 16), 1)[0][:, :-1]
 
 
 def test_error_on_real_activations_and_greedy_agreement(trained):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.moe.dispatch import take_rows
-from moejax.moe.experts import activate, is_gated, same_varying_axes
+from moejax.moe.ffn import activate, is_gated, same_varying_axes
 
 
 def experts_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,

@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from moejax.moe.dispatch import combine, dispatch, sorted_slots
-from moejax.moe.experts import grouped_ffn, same_varying_axes
+from moejax.moe.experts import grouped_ffn
+from moejax.moe.ffn import same_varying_axes
 
 
 def sorted_ffn(x, gates, expert_ids, experts, activation, qtype=None):
     """x: [N, d], gates and expert_ids: [N, k] -> [N, d], all experts here. qtype: the
-    matmuls' quantization (moejax/quant.py), None = float, as in the two below."""
+    matmuls' quantization (moejax/moe/quant.py), None = float, as in the two below."""
     slot, source, sizes = sorted_slots(expert_ids, experts["w_in"].shape[0])
     ys = grouped_ffn(dispatch(x, slot, source), experts["w_in"], experts["w_out"], sizes,
                      activation, qtype)

@@ -1,12 +1,7 @@
-"""Feed-forward blocks shared by the dense FFN and the experts, and the one place that picks
-the expert kernels per backend.
+"""The one place that picks the expert kernels per backend: capacity buffers (equal groups)
+and grouped matmuls (rows sorted by expert, ragged groups).
 
-Parameters: w_in [..., d, g, f] with g = 2 for gated activations (gate, then linear) and 1
-otherwise, w_out [..., f, d]; leading axes are experts. Keeping g apart lets `tensor` split f
-without splitting gate from linear. The expert kernels take w_in flattened to [E, d, g*f]
-(`flat_in`: gate half first), as one wide matmul runs faster than two narrow ones.
-
-`qtype` (moejax/quant.py; None = float) quantizes a block's matmuls for training. Neither
+`qtype` (moejax/moe/quant.py; None = float) quantizes a block's matmuls for training. Neither
 megablox nor cpu.py's scan has a quantized form, so a quantized run takes Qwix's ragged dot
 (dropless) or batched dot_general (capacity) on every backend: one switch, `qtype`.
 """
@@ -15,64 +10,11 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.pallas.ops.tpu.megablox.ops import backend as megablox
 from jax.sharding import PartitionSpec as P
 
-from moejax import quant
-
-# name -> (activation, gated). Gated: act(x @ w_gate) * (x @ w_lin), w_in = [w_gate | w_lin].
-ACTIVATIONS = {
-    "swiglu": (jax.nn.silu, True),
-    "geglu": (jax.nn.gelu, True),
-    "gelu": (jax.nn.gelu, False),
-    "relu": (jax.nn.relu, False),
-}
-
-
-def is_gated(activation: str) -> bool:
-    return ACTIVATIONS[activation][1]
-
-
-def in_width(d_ff: int, activation: str) -> int:
-    """Columns of a flattened w_in: 2 * d_ff for gated activations."""
-    return 2 * d_ff if is_gated(activation) else d_ff
-
-
-def in_shape(d_model: int, d_ff: int, activation: str) -> tuple[int, int, int]:
-    """Shape of one FFN's w_in: [d, g, f]; its logical dims are IN_NAMES."""
-    return d_model, 2 if is_gated(activation) else 1, d_ff
-
-
-IN_NAMES = ("embed", None, "mlp")
-OUT_NAMES = ("mlp", "embed")
-
-
-def flat_in(w_in: jax.Array) -> jax.Array:
-    """[..., d, g, f] -> [..., d, g*f], gate columns first."""
-    return w_in.reshape(*w_in.shape[:-2], -1)
-
-
-def activate(h: jax.Array, activation: str) -> jax.Array:
-    """The activation of a flattened w_in's output [..., g*f] -> [..., f]."""
-    act, gated = ACTIVATIONS[activation]
-    if gated:
-        gate, h = jnp.split(h, 2, axis=-1)
-        return act(gate) * h
-    return act(h)
-
-
-def ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
-        qtype=None) -> jax.Array:
-    """x: [..., T, d], w_in: [..., d, g, f], w_out: [..., f, d] -> [..., T, d]."""
-    act, gated = ACTIVATIONS[activation]
-
-    def project(g):  # one matmul per half: XLA:CPU runs a [d, 2, f] contraction slower
-        return checkpoint_name(quant.einsum("...td,...df->...tf", x, w_in[..., g, :], qtype),
-                               "ffn_in")
-
-    h = act(project(0)) * project(1) if gated else act(project(0))
-    return quant.einsum("...tf,...fd->...td", h, w_out, qtype)
+from moejax.moe import cpu, quant
+from moejax.moe.ffn import activate, same_varying_axes, varying
 
 
 def capacity_experts(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
@@ -87,8 +29,7 @@ def capacity_experts(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation
     """
     if qtype is not None:
         return batched_experts(x, w_in, w_out, activation, qtype)
-    from moejax.moe import cpu  # CPU-only code: imported only here, lowered only for CPU
-
+    # cpu.py's scan is traced for every platform but lowered only for the CPU.
     return jax.lax.platform_dependent(
         cpu=lambda: cpu.experts_ffn(x, w_in, w_out, activation, filled, segments),
         default=lambda: batched_experts(x, w_in, w_out, activation))
@@ -156,7 +97,7 @@ def _gmm(x, w, sizes, interpret):
 def _unchecked(f, *args):
     """f(*args) in a shard_map of no further axes with the type check off; outside any
     shard_map, a plain call."""
-    if not _varying(args[0]):
+    if not varying(args[0]):
         return f(*args)
     return jax.shard_map(f, in_specs=P(), out_specs=P(), axis_names=frozenset(),
                          check_vma=False)(*args)
@@ -184,19 +125,9 @@ def _gmm_bwd(interpret, res, dy):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def _varying(a):
-    return jax.typeof(a).manual_axis_type.varying
-
-
 def _varying_like(a, like):
-    missing = tuple(sorted(_varying(like) - _varying(a)))
+    missing = tuple(sorted(varying(like) - varying(a)))
     return jax.lax.pcast(a, missing, to="varying") if missing else a
-
-
-def same_varying_axes(*arrays):
-    """The arrays, each marked varying over every mesh axis any of them varies over."""
-    axes = frozenset().union(*map(_varying, arrays))
-    return [jax.lax.pcast(a, tuple(sorted(axes - _varying(a))), to="varying") for a in arrays]
 
 
 def grouped_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, group_sizes: jax.Array,

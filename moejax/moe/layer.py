@@ -21,9 +21,10 @@ from moejax import parallel
 from moejax.moe import router
 from moejax.moe.dispatch import combine, dispatch, slots
 from moejax.moe.dropless import ragged_ffn, ring_ffn, sorted_ffn
-from moejax.moe.experts import IN_NAMES, OUT_NAMES, capacity_experts, ffn, flat_in, in_shape
+from moejax.moe.experts import capacity_experts
+from moejax.moe.ffn import IN_NAMES, OUT_NAMES, ffn, flat_in, in_shape
+from moejax.moe.quant import QTYPES
 from moejax.parallel import EXPERT_AXIS, TOKEN_AXES, num_token_shards
-from moejax.quant import QTYPES
 
 # How assignments reach their experts (`model.dispatch`):
 #   capacity       [E, C, d] buffers per group, overflow past C dropped, all_to_all
@@ -212,7 +213,7 @@ class MoE(nnx.Module):
         if train and cfg.jitter_eps > 0:
             noise = router.jitter_noise(rng, x.shape, cfg.jitter_eps)
         bias = self.router_bias[...] if cfg.bias_rate > 0 else None
-        # Weight-only quantized (generate, quant.quantize_experts): a QArray, int8 / int4 values
+        # Weight-only quantized (generate, params.quantize_experts): a QArray, int8 / int4 values
         # and scales, each laid out by the weight's dims and dequantized once gathered.
         experts = {name: getattr(self, name).get_value().astype(self.dtype)
                    for name in ("w_in", "w_out")}

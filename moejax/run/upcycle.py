@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moejax.checkpoint import path_name, restore_params, run_checkpoints, shapes
 from moejax.config_lib import ConfigError
+from moejax.run.checkpoint import path_name, restore_params, run_checkpoints, shapes
 
 FRESH = ("router", "router_bias", "shared_in", "shared_out", "shared_gate")
 KEY = "train.init_from"

@@ -18,15 +18,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from moejax import stream
 from moejax.config_lib import ConfigError, first_line
+from moejax.data.loader import DataState, DataStateRestore, DataStateSave
 
 log = logging.getLogger(__name__)
 
 
 def handlers():
     return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-            "stream": stream.PositionHandler()}
+            "data": DataState()}
 
 
 class Checkpoints:
@@ -51,11 +51,11 @@ class Checkpoints:
         return self.latest.latest_step()
 
     def save(self, step: int, state, meta: dict, eval_loss: float | None = None,
-             position: dict | None = None):
-        """`position`: this process's train stream position before batch `step`, if any."""
+             data: dict | None = None):
+        """`data`: this process's train data iterator state before batch `step`, if any."""
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-        if position is not None:
-            items["stream"] = stream.PositionSave(position)
+        if data is not None:
+            items["data"] = DataStateSave(data)
         args = ocp.args.Composite(**items)
         self.latest.save(step, args=args, force=True)
         # A run resumed from before a broken checkpoint computes the best one's step again.
@@ -67,15 +67,15 @@ class Checkpoints:
 
     def restore(self, step: int, like, mgr: ocp.CheckpointManager | None = None):
         """Restore `step` of `mgr` (default: latest) into arrays shaped and sharded like
-        `like` (any mesh); meta["stream"], where the checkpoint holds stream positions, is
+        `like` (any mesh); meta["data"], where the checkpoint holds data iterator states, is
         this process's (None: saved by another number of processes)."""
         mgr = mgr or self.latest
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
-        if (mgr.directory / str(step) / "stream").exists():
-            items["stream"] = stream.PositionRestore()
+        if (mgr.directory / str(step) / "data").exists():
+            items["data"] = DataStateRestore()
         out = mgr.restore(step, args=ocp.args.Composite(**items))
-        return out.state, {**out.meta, **({"stream": out.stream} if "stream" in items else {})}
+        return out.state, {**out.meta, **({"data": out.data} if "data" in items else {})}
 
     def restore_latest(self, like, restart_if_damaged: bool = False):
         """(state, meta) of the newest checkpoint that restores, else of the best one in best/;

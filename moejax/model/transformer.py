@@ -10,16 +10,12 @@ a leading layer axis, each run by one `lax.scan`: compile time stays flat in dep
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from moejax import attention
-from moejax.moe.experts import IN_NAMES, OUT_NAMES, ffn, in_shape
+from moejax.model.attention import Attention
+from moejax.model.layers import DTYPES, MLP, RMSNorm, dense_qtype, param
 from moejax.moe.layer import MoE, MoEConfig
 from moejax.parallel import constrain
-from moejax.quant import QTYPES, einsum
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # What the backward pass keeps of each block's forward; everything else is recomputed.
 # "matmuls" keeps the outputs of the attention and FFN matmuls, not the MoE dispatch buffers.
@@ -29,129 +25,6 @@ REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "matmuls": jax.checkpoint_policies.save_only_these_names(*_MATMULS),
 }
-
-
-def param(rngs, shape, names, dtype, fan_in):
-    """A weight with logical dims `names`, normal with std 1/sqrt(fan_in)."""
-    w = jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5
-    return nnx.Param(w.astype(dtype), out_sharding=names, eager_sharding=False)
-
-
-class RMSNorm(nnx.Module):
-    """Normalizes over the trailing len(shape) dims of its input, which `scale` has."""
-
-    def __init__(self, shape, eps: float, param_dtype, names=("embed",)):
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        self.scale = nnx.Param(jnp.ones(shape, param_dtype), out_sharding=names,
-                               eager_sharding=False)
-        self.eps = eps
-
-    def __call__(self, x):
-        axes = tuple(range(-self.scale.ndim, 0))
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + self.eps)
-        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
-
-
-def rotary(x, positions, theta: float):
-    """x: [B, S, heads, head_dim], positions: [B, S]. Rotates pairs (i, i + head_dim/2)."""
-    half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions[..., None, None].astype(jnp.float32) * freqs  # [B, S, 1, half]
-    sin, cos = jnp.sin(angles), jnp.cos(angles)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
-
-
-def kv_heads(cfg) -> int:
-    return cfg.num_kv_heads or cfg.num_heads
-
-
-def dense_qtype(cfg):
-    """The quantization of the attention and dense FFN matmuls (moejax/quant.py); the router,
-    the embeddings and the output logits are never quantized."""
-    return QTYPES[cfg.quantization] if cfg.quantize_dense else None
-
-
-QK_NORMS = ("none", "head", "all")
-
-
-class Attention(nnx.Module):
-    """Causal self-attention; num_heads / kv_heads query heads share each key-value head.
-
-    qk_norm RMS-normalizes queries and keys before the rotation: over each head (Qwen3-MoE)
-    or over all heads of the projection together (OLMoE)."""
-
-    def __init__(self, cfg, mesh, dtype, param_dtype, rngs):
-        d, h, kv, hd = cfg.d_model, cfg.num_heads, kv_heads(cfg), cfg.head_dim
-        self.q = param(rngs, (d, h, hd), ("embed", "heads", None), param_dtype, d)
-        self.kv = param(rngs, (d, 2, kv, hd), ("embed", None, "kv_heads", None), param_dtype, d)
-        self.out = param(rngs, (h, hd, d), ("heads", None, "embed"), param_dtype, h * hd)
-        self.theta, self.dtype, self.mesh = cfg.rope_theta, dtype, mesh
-        self.qtype = dense_qtype(cfg)
-        if cfg.qk_norm == "head":
-            self.q_norm = RMSNorm(hd, cfg.norm_eps, param_dtype, (None,))
-            self.k_norm = RMSNorm(hd, cfg.norm_eps, param_dtype, (None,))
-        elif cfg.qk_norm == "all":
-            self.q_norm = RMSNorm((h, hd), cfg.norm_eps, param_dtype, ("heads", None))
-            self.k_norm = RMSNorm((kv, hd), cfg.norm_eps, param_dtype, ("kv_heads", None))
-        self.qk_norm = cfg.qk_norm != "none"
-        if cfg.qkv_bias:  # Qwen2-MoE
-            self.q_bias = nnx.Param(jnp.zeros((h, hd), param_dtype), out_sharding=("heads", None),
-                                    eager_sharding=False)
-            self.kv_bias = nnx.Param(jnp.zeros((2, kv, hd), param_dtype),
-                                     out_sharding=(None, "kv_heads", None), eager_sharding=False)
-        self.qkv_bias = cfg.qkv_bias
-
-    def project(self, x, positions):
-        """x: [B, S, d] -> q [B, S, h, hd], k and v [B, S, kv, hd]; q, k rotated to positions."""
-        q = einsum("bsd,dhe->bshe", x, self.q[...].astype(self.dtype), self.qtype)
-        k, v = jnp.unstack(einsum("bsd,dkhe->kbshe", x, self.kv[...].astype(self.dtype),
-                                  self.qtype))
-        if self.qkv_bias:
-            kv_bias = self.kv_bias[...].astype(self.dtype)
-            q, k, v = q + self.q_bias[...].astype(self.dtype), k + kv_bias[0], v + kv_bias[1]
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = checkpoint_name(constrain(q, self.mesh, ("batch", None, "heads", None)), "attn_q")
-        k, v = (checkpoint_name(constrain(a, self.mesh, ("batch", None, "kv_heads", None)),
-                                "attn_kv") for a in (k, v))
-        return rotary(q, positions, self.theta), rotary(k, positions, self.theta), v
-
-    def __call__(self, x, positions):
-        q, k, v = self.project(x, positions)
-        y = checkpoint_name(attention.causal(q, k, v, self.mesh), "attn_ctx")
-        return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype)
-
-    def decode(self, x, positions, cache, layer):
-        """Attention of x [B, S, d] at positions [B, S] over the cache of its stack, {"k", "v"}:
-        [repeats, period, B, L, kv, hd], whose slot `layer` = (repeat, j) is this layer's.
-        The new keys and values are written at their positions first; a query sees the keys
-        at positions <= its own, so what lies past a row's end (padding, stale) is never read.
-        """
-        q, k, v = self.project(x, positions)
-        rows = jnp.arange(x.shape[0])[:, None]
-        # Only the S new rows are written, in place: the cache is a scan carry, not xs/ys,
-        # which would copy all of it through every layer of every step.
-        cache = {"k": cache["k"].at[(*layer, rows, positions)].set(k),
-                 "v": cache["v"].at[(*layer, rows, positions)].set(v)}
-        keys, values = cache["k"][layer], cache["v"][layer]  # [B, L, kv, hd]
-        mask = jnp.arange(keys.shape[1]) <= positions[:, None, :, None]  # [B, 1, S, L]
-        y = jax.nn.dot_product_attention(q, keys, values, mask=mask)
-        return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype), cache
-
-
-class MLP(nnx.Module):
-    def __init__(self, d_model, d_ff, activation, dtype, param_dtype, rngs, qtype=None):
-        self.w_in = param(rngs, in_shape(d_model, d_ff, activation), IN_NAMES, param_dtype,
-                          d_model)
-        self.w_out = param(rngs, (d_ff, d_model), OUT_NAMES, param_dtype, d_ff)
-        self.activation, self.dtype, self.qtype = activation, dtype, qtype
-
-    def __call__(self, x):
-        w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
-        return ffn(x.reshape(-1, x.shape[-1]), w_in, w_out, self.activation,
-                   self.qtype).reshape(x.shape)
 
 
 def is_moe_layer(cfg, layer: int) -> bool:

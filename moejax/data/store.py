@@ -5,14 +5,14 @@
   DIR/eval/tokens.bin    the same for the held-out split
 
 `python -m moejax.data prepare` writes it (prepare, below): the documents and the train / eval
-split that data.load_documents gives, tokenized in parallel by `datasets.Dataset.map` one shard
+split that text.load_documents gives, tokenized in parallel by `datasets.Dataset.map` one shard
 of documents at a time, each shard appended to the flat files (uint16 ids for vocabularies of
 at most 65,536 tokens, else uint32), so memory holds one shard, never the corpus. A hub
 dataset is read whole (data.streaming does not apply: `datasets` downloads and caches it).
 `data.source='prepared'` with `data.path=DIR` trains from it (open_split): the files are
 memory-mapped, sequence i is tokens i*(seq_len+1) .. (i+1)*(seq_len+1)-1 of its split, exactly
-data.pack's row i of the same documents, and the shuffle (feistel) computes each position's
-sequence id on its own: nothing the size of the corpus is ever held in memory.
+text.pack's row i of the same documents, and grain's index shuffle (batches.py) computes each
+position's sequence on its own: nothing the size of the corpus is ever held in memory.
 """
 
 import datetime
@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 
-from moejax import data
 from moejax.config_lib import ConfigError, check_data, first_line
+from moejax.data import text
 
 FORMAT, VERSION = "moejax token store", 1
 SPLITS = ("train", "eval")
@@ -46,42 +46,6 @@ def tokenizer_record(tokenizer) -> dict:
     text = hf.to_str() if hf is not None else tokenizer.name
     return {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
             "eos_id": tokenizer.eos_id, "sha256": hashlib.sha256(text.encode()).hexdigest()}
-
-
-# --- the shuffle --------------------------------------------------------------------------
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: every output bit depends on every input bit (uint64, wraps)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def feistel(positions, n: int, seed: int, epoch: int, rounds: int = 6) -> np.ndarray:
-    """The sequence ids at `positions` of a pseudo-random permutation of [0, n) keyed by
-    (seed, epoch), computed for those positions alone: O(len(positions)) time and memory.
-
-    A balanced Feistel network on 2h bits (2^2h >= n, h >= 1) is a bijection on [0, 2^2h);
-    cycle walking (encrypt again while the result is >= n) makes it one on [0, n). The domain
-    is at most 4n, so a position takes at most 4 encryptions on average.
-    """
-    positions = np.asarray(positions, np.int64)
-    if positions.size and (positions.min() < 0 or positions.max() >= n):
-        raise ValueError(f"positions must be in [0, {n})")
-    half = max(1, ((n - 1).bit_length() + 1) // 2)
-    mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
-    keys = np.random.SeedSequence([seed, epoch]).generate_state(rounds, np.uint64)
-
-    def encrypt(x):
-        left, right = x >> shift, x & mask
-        for key in keys:
-            left, right = right, left ^ (_mix(right ^ key) & mask)
-        return (left << shift) | right
-
-    out = encrypt(positions.astype(np.uint64))
-    while (outside := out >= n).any():
-        out[outside] = encrypt(out[outside])
-    return out.astype(np.int64)
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -160,21 +124,21 @@ def documents(cfg):
     record = {"source": cfg.source, "path": cfg.path, "text_key": cfg.text_key}
     digest, root = hashlib.sha256(), None
     if cfg.source == "hub":  # prepare tokenizes the whole set: a streamed one is downloaded
-        docs = data.hf_dataset(cfg, streaming=False)
+        docs = text.hf_dataset(cfg, streaming=False)
         record.update(hub_config=cfg.hub_config, split=cfg.split)
         digest.update(json.dumps([cfg.path, cfg.hub_config, cfg.split, docs._fingerprint])
                       .encode())
     else:
         if cfg.source == "stdlib":
             root = sysconfig.get_paths()["stdlib"]
-            files = data.stdlib_files()
+            files = text.stdlib_files()
             names = [os.path.relpath(f, root) for f in files]
             docs = datasets.Dataset.from_dict({"name": names})
         else:
             record["format"] = cfg.format
             files = names = [f for f in sorted(glob.glob(cfg.path, recursive=True))
                              if not os.path.isdir(f)]
-            docs = data.hf_dataset(cfg, streaming=False)
+            docs = text.hf_dataset(cfg, streaming=False)
         for name, f in zip(names, files, strict=True):
             st = os.stat(f)
             digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -196,12 +160,12 @@ class Tokenize:
         if self.source == "stdlib":
             for name in batch["name"]:
                 with open(os.path.join(self.root, name), encoding="utf-8", errors="replace") as f:
-                    parts.append((data.is_eval_doc(name, self.eval_fraction), f.read()))
+                    parts.append((text.is_eval_doc(name, self.eval_fraction), f.read()))
         else:
-            for i, text in zip(indices, batch[self.text_key], strict=True):
+            for i, doc in zip(indices, batch[self.text_key], strict=True):
                 for split in SPLITS:
                     parts += [(split == "eval", p) for p in
-                              data.split_parts(str(offset + i), text or "", self.eval_fraction,
+                              text.split_parts(str(offset + i), doc or "", self.eval_fraction,
                                                split)]
         texts = [t for _, t in parts]
         hf = getattr(self.tokenizer, "tok", None)
@@ -277,8 +241,8 @@ def prepare(cfg, out: str, num_proc: int, print_fn=print) -> dict:
                           "stdlib, files, hub")
     check_data(cfg)
     if cfg.source == "files":
-        data.check_path(cfg)
-    tokenizer = data.make_tokenizer(cfg.tokenizer)
+        text.check_path(cfg)
+    tokenizer = text.make_tokenizer(cfg.tokenizer)
     check_out(out)  # a folder that is no store: refused before the source is read
     dtype = token_dtype(tokenizer.vocab_size)
     docs, root, source = documents(cfg)

@@ -18,9 +18,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax import parallel
-from moejax.checkpoint import path_name
-from moejax.model import DTYPES, Transformer
+from moejax.model.layers import DTYPES
+from moejax.model.transformer import Transformer
 from moejax.moe import router
+from moejax.run.checkpoint import path_name
 
 
 def make_optimizer(tc):

@@ -12,8 +12,8 @@ import time
 
 import jax
 
-from moejax.checkpoint import on_every_process
 from moejax.config_lib import ConfigError
+from moejax.run.checkpoint import on_every_process
 
 LOCK = "lock"
 

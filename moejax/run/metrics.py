@@ -1,4 +1,5 @@
-"""TensorBoard scalars and images, metrics.jsonl, and the console progress line.
+"""TensorBoard scalars and images, metrics.jsonl, and the console progress line; what a log
+step of the train loop shows (StepLog).
 
 Only process 0 writes; on other processes every method is a no-op.
 """
@@ -143,3 +144,50 @@ class CollapseAlarm:
                 f"got {load[row, e]:.1%} of assignments (uniform {1 / load.shape[1]:.1%}) at "
                 f"{self.patience} checks in a row"
                 for row, e in zip(*np.nonzero(self.low == self.patience), strict=True)]
+
+
+class StepLog:
+    """What a log step shows, from the step's metrics (fetched from the devices here): losses,
+    learning rate and gradient norm; tokens/s, step time, data wait and MFU since the last log
+    step; each MoE layer's expert load and dropped fraction, and the collapse alarm; a
+    mixture's realised shares. To TensorBoard and metrics.jsonl, and one console line."""
+
+    def __init__(self, writer: Writer, tc, moe_layers: list[int], num_experts: int,
+                 tokens_per_step: int, flops_per_token: float, peak: float | None,
+                 shares=lambda step: {}):
+        self.writer, self.steps, self.moe_layers = writer, tc.steps, moe_layers
+        self.flops_per_token, self.peak, self.shares = flops_per_token, peak, shares
+        self.progress = Progress(tc.steps, tokens_per_step)
+        self.alarm = (CollapseAlarm(moe_layers, num_experts, tc.collapse_threshold,
+                                    tc.collapse_checks)
+                      if moe_layers and tc.collapse_threshold > 0 else None)
+
+    def start(self, step: int):
+        """Rates count from here: after `step`, whose call compiled the step."""
+        self.progress.start(step)
+
+    def __call__(self, step: int, metrics: dict, data_wait_ms: float):
+        m = jax.device_get(metrics)
+        perf = self.progress.tick(step)  # None at the first step: nothing timed yet
+        values = {"train/loss": m["loss"], "train/ce_loss": m["ce_loss"], "opt/lr": m["lr"],
+                  "opt/grad_norm": m["grad_norm"]}
+        if perf:
+            values.update({"perf/tokens_per_s": perf["perf/tokens_per_s"],
+                           "perf/step_ms": perf["perf/step_ms"],
+                           "perf/data_wait_ms": data_wait_ms})  # > 0: input-bound
+            if self.peak:
+                achieved = perf["perf/tokens_per_s"] * self.flops_per_token / jax.device_count()
+                values["perf/mfu"] = achieved / self.peak
+        values.update(self.shares(step))
+        if self.moe_layers:
+            values["train/balance_loss"] = m["balance_loss"]
+            values["train/z_loss"] = m["z_loss"]
+            load = m["expert_load"] / m["expert_load"].sum(-1, keepdims=True)
+            self.writer.expert_load(step, self.moe_layers, load, m["dropped_frac"])
+            for warning in self.alarm.update(step, load) if self.alarm else []:
+                self.writer.print(warning)
+        self.writer.scalars(step, values)
+        self.writer.print(f"step {step}/{self.steps} loss {m['loss']:.4f}" + (
+            f" tok/s {perf['perf/tokens_per_s']:,.0f} step {perf['perf/step_ms']:.0f} ms "
+            f"(data wait {data_wait_ms:.0f} ms) ETA {format_eta(perf['eta_s'])}" if perf
+            else ""))

@@ -12,9 +12,9 @@ import dataclasses
 import jax
 import numpy as np
 
-from moejax.checkpoint import path_name
 from moejax.config_lib import ConfigError
-from moejax.model import layer_stacks
+from moejax.model.transformer import layer_stacks
+from moejax.run.checkpoint import path_name
 
 
 @dataclasses.dataclass(frozen=True)

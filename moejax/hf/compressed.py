@@ -22,8 +22,8 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import quant
 from moejax.config_lib import ConfigError
+from moejax.moe import quant
 
 BITS = {"int8": 8, "int4": 4}
 FORMATS = ("pack-quantized", "int-quantized")  # what from-hf reads

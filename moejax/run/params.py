@@ -12,8 +12,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moejax import quant, state
+from moejax.moe import quant
 from moejax.moe.layer import ExpertParam
+from moejax.run import state
 
 
 def precision(config) -> dict:
@@ -170,7 +171,10 @@ def quantize_experts(model, name: str) -> str:
     total, experts = (lambda: bytes_per_device(nnx.state(model)),
                       lambda: bytes_per_device(nnx.state(model, ExpertParam)))
     before = total(), experts()
-    quant.quantize_experts(model, name)
+    # Along each weight's input dim; the MoE layer dequantizes them after gathering its shards.
+    for _, v in nnx.to_flat_state(nnx.state(model, ExpertParam)):
+        names = v.get_metadata()["out_sharding"]
+        v.set_value(quant.quantize_weight(v.get_value(), name, -(len(names) - 1)))
     after = total(), experts()
     return (f"weights per device: {before[0] / 2**20:,.2f} -> {after[0] / 2**20:,.2f} MiB; "
             f"routed experts {before[1] / 2**20:,.2f} -> {after[1] / 2**20:,.2f} MiB "

@@ -25,7 +25,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import qwix
-from flax import nnx
 from qwix._src.core import (
     dot_general_qt as qwix_dot_general_qt,
     ragged_dot_qt as qwix_ragged_dot_qt,
@@ -134,14 +133,3 @@ def quantize_weight(w: jax.Array, name: str, axis: int) -> qwix.QArray:
     tiles = {axis: weight_group(w.shape[axis], name)} if name == "int4" else None
     return qwix.quantize(w.astype(jnp.float32), qtype, channelwise_axes=other, tiled_axes=tiles,
                          calibration_method=calibration(qtype), scale_dtype=SCALE_DTYPE)
-
-
-def quantize_experts(model, name: str) -> None:
-    """The routed experts' weights of `model` replaced, in place, by their int8 / int4
-    QArrays (the MoE layer dequantizes them after gathering its shards)."""
-    from moejax.moe.layer import ExpertParam
-
-    for _, v in nnx.to_flat_state(nnx.state(model, ExpertParam)):
-        names = v.get_metadata()["out_sharding"]
-        w = v.get_value()
-        v.set_value(quantize_weight(w, name, -(len(names) - 1)))

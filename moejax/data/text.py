@@ -1,24 +1,14 @@
-"""Text -> tokens -> fixed-length sequences -> this host's rows of each global batch.
+"""Text to tokens to rows: tokenizers, the documents of each source, the held-out split, and
+packing into rows of seq_len + 1 tokens. The bottom of the data path: nothing here knows
+about batches, hosts or checkpoints.
 
-  python -m moejax.data prepare --config configs/X.py[:variant] --out DIR [--num_proc N]
-      [--config.a.b=v]
-
-Sources (config.data.source): `stdlib` (the Python standard library's own .py files: on every
+Sources (data.source): `stdlib` (the Python standard library's own .py files: on every
 machine with Python, nothing to download), `files` (local text / json / parquet through
-Hugging Face `datasets`), `hub` (a Hugging Face dataset by name, optionally streamed) and
-`prepared` (data.path: a token store that `prepare` wrote from one of the others, its
-documents tokenized once, in parallel, and memory-mapped by every run: moejax/store.py; or
-data.mixture: several stores with weights, moejax/mixture.py).
-Documents are joined with an end-of-document token and cut into sequences of seq_len + 1.
-The held-out split takes whole stdlib files; of `files` and `hub` documents it takes chunks of
-CHUNK_CHARS characters, so that even one long file gives both splits.
-
-Batch order is a function of (seed, step) alone: step s takes sequences s*B .. s*B+B-1 of a
-seeded permutation of the epoch (of a prepared store: a Feistel bijection, computed per
-position, never held), so a resumed run reads exactly the batches it would have read, and
-every host, whatever the number of hosts, agrees on the global batch. Each host reads only
-its own rows of it. A streamed source (data.streaming) is read in order by each host, through
-a shuffle buffer, and where it stands is saved with each checkpoint: moejax/stream.py.
+Hugging Face `datasets`) and `hub` (a Hugging Face dataset by name, optionally streamed:
+stream.py); `prepared` is a token store made from one of them (store.py). Documents are
+joined with an end-of-document token and cut into rows of seq_len + 1 tokens. The held-out
+split takes whole stdlib files; of `files` and `hub` documents it takes chunks of CHUNK_CHARS
+characters, so that even one long file gives both splits.
 """
 
 import glob
@@ -26,7 +16,6 @@ import itertools
 import logging
 import math
 import os
-import sys
 import sysconfig
 import zlib
 
@@ -234,99 +223,3 @@ def pack(texts, tokenizer, seq_len: int) -> np.ndarray:
     tokens = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
     rows = len(tokens) // (seq_len + 1)
     return tokens[: rows * (seq_len + 1)].reshape(rows, seq_len + 1)
-
-
-class Batches:
-    """Global batch `step` is a fixed function of (seed, step); each host reads its rows."""
-
-    def __init__(self, sequences: np.ndarray, batch_size: int, seed: int, shuffle: bool):
-        self.sequences, self.batch_size, self.seed, self.shuffle = (
-            sequences, batch_size, seed, shuffle)
-
-    def indices(self, step: int) -> np.ndarray:
-        """Sequence ids of global batch `step`, [batch_size]."""
-        batches_per_epoch = len(self.sequences) // self.batch_size  # a last partial one: skipped
-        epoch, k = divmod(step, batches_per_epoch)
-        positions = np.arange(k * self.batch_size, (k + 1) * self.batch_size)
-        return self.order(epoch, positions) if self.shuffle else positions
-
-    def order(self, epoch: int, positions: np.ndarray) -> np.ndarray:
-        """The sequence ids at `positions` of epoch `epoch`'s shuffled order (the epoch's
-        permutation kept: drawing it costs O(n) and every step of the epoch reads it)."""
-        cached = getattr(self, "_cached", None)  # one tuple: a reader never sees half of it
-        if cached is None or cached[0] != epoch:
-            n = len(self.sequences)
-            cached = self._cached = epoch, np.random.default_rng([self.seed, epoch]).permutation(n)
-        return cached[1][positions]
-
-    def host_rows(self, step: int, rows: slice) -> np.ndarray:
-        """This host's rows `rows` of global batch `step`: [rows, seq_len + 1]."""
-        return np.asarray(self.sequences[self.indices(step)[rows]], np.int32)
-
-
-class StoreBatches(Batches):
-    """A prepared store's batches: its sequences are a memory map (a host reads its rows and
-    nothing else) and the shuffle a Feistel bijection, O(batch) time and memory per step."""
-
-    def order(self, epoch: int, positions: np.ndarray) -> np.ndarray:
-        from moejax import store
-
-        return store.feistel(positions, len(self.sequences), self.seed, epoch)
-
-
-def make_batches(cfg, tokenizer, split: str, seed: int):
-    """Training batches are shuffled; eval batches are the first ones of the held-out split.
-    A data.mixture gives weighted batches of several prepared stores (moejax/mixture.py)."""
-    if cfg.get("mixture", ""):
-        from moejax import mixture
-
-        return mixture.make(cfg, tokenizer, split, seed)
-    if cfg.source == "prepared":
-        from moejax import store
-
-        sequences, kind = store.open_split(cfg, tokenizer, split), StoreBatches
-    else:
-        if cfg.source == "files":
-            check_path(cfg)
-        if cfg.streaming:
-            from moejax.stream import StreamBatches
-
-            hf_dataset(cfg, streaming=True)  # its checks (files, text_key) before compiling
-            return StreamBatches(cfg, tokenizer, split, seed)
-        sequences, kind = pack(load_documents(cfg, split), tokenizer, cfg.seq_len), Batches
-    if len(sequences) < cfg.batch_size:
-        key = "data.source='stdlib'" if cfg.source == "stdlib" else f"data.path={cfg.path!r}"
-        more = "more text, a larger data.eval_fraction" if split == "eval" else "more text"
-        raise ConfigError(f"{key}: the {split} split holds {len(sequences)} sequences "
-                          f"of data.seq_len + 1 = {cfg.seq_len + 1} tokens; allowed: at least "
-                          f"data.batch_size={cfg.batch_size} ({more}, or a smaller batch "
-                          "or seq_len)")
-    return kind(sequences, cfg.batch_size, seed, shuffle=split == "train")
-
-
-def main(argv=None):
-    from absl import flags
-    from ml_collections import config_flags
-
-    from moejax import cli, store
-
-    argv = sys.argv if argv is None else argv
-    fv = flags.FlagValues()  # its own: main may run more than once in one process (tests)
-    config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:variant]: its data.* "
-                                    "keys name the source, the tokenizer and the held-out "
-                                    "fraction", flag_values=fv, lock_config=True, sys_argv=argv)
-    flags.DEFINE_string("out", None, "the store's folder: new, empty, or an unfinished "
-                        "prepare's", flag_values=fv)
-    flags.DEFINE_integer("num_proc", os.cpu_count() or 1, "tokenizer processes",
-                         lower_bound=1, flag_values=fv)
-    flags.mark_flags_as_required(["config", "out"], flag_values=fv)
-    with cli.one_line_errors():
-        cli.positional(cli.parse_flags(argv, __doc__, fv, "out"), {"COMMAND": ("prepare",)})
-        try:
-            store.prepare(fv.config.data, fv.out, fv.num_proc)
-        except KeyboardInterrupt:
-            sys.exit(f"interrupted: {fv.out} is unfinished; run the same command again")
-
-
-if __name__ == "__main__":
-    main()

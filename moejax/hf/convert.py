@@ -1,0 +1,301 @@
+"""Transformers checkpoints in and out, tensor by tensor: `from_hf` builds a moejax run from a
+folder of safetensors files (or a hub name), each weight on the devices in its training layout;
+`to_hf` writes a run's newest checkpoint as files AutoModelForCausalLM loads. The command
+line and what it writes are moejax/convert.py's docstring; the per-architecture names are
+maps.py's, the weight-only experts' format compressed.py's."""
+
+import contextlib
+import functools
+import glob
+import json
+import os
+import pprint
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (numpy learns bfloat16, which safetensors' numpy reader needs)
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from moejax import config_lib, parallel
+from moejax.config_lib import ConfigError
+from moejax.hf import compressed
+from moejax.hf.maps import ARCHS, arch_of, hf_config, model_config, weight_map
+from moejax.moe import quant
+from moejax.run import state
+from moejax.run.checkpoint import Checkpoints, path_name, restore_params, run_checkpoints
+
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def moejax_config(hf: dict, tokenizer: str, mesh: dict):
+    config = config_lib.defaults()
+    config.model.update(model_config(hf))
+    config.data.update(tokenizer=tokenizer)
+    # Fine-tuning defaults: a small constant-ish learning rate, no decay of released weights.
+    config.train.update(lr=1e-5, warmup_steps=10, weight_decay=0.0, steps=1000,
+                        balance_coef=float(hf.get("router_aux_loss_coef") or 0.0),
+                        z_coef=float(hf.get("router_z_loss_coef") or 0.0))
+    config.mesh.update({a: 1 for a in parallel.AXES})
+    config.mesh.update(mesh or {"fsdp": -1})
+    return config
+
+
+# --- from-hf -----------------------------------------------------------------------------
+
+class Tensors:
+    """The safetensors files of a checkpoint folder, opened lazily: name -> one tensor."""
+
+    def __init__(self, folder: str):
+        self.files = {}
+        paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        if not paths:
+            raise ConfigError(f"{folder}: no *.safetensors files; allowed: a folder that "
+                              "save_pretrained wrote (safetensors, not .bin)")
+        for path in paths:
+            with safe_open(path, "np") as f:
+                for name in f.keys():
+                    self.files[name] = path
+
+    def shape(self, name):
+        with safe_open(self.files[name], "np") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def get(self, name) -> np.ndarray:
+        with safe_open(self.files[name], "np") as f:  # memory-mapped: reads this tensor only
+            return f.get_tensor(name)
+
+
+def resolve(src: str) -> str:
+    """A local folder, or the hub name's files downloaded (cached) by huggingface_hub."""
+    if os.path.isdir(src):
+        if not os.path.exists(os.path.join(src, "config.json")):
+            raise ConfigError(f"SRC={src!r}: no config.json in it; allowed: a folder that "
+                              "save_pretrained wrote, or a hub name like org/model")
+        return src
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", src) or os.path.exists(src):
+        raise ConfigError(f"SRC={src!r}: not a folder; allowed: a local folder with "
+                          "config.json + *.safetensors, or a hub name like org/model")
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.snapshot_download(
+            src, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
+    except Exception as e:  # offline, gated or misspelled: all mean this SRC cannot be had
+        raise ConfigError(f"SRC={src!r}: cannot download ({config_lib.first_line(e)}); "
+                          "allowed: a local folder or a hub name you can access") from None
+
+
+def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
+    """Convert SRC into a moejax run in workdir; returns the config file's path."""
+    folder = resolve(src)
+    with open(os.path.join(folder, "config.json")) as f:
+        hf = json.load(f)
+    arch = ARCHS[arch_of(hf)]
+    config_lib.check_workdir(workdir)
+    with contextlib.closing(Checkpoints(workdir, 1, False)) as ckpt:
+        taken = ckpt.latest_step() is not None
+    if taken:
+        raise ConfigError(f"--workdir={workdir!r}: already holds a checkpoint; allowed: a new "
+                          "or empty folder (a good checkpoint is never overwritten)")
+    hf_dir = os.path.join(os.path.abspath(workdir), "hf")
+    tokenizer = hf_dir if os.path.exists(os.path.join(folder, "tokenizer.json")) else "byte"
+    config = moejax_config(hf, tokenizer, mesh)
+    sizes = parallel.mesh_sizes(config.mesh, jax.device_count())
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    config.data.batch_size = -(-config.data.batch_size // shards) * shards
+    config_lib.validate(config, jax.device_count())
+    tensors = Tensors(folder)
+    if "quantization_config" in hf:  # compressed-tensors: dequantized as it is read
+        tensors = compressed.Dequantized(tensors, hf["quantization_config"])
+    mesh = parallel.make_mesh(sizes)
+    setup = state.setup(config, mesh)
+    wmap = weight_map(arch, config.model, setup.abstract["params"])
+    check_tensors(wmap, setup.abstract["params"], tensors, folder)
+    os.makedirs(hf_dir, exist_ok=True)  # only now: a refused SRC leaves nothing behind
+    for name in HF_FILES:
+        if os.path.exists(os.path.join(folder, name)):
+            shutil.copy(os.path.join(folder, name), hf_dir)
+
+    def load(path, a):
+        """One parameter, made a layer at a time: the host holds one layer's tensors for its
+        own devices (make_array_from_callback gathers every local shard before copying), and
+        reads each of them once, however many of its devices take a slice."""
+        lead, part = wmap[path_name(path)]
+
+        def read(ids):  # one layer (of one expert) of this weight, in our layout
+            names, ours, _ = part(*ids)
+            return ours(*(tensors.get(n) for n in names)).astype(a.dtype)
+
+        if not lead:
+            whole = functools.cache(read)
+            return jax.make_array_from_callback(a.shape, a.sharding, lambda i: whole(())[i])
+        spec = (*a.sharding.spec, *(None,) * (a.ndim - len(a.sharding.spec)))
+        one_layer = NamedSharding(mesh, P(*spec[1:]))  # the layer axis is never split
+
+        def layer(r):
+            once = functools.cache(read)  # shared by this host's devices, gone after the layer
+
+            def shard(index):  # this device's slice of the layer (of its experts)
+                if len(lead) == 1:
+                    return once((r,))[index]
+                return np.stack([once((r, e))[index[1:]] for e in range(lead[1])[index[0]]])
+
+            return jax.make_array_from_callback(a.shape[1:], one_layer, shard)
+
+        out = jax.jit(lambda: jnp.zeros(a.shape, a.dtype), out_shardings=a.sharding)()
+        put = jax.jit(lambda out, x, r: jax.lax.dynamic_update_index_in_dim(out, x, r, 0),
+                      out_shardings=a.sharding, donate_argnums=0)
+        for r in range(lead[0]):
+            out = put(out, layer(r), r)
+        return out
+
+    params = jax.tree_util.tree_map_with_path(load, setup.abstract["params"])
+    opt_state = jax.jit(setup.tx.init, out_shardings=setup.shardings["opt_state"])(params)
+    ckpt = Checkpoints(workdir, config.train.keep_checkpoints, keep_best=False)
+    ckpt.save(0, {"params": params, "opt_state": opt_state}, {"step": 0, "tokens_seen": 0})
+    ckpt.close()
+    config_path = os.path.join(workdir, "config.py")
+    if jax.process_index() == 0:
+        with open(config_path, "w") as f:
+            f.write(CONFIG_FILE.format(src=src, workdir=workdir, path=config_path,
+                                       config=pprint.pformat(config.to_dict(), width=96,
+                                                             sort_dicts=False)))
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    return config_path
+
+
+def check_tensors(wmap, abstract, tensors: Tensors, folder: str):
+    """Every tensor the model needs is there with its shape, and none is left over (a tensor
+    moejax would ignore is a computation it would get wrong). Headers only: reads no data."""
+    want = {}
+    for path, a in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        lead, part = wmap[path_name(path)]
+        one = jax.ShapeDtypeStruct(a.shape[len(lead):], a.dtype)
+        shapes = [s.shape for s in jax.eval_shape(part(*(0,) * len(lead))[2], one)]
+        for ids in np.ndindex(*lead):
+            for n, shape in zip(part(*ids)[0], shapes, strict=True):
+                want[n] = path_name(path), shape
+    for n, (ours, shape) in want.items():
+        if n not in tensors.files:
+            raise ConfigError(f"{folder}: tensor {n} (for {ours}) is missing; allowed: a "
+                              "complete checkpoint of the architecture in config.json")
+        if tensors.shape(n) != shape:
+            raise ConfigError(f"{folder}: tensor {n} is {list(tensors.shape(n))}, config.json "
+                              f"makes it {list(shape)}; allowed: the checkpoint of this config")
+    if extra := sorted(tensors.files.keys() - want.keys()):
+        raise ConfigError(f"{folder}: tensor {extra[0]} has no place in the moejax model "
+                          f"({len(extra)} such); allowed: the tensors of "
+                          "the architecture in config.json only")
+
+
+CONFIG_FILE = '''"""Converted from {src} by `python -m moejax.convert from-hf`.
+
+Fine-tune (resumes from the converted step 0) or sample:
+  python -m moejax.train --config {path} --workdir {workdir} [--config.a.b=v]
+  python -m moejax.generate --workdir {workdir} --prompt "..."
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    return ml_collections.ConfigDict({config})
+'''
+
+
+# --- to-hf -------------------------------------------------------------------------------
+
+def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4.0,
+          quantize: str = "none") -> list:
+    """Write the newest checkpoint of workdir to `out`, its routed experts weight-only
+    `quantize`d (none | int8 | int4); returns the files written."""
+
+    if jax.process_count() > 1:  # every tensor is fetched whole from the devices
+        raise ConfigError("to-hf: runs on one host (it fetches each tensor whole); allowed: "
+                          "one process, with the host's devices")
+    config = config_lib.run_config(workdir)
+    saved, saved_path = None, os.path.join(workdir, "hf", "config.json")
+    if os.path.exists(saved_path):
+        with open(saved_path) as f:
+            saved = json.load(f)
+    dtype = dtype or (saved or {}).get("dtype") or (saved or {}).get("torch_dtype") or "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype={dtype!r}: unknown; allowed: float32, bfloat16, float16")
+    if quantize not in ("none", *quant.WEIGHT_ONLY):
+        raise ConfigError(f"--quantize={quantize!r}: unknown; allowed: none, "
+                          + ", ".join(quant.WEIGHT_ONLY))
+    hf = hf_config(config, dtype, saved)
+    hf.pop("quantization_config", None)  # an imported one's: these weights are ours
+    arch = ARCHS[hf["architectures"][0]]
+    mesh = parallel.make_mesh({"fsdp": jax.device_count()})
+    setup = state.setup(config, mesh)
+    with contextlib.closing(run_checkpoints(workdir, "--workdir")) as mgr:
+        step = mgr.latest_step()
+        params = restore_params(mgr, step, setup.abstract["params"])
+    wmap = weight_map(arch, config.model, setup.abstract["params"])
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
+                "float16": np.float16}[dtype]
+    quantizer = compressed.Quantizer(quantize, np_dtype) if quantize != "none" else None
+    os.makedirs(out, exist_ok=True)
+
+    def tensors():  # (HF name, numpy array), one fetched from the devices at a time
+        for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+            lead, part = wmap[path_name(path)]
+            for ids in np.ndindex(*lead):
+                names, _, theirs = part(*ids)
+                w = np.asarray(jax.device_get(x[ids] if ids else x))
+                for n, t in zip(names, theirs(w), strict=True):
+                    # routed experts: [layers, experts] lead; quantized from float32
+                    ts = quantizer(n, t, len(lead) == 2) if quantizer else {n: t.astype(np_dtype)}
+                    for k, v in ts.items():
+                        yield k, np.ascontiguousarray(v)
+
+    files, chunk, size, weight_map_ = [], {}, 0, {}
+    limit = int(shard_gib * 2**30)
+
+    def flush():
+        nonlocal chunk, size
+        if chunk:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(chunk, os.path.join(out, name), metadata={"format": "pt"})
+            files.append(name)
+            weight_map_.update({n: name for n in chunk})
+        chunk, size = {}, 0
+
+    for n, t in tensors():
+        if size and size + t.nbytes > limit:
+            flush()
+        chunk[n] = t
+        size += t.nbytes
+    flush()
+    total = sum(os.path.getsize(os.path.join(out, f)) for f in files)
+    names = {f: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in
+             enumerate(files)}
+    if len(files) == 1:
+        names = {files[0]: "model.safetensors"}
+    for old, new in names.items():
+        os.replace(os.path.join(out, old), os.path.join(out, new))
+    if len(files) > 1:
+        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total},
+                       "weight_map": {n: names[f] for n, f in sorted(weight_map_.items())}},
+                      f, indent=2)
+    if quantizer:
+        hf["quantization_config"] = quantizer.config()
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    for name in HF_FILES[1:]:  # generation config and tokenizer, as imported
+        if os.path.exists(os.path.join(workdir, "hf", name)):
+            shutil.copy(os.path.join(workdir, "hf", name), out)
+    print(f"wrote step {step} of {workdir} to {out}: {len(files)} safetensors file(s), "
+          f"{total / 2**20:.1f} MiB ({dtype}), config.json ({hf['architectures'][0]})")
+    if quantizer:
+        print(quantizer.line())
+    return [names[f] for f in files]

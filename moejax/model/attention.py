@@ -1,0 +1,84 @@
+"""Grouped-query causal self-attention: projections, optional q/k norm and biases, rotary
+positions, the kernel per backend (kernels.py), and decoding with a key-value cache."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from moejax.model import kernels
+from moejax.model.layers import RMSNorm, dense_qtype, param, rotary
+from moejax.moe.quant import einsum
+from moejax.parallel import constrain
+
+
+def kv_heads(cfg) -> int:
+    return cfg.num_kv_heads or cfg.num_heads
+
+
+QK_NORMS = ("none", "head", "all")
+
+
+class Attention(nnx.Module):
+    """Causal self-attention; num_heads / kv_heads query heads share each key-value head.
+
+    qk_norm RMS-normalizes queries and keys before the rotation: over each head (Qwen3-MoE)
+    or over all heads of the projection together (OLMoE)."""
+
+    def __init__(self, cfg, mesh, dtype, param_dtype, rngs):
+        d, h, kv, hd = cfg.d_model, cfg.num_heads, kv_heads(cfg), cfg.head_dim
+        self.q = param(rngs, (d, h, hd), ("embed", "heads", None), param_dtype, d)
+        self.kv = param(rngs, (d, 2, kv, hd), ("embed", None, "kv_heads", None), param_dtype, d)
+        self.out = param(rngs, (h, hd, d), ("heads", None, "embed"), param_dtype, h * hd)
+        self.theta, self.dtype, self.mesh = cfg.rope_theta, dtype, mesh
+        self.qtype = dense_qtype(cfg)
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, param_dtype, (None,))
+            self.k_norm = RMSNorm(hd, cfg.norm_eps, param_dtype, (None,))
+        elif cfg.qk_norm == "all":
+            self.q_norm = RMSNorm((h, hd), cfg.norm_eps, param_dtype, ("heads", None))
+            self.k_norm = RMSNorm((kv, hd), cfg.norm_eps, param_dtype, ("kv_heads", None))
+        self.qk_norm = cfg.qk_norm != "none"
+        if cfg.qkv_bias:  # Qwen2-MoE
+            self.q_bias = nnx.Param(jnp.zeros((h, hd), param_dtype), out_sharding=("heads", None),
+                                    eager_sharding=False)
+            self.kv_bias = nnx.Param(jnp.zeros((2, kv, hd), param_dtype),
+                                     out_sharding=(None, "kv_heads", None), eager_sharding=False)
+        self.qkv_bias = cfg.qkv_bias
+
+    def project(self, x, positions):
+        """x: [B, S, d] -> q [B, S, h, hd], k and v [B, S, kv, hd]; q, k rotated to positions."""
+        q = einsum("bsd,dhe->bshe", x, self.q[...].astype(self.dtype), self.qtype)
+        k, v = jnp.unstack(einsum("bsd,dkhe->kbshe", x, self.kv[...].astype(self.dtype),
+                                  self.qtype))
+        if self.qkv_bias:
+            kv_bias = self.kv_bias[...].astype(self.dtype)
+            q, k, v = q + self.q_bias[...].astype(self.dtype), k + kv_bias[0], v + kv_bias[1]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = checkpoint_name(constrain(q, self.mesh, ("batch", None, "heads", None)), "attn_q")
+        k, v = (checkpoint_name(constrain(a, self.mesh, ("batch", None, "kv_heads", None)),
+                                "attn_kv") for a in (k, v))
+        return rotary(q, positions, self.theta), rotary(k, positions, self.theta), v
+
+    def __call__(self, x, positions):
+        q, k, v = self.project(x, positions)
+        y = checkpoint_name(kernels.causal(q, k, v, self.mesh), "attn_ctx")
+        return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype)
+
+    def decode(self, x, positions, cache, layer):
+        """Attention of x [B, S, d] at positions [B, S] over the cache of its stack, {"k", "v"}:
+        [repeats, period, B, L, kv, hd], whose slot `layer` = (repeat, j) is this layer's.
+        The new keys and values are written at their positions first; a query sees the keys
+        at positions <= its own, so what lies past a row's end (padding, stale) is never read.
+        """
+        q, k, v = self.project(x, positions)
+        rows = jnp.arange(x.shape[0])[:, None]
+        # Only the S new rows are written, in place: the cache is a scan carry, not xs/ys,
+        # which would copy all of it through every layer of every step.
+        cache = {"k": cache["k"].at[(*layer, rows, positions)].set(k),
+                 "v": cache["v"].at[(*layer, rows, positions)].set(v)}
+        keys, values = cache["k"][layer], cache["v"][layer]  # [B, L, kv, hd]
+        mask = jnp.arange(keys.shape[1]) <= positions[:, None, :, None]  # [B, 1, S, L]
+        y = jax.nn.dot_product_attention(q, keys, values, mask=mask)
+        return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype), cache

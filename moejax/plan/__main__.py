@@ -1,0 +1,72 @@
+"""Size a run before paying for it: compile its train step for simulated devices.
+
+  python -m moejax.plan --config configs/X.py[:variant] [--mesh fsdp=8,expert=8]
+      [--hbm_gib 80] [--config.model.remat=full]
+
+Nothing is allocated and nothing runs. The state comes from `state.setup` (abstract arrays
+with the trainer's shardings), the train step is `state.train_step_fn`, compiled by XLA:CPU
+for exactly the mesh's number of host devices (`--xla_force_host_platform_device_count`), and
+the report is read off the executable. `--mesh` names any of data, fsdp, expert, tensor;
+the others keep the config's sizes, and a -1 ("the remaining devices") is 1 here.
+
+Conventions (docs/memory.md checks them against a real run):
+- Memory per device = arguments + outputs - outputs aliased to donated arguments + temporaries,
+  from the compiled memory analysis. Parameters and optimizer state are exact for any backend
+  (the step takes and returns them in one layout, donated). Temporaries are XLA:CPU's buffer
+  assignment: GPU and TPU fuse differently (and have fused attention).
+- Precision: the state and the inference weights at each dtype setting are arithmetic on the
+  real shard shapes (`moejax/run/params.py`); only the config's own setting is compiled.
+- Collectives: payload and wire bytes per device as `moejax/plan/collectives.py` reads them off the
+  optimized HLO.
+- All-to-all minimum, per MoE layer forward: dispatch and return each move the [E*C, d] slot
+  buffer of every capacity group, 2 x groups x E x C x d x bytes = 2 x tokens x k x cf x d x
+  bytes, summed over token shards, with C rounded up as the router does. The backward pass
+  moves the cotangents of both, the same again; with remat it first reruns the forward's.
+"""
+
+import math
+import os
+import re
+import sys
+
+
+def main() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    from moejax import cli, config_lib  # import no jax: XLA_FLAGS can still be set below
+    from moejax.parallel import parse_mesh
+
+    config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:variant]",
+                                    lock_config=True)
+    flags.DEFINE_string("mesh", None, "fsdp=8,expert=8: sizes of data, fsdp, expert, tensor "
+                        "(axes left out keep the config's)")
+    flags.DEFINE_float("hbm_gib", 80.0, "device memory for the verdict, GiB")
+    flags.mark_flags_as_required(["config"])
+    try:
+        cli.parse_flags(sys.argv, __doc__)  # --help, bad flags and config files
+        config = flags.FLAGS.config
+        # -1 means "the remaining devices", and only the devices the rest need are made.
+        mesh = {a: max(int(s), 1) for a, s in config.mesh.items()}
+        mesh.update(parse_mesh(flags.FLAGS.mesh or ""))
+    except (flags.Error, ValueError, KeyError, AttributeError) as e:
+        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+    # The simulated devices must exist before jax's CPU backend starts (at its first use).
+    xla_flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                       os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = (f"{xla_flags} --xla_force_host_platform_device_count="
+                               f"{math.prod(mesh.values())}")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    from moejax.plan.estimate import plan
+    from moejax.plan.report import report
+
+    try:
+        p = plan(config, mesh)
+    except config_lib.ConfigError as e:
+        sys.exit(f"error: {e}")
+    print(report(p, flags.FLAGS["config"].config_filename, flags.FLAGS.hbm_gib))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""What a config's train step needs on a mesh, without its hardware: compiled for simulated
+devices (XLA:CPU), read off the executable; the all-to-all minimum beside it. The report and
+its conventions are report.py's; `python -m moejax.plan` runs both."""
+
+import math
+import time
+
+from moejax.plan.collectives import collective_bytes
+
+MiB, GiB = 2**20, 2**30
+
+
+def alltoall_minimum(config, sizes: dict) -> dict:
+    """Bytes the MoE all-to-alls must move per train step, summed over token shards (see the
+    module docstring); `sizes` is {mesh axis: size}.
+
+    Groups and capacity follow the layer: `model.num_groups` groups per micro-batch (0 = one per
+    token shard, data x fsdp x expert devices), C = router.capacity(tokens per group);
+    `grad_accum` micro-batches per step. The exchange runs within the expert axis. Expert
+    choice fills the same [E*C, d] buffers, so the same bound holds. With remat (full or
+    matmuls, which saves the combined output, not the buffers) the backward pass recomputes
+    the forward's exchanges: three passes, not two."""
+    import numpy as np
+
+    from moejax.model.layers import DTYPES
+    from moejax.model.transformer import moe_layer_ids
+    from moejax.moe.router import capacity
+    from moejax.parallel import TOKEN_AXES
+
+    mc, tc = config.model, config.train
+    tokens = config.data.batch_size * config.data.seq_len
+    token_shards = math.prod(sizes.get(a, 1) for a in TOKEN_AXES)
+    groups = mc.num_groups or token_shards
+    per_group = tokens // tc.grad_accum // groups
+    # As moe_ffn sizes its buffers: capped at the group. Dropless has no buffers and no
+    # all-to-all; its rows travel by ragged all-to-all (GPU, TPU) or the ring (moe/dropless.py).
+    dropless = mc.dispatch != "capacity"
+    cap = 0 if dropless else min(per_group, capacity(
+        per_group, mc.num_experts, mc.top_k, mc.capacity_factor, mc.min_capacity))
+    layers = len(moe_layer_ids(mc))
+    itemsize = np.dtype(DTYPES[mc.dtype]).itemsize
+    per_layer = 2 * tc.grad_accum * groups * mc.num_experts * cap * mc.d_model * itemsize
+    # Ragged all-to-all: every assignment's row goes out and back once.
+    ragged = 2 * tokens * mc.top_k * mc.d_model * itemsize if mc.dispatch == "dropless" else 0
+    passes = 2 if mc.remat == "none" else 3
+    return {"moe_layers": layers, "groups": groups, "tokens_per_group": per_group,
+            "token_shards": token_shards, "expert": sizes.get("expert", 1), "passes": passes,
+            "capacity": cap, "dropless": dropless,
+            "effective_cf": mc.num_experts * cap / (per_group * mc.top_k),
+            "nominal_per_layer": 2 * tokens * mc.top_k * mc.capacity_factor * mc.d_model
+            * itemsize, "per_layer": per_layer, "forward": layers * per_layer,
+            "step": passes * layers * per_layer, "ragged_forward": layers * ragged}
+
+
+def resolve_vocab(config) -> None:
+    """vocab_size = 0 means the tokenizer's: load it (offline, this needs it on disk)."""
+    from moejax import config_lib
+    from moejax.data import text
+
+    if config.model.vocab_size:
+        return
+    try:
+        size = text.make_tokenizer(config.data.tokenizer).vocab_size
+    except Exception as e:  # no network, no cache
+        raise config_lib.ConfigError(
+            f"model.vocab_size=0 and tokenizer {config.data.tokenizer!r} could not be loaded "
+            f"({type(e).__name__}); pass --config.model.vocab_size=N") from None
+    with config.unlocked():
+        config.model.vocab_size = size
+
+
+def memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
+    return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+            "aliased": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes, "peak": peak}
+
+
+def plan(config, mesh: dict | None = None) -> dict:
+    """Compile the train step of `config` on the available (simulated) devices, the config's
+    mesh updated by `mesh` ({axis: size}); return sizes in bytes, per device unless a key says
+    global."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax import config_lib, parallel
+    from moejax.run import state
+    from moejax.run.flops import train_flops_per_token
+    from moejax.run.params import bytes_per_device, param_counts, precision_table
+
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.mesh.update(mesh or {})
+    resolve_vocab(config)
+    config_lib.validate(config, jax.device_count())
+    sizes = parallel.mesh_sizes(config.mesh, jax.device_count())
+    mesh = parallel.make_mesh(sizes)
+    mc, seq_len = config.model, config.data.seq_len
+
+    start = time.perf_counter()
+    setup = state.setup(config, mesh)
+    tokens = jax.ShapeDtypeStruct((config.data.batch_size, seq_len + 1), jnp.int32,
+                                  sharding=parallel.token_sharding(mesh))
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    compiled = state.train_step_fn(setup).lower(setup.abstract, tokens, step).compile()
+    compile_s = time.perf_counter() - start
+
+    counts = param_counts(setup.model, mc.top_k, mc.num_experts)
+    # XLA:CPU's attention materializes the scores, [B, heads, S, S] in f32, on each device
+    # (a few at once); fused attention on GPU/TPU never does. Shown beside the temporaries.
+    rows = config.data.batch_size // config.train.grad_accum // parallel.num_token_shards(mesh)
+    heads = mc.num_heads // (sizes["tensor"] if mc.num_heads % sizes["tensor"] == 0 else 1)
+
+    def whole(tree):  # bytes of the arrays, not of one device's shards
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+    return {
+        "mesh": {a: mesh.shape[a] for a in parallel.AXES}, "devices": mesh.size,
+        "compile_s": compile_s, "remat": mc.remat,
+        "params_total": counts["total"], "params_active": counts["active"],
+        "flops_per_token": train_flops_per_token(counts["active"], mc, seq_len),
+        "tokens_per_step": config.data.batch_size * seq_len,
+        "grad_accum": config.train.grad_accum,
+        "state": {k: bytes_per_device(setup.abstract[k]) for k in ("params", "opt_state")},
+        "state_global": whole(setup.abstract), "params_global": whole(setup.abstract["params"]),
+        "precision": precision_table(config, setup),
+        "memory": memory(compiled), "attention_scores": rows * heads * seq_len**2 * 4,
+        "collectives": collective_bytes(compiled.as_text(), mesh.size),
+        "alltoall_min": alltoall_minimum(config, sizes) if mc.num_experts else None,
+    }
+
+
+def fit(p: dict, hbm: float) -> dict:
+    """Does the plan fit `hbm` bytes per device, and what the plan's own numbers say would:
+    every figure is arithmetic on them, nothing is recompiled (docs/memory.md checks some)."""
+    params, opt = p["state"]["params"], p["state"]["opt_state"]
+    peak = p["memory"]["peak"]
+    # The step also holds one gradient per parameter, in its dtype and layout (the scan over
+    # micro-batches carries them): with the state, what splitting over more devices shrinks.
+    sharded = 2 * params + opt
+    rest = peak - sharded  # activations, other temporaries, the batch
+    return {
+        "fits": peak <= hbm, "peak": peak, "sharded": sharded, "rest": rest,
+        # State and gradients split evenly over N devices (fsdp x expert = N, every dim
+        # divisible), tokens per device and so the rest unchanged.
+        "devices": (math.ceil((p["state_global"] + p["params_global"]) / (hbm - rest))
+                    if hbm > rest else None),
+        # Each precision row's state and gradients in place of this config's, the rest as
+        # compiled (its activations follow model.dtype, which no row changes).
+        "precision": [rest + r["bytes"]["total"] for r in p["precision"]["train"]],
+        "offload_opt": peak - opt,  # optimizer state in host memory between steps
+    }
