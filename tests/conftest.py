@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 # Eight simulated CPU devices; must be set before jax is first imported.
 os.environ["XLA_FLAGS"] = (
@@ -6,23 +8,21 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402
+# XLA's persistent compilation cache, made new for each run of the suite (never an earlier
+# run's) and shared by the run's pytest-xdist workers and the processes its tests start: the
+# many tests that compile the same program (the smoke config's train step above all) compile
+# it once. A cached executable is the program XLA compiled, bit for bit. The process that
+# makes the folder (the controller, or the only one) removes it when the run ends.
+_MADE_CACHE = "MOEJAX_TEST_XLA_CACHE" not in os.environ
+if _MADE_CACHE:
+    os.environ["MOEJAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="moejax-test-xla-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["MOEJAX_TEST_XLA_CACHE"]
+# Programs that compile in under 0.1 s (eager ops, small helpers) cost more to store than
+# to compile again.
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
-@pytest.fixture
-def compile_cache(tmp_path):
-    """XLA's persistent cache for one test: its runs compile the same programs, and only the
-    first compiles them (a cached executable is the same program, bit for bit)."""
-    import jax
-    from jax._src import compilation_cache
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    before = {key: getattr(jax.config, key) for key in keys}
-    for key, value in zip(keys, (str(tmp_path / "xla"), 0.0, 0), strict=True):
-        jax.config.update(key, value)
-    compilation_cache.reset_cache()
-    yield
-    for key, value in before.items():
-        jax.config.update(key, value)
-    compilation_cache.reset_cache()
+def pytest_unconfigure(config):
+    if _MADE_CACHE:
+        shutil.rmtree(os.environ["MOEJAX_TEST_XLA_CACHE"], ignore_errors=True)
