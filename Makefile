@@ -3,11 +3,11 @@
 install:
 	pip install -e .[test]
 
-test:
-	python -m pytest -q -m "not slow" -n 2 tests
+test:  # a module's tests on one worker: its module fixtures are computed once
+	python -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=25 tests
 
 test-slow:
-	python -m pytest -q -m slow --durations=5 tests
+	python -m pytest -q -m slow --durations=25 tests
 
 lint:  # style, then the import layers of pyproject.toml's [tool.importlinter]
 	ruff check moejax tests configs

@@ -32,7 +32,8 @@ def start(workdir, processes: int, *extra):
     """Processes write to files, not pipes: an unread pipe would stall a process mid-run."""
     devices = 8 // processes
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+           "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8",
+                                                        f"device_count={devices}")}
     cmd = [sys.executable, "-m", "moejax.train", *ARGS, "--workdir", str(workdir), *extra]
     if processes > 1:
         port = free_port()

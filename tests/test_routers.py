@@ -10,7 +10,7 @@ from moejax import parallel
 from moejax.moe import router
 from moejax.moe.layer import MoE, MoEConfig
 from tests import reference
-from tests.test_layer import f64, flat, place
+from tests.test_layer import apply, f64, flat, place
 
 D, F, N = 16, 32, 128  # tokens = 16 x 8, in 8 groups of 16
 
@@ -39,7 +39,7 @@ def test_sigmoid_scores_and_selection_bias_match_reference(score, renormalize):
     bias = np.linspace(-0.3, 0.3, 8)  # big enough to change many choices
     model.router_bias[...] = bias
     x = tokens()
-    y, aux = model(x, train=True)
+    y, aux = apply(model, x, train=True)
     cap = router.capacity(N // 8, 8, 2, 1.0)
     want, want_balance, _ = reference.moe(np.asarray(x).reshape(N, D), *weights(model), k=2,
                                           capacity=cap, renormalize=renormalize,
@@ -49,7 +49,7 @@ def test_sigmoid_scores_and_selection_bias_match_reference(score, renormalize):
     np.testing.assert_allclose(aux["balance_loss"], want_balance, atol=1e-5)
     # The bias moved the selection (so the check above is not vacuous) ...
     model.router_bias[...] = np.zeros(8)
-    assert not np.allclose(model(x, train=True)[0], y, atol=1e-3)
+    assert not np.allclose(apply(model, x, train=True)[0], y, atol=1e-3)
 
 
 def test_selection_bias_steers_choice_but_not_gates():
@@ -70,7 +70,7 @@ def test_bias_update_moves_toward_the_mean_load():
 def test_expert_choice_matches_reference(cf, score):
     model = make(routing="experts", capacity_factor=cf, router_score=score)
     x = tokens()
-    y, aux = model(x, train=True)
+    y, aux = apply(model, x, train=True)
     cap = router.capacity(N // 8, 8, 2, cf)
     want = reference.expert_choice_moe(np.asarray(x).reshape(N, D), *weights(model),
                                        capacity=cap, activation="swiglu", num_groups=8,
@@ -82,10 +82,10 @@ def test_expert_choice_matches_reference(cf, score):
 
 def test_expert_choice_same_on_expert_parallel_mesh():
     x = tokens()
-    y0, aux0 = make(routing="experts")(x, train=True)
+    y0, aux0 = apply(make(routing="experts"), x, train=True)
     mesh = parallel.make_mesh({"data": 2, "expert": 4})
-    y, aux = make(mesh, routing="experts")(jax.device_put(x, parallel.token_sharding(mesh)),
-                                          train=True)
+    y, aux = apply(make(mesh, routing="experts"),
+                     jax.device_put(x, parallel.token_sharding(mesh)), train=True)
     np.testing.assert_allclose(y, y0, atol=1e-5)
     np.testing.assert_allclose(aux["dropped_frac"], aux0["dropped_frac"], atol=1e-6)
 
@@ -93,7 +93,7 @@ def test_expert_choice_same_on_expert_parallel_mesh():
 def test_shared_experts_add_a_dense_ffn():
     model = make(num_shared_experts=2, capacity_factor=4.0)
     x = tokens()
-    y, _ = model(x, train=True)
+    y, _ = apply(model, x, train=True)
     xs = np.asarray(x).reshape(N, D)
     want, _, _ = reference.moe(xs, *weights(model), k=2, capacity=N, renormalize=False,
                                activation="swiglu", num_groups=8)

@@ -64,15 +64,14 @@ def assert_same(got, want, what):
                                    err_msg=f"{what}: {name}")
 
 
-LAYOUTS = [  # (data, fsdp, expert, tensor)
+LAYOUTS = [  # (data, fsdp, expert, tensor); FSDP x EP and FSDP x TP: the remat tests'
     (8, 1, 1, 1),  # data parallel
     (1, 8, 1, 1),  # pure FSDP
-    (1, 4, 2, 1),  # FSDP x EP
     (1, 1, 4, 2),  # EP x TP
-    (1, 4, 1, 2),  # FSDP x TP
     (2, 2, 2, 1),  # data x FSDP x EP
     (1, 2, 2, 2),  # FSDP x EP x TP
 ]
+REMAT_LAYOUTS = {"full": (1, 4, 2, 1), "matmuls": (1, 4, 1, 2)}  # FSDP x EP, FSDP x TP
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,11 @@ def test_same_loss_and_gradients_on_every_layout(one_device, layout):
     assert grads.keys() == grads0.keys() and len(grads) == 10
     np.testing.assert_allclose(loss, loss0, rtol=1e-6)
     assert_same(grads, grads0, str(layout))
-    # Each weight is really split as the table says (size-1 axes left out).
+    assert_split(params, layout)
+
+
+def assert_split(params, layout):
+    """Each weight is really split as the table says (size-1 axes left out)."""
     sizes = dict(zip(parallel.AXES, layout, strict=True))
     w_in = params["stacks"][0]["blocks"][0]["ffn"]["w_in"][...]
     assert list(w_in.sharding.spec) == [None] + [
@@ -102,7 +105,8 @@ def test_all_four_axes_on_16_devices(one_device):
             "loss, g, _ = t.loss_and_grads(t.on(t.small(), (2, 2, 2, 2))); "
             "np.savez(sys.argv[1], loss=loss, **g)")
     out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"four_axes_{os.getpid()}.npz")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=16"}
+    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8",
+                                                                      "device_count=16")}
     run = subprocess.run([sys.executable, "-c", code, out], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -114,10 +118,13 @@ def test_all_four_axes_on_16_devices(one_device):
 
 @pytest.mark.parametrize("remat", ["full", "matmuls"])
 def test_remat_changes_no_number(one_device, remat):
+    """Each on a layout of its own, which LAYOUTS leaves to it: the same numbers with
+    recomputation and on that layout."""
     loss0, grads0, _ = one_device
-    loss, grads, _ = loss_and_grads(on(small(remat=remat), (1, 4, 2, 1)))
+    loss, grads, params = loss_and_grads(on(small(remat=remat), REMAT_LAYOUTS[remat]))
     np.testing.assert_allclose(loss, loss0, rtol=1e-6)
     assert_same(grads, grads0, remat)
+    assert_split(params, REMAT_LAYOUTS[remat])
 
 
 def state_bytes(tree) -> dict:
@@ -179,15 +186,30 @@ def test_checkpoint_restores_onto_other_layouts(tmp_path):
                                    [straight["train_loss"][s] for s in steps], rtol=1e-5)
 
 
-@pytest.mark.parametrize("layers,first,every,moe", [
-    (4, 0, 1, [0, 1, 2, 3]), (4, 1, 2, [2]), (7, 1, 2, [2, 4, 6]), (5, 0, 2, [1, 3])])
+def test_moe_layer_ids_and_stacks_follow_the_config():
+    from moejax.model.transformer import layer_stacks, moe_layer_ids
+
+    for layers, first, every, moe in [(4, 0, 1, [0, 1, 2, 3]), (4, 1, 2, [2]),
+                                      (7, 1, 2, [2, 4, 6]), (5, 0, 2, [1, 3])]:
+        config = small(num_layers=layers, first_dense_layers=first, moe_every=every)
+        assert moe_layer_ids(config.model) == moe
+        assert sum(n * p for n, p in layer_stacks(config.model)) == layers
+
+
+# Every layer MoE is the smoke model every training test runs; these two interleave dense
+# layers (first ones dense, a dense layer left over at the end; or dense first in each pair).
+@pytest.mark.parametrize("layers,first,every,moe", [(7, 1, 2, [2, 4, 6]), (5, 0, 2, [1, 3])])
 def test_scanned_stacks_put_the_moe_layers_where_the_config_says(layers, first, every, moe):
-    from moejax.model.transformer import Transformer, layer_stacks, moe_layer_ids
+    from moejax.model.transformer import Transformer
 
     config = small(num_layers=layers, first_dense_layers=first, moe_every=every)
-    assert moe_layer_ids(config.model) == moe
-    assert sum(n * p for n, p in layer_stacks(config.model)) == layers
-    model = Transformer(config.model, mesh=None, rngs=nnx.Rngs(0))
+    # Random weights drawn by NumPy into the abstract model: the structure is under test, and
+    # the jitted initializer of seven stacked layers compiles for longer than the forward.
+    graphdef, abstract = nnx.split(nnx.eval_shape(
+        lambda: Transformer(config.model, mesh=None, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    model = nnx.merge(graphdef, jax.tree.map(
+        lambda a: jnp.asarray(rng.normal(0, 0.05, a.shape), a.dtype), abstract))
     routers = [x for p, x in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]
                if path_name(p).endswith("ffn.router")]
     assert [r.shape[0] for r in routers] == [len(moe)]  # one stack holds every MoE layer
@@ -205,7 +227,7 @@ def test_weight_decay_spares_norm_scales_and_biases():
     params = state.init(s)["params"]
     tx, _ = state.make_optimizer(config.train)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zeros, jax.jit(tx.init)(params), params)
     moved = {path_name(p) for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]
              if float(jnp.abs(u).max()) > 0}
     names = {path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}

@@ -82,7 +82,9 @@ def test_tensorboard_holds_every_metric(tmp_path):
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "moejax.train", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ[
+                              "XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8",
+                                                   "")})  # one device
 
 
 def test_misspelled_override_fails_with_one_line(tmp_path):

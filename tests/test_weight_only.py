@@ -12,7 +12,7 @@ from flax import nnx
 from moejax import parallel
 from moejax.moe import quant
 from moejax.run import params
-from tests.test_layer import make, tokens
+from tests.test_layer import apply, make, tokens
 
 QMAX = {"int8": 127, "int4": 7}  # the absmax's level (quant.calibration)
 
@@ -70,12 +70,12 @@ def dequantized_copy(model, name):
 @pytest.mark.parametrize("dispatch,name", [("capacity", "int8"), ("dropless", "int4")])
 def test_weight_only_layer_is_the_float_layer_of_its_dequantized_weights(name, dispatch):
     x = tokens()
-    want, _ = dequantized_copy(make(8, 2, 2.0, dispatch=dispatch), name)(x, train=False)
-    got, _ = quantized_copy(make(8, 2, 2.0, dispatch=dispatch), name)(x, train=False)
+    want, _ = apply(dequantized_copy(make(8, 2, 2.0, dispatch=dispatch), name), x, train=False)
+    got, _ = apply(quantized_copy(make(8, 2, 2.0, dispatch=dispatch), name), x, train=False)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # the same on a data x fsdp x expert mesh: values and scales split and gathered
     sharded = make(8, 2, 2.0, mesh=parallel.make_mesh({"fsdp": 2, "expert": 4}), dispatch=dispatch)
-    got_mesh, _ = quantized_copy(sharded, name)(x, train=False)
+    got_mesh, _ = apply(quantized_copy(sharded, name), x, train=False)
     np.testing.assert_allclose(got_mesh, want, rtol=1e-5, atol=1e-6)
 
 
