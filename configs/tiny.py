@@ -11,7 +11,7 @@ from moejax.config_lib import config_dict, parse_variant
 def get_config(arg=None):
     variant = parse_variant(arg, ("dense", "smoke"))
     config = config_dict(
-        seed=0,
+        seed=0,  # the init, router noise and data order; in [0, 2**32)
         model=dict(
             vocab_size=0,  # 0 = the tokenizer's vocabulary size
             d_model=128,
@@ -44,9 +44,9 @@ def get_config(arg=None):
             first_dense_layers=0,
             capacity_factor=1.25,
             eval_capacity_factor=2.0,
-            min_capacity=4,
+            min_capacity=4,  # fewest slots per expert and group; 0 = no floor
             renormalize=False,  # True: the k gates sum to 1 (Mixtral)
-            jitter_eps=0.0,  # router input noise in training
+            jitter_eps=0.0,  # router input noise in training, in [0, 1); 0 = off
             num_groups=0,  # capacity groups per global batch; 0 = one per token shard
             # How tokens reach experts: capacity ([E, C, d] buffers, overflow dropped) |
             # dropless (every assignment, grouped matmul, ragged all-to-all across devices) |
@@ -76,7 +76,9 @@ def get_config(arg=None):
             streaming=False,  # hub: stream instead of downloading the whole set
             shuffle_buffer=256,  # streaming: train rows drawn from this many per host; 0: in order
             text_key="text",
-            eval_fraction=0.05,  # held out for eval: whole documents, long ones in chunks
+            # Held out for eval: whole documents, long ones in chunks. 0: none (for prepare; train
+            # stops in one line when it opens the data, having nothing to evaluate).
+            eval_fraction=0.05,
             tokenizer="byte",  # byte | a Hugging Face tokenizer name or path
             seq_len=128,
             batch_size=32,  # sequences per step, all hosts together
@@ -85,18 +87,18 @@ def get_config(arg=None):
         train=dict(
             steps=600,
             stop_at=0,  # stop (with a checkpoint) after this step, schedule unchanged; 0 = never
-            lr=3e-3,
+            lr=3e-3,  # the peak; 0 = a frozen run (it only evaluates)
             schedule="cosine",  # cosine | rsqrt
-            warmup_steps=50,
+            warmup_steps=50,  # 0 = none (cosine only: rsqrt divides by it)
             min_lr_ratio=0.1,
-            weight_decay=0.1,
+            weight_decay=0.1,  # AdamW's, decoupled; 0 = off
             b1=0.9,
             b2=0.95,
             moment_dtype="float32",  # AdamW's first moment: float32 | bfloat16
             grad_clip=1.0,
             grad_accum=1,  # micro-batches per step
-            balance_coef=1e-2,
-            z_coef=1e-3,
+            balance_coef=1e-2,  # the load-balancing loss's weight; 0 = off
+            z_coef=1e-3,  # the router z-loss's weight; 0 = off
             log_every=25,
             eval_every=200,
             eval_batches=8,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from moejax.config_lib import ConfigError, first_line
+from moejax.config_lib import ConfigError, check_number, first_line, range_of
 
 
 def run(main) -> None:
@@ -27,9 +27,14 @@ def run(main) -> None:
     flags.DEFINE_integer("num_processes", None, "processes in the job (with --coordinator)")
     flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator)")
     flags.mark_flags_as_required(["config", "workdir"])
+    f = flags.FLAGS
     with one_line_errors():
         argv = parse_flags(sys.argv, sys.modules[main.__module__].__doc__)
-    f = flags.FLAGS
+        if f.num_processes is not None:
+            check_number("--num_processes", f.num_processes, ">= 1")
+        if f.process_id is not None:
+            check_number("--process_id", f.process_id, f"in [0, {f.num_processes})"
+                         if f.num_processes else ">= 0")
     init_distributed(f.coordinator, f.num_processes, f.process_id)
     with one_line_errors():
         main(argv)
@@ -159,6 +164,11 @@ def flag_error(e: Exception, argv: list[str]) -> str:
         if "Error whilst parsing config file" in str(e) or not isinstance(e, flags.Error):
             inner = chain[-1]  # what the config file itself raised
             return f"--config={spec}: cannot load ({type(inner).__name__}: {first_line(inner)})"
+        if not_a_number := re.match(r"flag --config\.([\w.]+)=.*: (invalid literal for int|"
+                                    r"could not convert string to float)", first_line(e)):
+            key, kind = not_a_number.groups()
+            return (f"{first_line(e)}; allowed: {'an integer' if 'int' in kind else 'a number'}"
+                    f" {range_of(key)}").rstrip()
     return first_line(e)
 
 

@@ -1,7 +1,9 @@
 """Helpers for configs/*.py: variant strings and checks that run before anything compiles."""
 
+import functools
 import math
 import os
+import re
 import tempfile
 from fractions import Fraction
 
@@ -65,11 +67,154 @@ def first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
+# The range of every numeric key that constants bound, and what its edge values mean. validate
+# checks each, finite included, before the rules that relate keys (top_k, seq_len, num_groups,
+# warmup_steps, moe_every, first_dense_layers: beside their rules below; mesh.*: check_mesh).
+RANGES = {
+    "seed": ("in [0, 2**32)", ""),  # what grain's index shuffle takes
+    "model.vocab_size": (">= 0", "0 = the tokenizer's"),
+    "model.d_model": (">= 1", ""),
+    "model.num_layers": (">= 1", ""),
+    "model.num_heads": (">= 1", ""),
+    "model.num_kv_heads": (">= 0", "0 = num_heads"),
+    "model.head_dim": (">= 1", ""),
+    "model.d_ff": (">= 1", ""),
+    "model.dense_d_ff": (">= 0", "0 = d_ff"),
+    "model.rope_theta": ("> 0", ""),
+    "model.norm_eps": ("> 0", ""),
+    "model.max_seq_len": (">= 1", ""),
+    "model.num_experts": (">= 0", "0 = dense"),
+    "model.moe_every": (">= 1", ""),
+    "model.first_dense_layers": (">= 0", ""),
+    "model.capacity_factor": ("> 0", ""),
+    "model.eval_capacity_factor": ("> 0", ""),
+    "model.min_capacity": (">= 0", "0 = no floor"),
+    "model.jitter_eps": ("in [0, 1)", "0 = off"),
+    "model.bias_rate": (">= 0", "0 = off"),
+    "model.num_shared_experts": (">= 0", ""),
+    "data.batch_size": (">= 1", ""),
+    "data.shuffle_buffer": (">= 0", "rows; 0: a stream's rows in order"),
+    "data.eval_fraction": ("in [0, 1)", ""),
+    "train.steps": (">= 1", ""),
+    "train.stop_at": (">= 0", "0 = never"),
+    "train.lr": (">= 0", "0 = a frozen run"),
+    "train.min_lr_ratio": ("in [0, 1]", ""),
+    "train.weight_decay": (">= 0", ""),
+    "train.b1": ("in [0, 1)", ""),
+    "train.b2": ("in [0, 1)", ""),
+    # optax.clip_by_global_norm(0) scales every gradient to zero: there is no "off" value.
+    "train.grad_clip": ("> 0", "a global-norm bound; 0 would zero every update"),
+    "train.grad_accum": (">= 1", ""),
+    "train.balance_coef": (">= 0", "0 = off"),
+    "train.z_coef": (">= 0", "0 = off"),
+    "train.log_every": (">= 1", ""),
+    "train.eval_every": (">= 1", ""),
+    "train.eval_batches": (">= 1", ""),
+    "train.ckpt_every": (">= 1", ""),
+    "train.keep_checkpoints": (">= 1", ""),
+    "train.peak_tflops": (">= 0", "0 = look the device up"),
+    "train.max_nonfinite_steps": (">= 1", ""),
+    "train.collapse_threshold": ("in [0, 1)", "a fraction of the uniform load 1/E; 0 = off"),
+    "train.collapse_checks": (">= 1", ""),
+}
+
+
+def check_number(key: str, value, allowed: str, meaning: str = "") -> None:
+    """`value` finite and within `allowed` ('>= 1', '> 0', 'in [0, 1)'), or one ConfigError
+    line naming the key, the value, the range and what an edge value means."""
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if not (finite and in_range(value, allowed)):
+        raise ConfigError(f"{key}={value!r}: must be {'' if finite else 'finite and '}{allowed}"
+                          + (f" ({meaning})" if meaning else ""))
+
+
+def range_of(key: str) -> str:
+    """What a numeric key allows, in words ('>= 0 (0 = off)'); '' for one RANGES does not bound
+    by constants (the rules relating it to other keys say)."""
+    if key.startswith("mesh."):
+        return ">= 1, or -1 for all remaining devices"
+    allowed, meaning = RANGES.get(key, ("", ""))
+    return allowed + (f" ({meaning})" if meaning else "")
+
+
+def in_range(value, allowed: str) -> bool:
+    def number(text):  # '1', '0.5', '2**32'
+        base, _, power = text.partition("**")
+        return int(base) ** int(power) if power else float(text)
+
+    if allowed.startswith("in "):  # 'in [0, 1)': a bracket includes its end, a parenthesis not
+        low, high = (number(s) for s in allowed[4:-1].split(", "))
+        return ((low <= value) if allowed[3] == "[" else (low < value)) and (
+            (value <= high) if allowed[-1] == "]" else (value < high))
+    op, bound = allowed.split()
+    return value >= number(bound) if op == ">=" else value > number(bound)
+
+
+def numeric_leaves(config, prefix: str = "") -> list[tuple[str, int | float]]:
+    """('model.d_model', 128), ... for every int or float key of a ConfigDict (not bools)."""
+    leaves = []
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            leaves += numeric_leaves(value, f"{prefix}{name}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            leaves.append((prefix + name, value))
+    return leaves
+
+
+def mesh_form() -> str:
+    from moejax.parallel import AXES
+
+    return (f"comma-separated AXIS=SIZE, each of {', '.join(AXES)} at most once, sizes >= 1 "
+            "and at most one -1 (all remaining devices), e.g. 'fsdp=8,expert=8'")
+
+
+def parse_mesh(text: str, flag: str = "--mesh") -> dict:
+    """'fsdp=8,expert=-1' -> {'fsdp': 8, 'expert': -1}: the config's mesh.* spelled as one
+    flag (plan's --mesh); check_mesh then checks it as it checks the config's."""
+    from moejax.parallel import AXES
+
+    sizes = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, size = (s.strip() for s in part.partition("="))
+        problem = (f"{part!r} is not AXIS=SIZE" if not eq or not re.fullmatch(r"-?\d+", size)
+                   else f"unknown axis {name!r}" if name not in AXES
+                   else f"axis {name!r} named twice" if name in sizes else None)
+        if problem:
+            raise ConfigError(f"{flag}={text!r}: {problem}; allowed: {mesh_form()}")
+        sizes[name] = int(size)
+    for name, size in sizes.items():
+        if not (size >= 1 or size == -1):
+            raise ConfigError(f"{flag}={text!r}: {name}={size} is not >= 1 or -1; allowed: "
+                              + mesh_form())
+    return sizes
+
+
+def check_mesh(mesh, num_devices: int | None = None) -> dict:
+    """The mesh.* sizes of train's config, or of plan's after its --mesh: each >= 1 or -1 (all
+    remaining devices), at most one -1, and no more devices than the `num_devices` that exist
+    (when known). Returns {axis: size}, the -1 filled in."""
+    from moejax import parallel
+
+    given = {a: mesh[a] for a in parallel.AXES}
+    if list(given.values()).count(-1) > 1:
+        raise ConfigError(f"mesh={', '.join(f'{a}={s}' for a, s in given.items())!r}: allowed: "
+                          "at most one axis -1 (all remaining devices)")
+    for axis, size in given.items():
+        if not (size >= 1 or size == -1):
+            raise ConfigError(f"mesh.{axis}={size!r}: must be >= 1, or -1 for all remaining "
+                              "devices")
+    if num_devices is None:
+        return given
+    sizes = parallel.mesh_sizes(given, num_devices)
+    if (used := math.prod(sizes.values())) > num_devices:
+        raise ConfigError(f"mesh={' x '.join(f'{a}={s}' for a, s in sizes.items())!r}: needs "
+                          f"{used} devices; allowed: at most the {num_devices} that exist")
+    return sizes
+
+
 def validate(config, num_devices: int) -> None:
     """Fail fast, before anything compiles, with one line naming the key, its value and what is
     allowed. Checks that need files (data, tokenizer, checkpoints) live next to their readers."""
-    from moejax import parallel
-
     m, d, t = config.model, config.data, config.train
 
     def check(ok, key, value, problem):
@@ -79,47 +224,41 @@ def validate(config, num_devices: int) -> None:
     def one_of(key, value, allowed):
         check(value in allowed, key, value, f"unknown; allowed: {', '.join(allowed)}")
 
-    # Sizes first: a zero here would otherwise surface as a division by zero below.
-    for key in ("d_model", "num_layers", "num_heads", "head_dim", "d_ff", "max_seq_len"):
-        check(m[key] >= 1, f"model.{key}", m[key], "must be >= 1")
-    check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size,
-          "must be >= 0 (0 = the tokenizer's)")
-    check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
-    given = {a: config.mesh[a] for a in parallel.AXES}
-    check(list(given.values()).count(-1) <= 1, "mesh",
-          ", ".join(f"{a}={s}" for a, s in given.items()),
-          "allowed: at most one axis -1 (all remaining devices)")
-    for axis, size in given.items():
-        check(size >= 1 or size == -1, f"mesh.{axis}", size,
-              "must be >= 1, or -1 for all remaining devices")
-    sizes = parallel.mesh_sizes(config.mesh, num_devices)
-    used = math.prod(sizes.values())
-    check(used <= num_devices, "mesh", " x ".join(f"{a}={s}" for a, s in sizes.items()),
-          f"needs {used} devices; allowed: at most the {num_devices} that exist")
-    expert, token_shards = sizes["expert"], used // sizes["tensor"]
-    check(m.num_experts >= 0, "model.num_experts", m.num_experts, "must be >= 0 (0 = dense)")
+    # Every number first: a zero or a NaN here would otherwise surface as a division by zero
+    # below, or as a NaN loss once training has started.
+    for key, (allowed, meaning) in RANGES.items():
+        check_number(key, functools.reduce(lambda c, k: c[k], key.split("."), config), allowed,
+                     meaning)
+    for key, value in numeric_leaves(config):  # a key RANGES does not list yet
+        check(not isinstance(value, float) or math.isfinite(value), key, value, "must be finite")
+    sizes = check_mesh(config.mesh, num_devices)
+    expert, token_shards = sizes["expert"], math.prod(sizes.values()) // sizes["tensor"]
+    # The MoE layers are every moe_every-th after the first_dense_layers: none would leave an
+    # MoE config dense (and a dense one's layer stacks follow the same rule).
+    check(m.first_dense_layers < m.num_layers, "model.first_dense_layers", m.first_dense_layers,
+          f"must be in 0..model.num_layers-1={m.num_layers - 1} (the MoE layers come after "
+          "the first dense ones)")
+    room = m.num_layers - m.first_dense_layers
+    check(m.moe_every <= room, "model.moe_every", m.moe_every,
+          f"must be in 1..model.num_layers-first_dense_layers={room} (MoE in every n-th layer "
+          "after the first dense ones: a larger n leaves none)")
     if m.num_experts:
         check(m.num_experts % expert == 0, "model.num_experts", m.num_experts,
               f"must be a multiple of mesh.expert={expert}")
         check(1 <= m.top_k <= m.num_experts, "model.top_k", m.top_k,
               f"must be in 1..num_experts={m.num_experts}")
-        check(m.capacity_factor > 0, "model.capacity_factor", m.capacity_factor, "must be > 0")
-        check(m.eval_capacity_factor > 0, "model.eval_capacity_factor", m.eval_capacity_factor,
-              "must be > 0")
-        check(m.moe_every >= 1, "model.moe_every", m.moe_every, "must be >= 1")
         from moejax.moe.layer import DISPATCHES, ROUTINGS
         from moejax.moe.router import SCORES
 
         one_of("model.router_score", m.router_score, SCORES)
         one_of("model.routing", m.routing, ROUTINGS)
         one_of("model.dispatch", m.dispatch, DISPATCHES)
-        check(m.bias_rate >= 0, "model.bias_rate", m.bias_rate, "must be >= 0 (0 = off)")
-        check(m.num_shared_experts >= 0, "model.num_shared_experts", m.num_shared_experts,
-              "must be >= 0")
         check(not m.shared_gate or m.num_shared_experts > 0, "model.shared_gate", m.shared_gate,
               "needs model.num_shared_experts >= 1 (it gates their output)")
         check(m.dispatch == "capacity" or m.routing == "tokens", "model.dispatch", m.dispatch,
               "allowed with model.routing=experts: capacity (expert choice never drops)")
+    else:  # a dense model's FFN is top_k x d_ff wide (the MoE's active width)
+        check(m.top_k >= 1, "model.top_k", m.top_k, "must be >= 1 (a dense FFN is top_k x d_ff)")
     from moejax.moe.ffn import ACTIVATIONS
 
     one_of("model.activation", m.activation, tuple(ACTIVATIONS))
@@ -136,19 +275,14 @@ def validate(config, num_devices: int) -> None:
     check(m.num_kv_heads >= 0 and m.num_heads % (m.num_kv_heads or m.num_heads) == 0,
           "model.num_kv_heads", m.num_kv_heads,
           f"must be a divisor of num_heads={m.num_heads} (0 = num_heads)")
-    check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
     from moejax.model.attention import QK_NORMS
     from moejax.model.transformer import REMAT
 
     one_of("model.qk_norm", m.qk_norm, QK_NORMS)
-    check(m.dense_d_ff >= 0, "model.dense_d_ff", m.dense_d_ff, "must be >= 0 (0 = d_ff)")
     one_of("model.remat", m.remat, tuple(REMAT))
     check(1 <= d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
           f"must be in 1..model.max_seq_len={m.max_seq_len}")
     check_data(d)
-    for key in ("grad_accum", "steps", "log_every", "eval_every", "ckpt_every",
-                "max_nonfinite_steps"):
-        check(t[key] >= 1, f"train.{key}", t[key], "must be >= 1")
     check(d.batch_size % (token_shards * t.grad_accum) == 0, "data.batch_size", d.batch_size,
           f"must be a multiple of data x fsdp x expert x grad_accum = {token_shards} x "
           f"{t.grad_accum}")
@@ -159,17 +293,6 @@ def validate(config, num_devices: int) -> None:
               f"must be a multiple of the {token_shards} token shards (data x fsdp x expert) "
               f"that divides the {micro_tokens} tokens of a micro-batch (data.batch_size / "
               "train.grad_accum x data.seq_len); 0 = one per token shard")
-    for key in ("eval_batches", "keep_checkpoints"):
-        check(t[key] >= 1, f"train.{key}", t[key], "must be >= 1")
-    check(t.stop_at >= 0, "train.stop_at", t.stop_at, "must be >= 0 (0 = never)")
-    check(t.lr >= 0, "train.lr", t.lr, "must be >= 0 (0 = a frozen run)")
-    check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
-    check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
-    for key in ("b1", "b2"):
-        check(0 <= t[key] < 1, f"train.{key}", t[key], "must be in [0, 1)")
-    # optax.clip_by_global_norm(0) scales every gradient to zero: there is no "off" value.
-    check(t.grad_clip > 0, "train.grad_clip", t.grad_clip,
-          "must be > 0 (a global-norm bound; 0 would zero every update)")
     one_of("train.schedule", t.schedule, ("cosine", "rsqrt"))
     if t.schedule == "cosine":
         check(0 <= t.warmup_steps < t.steps, "train.warmup_steps", t.warmup_steps,
@@ -177,9 +300,6 @@ def validate(config, num_devices: int) -> None:
     else:  # rsqrt: lr * min(step / warmup, sqrt(warmup / step))
         check(t.warmup_steps >= 1, "train.warmup_steps", t.warmup_steps,
               "must be >= 1 with train.schedule=rsqrt (it divides by the warmup)")
-    check(0 <= t.collapse_threshold < 1, "train.collapse_threshold", t.collapse_threshold,
-          "must be in [0, 1): a fraction of the uniform load 1/E (0 = off)")
-    check(t.collapse_checks >= 1, "train.collapse_checks", t.collapse_checks, "must be >= 1")
 
 
 def check_data(d) -> None:
@@ -207,11 +327,8 @@ def check_data(d) -> None:
         raise ConfigError("data.path='': empty; allowed: " + (
             "a Hugging Face dataset name" if d.source == "hub" else
             "a folder written by python -m moejax.data prepare"))
-    if not 0 <= d.eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction={d.eval_fraction!r}: must be in [0, 1)")
-    if not d.shuffle_buffer >= 0:
-        raise ConfigError(f"data.shuffle_buffer={d.shuffle_buffer!r}: must be >= 0 (rows; "
-                          "0: a stream's rows in order)")
+    for name in ("eval_fraction", "shuffle_buffer"):  # for prepare, which runs no validate
+        check_number(f"data.{name}", d[name], *RANGES[f"data.{name}"])
 
 
 MIXTURE_FORM = ("comma-separated STORE_DIR:WEIGHT entries of distinct prepared stores, "
@@ -237,13 +354,20 @@ def parse_mixture(value: str) -> list[tuple[str, Fraction]]:
             problem = f"entry {entry.strip()!r}: no weight (or not a number) after its ':'"
         elif w <= 0:
             problem = f"entry {entry.strip()!r}: weight {weight.strip()} is not > 0"
-        elif path.strip() in [p for p, _ in entries]:
-            problem = f"store {path.strip()!r} appears twice"
+        elif same := [p for p, _ in entries if same_folder(p, path.strip())]:
+            problem = f"store {path.strip()!r} appears twice" + (
+                "" if same[0] == path.strip() else
+                f" (as {same[0]!r}: both are {os.path.realpath(same[0])})")
         if problem:
             raise ConfigError(f"data.mixture={value!r}: {problem}; allowed: {MIXTURE_FORM}")
         entries.append((path.strip(), w))
     total = sum(w for _, w in entries)
     return [(p, w / total) for p, w in entries]
+
+
+def same_folder(a: str, b: str) -> bool:
+    """Two spellings of one folder: 'DIR', './DIR', 'DIR/', a symlink to it."""
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def check_workdir(workdir: str) -> None:

@@ -6,8 +6,9 @@
 Nothing is allocated and nothing runs. The state comes from `state.setup` (abstract arrays
 with the trainer's shardings), the train step is `state.train_step_fn`, compiled by XLA:CPU
 for exactly the mesh's number of host devices (`--xla_force_host_platform_device_count`), and
-the report is read off the executable. `--mesh` names any of data, fsdp, expert, tensor;
-the others keep the config's sizes, and a -1 ("the remaining devices") is 1 here.
+the report is read off the executable. `--mesh` sets any of data, fsdp, expert, tensor, each
+at most once, sized as the config's mesh.* are (>= 1, or one -1: "the remaining devices", which
+is 1 here); the others keep the config's sizes.
 
 Conventions (docs/memory.md checks them against a real run):
 - Memory per device = arguments + outputs - outputs aliased to donated arguments + temporaries,
@@ -35,22 +36,23 @@ def main() -> None:
     from ml_collections import config_flags
 
     from moejax import cli, config_lib  # import no jax: XLA_FLAGS can still be set below
-    from moejax.parallel import parse_mesh
 
     config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:variant]",
                                     lock_config=True)
-    flags.DEFINE_string("mesh", None, "fsdp=8,expert=8: sizes of data, fsdp, expert, tensor "
-                        "(axes left out keep the config's)")
+    flags.DEFINE_string("mesh", None, "fsdp=8,expert=8: sizes of data, fsdp, expert, tensor, "
+                        "as the config's mesh.* (axes left out keep the config's)")
     flags.DEFINE_float("hbm_gib", 80.0, "device memory for the verdict, GiB")
     flags.mark_flags_as_required(["config"])
-    try:
+    with cli.one_line_errors():
         cli.parse_flags(sys.argv, __doc__)  # --help, bad flags and config files
         config = flags.FLAGS.config
+        config_lib.check_number("--hbm_gib", flags.FLAGS.hbm_gib, "> 0",
+                                "GiB of memory per device")
+        # The flag is spelled and checked as train's mesh.* are, over the config's own.
+        sizes = config_lib.check_mesh({**config.mesh,
+                                       **config_lib.parse_mesh(flags.FLAGS.mesh or "")})
         # -1 means "the remaining devices", and only the devices the rest need are made.
-        mesh = {a: max(int(s), 1) for a, s in config.mesh.items()}
-        mesh.update(parse_mesh(flags.FLAGS.mesh or ""))
-    except (flags.Error, ValueError, KeyError, AttributeError) as e:
-        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        mesh = {a: max(s, 1) for a, s in sizes.items()}
 
     # The simulated devices must exist before jax's CPU backend starts (at its first use).
     xla_flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
@@ -61,10 +63,8 @@ def main() -> None:
     from moejax.plan.estimate import plan
     from moejax.plan.report import report
 
-    try:
+    with cli.one_line_errors():
         p = plan(config, mesh)
-    except config_lib.ConfigError as e:
-        sys.exit(f"error: {e}")
     print(report(p, flags.FLAGS["config"].config_filename, flags.FLAGS.hbm_gib))
 
 
