@@ -21,4 +21,4 @@ train-tiny:
 
 scaling:  # Switch scaling experiment (~13 min on 2 CPU cores): docs/scaling.md and docs/scaling.png
 	pip install -q -e .[experiments]
-	python -m moejax.scaling --config configs/switch_scaling.py
+	python -m moejax.scaling --config configs/switch_scaling.py --out docs

@@ -40,18 +40,6 @@ def mesh_sizes(mesh_config, num_devices: int) -> dict:
     return sizes
 
 
-def parse_mesh(text: str) -> dict:
-    """'fsdp=8,expert=8' -> {'fsdp': 8, 'expert': 8}; names are parallel.AXES."""
-    mesh = {}
-    for part in filter(None, text.split(",")):
-        name, _, size = (s.strip() for s in part.partition("="))
-        if name not in AXES or not size.isdigit() or int(size) < 1:
-            raise ValueError(f"--mesh {text!r}: expected name=size with names from "
-                             f"{', '.join(AXES)} and sizes >= 1")
-        mesh[name] = int(size)
-    return mesh
-
-
 def make_mesh(sizes: dict, devices=None) -> Mesh:
     """A mesh of the four axes; `sizes` may leave axes out (size 1)."""
     devices = jax.devices() if devices is None else devices

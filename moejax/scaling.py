@@ -2,14 +2,15 @@
 at equal FLOPs per token and equal steps (configs/switch_scaling.py).
 
   python -m moejax.scaling --config configs/switch_scaling.py[:smoke] [--variants dense,e2,e4]
-      [--out docs] [--workdir runs/scaling] [--config.train.steps=300 ...]
+      [--workdir runs/scaling] [--out docs] [--config.train.steps=300 ...]
 
 Each variant trains in WORKDIR/<variant> through train.train_and_evaluate, its config read as
 `--config PATH:<variant>` with the --config.KEY=VALUE overrides (a variant of --config itself,
 as in `:smoke`, is appended to each: `:e4,smoke`). A variant whose workdir holds a finished run
 of the same config is not trained again; an unfinished one resumes from its newest checkpoint.
 Then OUT/scaling.md gets the results between two marker lines (text around them is kept) and
-OUT/scaling.png the held-out loss curves, one line per variant.
+OUT/scaling.png the held-out loss curves, one line per variant. OUT is WORKDIR unless given:
+the checked-in docs/scaling.md changes only when asked for (`make scaling` passes --out docs).
 """
 
 import datetime
@@ -322,7 +323,9 @@ def main(argv=None):
                                     sys_argv=argv)
     flags.DEFINE_list("variants", list(VARIANTS), "the config's variants, one run each",
                       flag_values=fv)
-    flags.DEFINE_string("out", "docs", "where scaling.md and scaling.png go", flag_values=fv)
+    flags.DEFINE_string("out", None, "where scaling.md and scaling.png go (default: "
+                        "--workdir; docs to update the checked-in docs/scaling.md)",
+                        flag_values=fv)
     flags.DEFINE_string("workdir", "runs/scaling", "one subdirectory per variant",
                         flag_values=fv)
     flags.mark_flag_as_required("config", flag_values=fv)
@@ -345,7 +348,7 @@ def main(argv=None):
                             f"{text.removeprefix(given)}")
                 raise config_lib.ConfigError(text) from None
         command = " ".join(["python -m moejax.scaling", *map(shlex.quote, argv[1:])])
-        run(variants, fv.out, fv.workdir, overrides, command, path)
+        run(variants, fv.out or fv.workdir, fv.workdir, overrides, command, path)
 
 
 if __name__ == "__main__":

@@ -210,14 +210,6 @@ ENTRY %main (p: f32[4,8]) -> f32[4,8] {
     assert out["all-gather"] == {"count": 1, "payload": 128, "wire": 128 * 3}
 
 
-def test_parse_mesh():
-    assert parallel.parse_mesh("fsdp=8,expert=8") == {"fsdp": 8, "expert": 8}
-    assert parallel.parse_mesh("data=2, tensor=4") == {"data": 2, "tensor": 4}
-    for bad in ("data=x", "pipeline=2", "fsdp=0", "fsdp=-1"):
-        with pytest.raises(ValueError):
-            parallel.parse_mesh(bad)
-
-
 def test_cli_prints_the_report():
     # 4 devices, not conftest's 8: the planner makes as many as --mesh needs, and the
     # config's data=-1 (the rest) is 1.

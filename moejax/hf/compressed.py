@@ -116,30 +116,36 @@ class Quantizer:
 
 
 def check_config(qc: dict) -> dict:
-    """config.json's quantization_config, if from-hf can read it: {group name: num_bits};
-    otherwise one line naming the key and what is allowed."""
+    """config.json's quantization_config, if from-hf can read it: {group name: its weights'
+    scheme}; otherwise one line naming the key and what is allowed."""
     def refuse(key, value, allowed):
-        raise ConfigError(f"config.json quantization_config.{key}={value!r}: not supported; "
+        raise ConfigError(f"config.json quantization_config{key}={value!r}: not supported; "
                           f"allowed: {allowed}")
 
+    if not isinstance(qc, dict):
+        refuse("", qc, "an object, as compressed-tensors writes it")
     if qc.get("quant_method") != "compressed-tensors":
-        refuse("quant_method", qc.get("quant_method"), "compressed-tensors")
+        refuse(".quant_method", qc.get("quant_method"), "compressed-tensors")
     if qc.get("format") not in FORMATS:
-        refuse("format", qc.get("format"), " or ".join(FORMATS))
-    bits = {}
+        refuse(".format", qc.get("format"), " or ".join(FORMATS))
+    schemes = {}
     for name, g in (qc.get("config_groups") or {}).items():
         w = g.get("weights") or {}
         if g.get("format") not in (None, *FORMATS):
-            refuse(f"config_groups.{name}.format", g.get("format"), " or ".join(FORMATS))
+            refuse(f".config_groups.{name}.format", g.get("format"), " or ".join(FORMATS))
+        group = w.get("group_size")
         for key, ok, allowed in [("type", w.get("type") == "int", "int"),
                                  ("num_bits", w.get("num_bits") in (4, 8), "4 or 8"),
                                  ("symmetric", w.get("symmetric") is True, "true"),
                                  ("strategy", w.get("strategy") in ("channel", "group"),
-                                  "channel or group")]:
+                                  "channel or group"),
+                                 ("group_size", w.get("strategy") != "group" or (
+                                     isinstance(group, int) and not isinstance(group, bool)
+                                     and group > 0), "an integer > 0 (strategy group)")]:
             if not ok:
-                refuse(f"config_groups.{name}.weights.{key}", w.get(key), allowed)
-        bits[name] = w["num_bits"]
-    return bits
+                refuse(f".config_groups.{name}.weights.{key}", w.get(key), allowed)
+        schemes[name] = w
+    return schemes
 
 
 def matches(module: str, target: str) -> bool:
@@ -153,10 +159,13 @@ def matches(module: str, target: str) -> bool:
 class Dequantized:
     """A quantized checkpoint's tensors (a convert.Tensors) seen as the float tensors they
     stand for: <m>.weight = q * scale, unpacked from <m>.weight_packed or int-quantized's
-    int8 <m>.weight; `files`, `shape` and `get` as Tensors has them."""
+    int8 <m>.weight; `files`, `shape`, `dtype` and `get` as Tensors has them. Every module's
+    tensors are checked against the scheme of the group that targets it (bit width, scale
+    groups) from their headers: a header that disagrees with its data would dequantize to
+    other numbers without a word."""
 
     def __init__(self, tensors, qc: dict):
-        bits = check_config(qc)
+        schemes = check_config(qc)
         groups = qc.get("config_groups") or {}
         self.tensors, self.files, self.bits = tensors, dict(tensors.files), {}
         for name in tensors.files:
@@ -169,15 +178,49 @@ class Dequantized:
                     del self.files[f"{m}.{extra}"]
                 del self.files[name]
                 self.files[f"{m}.weight"] = tensors.files[name]
-                found = [bits[g] for g, s in groups.items()
+                found = [g for g, s in groups.items()
                          if any(matches(m, t) for t in s.get("targets", ()))]
                 if not found:
                     raise ConfigError(f"tensor {name}: no quantization_config.config_groups "
                                       "target matches it; allowed: a module some group targets")
-                self.bits[f"{m}.weight"] = found[0]
+                self.bits[f"{m}.weight"] = schemes[found[0]]["num_bits"]
+                self.check_packed(m, found[0], schemes[found[0]])
             elif part == "weight_scale" and f"{m}.weight" in tensors.files:
                 del self.files[name]  # int-quantized: int8 weight, float scale
                 self.bits[f"{m}.weight"] = 8
+                if tensors.dtype(f"{m}.weight") != "I8":
+                    raise ConfigError(f"tensor {m}.weight is {tensors.dtype(f'{m}.weight')} "
+                                      "beside a weight_scale; allowed: I8 (int-quantized)")
+
+    def check_packed(self, m: str, group: str, scheme: dict):
+        """<m>'s packed words, scale and shape agree with each other and with `scheme`."""
+        t = self.tensors
+        dtypes = [t.dtype(f"{m}.{p}") for p in ("weight_packed", "weight_shape", "weight_scale")]
+        if dtypes[0] != "I32" or dtypes[1] not in ("I64", "I32") or not dtypes[2].startswith(
+                ("F", "BF")):
+            raise ConfigError(f"tensor {m}.weight_packed / _shape / _scale are {', '.join(dtypes)}"
+                              "; allowed: I32, I64, a float (pack-quantized)")
+        shape = [int(s) for s in t.get(f"{m}.weight_shape").reshape(-1)]
+        if len(shape) != 2 or min(shape) < 1:
+            raise ConfigError(f"tensor {m}.weight_shape={shape}: not [out, in]; allowed: two "
+                              "sizes >= 1")
+        (out, n), bits = shape, scheme["num_bits"]
+        packed = [out, -(-n * bits // 32)]
+        if list(t.shape(f"{m}.weight_packed")) != packed:
+            raise ConfigError(
+                f"tensor {m}.weight_packed is {list(t.shape(f'{m}.weight_packed'))}, and "
+                f"quantization_config.config_groups.{group}.weights.num_bits={bits} packs "
+                f"weight_shape {shape} into {packed}; allowed: the bit width it was packed with")
+        scale = [out, 1 if scheme["strategy"] == "channel" else -(-n // scheme["group_size"])]
+        if list(t.shape(f"{m}.weight_scale")) != scale:
+            raise ConfigError(
+                f"tensor {m}.weight_scale is {list(t.shape(f'{m}.weight_scale'))}, and "
+                f"quantization_config.config_groups.{group}.weights (strategy "
+                f"{scheme['strategy']}, group_size {scheme.get('group_size')}) makes it {scale}; "
+                "allowed: the scheme it was quantized with")
+
+    def dtype(self, name) -> str:
+        return "F32" if name in self.bits else self.tensors.dtype(name)
 
     def shape(self, name):
         m = name.removesuffix(".weight")

@@ -6,7 +6,6 @@ maps.py's, the weight-only experts' format compressed.py's."""
 
 import contextlib
 import functools
-import glob
 import json
 import os
 import pprint
@@ -17,17 +16,31 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (numpy learns bfloat16, which safetensors' numpy reader needs)
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from moejax import config_lib, parallel
-from moejax.config_lib import ConfigError
+from moejax.config_lib import ConfigError, first_line
 from moejax.hf import compressed
-from moejax.hf.maps import ARCHS, arch_of, hf_config, model_config, weight_map
+from moejax.hf.files import (
+    FLOATS,
+    INDEX,
+    Tensors,
+    check_new_workdir,
+    check_out,
+    check_shard_gib,
+    make_aside,
+    put_in_place,
+    read_json,
+    tokenizer_of,
+    undone_on_failure,
+)
+from moejax.hf.maps import ARCHS, arch_of, hf_config, model_config, real, weight_map
 from moejax.moe import quant
 from moejax.run import state
-from moejax.run.checkpoint import Checkpoints, path_name, restore_params, run_checkpoints
+from moejax.run.checkpoint import Checkpoints, path_name, read_params
 
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
@@ -39,37 +52,14 @@ def moejax_config(hf: dict, tokenizer: str, mesh: dict):
     config.data.update(tokenizer=tokenizer)
     # Fine-tuning defaults: a small constant-ish learning rate, no decay of released weights.
     config.train.update(lr=1e-5, warmup_steps=10, weight_decay=0.0, steps=1000,
-                        balance_coef=float(hf.get("router_aux_loss_coef") or 0.0),
-                        z_coef=float(hf.get("router_z_loss_coef") or 0.0))
+                        balance_coef=real(hf, "router_aux_loss_coef", 0.0, positive=False),
+                        z_coef=real(hf, "router_z_loss_coef", 0.0, positive=False))
     config.mesh.update({a: 1 for a in parallel.AXES})
     config.mesh.update(mesh or {"fsdp": -1})
     return config
 
 
 # --- from-hf -----------------------------------------------------------------------------
-
-class Tensors:
-    """The safetensors files of a checkpoint folder, opened lazily: name -> one tensor."""
-
-    def __init__(self, folder: str):
-        self.files = {}
-        paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-        if not paths:
-            raise ConfigError(f"{folder}: no *.safetensors files; allowed: a folder that "
-                              "save_pretrained wrote (safetensors, not .bin)")
-        for path in paths:
-            with safe_open(path, "np") as f:
-                for name in f.keys():
-                    self.files[name] = path
-
-    def shape(self, name):
-        with safe_open(self.files[name], "np") as f:
-            return tuple(f.get_slice(name).get_shape())
-
-    def get(self, name) -> np.ndarray:
-        with safe_open(self.files[name], "np") as f:  # memory-mapped: reads this tensor only
-            return f.get_tensor(name)
-
 
 def resolve(src: str) -> str:
     """A local folder, or the hub name's files downloaded (cached) by huggingface_hub."""
@@ -84,28 +74,26 @@ def resolve(src: str) -> str:
     import huggingface_hub
 
     try:
+        # Mistral's repositories also hold its own format's consolidated*.safetensors,
+        # which the index does not name.
         return huggingface_hub.snapshot_download(
-            src, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
+            src, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"],
+            ignore_patterns=["consolidated*"])
     except Exception as e:  # offline, gated or misspelled: all mean this SRC cannot be had
         raise ConfigError(f"SRC={src!r}: cannot download ({config_lib.first_line(e)}); "
                           "allowed: a local folder or a hub name you can access") from None
 
 
 def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
-    """Convert SRC into a moejax run in workdir; returns the config file's path."""
+    """Convert SRC into a moejax run in workdir (a new or empty folder); returns the config
+    file's path. Everything SRC holds is checked before anything is written; what a failure
+    while writing (a full disk) leaves is removed."""
     folder = resolve(src)
-    with open(os.path.join(folder, "config.json")) as f:
-        hf = json.load(f)
+    hf = read_json(os.path.join(folder, "config.json"))
     arch = ARCHS[arch_of(hf)]
-    config_lib.check_workdir(workdir)
-    with contextlib.closing(Checkpoints(workdir, 1, False)) as ckpt:
-        taken = ckpt.latest_step() is not None
-    if taken:
-        raise ConfigError(f"--workdir={workdir!r}: already holds a checkpoint; allowed: a new "
-                          "or empty folder (a good checkpoint is never overwritten)")
+    check_new_workdir(workdir)
     hf_dir = os.path.join(os.path.abspath(workdir), "hf")
-    tokenizer = hf_dir if os.path.exists(os.path.join(folder, "tokenizer.json")) else "byte"
-    config = moejax_config(hf, tokenizer, mesh)
+    config = moejax_config(hf, tokenizer_of(folder, hf_dir), mesh)
     sizes = parallel.mesh_sizes(config.mesh, jax.device_count())
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     config.data.batch_size = -(-config.data.batch_size // shards) * shards
@@ -117,10 +105,10 @@ def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
     setup = state.setup(config, mesh)
     wmap = weight_map(arch, config.model, setup.abstract["params"])
     check_tensors(wmap, setup.abstract["params"], tensors, folder)
-    os.makedirs(hf_dir, exist_ok=True)  # only now: a refused SRC leaves nothing behind
-    for name in HF_FILES:
-        if os.path.exists(os.path.join(folder, name)):
-            shutil.copy(os.path.join(folder, name), hf_dir)
+    existed = os.path.isdir(workdir)
+    if jax.process_count() > 1:  # all have looked at the workdir before any writes to it
+        multihost_utils.sync_global_devices("from-hf: inputs checked")
+    config_lib.check_workdir(workdir)
 
     def load(path, a):
         """One parameter, made a layer at a time: the host holds one layer's tensors for its
@@ -130,7 +118,12 @@ def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
 
         def read(ids):  # one layer (of one expert) of this weight, in our layout
             names, ours, _ = part(*ids)
-            return ours(*(tensors.get(n) for n in names)).astype(a.dtype)
+            theirs = [tensors.get(n) for n in names]
+            for n, t in zip(names, theirs, strict=True):
+                if not np.isfinite(t).all():
+                    raise ConfigError(f"{folder}: tensor {n} holds NaN or inf; allowed: "
+                                      "finite weights")
+            return ours(*theirs).astype(a.dtype)
 
         if not lead:
             whole = functools.cache(read)
@@ -155,25 +148,32 @@ def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
             out = put(out, layer(r), r)
         return out
 
-    params = jax.tree_util.tree_map_with_path(load, setup.abstract["params"])
-    opt_state = jax.jit(setup.tx.init, out_shardings=setup.shardings["opt_state"])(params)
-    ckpt = Checkpoints(workdir, config.train.keep_checkpoints, keep_best=False)
-    ckpt.save(0, {"params": params, "opt_state": opt_state}, {"step": 0, "tokens_seen": 0})
-    ckpt.close()
     config_path = os.path.join(workdir, "config.py")
-    if jax.process_index() == 0:
-        with open(config_path, "w") as f:
-            f.write(CONFIG_FILE.format(src=src, workdir=workdir, path=config_path,
-                                       config=pprint.pformat(config.to_dict(), width=96,
-                                                             sort_dicts=False)))
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    with undone_on_failure(workdir, existed):
+        params = jax.tree_util.tree_map_with_path(load, setup.abstract["params"])
+        opt_state = jax.jit(setup.tx.init, out_shardings=setup.shardings["opt_state"])(params)
+        with contextlib.closing(Checkpoints(workdir, config.train.keep_checkpoints,
+                                            keep_best=False)) as ckpt:
+            ckpt.save(0, {"params": params, "opt_state": opt_state},
+                      {"step": 0, "tokens_seen": 0})
+        if jax.process_index() == 0:
+            os.makedirs(hf_dir)
+            for name in HF_FILES:
+                if os.path.exists(os.path.join(folder, name)):
+                    shutil.copyfile(os.path.join(folder, name), os.path.join(hf_dir, name))
+            with open(config_path, "w") as f:
+                f.write(CONFIG_FILE.format(src=src, workdir=workdir, path=config_path,
+                                           config=pprint.pformat(config.to_dict(), width=96,
+                                                                 sort_dicts=False)))
+            with open(os.path.join(workdir, "config.json"), "w") as f:  # last: the run is whole
+                f.write(config.to_json_best_effort(indent=2))
     return config_path
 
 
 def check_tensors(wmap, abstract, tensors: Tensors, folder: str):
     """Every tensor the model needs is there with its shape, and none is left over (a tensor
-    moejax would ignore is a computation it would get wrong). Headers only: reads no data."""
+    moejax would ignore is a computation it would get wrong), each a float. Headers only:
+    reads no data."""
     want = {}
     for path, a in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         lead, part = wmap[path_name(path)]
@@ -189,6 +189,9 @@ def check_tensors(wmap, abstract, tensors: Tensors, folder: str):
         if tensors.shape(n) != shape:
             raise ConfigError(f"{folder}: tensor {n} is {list(tensors.shape(n))}, config.json "
                               f"makes it {list(shape)}; allowed: the checkpoint of this config")
+        if tensors.dtype(n) not in FLOATS:
+            raise ConfigError(f"{folder}: tensor {n} is {tensors.dtype(n)}; allowed: a "
+                              f"weight's dtypes, {', '.join(FLOATS)}")
     if extra := sorted(tensors.files.keys() - want.keys()):
         raise ConfigError(f"{folder}: tensor {extra[0]} has no place in the moejax model "
                           f"({len(extra)} such); allowed: the tensors of "
@@ -213,37 +216,63 @@ def get_config(arg=None):
 # --- to-hf -------------------------------------------------------------------------------
 
 def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4.0,
-          quantize: str = "none") -> list:
-    """Write the newest checkpoint of workdir to `out`, its routed experts weight-only
-    `quantize`d (none | int8 | int4); returns the files written."""
+          quantize: str = "none", overwrite: bool = False) -> list:
+    """Write the newest checkpoint of workdir to the folder `out`, its routed experts
+    weight-only `quantize`d (none | int8 | int4); returns the files written. They are written
+    into a folder beside `out` and renamed into place whole: `out` new or empty, or with
+    `overwrite` an earlier export, replaced whole (never a mix of two models)."""
 
     if jax.process_count() > 1:  # every tensor is fetched whole from the devices
         raise ConfigError("to-hf: runs on one host (it fetches each tensor whole); allowed: "
                           "one process, with the host's devices")
-    config = config_lib.run_config(workdir)
-    saved, saved_path = None, os.path.join(workdir, "hf", "config.json")
-    if os.path.exists(saved_path):
-        with open(saved_path) as f:
-            saved = json.load(f)
-    dtype = dtype or (saved or {}).get("dtype") or (saved or {}).get("torch_dtype") or "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
+    check_shard_gib(shard_gib)
+    if dtype not in (None, "float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype={dtype!r}: unknown; allowed: float32, bfloat16, float16")
     if quantize not in ("none", *quant.WEIGHT_ONLY):
         raise ConfigError(f"--quantize={quantize!r}: unknown; allowed: none, "
                           + ", ".join(quant.WEIGHT_ONLY))
+    target = check_out(out, workdir, overwrite)
+    config = config_lib.run_config(workdir)
+    saved_path = os.path.join(workdir, "hf", "config.json")
+    saved = read_json(saved_path) if os.path.exists(saved_path) else None
+    dtype = dtype or (saved or {}).get("dtype") or (saved or {}).get("torch_dtype") or "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"{saved_path}: dtype={dtype!r}: unknown; allowed: --dtype float32, "
+                          "bfloat16 or float16")
     hf = hf_config(config, dtype, saved)
     hf.pop("quantization_config", None)  # an imported one's: these weights are ours
+    aside = make_aside(target, out)  # now: an OUT that cannot be written fails before the work
+    try:
+        files, total, step, quantizer = write_export(aside, workdir, config, hf, dtype,
+                                                     shard_gib, quantize)
+        put_in_place(aside, target)
+    except (OSError, SafetensorError) as e:  # a full disk, a folder taken away
+        why = getattr(e, "strerror", None) or first_line(e)
+        what = "nothing was changed there" if os.path.isdir(target) else "nothing was written"
+        raise ConfigError(f"OUT={out!r}: cannot write ({why}); {what}; allowed: a folder this "
+                          "user can write, on a disk with room for the export") from None
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)  # gone if it was renamed into place
+    print(f"wrote step {step} of {workdir} to {out}: {len(files)} safetensors file(s), "
+          f"{total / 2**20:.1f} MiB ({dtype}), config.json ({hf['architectures'][0]})")
+    if quantizer:
+        print(quantizer.line())
+    return files
+
+
+def write_export(folder: str, workdir: str, config, hf: dict, dtype: str, shard_gib: float,
+                 quantize: str):
+    """The export in `folder`: (its safetensors files, their bytes, the step, the quantizer)."""
     arch = ARCHS[hf["architectures"][0]]
     mesh = parallel.make_mesh({"fsdp": jax.device_count()})
     setup = state.setup(config, mesh)
-    with contextlib.closing(run_checkpoints(workdir, "--workdir")) as mgr:
-        step = mgr.latest_step()
-        params = restore_params(mgr, step, setup.abstract["params"])
+    # As generate reads: the newest intact step, else best/; a step its run deletes meanwhile
+    # is no loss.
+    step, params = read_params(workdir, "--workdir", setup.abstract["params"])
     wmap = weight_map(arch, config.model, setup.abstract["params"])
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                 "float16": np.float16}[dtype]
     quantizer = compressed.Quantizer(quantize, np_dtype) if quantize != "none" else None
-    os.makedirs(out, exist_ok=True)
 
     def tensors():  # (HF name, numpy array), one fetched from the devices at a time
         for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -264,7 +293,7 @@ def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4
         nonlocal chunk, size
         if chunk:
             name = f"model-{len(files) + 1:05d}.safetensors"
-            save_file(chunk, os.path.join(out, name), metadata={"format": "pt"})
+            save_file(chunk, os.path.join(folder, name), metadata={"format": "pt"})
             files.append(name)
             weight_map_.update({n: name for n in chunk})
         chunk, size = {}, 0
@@ -275,27 +304,23 @@ def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4
         chunk[n] = t
         size += t.nbytes
     flush()
-    total = sum(os.path.getsize(os.path.join(out, f)) for f in files)
+    total = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
     names = {f: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in
              enumerate(files)}
     if len(files) == 1:
         names = {files[0]: "model.safetensors"}
     for old, new in names.items():
-        os.replace(os.path.join(out, old), os.path.join(out, new))
+        os.replace(os.path.join(folder, old), os.path.join(folder, new))
     if len(files) > 1:
-        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        with open(os.path.join(folder, INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total},
                        "weight_map": {n: names[f] for n, f in sorted(weight_map_.items())}},
                       f, indent=2)
     if quantizer:
         hf["quantization_config"] = quantizer.config()
-    with open(os.path.join(out, "config.json"), "w") as f:
+    with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     for name in HF_FILES[1:]:  # generation config and tokenizer, as imported
         if os.path.exists(os.path.join(workdir, "hf", name)):
-            shutil.copy(os.path.join(workdir, "hf", name), out)
-    print(f"wrote step {step} of {workdir} to {out}: {len(files)} safetensors file(s), "
-          f"{total / 2**20:.1f} MiB ({dtype}), config.json ({hf['architectures'][0]})")
-    if quantizer:
-        print(quantizer.line())
-    return [names[f] for f in files]
+            shutil.copyfile(os.path.join(workdir, "hf", name), os.path.join(folder, name))
+    return [names[f] for f in files], total, step, quantizer

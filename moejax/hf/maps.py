@@ -8,6 +8,7 @@ with a leading layer axis. transformers keeps Linear weights as [out, in].
 """
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
@@ -36,16 +37,86 @@ ARCHS = {
 
 
 def arch_of(hf: dict) -> str:
-    name = (hf.get("architectures") or ["?"])[0]
+    names = hf.get("architectures") or ["?"]
+    name = names[0] if isinstance(names, list) else names
     if name not in ARCHS:
         raise ConfigError(f"config.json architectures={name!r}: unknown; allowed: "
                           f"{', '.join(ARCHS)}")
     return name
 
 
+REQUIRED = object()
+
+
+def integer(hf: dict, key: str, default=REQUIRED, low: int = 1):
+    """config.json's `key`: an integer >= low (null or absent: `default`), else one line
+    naming the key and its value. JSON's true is no integer here, nor is 32.0."""
+    value = hf.get(key)
+    if value is None:
+        if default is REQUIRED:
+            raise ConfigError(f"config.json {key}: missing; allowed: an integer >= {low} (a "
+                              f"{arch_of(hf)} config.json has it)")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"config.json {key}={value!r}: not an integer >= {low}; allowed: "
+                          f"an integer >= {low}")
+    return value
+
+
+def real(hf: dict, key: str, default, positive: bool = True, label: str = "") -> float:
+    """config.json's `key` (`label` in messages, default the key): a finite number > 0
+    (`positive`) or >= 0 (null or absent: `default`), else one line naming it and its value."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    bound = "> 0" if positive else ">= 0"
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or value < 0 or (positive and value == 0)):
+        raise ConfigError(f"config.json {label or key}={value!r}: not a finite number {bound}; "
+                          f"allowed: a finite number {bound}")
+    return float(value)
+
+
+def flag(hf: dict, key: str, default: bool) -> bool:
+    """config.json's `key`: true or false (null or absent: `default`); "false" is no false."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.json {key}={value!r}: not a boolean; allowed: true or "
+                          "false")
+    return value
+
+
+def rope_of(hf: dict) -> tuple[str, dict]:
+    """(the key it came from, the rotary embedding's parameters): rope_parameters
+    (transformers 5) or rope_scaling (4), which must agree where both are given, with
+    `type` read as `rope_type`."""
+    given = {}
+    for key in ("rope_parameters", "rope_scaling"):
+        value = hf.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config.json {key}={value!r}: not an object; allowed: null or "
+                              '{"rope_type": "default", "rope_theta": ...}')
+        if value:
+            rope = {k: v for k, v in value.items() if k != "type"}
+            rope["rope_type"] = value.get("rope_type", value.get("type", "default"))
+            given[key] = rope
+    if len(given) == 2:
+        ours, old = given["rope_parameters"], given["rope_scaling"]
+        if differ := sorted(k for k in ours.keys() & old.keys() if ours[k] != old[k]):
+            raise ConfigError(
+                f"config.json rope_scaling={hf['rope_scaling']!r}: disagrees with "
+                f"rope_parameters={hf['rope_parameters']!r} ({differ[0]}); allowed: one of "
+                "them, or both saying the same")
+    key = next(iter(given), "rope_parameters")
+    return key, given.get(key, {})
+
+
 def model_config(hf: dict) -> dict:
     """The moejax model keys computing what transformers computes for this config.json; a
-    feature moejax lacks fails with one line naming its key."""
+    feature moejax lacks, a missing key or a value of the wrong kind fails with one line
+    naming its key."""
     name = arch_of(hf)
     arch = ARCHS[name]
 
@@ -53,9 +124,15 @@ def model_config(hf: dict) -> dict:
         raise ConfigError(f"config.json {key}={hf.get(key)!r}: not supported for {name}; "
                           f"allowed: {allowed}")
 
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        refuse("rope_parameters", "rope_type default (no scaling)")
+    rope_key, rope = rope_of(hf)
+    if rope.get("rope_type") not in (None, "default"):
+        refuse(rope_key, "rope_type default (no scaling)")
+    theta = real(hf, "rope_theta", None)
+    inner = real(rope, "rope_theta", None, label=f"{rope_key}.rope_theta")
+    if None not in (theta, inner) and theta != inner:
+        raise ConfigError(f"config.json rope_theta={hf['rope_theta']!r}: disagrees with "
+                          f"{rope_key}.rope_theta={rope['rope_theta']!r}; allowed: one of them, "
+                          "or both the same")
     if hf.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "silu")
     for key in ("attention_bias", "clip_qkv"):
@@ -63,38 +140,42 @@ def model_config(hf: dict) -> dict:
             refuse(key, "null / false")
     if hf.get("mlp_only_layers"):
         refuse("mlp_only_layers", "[]")
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if arch.qk_norm == "all" and head_dim * heads != hf["hidden_size"]:
+    hidden, heads = integer(hf, "hidden_size"), integer(hf, "num_attention_heads")
+    head_dim = integer(hf, "head_dim", None) or hidden // heads
+    if arch.qk_norm == "all" and head_dim * heads != hidden:
         refuse("head_dim", "hidden_size / num_attention_heads")
-    max_len = hf.get("max_position_embeddings", 4096)
+    max_len = integer(hf, "max_position_embeddings", 4096)
     # A sliding window no sequence can exceed is plain causal attention: cap the length there.
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-    num_experts = hf.get("num_local_experts") or hf.get("num_experts")
-    d_ff = hf.get("moe_intermediate_size") or hf["intermediate_size"]
-    shared = hf.get("shared_expert_intermediate_size", 0) if name == "Qwen2MoeForCausalLM" else 0
+    window = (integer(hf, "sliding_window", None, low=0) if flag(hf, "use_sliding_window", True)
+              else None)  # 0: none
+    experts_key = next((k for k in ("num_local_experts", "num_experts") if hf.get(k) is not None),
+                       "num_local_experts" if name == "MixtralForCausalLM" else "num_experts")
+    num_experts, top_k = integer(hf, experts_key), integer(hf, "num_experts_per_tok")
+    intermediate = integer(hf, "intermediate_size")
+    moe_d_ff = integer(hf, "moe_intermediate_size", None)
+    d_ff = moe_d_ff or intermediate
+    shared = (integer(hf, "shared_expert_intermediate_size", 0, low=0)
+              if name == "Qwen2MoeForCausalLM" else 0)
     if shared % d_ff:  # moejax's shared experts are d_ff wide each
         refuse("shared_expert_intermediate_size", f"a multiple of moe_intermediate_size={d_ff}")
     return dict(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
-        d_ff=d_ff,
-        dense_d_ff=hf["intermediate_size"] if "moe_intermediate_size" in hf else 0,
-        activation="swiglu",
-        rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10_000.0),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=arch.qk_norm,
+        vocab_size=integer(hf, "vocab_size"), d_model=hidden,
+        num_layers=integer(hf, "num_hidden_layers"), num_heads=heads,
+        num_kv_heads=integer(hf, "num_key_value_heads", None) or heads, head_dim=head_dim,
+        d_ff=d_ff, dense_d_ff=intermediate if moe_d_ff else 0, activation="swiglu",
+        rope_theta=theta or inner or 10_000.0,
+        norm_eps=real(hf, "rms_norm_eps", 1e-6), qk_norm=arch.qk_norm,
         max_seq_len=min(max_len, window or max_len),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        num_experts=num_experts, top_k=hf["num_experts_per_tok"],
-        moe_every=hf.get("decoder_sparse_step", 1), first_dense_layers=0,
-        renormalize=name == "MixtralForCausalLM" or bool(hf.get("norm_topk_prob", False)),
+        tie_embeddings=flag(hf, "tie_word_embeddings", False),
+        num_experts=num_experts, top_k=top_k,
+        moe_every=integer(hf, "decoder_sparse_step", 1), first_dense_layers=0,
+        renormalize=name == "MixtralForCausalLM" or flag(hf, "norm_topk_prob", False),
         # transformers drops no token: dropless in training, and at eval a capacity of every
         # token of the group (C = T when eval_capacity_factor = E / k).
-        dispatch="dropless", eval_capacity_factor=num_experts / hf["num_experts_per_tok"],
+        dispatch="dropless", eval_capacity_factor=num_experts / top_k,
         router_score="softmax", routing="tokens", bias_rate=0.0,
         num_shared_experts=shared // d_ff, shared_gate=bool(shared),
-        qkv_bias=name == "Qwen2MoeForCausalLM" and bool(hf.get("qkv_bias", True)), jitter_eps=0.0,
+        qkv_bias=name == "Qwen2MoeForCausalLM" and flag(hf, "qkv_bias", True), jitter_eps=0.0,
     )
 
 

@@ -1,0 +1,226 @@
+"""What the converter reads and writes, checked: a transformers checkpoint's JSON and
+safetensors files in (each file whole, each tensor once, the index and the files agreeing, a
+tokenizer moejax reads), and folders out that never take a user's files: from-hf's workdir new
+or empty and left as it was if the writing fails, to-hf's export written beside OUT and
+renamed into place whole."""
+
+import contextlib
+import errno
+import glob
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from moejax.config_lib import ConfigError, first_line
+
+INDEX = "model.safetensors.index.json"
+FLOATS = ("F64", "F32", "BF16", "F16")  # safetensors dtypes a weight may have
+
+
+def read_json(path: str) -> dict:
+    """The JSON object in `path`, or one line naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ConfigError(f"{path}: not JSON ({first_line(e)}); allowed: the file "
+                          "save_pretrained writes") from None
+    if not isinstance(out, dict):
+        raise ConfigError(f"{path}: a JSON {type(out).__name__}, not an object; allowed: the "
+                          "file save_pretrained writes")
+    return out
+
+
+# --- in ----------------------------------------------------------------------------------
+
+class Tensors:
+    """The safetensors files of a checkpoint folder, opened lazily: name -> one tensor. Their
+    headers are read and checked here: each file whole, each tensor in one file, and where
+    model.safetensors.index.json is, exactly the files and tensors it names (another file is
+    a leftover of another export: reading it would mix two models)."""
+
+    def __init__(self, folder: str):
+        self.files, self.headers = {}, {}  # name -> path; name -> (dtype, shape)
+        paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        if not paths:
+            raise ConfigError(f"{folder}: no *.safetensors files; allowed: a folder that "
+                              "save_pretrained wrote (safetensors, not .bin)")
+        index, named = os.path.join(folder, INDEX), None
+        if os.path.exists(index):
+            named = read_json(index).get("weight_map")
+            if not isinstance(named, dict):
+                raise ConfigError(f"{index}: weight_map={named!r}: not an object of tensor "
+                                  "names to files; allowed: the index save_pretrained writes")
+            if stale := sorted({os.path.basename(p) for p in paths} - set(named.values())):
+                raise ConfigError(f"{os.path.join(folder, stale[0])}: not named by {INDEX} "
+                                  f"({len(stale)} such file(s), a leftover of another "
+                                  "export?); allowed: the files the index names (move the "
+                                  "others away)")
+        for path in paths:
+            for name, header in read_headers(path).items():
+                if name in self.files:
+                    raise ConfigError(f"{folder}: tensor {name} is in both "
+                                      f"{os.path.basename(self.files[name])} and "
+                                      f"{os.path.basename(path)}; allowed: each tensor in one "
+                                      "file (a leftover of another export?)")
+                self.files[name], self.headers[name] = path, header
+        for name in sorted(set(named or {}) | set(self.files)) if named is not None else ():
+            where = os.path.basename(self.files[name]) if name in self.files else None
+            if named.get(name) != where:
+                raise ConfigError(f"{index}: tensor {name}: the index says {named.get(name)}, "
+                                  f"the files say {where}; allowed: an index that matches its "
+                                  "files")
+
+    def shape(self, name):
+        return self.headers[name][1]
+
+    def dtype(self, name) -> str:
+        return self.headers[name][0]
+
+    def get(self, name) -> np.ndarray:
+        with safe_open(self.files[name], "np") as f:  # memory-mapped: reads this tensor only
+            return f.get_tensor(name)
+
+
+def read_headers(path: str) -> dict:
+    """name -> (dtype, shape) of every tensor in a safetensors file; one line naming the file
+    if it is not one (truncated, garbage)."""
+    try:
+        with safe_open(path, "np") as f:
+            return {n: (f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape()))
+                    for n in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{path}: not a readable safetensors file ({first_line(e)}); "
+                          "allowed: the files save_pretrained wrote, whole") from None
+
+
+def tokenizer_of(folder: str, hf_dir: str) -> str:
+    """data.tokenizer for the run: its tokenizer.json, copied to hf_dir; byte if the folder has
+    no tokenizer at all. One moejax cannot read (SentencePiece's tokenizer.model, a slow
+    tokenizer's vocab.json) is refused rather than trained with another one."""
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return hf_dir
+    for name in ("tokenizer.model", "vocab.json"):
+        if os.path.exists(os.path.join(folder, name)):
+            raise ConfigError(f"{folder}: its tokenizer is {name} without tokenizer.json, "
+                              "which moejax cannot read; allowed: a folder with tokenizer.json "
+                              "too (AutoTokenizer.from_pretrained(SRC).save_pretrained(SRC) "
+                              "writes it)")
+    return "byte"
+
+
+# --- out ---------------------------------------------------------------------------------
+
+def check_new_workdir(workdir: str) -> None:
+    """from-hf makes a new run: in a new or empty folder only, so it overwrites nothing."""
+    if not workdir:
+        raise ConfigError("--workdir='': empty; allowed: the folder to make the run in")
+    held = sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []
+    if "checkpoints" in held and os.listdir(os.path.join(workdir, "checkpoints")):
+        raise ConfigError(f"--workdir={workdir!r}: already holds a checkpoint; allowed: a new "
+                          "or empty folder (a good checkpoint is never overwritten)")
+    if held:
+        raise ConfigError(f"--workdir={workdir!r}: not empty (holds {held[0]}"
+                          f"{', ...' if len(held) > 1 else ''}); allowed: a new or empty "
+                          "folder (from-hf writes over nothing)")
+
+
+@contextlib.contextmanager
+def undone_on_failure(workdir: str, existed: bool):
+    """A conversion that fails while writing (a full disk, Ctrl-C) leaves workdir as it was:
+    removed if new, emptied if it was empty. An OSError becomes one line naming it."""
+    try:
+        yield
+    except BaseException as e:
+        if jax.process_index() == 0:
+            for name in os.listdir(workdir) if existed else ():
+                path = os.path.join(workdir, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+            if not existed:
+                shutil.rmtree(workdir, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ConfigError(f"--workdir={workdir!r}: cannot write ({e.strerror or e}); "
+                              "nothing was left there; allowed: a folder this user can write, "
+                              "on a disk with room for the run") from None
+        raise
+
+
+SHARD_GIB = "must be finite and > 0 (GiB per file)"
+
+
+def check_shard_gib(shard_gib: float) -> None:
+    """to-hf's --shard_gib, as the command line checks it."""
+    if not (isinstance(shard_gib, int | float) and math.isfinite(shard_gib) and shard_gib > 0):
+        raise ConfigError(f"--shard_gib={shard_gib}: {SHARD_GIB}")
+
+
+def check_out(out: str, workdir: str, overwrite: bool) -> str:
+    """to-hf's OUT as a real path, if writing it loses nothing: not the run or a folder
+    around or inside it, and new or empty, or (`overwrite`) an earlier export."""
+    if not out:
+        raise ConfigError("OUT='': empty; allowed: the folder to write the transformers "
+                          "checkpoint into")
+    target, run = os.path.realpath(out), os.path.realpath(workdir)
+    if target == run or target.startswith(run + os.sep):
+        raise ConfigError(f"OUT={out!r}: inside the run --workdir={workdir!r} (its config.json "
+                          "would be overwritten); allowed: a folder outside the run")
+    if run.startswith(target.rstrip(os.sep) + os.sep):
+        raise ConfigError(f"OUT={out!r}: holds the run --workdir={workdir!r}; allowed: a "
+                          "folder outside the run")
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise ConfigError(f"OUT={out!r}: not a folder; allowed: a new or empty folder")
+    held = sorted(os.listdir(target)) if os.path.isdir(target) else []
+    if held and not overwrite:
+        raise ConfigError(f"OUT={out!r}: not empty (holds {held[0]}"
+                          f"{', ...' if len(held) > 1 else ''}); allowed: a new or empty "
+                          "folder, or --overwrite to replace an earlier export whole")
+    if held and "config.json" not in held:
+        raise ConfigError(f"OUT={out!r}: --overwrite replaces an earlier export, and this "
+                          f"folder holds no config.json (it holds {held[0]}); allowed: a new "
+                          "or empty folder, or an earlier export")
+    return target
+
+
+def make_aside(target: str, out: str) -> str:
+    """A new folder beside `target`, on its file system: the export is renamed from it."""
+    parent = os.path.dirname(target)
+    try:
+        if os.path.lexists(parent) and not os.path.isdir(parent):
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder")
+        os.makedirs(parent, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".partial",
+                                dir=parent)
+    except OSError as e:
+        raise ConfigError(f"OUT={out!r}: cannot write in {parent} ({e.strerror or e}); "
+                          "allowed: a folder this user can create and write") from None
+
+
+def put_in_place(aside: str, target: str) -> None:
+    """Rename `aside` to `target` (new, empty, or an earlier export): whole, never mixed.
+    An earlier export is renamed away first, then deleted; back if the second rename fails."""
+    mask = os.umask(0)  # read it back: files get the permissions open() gives config.json
+    os.umask(mask)
+    for name in os.listdir(aside):
+        os.chmod(os.path.join(aside, name), 0o666 & ~mask)  # safetensors' temp files: 0600
+    os.chmod(aside, 0o777 & ~mask)  # mkdtemp's: 0700
+    if not (os.path.isdir(target) and os.listdir(target)):
+        os.rename(aside, target)  # replaces an empty folder
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".old",
+                           dir=os.path.dirname(target))
+    os.rename(target, old)
+    try:
+        os.rename(aside, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
