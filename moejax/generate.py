@@ -11,6 +11,7 @@ once per token or per max_new_tokens.
 
 import collections
 import functools
+import math
 import sys
 import time
 
@@ -22,6 +23,7 @@ from flax import nnx
 from moejax import cli, config_lib, parallel
 from moejax.config_lib import ConfigError
 from moejax.data.text import make_tokenizer
+from moejax.model.transformer import moe_layer_ids
 from moejax.run import state
 from moejax.run.checkpoint import read_params
 from moejax.run.params import quantize_experts
@@ -45,6 +47,30 @@ def load(workdir: str):
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     return config, nnx.merge(setup.graphdef, params), step
+
+
+def check_experts(config, workdir: str, what: str, allowed: str) -> None:
+    """Quantizing routed experts needs some: a dense run (no MoE layer) is one line."""
+    if not moe_layer_ids(config.model):
+        raise ConfigError(f"{what}: --workdir={workdir!r} is a dense run (no MoE layer: "
+                          f"model.num_experts={config.model.num_experts}), it has no routed "
+                          f"experts; allowed: {allowed}")
+
+
+def run_tokenizer(name: str, config, vocab: int):
+    """--hf_tokenizer, else the run's; its ids must be the model's (at most `vocab` of them)."""
+    if not name:
+        return make_tokenizer(config.data.tokenizer)
+    try:
+        tokenizer = make_tokenizer(name)
+    except ConfigError as e:  # its message names data.tokenizer, the key train reads
+        raise ConfigError(f"--hf_tokenizer={name!r}: {str(e).split(': ', 1)[1]}") from None
+    if tokenizer.vocab_size > vocab:
+        raise ConfigError(f"--hf_tokenizer={name!r}: {tokenizer.vocab_size} tokens, more than "
+                          f"the model's vocabulary of {vocab}; allowed: the run's tokenizer "
+                          f"({config.data.tokenizer!r}, the default) or one of at most {vocab} "
+                          "tokens")
+    return tokenizer
 
 
 def round_up(n: int, cap: int) -> int:
@@ -117,6 +143,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     prompt + max_new_tokens."""
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
+    if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1):
+        raise ValueError(f"temperature={temperature} must be finite and >= 0, top_p={top_p} "
+                         "in (0, 1]")
     vocab = model.embed.shape[0]
     if any(not 0 <= t < vocab for p in prompts for t in p):
         raise ValueError(f"prompt token outside the model's vocabulary of {vocab}")
@@ -155,11 +184,15 @@ def main(argv=None):
                               flag_values=fv)
     flags.DEFINE_integer("tokens", 200, "new tokens per prompt, at most", lower_bound=1,
                          flag_values=fv)
-    flags.DEFINE_float("temperature", 0.8, "0 = greedy", lower_bound=0.0, flag_values=fv)
+    flags.DEFINE_float("temperature", 0.8, "0 = greedy", flag_values=fv)
     flags.DEFINE_float("top_p", 0.95, "nucleus mass; 1 = every token", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "sampling seed", lower_bound=0, upper_bound=2**31 - 1,
+                         flag_values=fv)
+    # nan passes absl's bounds (every comparison with it is false), and sampled NUL bytes.
+    flags.register_validator("temperature", lambda t: math.isfinite(t) and t >= 0,
+                             "must be a finite number >= 0 (0 = greedy)", flag_values=fv)
     flags.register_validator("top_p", lambda p: 0 < p <= 1, "must be in (0, 1]",
                              flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
     flags.DEFINE_string("hf_tokenizer", "", "tokenizer name or path; default: the run's "
                         "data.tokenizer", flag_values=fv)
     flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4"], "the routed experts' "
@@ -169,18 +202,20 @@ def main(argv=None):
     with cli.one_line_errors():
         cli.positional(cli.parse_flags(argv, __doc__, fv, "workdir"), {})
     config, model, step = load(fv.workdir)
-    if fv.quantize != "none":
-        print(f"# {quantize_experts(model, fv.quantize)}")
     with cli.one_line_errors():
-        tokenizer = make_tokenizer(fv.hf_tokenizer or config.data.tokenizer)
+        if fv.quantize != "none":
+            check_experts(config, fv.workdir, f"--quantize={fv.quantize}", "none")
+            print(f"# {quantize_experts(model, fv.quantize)}")
+        tokenizer = run_tokenizer(fv.hf_tokenizer, config, model.embed.shape[0])
     texts = fv.prompt or [""]
     # An empty prompt starts where a document starts: after an end-of-document token.
     prompts = [list(map(int, tokenizer.encode(t))) or [tokenizer.eos_id] for t in texts]
     try:
         cache_len = cache_length(prompts, fv.tokens, model.max_seq_len)
     except ValueError as e:
-        sys.exit(f"error: --tokens={fv.tokens}: {e}; allowed: at most "
-                 f"{model.max_seq_len - max(map(len, prompts))} with these prompts")
+        room = model.max_seq_len - max(map(len, prompts))
+        sys.exit(f"error: --tokens={fv.tokens}: {e}; allowed: "
+                 + (f"at most {room} with these prompts" if room > 0 else "shorter prompts"))
     kwargs = dict(temperature=fv.temperature, top_p=fv.top_p, seed=fv.seed,
                   eos_id=tokenizer.eos_id, cache_len=cache_len)
     start = time.perf_counter()

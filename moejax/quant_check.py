@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from moejax import cli
+from moejax.config_lib import ConfigError
 from moejax.data import text
 from moejax.data.batches import make_batches
 from moejax.data.loader import read_first
@@ -26,6 +27,7 @@ from moejax.moe.layer import MoE
 from moejax.run.params import quantize_experts
 
 NAMES = ("int8", "int4")
+PROMPT = 16  # tokens of held-out text each greedy generation starts from
 
 
 def copy_of(model):
@@ -101,7 +103,7 @@ def check(model, tokens, prompts, max_new_tokens: int) -> dict:
 def main(argv=None):
     from absl import flags
 
-    from moejax.generate import load
+    from moejax.generate import check_experts, load
 
     argv = sys.argv if argv is None else argv
     fv = flags.FlagValues()
@@ -117,14 +119,19 @@ def main(argv=None):
         cli.positional(cli.parse_flags(argv, __doc__, fv, "workdir"), {})
     config, model, step = load(fv.workdir)
     with cli.one_line_errors():
+        check_experts(config, fv.workdir, "quant_check", "the --workdir of an MoE run")
+        if PROMPT + fv.tokens > model.max_seq_len:
+            raise ConfigError(f"--tokens={fv.tokens}: {PROMPT}-token prompts + {fv.tokens} "
+                              f"exceed model.max_seq_len={model.max_seq_len}; allowed: at most "
+                              f"{model.max_seq_len - PROMPT}")
         tokenizer = text.make_tokenizer(config.data.tokenizer)
         held_out = make_batches(config.data, tokenizer, "eval", config.seed)
-    rows = read_first(held_out, slice(0, config.data.batch_size), fv.batches)
+        rows = read_first(held_out, slice(0, config.data.batch_size), fv.batches)
     tokens = np.concatenate([r[:, :-1] for r in rows])
-    prompts = [list(map(int, row[:16])) for row in tokens[: fv.prompts]]
+    prompts = [list(map(int, row[:PROMPT])) for row in tokens[: fv.prompts]]
     result = check(model, tokens, prompts, fv.tokens)
     print(f"# step {step} of {fv.workdir}: {tokens.shape[0]} x {tokens.shape[1]} held-out "
-          f"tokens, {len(prompts)} prompts of 16 tokens + {fv.tokens} greedy")
+          f"tokens, {len(prompts)} prompts of {PROMPT} tokens + {fv.tokens} greedy")
     print("weights   layer errors (||y_q - y|| / ||y||)        next-token agree   greedy agree")
     for name, r in result.items():
         agree, of = r["greedy"]

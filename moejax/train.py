@@ -85,6 +85,9 @@ def train(config, workdir: str) -> dict:
     tc = config.train
     mesh = parallel.make_mesh(parallel.mesh_sizes(config.mesh, jax.device_count()))
     train_data, eval_data = open_data(config)
+    tokens, shape = parallel.token_sharding(mesh), (config.data.batch_size,
+                                                    config.data.seq_len + 1)
+    held_out = first_batches(eval_data, tokens, shape, tc.eval_batches)  # a stream's: checked
     setup = state.setup(config, mesh)
     ckpt = Checkpoints(workdir, tc.keep_checkpoints, tc.keep_best)
     ckpt.check_shapes(setup.abstract["params"])
@@ -98,18 +101,18 @@ def train(config, workdir: str) -> dict:
     if restored:
         train_state = restored[0]
         writer.print(f"resumed from {workdir} at step {start_step}")
-        for line in workdir_lib.config_changes(workdir, config):
-            writer.print(line)
+        setup, groups_line = state.keep_groups(setup, meta.get("num_groups"))
+        for line in [*workdir_lib.config_changes(workdir, config), groups_line]:
+            if line:
+                writer.print(line)
     else:
         train_state = initial_state(setup, tc.init_from, writer)
     log = report_start(config, setup, train_state, train_data, writer)
     if jax.process_index() == 0:
         workdir_lib.save_config(workdir, config, start_step)
 
-    tokens, shape = parallel.token_sharding(mesh), (config.data.batch_size,
-                                                    config.data.seq_len + 1)
     step_fn, eval_fn = state.train_step_fn(setup), state.eval_step_fn(setup)
-    held_out = first_batches(eval_data, tokens, shape, tc.eval_batches)
+    groups = state.capacity_groups(setup.config, mesh)  # recorded: a resume keeps them
     history = {"train_loss": {}, "eval_loss": {}, "skipped_steps": []}
 
     def evaluate(step):
@@ -150,7 +153,8 @@ def train(config, workdir: str) -> dict:
             eval_loss = evaluate(step) if step % tc.eval_every == 0 or step == tc.steps else None
             if save:
                 ckpt.save(step, train_state, {"step": step, "tokens_seen": step * shape[0]
-                                              * config.data.seq_len}, eval_loss, loader.state())
+                                              * config.data.seq_len, "num_groups": groups},
+                          eval_loss, loader.state())
             if stop:
                 writer.print(f"{stop}: saved step {step} in {workdir}; run the same "
                              "command again to resume")

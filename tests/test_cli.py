@@ -140,7 +140,8 @@ BAD_FLAGS = [  # arguments, the whole stderr line ({tmp}: config_files)
     (["--config=configs/tiny.py", "--config.nosuch.a=1"],
      "error: unknown key nosuch.a; allowed: data.*, mesh.*, model.*, seed, train.*"),
     (["--config=configs/tiny.py", "--config.model.num_experts=x"],
-     "error: flag --config.model.num_experts=x: invalid literal for int() with base 10: 'x'"),
+     "error: flag --config.model.num_experts=x: invalid literal for int() with base 10: 'x'; "
+     "allowed: an integer >= 0 (0 = dense)"),
     ([], "error: missing --config; allowed: configs/<name>.py[:variant]"),
 ]
 
@@ -236,7 +237,7 @@ BAD_INPUTS = [  # module, arguments, the whole message (what stderr shows); {tmp
     ("generate", ["--workdir=w", "--top_p=0"], "flag --top_p=0.0: must be in (0, 1]"),
     ("generate", ["--workdir=w", "--top_p=1.5"], "flag --top_p=1.5: must be in (0, 1]"),
     ("generate", ["--workdir=w", "--temperature=-1"],
-     "flag --temperature=-1: -1.0 is not a non-negative number"),
+     "flag --temperature=-1.0: must be a finite number >= 0 (0 = greedy)"),
     ("generate", ["--workdir=w", "hello"], "'hello': unexpected argument; allowed: flags only"),
     ("generate", ["--workdir={tmp}"], "--workdir='{tmp}': no config.json in it; allowed: the "
      "workdir of a run (train) or of a conversion (convert from-hf)"),
@@ -251,15 +252,17 @@ BAD_INPUTS = [  # module, arguments, the whole message (what stderr shows); {tmp
     ("convert", ["from-hf", "a", "b", "--workdir=w"],
      "'b': unexpected argument; allowed: COMMAND SRC"),
     ("convert", ["to-hf", "out", "--workdir=w", "--mesh=fsdp=8"],
-     "--mesh: not a flag of to-hf; allowed: --workdir, --dtype, --shard_gib, --quantize"),
+     "--mesh: not a flag of to-hf; allowed: --workdir, --dtype, --shard_gib, --quantize, "
+     "--overwrite"),
     ("convert", ["from-hf", "src", "--workdir=w", "--dtype=bfloat16"],
      "--dtype: not a flag of from-hf; allowed: --workdir, --mesh"),
     ("convert", ["to-hf", "out", "--workdir=w", "--dtype=int8"],
      "flag --dtype=int8: value should be one of <float32|bfloat16|float16>"),
     ("convert", ["to-hf", "out", "--workdir=w", "--shard_gib=0"],
-     "flag --shard_gib=0.0: must be > 0"),
+     "flag --shard_gib=0.0: must be finite and > 0 (GiB per file)"),
     ("convert", ["from-hf", "src", "--workdir=w", "--bogus"],
-     "unknown flag --bogus; allowed: --workdir, --mesh, --dtype, --shard_gib, --quantize"),
+     "unknown flag --bogus; allowed: --workdir, --mesh, --dtype, --shard_gib, --quantize, "
+     "--overwrite"),
     ("bench", [], "missing MODE; allowed: layer, train, compile"),
     ("bench", ["sweep"], "MODE='sweep': unknown; allowed: layer, train, compile"),
     ("bench", ["layer", "--experts=8,x"],

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from moejax.data.stream import StreamEnded
+
 PREFETCH = 2  # train batches built ahead, while the steps before them run; 0: in the step
 
 
@@ -59,7 +61,10 @@ class Loader:
 
     def __next__(self) -> jax.Array:
         started = time.perf_counter()
-        batch = next(self.iterator)  # an error in reading it is raised here, with its message
+        try:
+            batch = next(self.iterator)  # an error in reading it is raised here
+        except StreamEnded as e:  # an empty train split: one line
+            raise e.one_line() from None
         self.waited_s += time.perf_counter() - started
         self.taken += 1
         return batch
@@ -82,9 +87,13 @@ class Loader:
 
 
 def read_first(batches, mine: slice, count: int) -> list[np.ndarray]:
-    """Rows `mine` of global batches 0 .. count - 1 of `batches`, read once."""
+    """Rows `mine` of global batches 0 .. count - 1 of `batches`, read once. A stream with
+    fewer rows (an empty or short held-out split) is one ConfigError line."""
     with contextlib.closing(iter(batches.host(mine))) as reader:
-        return [next(reader) for _ in range(count)]
+        try:
+            return [next(reader) for _ in range(count)]
+        except StreamEnded as e:
+            raise e.one_line() from None
 
 
 def first_batches(batches, sharding, shape: tuple[int, int], count: int) -> list[jax.Array]:

@@ -185,11 +185,21 @@ class Tokenize:
 def check_out(out: str, manifest: dict | None = None) -> bool:
     """Whether --out already holds the store `manifest` describes (True: nothing to do). A new
     or empty folder, or one left by an unfinished prepare, is written; one holding anything
-    else is refused (with manifest None: only what is not a store, before reading the source).
+    else is refused (with manifest None: only what is not a store, before reading the source),
+    and so is a path that cannot be made a folder this user writes.
     """
-    if not os.path.exists(out):
-        return False
     where = f"--out={out!r}"
+    if not out:
+        raise ConfigError(f"{where}: empty; allowed: a new or empty folder")
+    if not os.path.exists(out):
+        parent = os.path.dirname(os.path.abspath(out))
+        while not os.path.exists(parent):  # the folder makedirs would create first
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ConfigError(f"{where}: cannot be created ({parent} is "
+                              f"{'not a folder' if not os.path.isdir(parent) else 'not writable'}"
+                              "); allowed: a new or empty folder this user can write")
+        return False
     if not os.path.isdir(out):
         raise ConfigError(f"{where}: not a folder; allowed: a new or empty folder")
     entries = os.listdir(out)
@@ -233,9 +243,6 @@ def shard_size(documents: int) -> int:
 def prepare(cfg, out: str, num_proc: int, print_fn=print) -> dict:
     """Tokenize the data source of `cfg` (a config's data group) into a store in `out`;
     returns its manifest. Long runs print progress after each shard of documents."""
-    import datasets
-    import pyarrow as pa
-
     if cfg.source == "prepared":
         raise ConfigError("data.source='prepared': already a store; allowed for prepare: "
                           "stdlib, files, hub")
@@ -254,7 +261,26 @@ def prepare(cfg, out: str, num_proc: int, print_fn=print) -> dict:
         return read_manifest(out, "--out")
     if num_proc > 1:  # a process per batch of documents: no tokenizer threads within them
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return write(out, docs, Tokenize(cfg, tokenizer, dtype, root), manifest, num_proc,
+                     print_fn)
+    except OSError as e:  # a full disk, above all: nothing is presented as a finished store
+        reason = e.strerror or first_line(e)
+        raise ConfigError(
+            f"--out={out!r}: cannot write the store ({reason}"
+            + (f": {e.filename}" if e.filename else "") + "); "
+            + (f"left unfinished (its {INCOMPLETE} marker says so: nothing trains from it)"
+               if os.path.exists(os.path.join(out, INCOMPLETE)) else "nothing written")
+            + "; allowed: free space there (or another --out), then the same command again"
+        ) from None
 
+
+def write(out: str, docs, function: Tokenize, manifest: dict, num_proc: int, print_fn) -> dict:
+    """prepare's writing, once everything is checked: the splits, then the manifest."""
+    import datasets
+    import pyarrow as pa
+
+    dtype = function.dtype
     os.makedirs(out, exist_ok=True)
     open(os.path.join(out, INCOMPLETE), "w").close()  # removed once manifest.json is written
     for name in ("manifest.json", *SPLITS, ".cache"):  # an unfinished prepare's
@@ -268,7 +294,6 @@ def prepare(cfg, out: str, num_proc: int, print_fn=print) -> dict:
     features = datasets.Features({"eval": datasets.Value("bool"),
                                   "ids": sequence(datasets.Value(dtype.name)),
                                   "bytes": datasets.Value("int64")})
-    function = Tokenize(cfg, tokenizer, dtype, root)
     counts = {split: {"tokens": 0, "documents": 0} for split in SPLITS}
     total, step, text_bytes = len(docs), shard_size(len(docs)), 0
     started = time.perf_counter()

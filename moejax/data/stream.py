@@ -20,9 +20,27 @@ import grain
 import jax
 import numpy as np
 
+from moejax.config_lib import ConfigError
 from moejax.data.text import hf_dataset, split_parts
 
 log = logging.getLogger(__name__)
+
+
+class StreamEnded(ValueError):
+    """A split's stream ran out where it cannot start over: a held-out split shorter than the
+    batches read from it, or an empty split."""
+
+    def __init__(self, message: str, cfg, split: str):
+        super().__init__(message)
+        self.cfg, self.split = cfg, split
+
+    def one_line(self) -> ConfigError:
+        """What the user can change, for the one-line error of a run that needs the rows."""
+        more = ("a larger data.eval_fraction, more documents, or fewer held-out batches "
+                "(train.eval_batches)" if self.split == "eval" else
+                "a smaller data.eval_fraction, or more documents")
+        return ConfigError(f"data.eval_fraction={self.cfg.eval_fraction!r}: "
+                           f"{str(self).removeprefix('data: ')}; allowed: {more}")
 
 
 class StreamDataset(grain.IterDataset):
@@ -82,8 +100,9 @@ class StreamIterator(grain.DatasetIterator):
             doc = next(self.docs, None)
             if doc is None:
                 if self.split == "eval" or not self.epoch_tokens:
-                    raise ValueError(f"data: the {self.split} stream ran out (it holds "
-                                     f"{self.epoch_tokens} {self.split} tokens per pass)")
+                    raise StreamEnded(f"data: the {self.split} stream ran out (it holds "
+                                      f"{self.epoch_tokens} {self.split} tokens per pass) at "
+                                      f"batch {self.batches}", self.cfg, self.split)
                 self._read(None)  # epoch + 1, from the first document
                 self.epoch, self.documents, self.epoch_tokens = self.epoch + 1, 0, 0
                 continue
@@ -108,10 +127,7 @@ class StreamIterator(grain.DatasetIterator):
         return row
 
     def __next__(self) -> np.ndarray:
-        try:
-            out = np.stack([self._row() for _ in range(self.rows)])
-        except ValueError as e:
-            raise ValueError(f"{e} at batch {self.batches}") from None
+        out = np.stack([self._row() for _ in range(self.rows)])
         self.batches += 1
         return out
 

@@ -197,8 +197,13 @@ def hf_dataset(cfg, streaming: bool):
         where = files[0] + (f" (and {len(files) - 1} more files)" if len(files) > 1 else "")
         columns = ["text"] if cfg.format == "text" else ds.column_names
     else:
-        ds = datasets.load_dataset(cfg.path, cfg.hub_config or None, split=cfg.split,
-                                   streaming=streaming)
+        try:
+            ds = datasets.load_dataset(cfg.path, cfg.hub_config or None, split=cfg.split,
+                                       streaming=streaming)
+        except Exception as e:  # offline, gated, misspelled: this dataset cannot be had
+            raise ConfigError(f"data.path={cfg.path!r}: cannot load from the hub "
+                              f"({first_line(e)}); allowed: a hub dataset you can reach, "
+                              "or data.source='files'") from None
         where, columns = f"data.path={cfg.path!r}", ds.column_names
     if columns is not None and cfg.text_key not in columns:  # None: a stream of unknown keys
         raise ConfigError(f"data.text_key={cfg.text_key!r}: not a key of {where} (its keys: "

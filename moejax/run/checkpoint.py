@@ -9,8 +9,10 @@ were there but none restores, the run refuses to start over unless train.restart
 """
 
 import contextlib
+import errno
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -29,6 +31,12 @@ def handlers():
             "data": DataState()}
 
 
+def params_handlers():
+    """To read another run's parameters: the PyTree handler, not the Standard one, since
+    `restore_params` reads part of the state."""
+    return {"state": ocp.PyTreeCheckpointHandler()}
+
+
 class Checkpoints:
     """`latest` keeps the last `keep` steps; `best` (optional) the one with the lowest eval loss.
 
@@ -37,6 +45,7 @@ class Checkpoints:
 
     def __init__(self, workdir: str, keep: int, keep_best: bool):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.workdir = workdir
         self.latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                             options=options, item_handlers=handlers())
         self.best_dir = os.path.join(os.path.abspath(workdir), "best")
@@ -52,18 +61,40 @@ class Checkpoints:
 
     def save(self, step: int, state, meta: dict, eval_loss: float | None = None,
              data: dict | None = None):
-        """`data`: this process's train data iterator state before batch `step`, if any."""
+        """`data`: this process's train data iterator state before batch `step`, if any. A
+        full disk here (or in the save before, still being written) is one ConfigError line."""
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data is not None:
             items["data"] = DataStateSave(data)
         args = ocp.args.Composite(**items)
-        self.latest.save(step, args=args, force=True)
-        # A run resumed from before a broken checkpoint computes the best one's step again.
-        if (self.best is not None and eval_loss is not None
-                and step not in self.best.all_steps()):
-            # Both managers name their cross-host barriers by step: let one finish first.
-            self.latest.wait_until_finished()
-            self.best.save(step, args=args, metrics={"eval_loss": float(eval_loss)}, force=True)
+        with self.writing():
+            self.latest.save(step, args=args, force=True)
+            # A run resumed from before a broken checkpoint computes the best one's step again.
+            if (self.best is not None and eval_loss is not None
+                    and step not in self.best.all_steps()):
+                # Both managers name their cross-host barriers by step: let one finish first.
+                self.latest.wait_until_finished()
+                self.best.save(step, args=args, metrics={"eval_loss": float(eval_loss)},
+                               force=True)
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A write error of the block (or of an asynchronous save before, which it waits for)
+        as one ConfigError line: orbax writes each save aside and deletes nothing before it is
+        complete, so the newest complete step is intact, and the line names it."""
+        try:
+            yield
+        except Exception as e:
+            if (reason := write_error(e)) is None:
+                raise
+            self.latest.reload()
+            good = self.latest.latest_step()
+            raise ConfigError(
+                f"--workdir={self.workdir!r}: cannot save a "
+                f"checkpoint ({reason}); "
+                + (f"the newest intact one is {self.latest.directory}/{good}" if good is not None
+                   else "none was saved before") + "; allowed: free space there (or a --workdir "
+                "on a disk with room), then run the same command again to resume") from None
 
     def restore(self, step: int, like, mgr: ocp.CheckpointManager | None = None):
         """Restore `step` of `mgr` (default: latest) into arrays shaped and sharded like
@@ -149,10 +180,36 @@ class Checkpoints:
             return
 
     def close(self):
-        for mgr in (self.latest, self.best):
-            if mgr is not None:
-                mgr.wait_until_finished()
-                mgr.close()
+        try:
+            with self.writing():  # the last save's error, if any, shows here
+                for mgr in (self.latest, self.best):
+                    if mgr is not None:
+                        mgr.wait_until_finished()
+        finally:
+            for mgr in (self.latest, self.best):
+                if mgr is not None:
+                    mgr.close()
+
+
+WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "a read-only file system", errno.EACCES: "permission denied",
+                errno.EIO: "an input/output error"}
+
+
+def write_error(e: BaseException) -> str | None:
+    """What went wrong, in a few words, if `e` (or an exception it wraps: orbax raises
+    its writers' errors from its own threads and futures) is a disk's refusal to write."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
+            return WRITE_ERRORS[e.errno]
+        # tensorstore reports a failed write as a ValueError holding the OS's message
+        for code, words in WRITE_ERRORS.items():
+            if os.strerror(code) in str(e):
+                return words
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def path_name(path) -> str:
@@ -166,19 +223,70 @@ def shapes(tree) -> dict:
     return {path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def newest_that_restores(mgr: ocp.CheckpointManager, restore, skip) -> tuple | None:
+def newest_that_restores(mgr: ocp.CheckpointManager, restore, skip,
+                         replaced=None) -> tuple | None:
     """(step, restore(step)) for the newest step of `mgr` that restores on every process, or
     None; `skip(step, error)` for each newer one that does not (error None: failed on another
-    process)."""
-    for step in reversed(mgr.all_steps()):
+    process). `replaced(step)`, for a reader of a run that may be saving meanwhile: a step
+    that failed because that run's rotation deleted it while it was read (it is gone, or a
+    newer one has appeared); it is not damaged, and the steps are listed again."""
+    tried, replacements = set(), 0
+    while steps := [s for s in reversed(mgr.all_steps()) if s not in tried]:
+        step = steps[0]
+        tried.add(step)
         try:
             restored, error = restore(step), None
         except Exception as e:  # whatever broke, this step cannot be read
             restored, error = None, e
+            quiet_failed_reads()
         if on_every_process(error is None):
             return step, restored
+        if (replaced is not None and replacements < MAX_REPLACED
+                and not on_every_process(still_there(mgr, step, tried))):
+            replacements += 1
+            replaced(step)
+            continue
         skip(step, error)
     return None
+
+
+def quiet_failed_reads() -> None:
+    """After a failed restore, drop what Python would print for each read of it that was still
+    running: orbax runs a restore's reads in an event loop that it closes once the first read
+    fails; tensorstore then hands each other read's result to that closed loop, and the reads'
+    coroutines are dropped with their own errors. Each reaches sys.unraisablehook as a
+    traceback ("Event loop is closed", "Encountered error while reading array index"), dozens
+    burying the one line that says the step does not restore. Only these two are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_failed_reads", False):
+        return
+
+    def hook(unraisable):
+        tb, code = unraisable.exc_traceback, getattr(unraisable.object, "cr_code", None)
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                       and str(unraisable.exc_value) == "Event loop is closed"
+                       and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed")
+        orbax_read = code is not None and ORBAX in code.co_filename
+        if not (closed_loop or orbax_read):
+            previous(unraisable)
+
+    hook.quiet_failed_reads = True
+    sys.unraisablehook = hook
+
+
+ORBAX = os.path.dirname(ocp.__file__)  # its coroutines, to tell their unraisables apart
+
+
+MAX_REPLACED = 20  # a run that saves faster than its steps can be read: give up on it
+
+
+def still_there(mgr: ocp.CheckpointManager, step: int, tried: set) -> bool:
+    """Whether `step` is still on disk and no newer step has appeared since it was listed."""
+    mgr.reload()
+    newer = [s for s in mgr.all_steps() if s > step and s not in tried]
+    return os.path.isdir(os.path.join(str(mgr.directory), str(step))) and not newer
 
 
 def read_manager(path: str, item_handlers) -> ocp.CheckpointManager | None:
@@ -199,17 +307,22 @@ def on_every_process(ok: bool) -> bool:
 
 def run_checkpoints(workdir: str, key: str) -> ocp.CheckpointManager:
     """Another run's checkpoints, to read parameters from; ConfigError naming `key` if it has
-    none. The PyTree handler, not the Standard one: `restore_params` reads part of the state."""
-    path = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(path):  # else orbax would create it in someone else's run
-        raise ConfigError(f"{key}={workdir!r}: no checkpoints/ in it; allowed: the --workdir "
-                          "of a run that saved a checkpoint")
-    mgr = read_manager(path, {"state": ocp.PyTreeCheckpointHandler()})
-    if mgr.latest_step() is None:
-        mgr.close()
-        raise ConfigError(f"{key}={workdir!r}: no checkpoint in {path}; allowed: the "
-                          "--workdir of a run that saved one")
+    none."""
+    mgr = read_manager(os.path.join(os.path.abspath(workdir), "checkpoints"), params_handlers())
+    if mgr is None or mgr.latest_step() is None:
+        if mgr is not None:
+            mgr.close()
+        raise none_saved(workdir, key)
     return mgr
+
+
+def none_saved(workdir: str, key: str) -> ConfigError:
+    path = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(path):  # read_manager creates nothing in someone else's run
+        return ConfigError(f"{key}={workdir!r}: no checkpoints/ in it; allowed: the --workdir "
+                           "of a run that saved a checkpoint")
+    return ConfigError(f"{key}={workdir!r}: no checkpoint in {path}; allowed: the --workdir of "
+                       "a run that saved one")
 
 
 def restore_params(mgr: ocp.CheckpointManager, step: int, target):
@@ -224,24 +337,39 @@ def restore_params(mgr: ocp.CheckpointManager, step: int, target):
 
 def read_params(workdir: str, key: str, target) -> tuple[int, object]:
     """(step, parameters) of the newest checkpoint of another run whose parameters restore,
-    into `target`'s shapes and shardings; else of its best one. Damaged ones are skipped with a
-    warning and left where they are: this run only reads. ConfigError naming `key` if none."""
-    def skip(mgr):
-        return lambda step, error: log.warning(
-            f"checkpoint {mgr.directory}/{step} does not restore "
-            f"({'failed on another process' if error is None else first_line(error)}): skipped")
+    into `target`'s shapes and shardings; else of its best one, as `train` resumes. Damaged
+    ones are skipped with a warning and left where they are: this only reads. The run may be
+    training meanwhile: a step its rotation deletes while it is read is no loss, the newest
+    one is read instead. ConfigError naming `key` if none restores."""
+    root = os.path.abspath(workdir)
+    latest, best_dir = os.path.join(root, "checkpoints"), os.path.join(root, "best")
 
-    with contextlib.closing(run_checkpoints(workdir, key)) as mgr:
-        latest = str(mgr.directory)
-        found = newest_that_restores(mgr, lambda s: restore_params(mgr, s, target), skip(mgr))
-    best_dir = os.path.join(os.path.abspath(workdir), "best")
-    if not found and (best := read_manager(best_dir, {"state": ocp.PyTreeCheckpointHandler()})):
-        with contextlib.closing(best):
-            if found := newest_that_restores(best, lambda s: restore_params(best, s, target),
-                                             skip(best)):
-                log.warning(f"no checkpoint in {latest} restores: using the best one, "
-                            f"{best_dir}/{found[0]}")
-    if found:
-        return found
+    def skip(step, error):
+        why = "failed on another process" if error is None else first_line(error)
+        log.warning(f"checkpoint {mgr.directory}/{step} does not restore ({why}): skipped")
+
+    def replaced(step):
+        log.warning(f"checkpoint {mgr.directory}/{step} was deleted while it was read (its run "
+                    "saves on and rotates its checkpoints): reading the newest one again")
+
+    listed = []  # the folders that held a checkpoint
+    for path in (latest, best_dir):
+        if (mgr := read_manager(path, params_handlers())) is None:
+            continue
+        with contextlib.closing(mgr):
+            if mgr.all_steps():
+                listed.append(path)
+                found = newest_that_restores(mgr, lambda s: restore_params(mgr, s, target),
+                                             skip, replaced)
+            else:
+                found = None
+        if found:
+            if path == best_dir:
+                log.warning(f"no checkpoint in {latest} "
+                            + ("restores" if latest in listed else "(none saved)")
+                            + f": using the best one, {best_dir}/{found[0]}")
+            return found
+    if not listed:
+        raise none_saved(workdir, key)
     raise ConfigError(f"{key}={workdir!r}: no checkpoint in {latest} or {best_dir} restores "
                       "(all damaged); allowed: the --workdir of a run with an intact checkpoint")

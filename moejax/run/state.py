@@ -80,6 +80,38 @@ def setup(config, mesh: Mesh) -> Setup:
     return Setup(config, mesh, model, graphdef, abstract, shardings, tx, lr)
 
 
+def capacity_groups(config, mesh: Mesh) -> int:
+    """The capacity groups of a batch the MoE layers route in (moe/layer.py): model.num_groups,
+    or by default one per token shard of `mesh`. Which tokens exceed an expert's capacity
+    depends on them, so a checkpoint records them (meta "num_groups")."""
+    return config.model.num_groups or parallel.num_token_shards(mesh)
+
+
+def keep_groups(s: Setup, saved: int | None) -> tuple[Setup, str | None]:
+    """The setup a run resumed from a checkpoint that recorded `saved` capacity groups goes on
+    with, and a line to print if they change. With model.num_groups = 0 the groups would
+    follow the mesh: they stay the checkpoint's wherever this mesh can hold them (a multiple
+    of its token shards that divides a micro-batch's tokens), so a run resumed onto another
+    mesh drops the tokens an uninterrupted one drops and its losses go on the same."""
+    config, mesh = s.config, s.mesh
+    now = capacity_groups(config, mesh)
+    if saved is None or saved == now or not config.model.num_experts:
+        return s, None
+    shards = parallel.num_token_shards(mesh)
+    tokens = config.data.batch_size // config.train.grad_accum * config.data.seq_len
+    if not config.model.num_groups and saved % shards == 0 and tokens % saved == 0:
+        kept = config.copy_and_resolve_references()
+        with kept.unlocked():
+            kept.model.num_groups = saved
+        return setup(kept, mesh), (f"capacity groups: {saved} per batch, as the checkpoint's "
+                                   f"run routed (this mesh's default would be {now}): the same "
+                                   "tokens are dropped as in an uninterrupted run")
+    return s, (f"capacity groups: {now} per batch, the checkpoint's run routed in {saved}: "
+               "other tokens exceed an expert's capacity, so the losses differ from an "
+               f"uninterrupted run's (to keep them: model.num_groups={saved}, on a mesh whose "
+               f"data x fsdp x expert divides {saved})")
+
+
 def undivided(s: Setup) -> list[str]:
     """'stacks.0.blocks.0.attn.kv: kv_heads=4' for each parameter dim its mesh axes do not
     divide, which therefore stays whole on every device of that axis."""
