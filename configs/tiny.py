@@ -23,6 +23,14 @@ def get_config(arg=None):
             dense_d_ff=0,  # dense FFN layers of an MoE model (first_dense_layers...); 0 = d_ff
             activation="swiglu",  # swiglu | geglu | gelu | relu
             rope_theta=10_000.0,
+            # Rotary scaling: none | yarn (DeepSeek-V3, Kimi K2), set by the rope_* keys below
+            rope_scaling="none",
+            rope_factor=1.0,  # yarn: the context extension; 1 = none
+            rope_original_max_len=0,  # yarn: the pretraining context; 0 = max_seq_len
+            rope_beta_fast=32.0,  # yarn: pairs turning more often than this keep their frequency
+            rope_beta_slow=1.0,  # yarn: pairs turning less often are divided by rope_factor
+            rope_mscale=0.0,  # yarn: cos, sin x mscale(this) / mscale(all_dim); 0 = not given
+            rope_mscale_all_dim=0.0,  # yarn: softmax scale x mscale(this)**2; 0 = off
             norm_eps=1e-6,  # RMSNorm epsilon
             qk_norm="none",  # RMSNorm on queries and keys: none | head (Qwen3) | all (OLMoE)
             qkv_bias=False,  # biases on the query, key and value projections (Qwen2-MoE)
@@ -55,6 +63,9 @@ def get_config(arg=None):
             router_score="softmax",  # softmax | sigmoid (DeepSeek-V3)
             routing="tokens",  # tokens: token choice | experts: expert choice (non-causal!)
             bias_rate=0.0,  # auxiliary-loss-free balancing step (DeepSeek-V3: 1e-3); 0 = off
+            n_group=1,  # expert groups (DeepSeek-V3: 8); 1 = no group limit
+            topk_group=1,  # a token picks its experts from its topk_group best groups
+            routed_scaling_factor=1.0,  # routed gates times this, after renormalize
             num_shared_experts=0,  # always-on experts added to the routed ones
             shared_gate=False,  # scale the shared experts' output by sigmoid(x @ w) (Qwen2-MoE)
         ),

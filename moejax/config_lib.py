@@ -81,6 +81,12 @@ RANGES = {
     "model.d_ff": (">= 1", ""),
     "model.dense_d_ff": (">= 0", "0 = d_ff"),
     "model.rope_theta": ("> 0", ""),
+    "model.rope_factor": (">= 1", "1 = none"),
+    "model.rope_original_max_len": (">= 0", "0 = max_seq_len"),
+    "model.rope_beta_fast": ("> 0", ""),
+    "model.rope_beta_slow": ("> 0", ""),
+    "model.rope_mscale": (">= 0", "0 = not given"),
+    "model.rope_mscale_all_dim": (">= 0", "0 = off"),
     "model.norm_eps": ("> 0", ""),
     "model.max_seq_len": (">= 1", ""),
     "model.num_experts": (">= 0", "0 = dense"),
@@ -91,6 +97,9 @@ RANGES = {
     "model.min_capacity": (">= 0", "0 = no floor"),
     "model.jitter_eps": ("in [0, 1)", "0 = off"),
     "model.bias_rate": (">= 0", "0 = off"),
+    "model.n_group": (">= 1", "1 = no group limit"),
+    "model.topk_group": (">= 1", ""),
+    "model.routed_scaling_factor": ("> 0", ""),
     "model.num_shared_experts": (">= 0", ""),
     "data.batch_size": (">= 1", ""),
     "data.shuffle_buffer": (">= 0", "rows; 0: a stream's rows in order"),
@@ -257,6 +266,7 @@ def validate(config, num_devices: int) -> None:
               "needs model.num_shared_experts >= 1 (it gates their output)")
         check(m.dispatch == "capacity" or m.routing == "tokens", "model.dispatch", m.dispatch,
               "allowed with model.routing=experts: capacity (expert choice never drops)")
+        check_groups(m)
     else:  # a dense model's FFN is top_k x d_ff wide (the MoE's active width)
         check(m.top_k >= 1, "model.top_k", m.top_k, "must be >= 1 (a dense FFN is top_k x d_ff)")
     from moejax.moe.ffn import ACTIVATIONS
@@ -272,6 +282,7 @@ def validate(config, num_devices: int) -> None:
           "matmuls too)")
     one_of("train.moment_dtype", t.moment_dtype, ("float32", "bfloat16"))
     check(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even (rotary pairs)")
+    check_rope(m)
     check(m.num_kv_heads >= 0 and m.num_heads % (m.num_kv_heads or m.num_heads) == 0,
           "model.num_kv_heads", m.num_kv_heads,
           f"must be a divisor of num_heads={m.num_heads} (0 = num_heads)")
@@ -300,6 +311,49 @@ def validate(config, num_devices: int) -> None:
     else:  # rsqrt: lr * min(step / warmup, sqrt(warmup / step))
         check(t.warmup_steps >= 1, "train.warmup_steps", t.warmup_steps,
               "must be >= 1 with train.schedule=rsqrt (it divides by the warmup)")
+
+
+def check_groups(m) -> None:
+    """DeepSeek-V3's group-limited routing (moejax/moe/router.py, group_limit)."""
+    per_group = m.num_experts // m.n_group
+    if m.n_group > 1 and (m.num_experts % m.n_group or per_group < 2):
+        raise ConfigError(f"model.n_group={m.n_group!r}: must divide num_experts="
+                          f"{m.num_experts} into groups of >= 2 experts (a group ranks by its "
+                          "two best); 1 = no group limit")
+    if m.topk_group > m.n_group:
+        raise ConfigError(f"model.topk_group={m.topk_group!r}: must be in 1..model.n_group="
+                          f"{m.n_group}")
+    if m.top_k > m.topk_group * per_group:
+        raise ConfigError(f"model.top_k={m.top_k!r}: must be at most topk_group x num_experts /"
+                          f" n_group = {m.topk_group * per_group} (the experts of the kept groups)")
+    if m.routing == "experts" and (m.n_group, m.routed_scaling_factor) != (1, 1.0):
+        raise ConfigError(f"model.routing={m.routing!r}: allowed with model.n_group > 1 or "
+                          "routed_scaling_factor != 1: tokens (expert choice has neither)")
+
+
+def check_rope(m) -> None:
+    """model.rope_scaling and YaRN's keys (moejax/model/layers.py, Rope): a YaRN key set
+    without yarn would change nothing, so it is refused rather than ignored."""
+    from moejax.model.layers import ROPE_SCALINGS, Rope
+
+    if m.rope_scaling not in ROPE_SCALINGS:
+        raise ConfigError(f"model.rope_scaling={m.rope_scaling!r}: unknown; allowed: "
+                          + ", ".join(ROPE_SCALINGS))
+    if m.rope_scaling == "none":
+        unset = Rope(m.rope_theta)
+        for name in ("factor", "original_max_len", "beta_fast", "beta_slow", "mscale",
+                     "mscale_all_dim"):
+            if m[f"rope_{name}"] != getattr(unset, name):
+                raise ConfigError(f"model.rope_{name}={m[f'rope_{name}']!r}: needs "
+                                  "model.rope_scaling=yarn (without it the key changes nothing)")
+        return
+    if m.rope_theta <= 1:  # the ramp's bounds divide by ln(rope_theta)
+        raise ConfigError(f"model.rope_theta={m.rope_theta!r}: must be > 1 with "
+                          "model.rope_scaling=yarn")
+    if m.rope_beta_fast <= m.rope_beta_slow:
+        raise ConfigError(f"model.rope_beta_fast={m.rope_beta_fast!r}: must be > "
+                          f"model.rope_beta_slow={m.rope_beta_slow!r} (the ramp runs from the "
+                          "fast-turning pairs to the slow)")
 
 
 def check_data(d) -> None:

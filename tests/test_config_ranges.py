@@ -42,6 +42,12 @@ EXPECT = {
     "model.d_ff": {},
     "model.dense_d_ff": {0: ("doc", "0 = d_ff")},
     "model.rope_theta": {},  # 0 and below gave a NaN loss
+    "model.rope_factor": {},  # 1 = none; below 1 YaRN would shrink the context
+    "model.rope_original_max_len": {0: ("doc", "0 = max_seq_len")},
+    "model.rope_beta_fast": {},  # its log bounds the ramp
+    "model.rope_beta_slow": {},
+    "model.rope_mscale": {0: ("doc", "0 = not given")},
+    "model.rope_mscale_all_dim": {0: ("doc", "0 = off")},
     "model.norm_eps": {},
     "model.max_seq_len": {},
     "model.num_experts": {0: ("doc", "0 = dense")},
@@ -54,6 +60,9 @@ EXPECT = {
     "model.jitter_eps": {0: ("doc", "0 = off")},
     "model.num_groups": {0: ("doc", "0 = one per token shard")},
     "model.bias_rate": {0: ("doc", "0 = off")},
+    "model.n_group": {},  # 1 = no group limit; 0 groups would hold no expert
+    "model.topk_group": {},
+    "model.routed_scaling_factor": {},  # 0 would zero every routed expert's output
     "model.num_shared_experts": {0: ("plain", "no shared experts")},
     "mesh.data": {-1: ("doc", "-1: all remaining devices")},
     "mesh.fsdp": {-1: ("doc", "-1: all remaining devices")},

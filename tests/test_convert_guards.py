@@ -389,3 +389,24 @@ def test_scaling_writes_into_its_workdir_by_default(tmp_path, monkeypatch):
     assert [open(path, "rb").read() for path in docs] == before
     assert "| dense,smoke | - | 1 | 1 | 1.00 | 2.5000 | **2.5000** |" in \
         (tmp_path / "scaling.md").read_text()
+
+
+@pytest.mark.parametrize("key,value,error", [
+    ("rope_scaling", "yarn", "model.rope_scaling='yarn': MixtralForCausalLM cannot compute it; "
+     "allowed: none (these architectures' exports carry no scaling yet)"),
+    ("n_group", 2, "model.n_group=2: MixtralForCausalLM cannot compute it; allowed: 1 with "
+     "routed_scaling_factor 1.0 (no group-limited routing)"),
+    ("routed_scaling_factor", 2.5, "model.n_group=1: MixtralForCausalLM cannot compute it; "
+     "allowed: 1 with routed_scaling_factor 1.0 (no group-limited routing)"),
+])
+def test_to_hf_refuses_what_its_architectures_would_drop(key, value, error):
+    # An export that silently dropped the scaling or the group limit would give other logits.
+    from configs import tiny
+    from moejax.config_lib import ConfigError
+    from moejax.hf import maps
+
+    config = tiny.get_config()
+    config.model[key] = value
+    with pytest.raises(ConfigError) as e:
+        maps.hf_config(config, "float32", None)
+    assert str(e.value) == error

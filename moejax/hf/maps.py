@@ -290,6 +290,10 @@ def hf_config(config, dtype: str, saved: dict | None) -> dict:
     need(m.router_score == "softmax" and m.routing == "tokens", "router_score",
          m.router_score, "softmax with routing=tokens")
     need(m.bias_rate == 0, "bias_rate", m.bias_rate, "0")
+    need(m.get("rope_scaling", "none") == "none", "rope_scaling", m.get("rope_scaling"),
+         "none (these architectures' exports carry no scaling yet)")
+    need(m.get("n_group", 1) == 1 and m.get("routed_scaling_factor", 1.0) == 1.0, "n_group",
+         m.get("n_group"), "1 with routed_scaling_factor 1.0 (no group-limited routing)")
     need(bool(m.shared_gate) == bool(m.num_shared_experts), "shared_gate", m.shared_gate,
          "True exactly when num_shared_experts > 0 (Qwen2-MoE)")
     need(not m.qkv_bias or name == "Qwen2MoeForCausalLM", "qkv_bias", m.qkv_bias,

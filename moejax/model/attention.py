@@ -7,7 +7,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from moejax.model import kernels
-from moejax.model.layers import RMSNorm, dense_qtype, param, rotary
+from moejax.model.layers import RMSNorm, Rope, dense_qtype, param, rotary
 from moejax.moe.quant import einsum
 from moejax.parallel import constrain
 
@@ -31,6 +31,9 @@ class Attention(nnx.Module):
         self.kv = param(rngs, (d, 2, kv, hd), ("embed", None, "kv_heads", None), param_dtype, d)
         self.out = param(rngs, (h, hd, d), ("heads", None, "embed"), param_dtype, h * hd)
         self.theta, self.dtype, self.mesh = cfg.rope_theta, dtype, mesh
+        # YaRN's frequencies and the softmax scale it implies (None: 1/sqrt(head_dim)).
+        self.rope = Rope.from_config(cfg)
+        self.scale = self.rope.softmax_scale(hd)
         self.qtype = dense_qtype(cfg)
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(hd, cfg.norm_eps, param_dtype, (None,))
@@ -59,11 +62,12 @@ class Attention(nnx.Module):
         q = checkpoint_name(constrain(q, self.mesh, ("batch", None, "heads", None)), "attn_q")
         k, v = (checkpoint_name(constrain(a, self.mesh, ("batch", None, "kv_heads", None)),
                                 "attn_kv") for a in (k, v))
-        return rotary(q, positions, self.theta), rotary(k, positions, self.theta), v
+        return (rotary(q, positions, self.theta, self.rope),
+                rotary(k, positions, self.theta, self.rope), v)
 
     def __call__(self, x, positions):
         q, k, v = self.project(x, positions)
-        y = checkpoint_name(kernels.causal(q, k, v, self.mesh), "attn_ctx")
+        y = checkpoint_name(kernels.causal(q, k, v, self.mesh, self.scale), "attn_ctx")
         return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype)
 
     def decode(self, x, positions, cache, layer):
@@ -80,5 +84,5 @@ class Attention(nnx.Module):
                  "v": cache["v"].at[(*layer, rows, positions)].set(v)}
         keys, values = cache["k"][layer], cache["v"][layer]  # [B, L, kv, hd]
         mask = jnp.arange(keys.shape[1]) <= positions[:, None, :, None]  # [B, 1, S, L]
-        y = jax.nn.dot_product_attention(q, keys, values, mask=mask)
+        y = jax.nn.dot_product_attention(q, keys, values, mask=mask, scale=self.scale)
         return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype), cache

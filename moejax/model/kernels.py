@@ -20,26 +20,30 @@ from jax.sharding import Mesh
 from moejax import parallel
 
 
-def xla(q, k, v):
+def xla(q, k, v, scale: float | None = None):
     """jax's own attention, XLA's einsums and softmax: what runs on CPU."""
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def causal(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None) -> jax.Array:
+def causal(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None,
+           scale: float | None = None) -> jax.Array:
     """q: [B, S, H, hd], k and v: [B, S, KV, hd] (H % KV == 0) -> [B, S, H, hd], each query
-    attending to the keys at its position and before, scaled by 1/sqrt(hd)."""
+    attending to the keys at its position and before, the logits scaled by `scale` (None:
+    1/sqrt(hd); YaRN's mscale changes it, layers.Rope.softmax_scale)."""
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         # cuDNN checks for itself when traced, so it cannot hide in a platform_dependent
         # branch exported from a CPU host; the GPU benchmark script covers this path.
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                            implementation="cudnn")
     if q.shape[1] % 128:
         # Splash tiles the sequence in blocks of a multiple of 128 (the TPU lane width):
         # shorter or ragged sequences (the smoke configs' 32) take the XLA path on TPU too.
-        return xla(q, k, v)
+        return xla(q, k, v, scale)
     # Both branches are traced, but only the target platform's is lowered: a CPU program
     # never holds the TPU kernel, and a TPU program can be exported from a CPU host.
-    return jax.lax.platform_dependent(q, k, v, tpu=functools.partial(splash, mesh=mesh),
-                                      default=xla)
+    return jax.lax.platform_dependent(q, k, v, tpu=functools.partial(splash, mesh=mesh,
+                                                                      scale=scale),
+                                      default=functools.partial(xla, scale=scale))
 
 
 def block_size(seq: int) -> int:
@@ -48,7 +52,7 @@ def block_size(seq: int) -> int:
     return next(b for b in (512, 256, 128) if seq % b == 0)
 
 
-def _per_device(q, k, v, *, interpret: bool):
+def _per_device(q, k, v, *, interpret: bool, scale: float | None = None):
     """[b, S, h, hd], [b, S, kv, hd] -> [b, S, h, hd]: the kernel vmapped over examples."""
     b = block_size(q.shape[1])
     # The backward blocks must be set too: the kernel's VJP runs its own dq and dkv kernels.
@@ -57,16 +61,18 @@ def _per_device(q, k, v, *, interpret: bool):
     mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((q.shape[1],) * 2)] * q.shape[2])
     kernel = splash_kernel.make_splash_mha(mask, block_sizes=blocks, head_shards=1,
                                            q_seq_shards=1, interpret=interpret)
-    q = q * q.shape[-1] ** -0.5  # splash does not scale the logits
+    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)  # splash does not scale logits
     heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
     return heads_first(jax.vmap(kernel)(*map(heads_first, (q, k, v))))
 
 
-def splash(q, k, v, mesh: Mesh | None = None, *, interpret: bool = False) -> jax.Array:
+def splash(q, k, v, mesh: Mesh | None = None, *, interpret: bool = False,
+           scale: float | None = None) -> jax.Array:
     """The splash kernel on [B, S, H, hd] / [B, S, KV, hd] (S a multiple of 128), run per
     device under shard_map: a pallas_call is opaque to XLA's SPMD partitioner. `interpret`
-    runs the kernel in Pallas' interpreter, so tests can check it on CPU."""
-    kernel = functools.partial(_per_device, interpret=interpret)
+    runs the kernel in Pallas' interpreter, so tests can check it on CPU. `scale`: the
+    logits' (None: 1/sqrt(hd))."""
+    kernel = functools.partial(_per_device, interpret=interpret, scale=scale)
     if mesh is None:
         return kernel(q, k, v)
     spec = parallel.spec(("batch", None, "heads", None), q.shape, mesh)

@@ -1,8 +1,12 @@
 """The model's small pieces: weights with logical dims, RMSNorm, rotary positions, the dense
 FFN, and the dtypes configs name."""
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moejax.moe.ffn import IN_NAMES, OUT_NAMES, ffn, in_shape
@@ -32,12 +36,85 @@ class RMSNorm(nnx.Module):
         return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rotary(x, positions, theta: float):
-    """x: [B, S, heads, head_dim], positions: [B, S]. Rotates pairs (i, i + head_dim/2)."""
+ROPE_SCALINGS = ("none", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """The rotary embedding's parameters: base `theta`, and YaRN's (arXiv 2309.00071) where
+    `scaling` is "yarn", read as transformers' rope_scaling reads them (DeepSeek-V3, Kimi K2).
+    mscale and mscale_all_dim 0 mean "not given", as a missing key does there."""
+
+    theta: float
+    scaling: str = "none"
+    factor: float = 1.0  # context extension: the low frequencies are divided by it
+    original_max_len: int = 0  # the pretraining context whose wavelengths bound the ramp
+    beta_fast: float = 32.0  # rotations over original_max_len above which a pair extrapolates
+    beta_slow: float = 1.0  # ... and below which it interpolates (divided by factor)
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "Rope":
+        return cls(cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
+                   cfg.rope_original_max_len or cfg.max_seq_len, cfg.rope_beta_fast,
+                   cfg.rope_beta_slow, cfg.rope_mscale, cfg.rope_mscale_all_dim)
+
+    def attention_factor(self) -> float:
+        """What cos and sin are multiplied by: YaRN's temperature, as a ratio of two
+        magnitudes where both mscales are given (then 1 for DeepSeek-V3's 1.0 / 1.0)."""
+        if self.scaling == "none":
+            return 1.0
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor,
+                                                                      self.mscale_all_dim)
+        return yarn_mscale(self.factor)
+
+    def softmax_scale(self, head_dim: int) -> float | None:
+        """The attention logits' scale: 1/sqrt(head_dim), times yarn_mscale(factor,
+        mscale_all_dim)**2 where mscale_all_dim is given (DeepSeek-V3). None: the kernels'
+        own 1/sqrt(head_dim), the path taken without YaRN."""
+        if self.scaling == "none" or not self.mscale_all_dim:
+            return None
+        return head_dim**-0.5 * yarn_mscale(self.factor, self.mscale_all_dim) ** 2
+
+    def frequencies(self, dim: int) -> np.ndarray:
+        """[dim // 2] float32 inverse frequencies under YaRN: a pair that turns more than
+        beta_fast times over original_max_len keeps its frequency, one that turns fewer than
+        beta_slow times is divided by factor, and a linear ramp blends the pairs between."""
+        half = dim // 2
+        base = self.theta ** (np.arange(half, dtype=np.float64) * 2 / dim)
+
+        def pair_of(rotations):  # the pair index that turns `rotations` times
+            return dim * math.log(self.original_max_len / (rotations * 2 * math.pi)) / (
+                2 * math.log(self.theta))
+
+        low = max(math.floor(pair_of(self.beta_fast)), 0)
+        high = min(math.ceil(pair_of(self.beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001  # transformers' guard against a zero-width ramp
+        interpolated = np.clip((np.arange(half, dtype=np.float64) - low) / (high - low), 0, 1)
+        freqs = (1 - interpolated) / base + interpolated / (self.factor * base)
+        return freqs.astype(np.float32)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction, 0.1 * mscale * ln(factor) + 1; 1 where factor <= 1."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rotary(x, positions, theta: float, rope: Rope | None = None):
+    """x: [B, S, heads, head_dim], positions: [B, S]. Rotates pairs (i, i + head_dim/2).
+    With a YaRN `rope`, its frequencies, and cos and sin times its attention factor."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if rope is None or rope.scaling == "none":
+        freqs, factor = theta ** (-jnp.arange(half, dtype=jnp.float32) / half), None
+    else:
+        freqs, factor = jnp.asarray(rope.frequencies(x.shape[-1])), rope.attention_factor()
     angles = positions[..., None, None].astype(jnp.float32) * freqs  # [B, S, 1, half]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
+    if factor is not None:
+        sin, cos = sin * factor, cos * factor
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 

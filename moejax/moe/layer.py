@@ -50,6 +50,9 @@ class MoEConfig:
     router_score: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
     routing: str = "tokens"  # tokens: each token picks k experts | experts: expert choice
     bias_rate: float = 0.0  # auxiliary-loss-free balancing: bias step per train step; 0 = off
+    n_group: int = 1  # expert groups (DeepSeek-V3: 8); a token picks from its topk_group best
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # the routed experts' gates times this (DeepSeek-V3: 2.5)
     num_shared_experts: int = 0  # always-on shared experts (DeepSeek), each d_ff wide
     shared_gate: bool = False  # shared output scaled by sigmoid(x @ w) per token (Qwen2-MoE)
     quantization: str = "none"  # the expert matmuls' forward operands: none | int8 | fp8
@@ -82,7 +85,8 @@ def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=Non
     else:
         r = jax.vmap(partial(router.route, k=cfg.top_k, capacity=cap,
                              renormalize=cfg.renormalize, score=cfg.router_score,
-                             bias=bias))(logits)
+                             bias=bias, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                             routed_scaling_factor=cfg.routed_scaling_factor))(logits)
     qtype = QTYPES[cfg.quantization]
     if cfg.dispatch == "capacity":
         y = _capacity_ffn(x, r, experts, cap, activation, expert_axis, qtype)

@@ -6,6 +6,9 @@ Token choice (Switch, GShard, Mixtral, DeepSeek-V3) in `route`, expert choice in
   the balance loss and the statistics, are the scores normalized to sum 1 per token.
 - `k` choices per token from `lax.top_k` of scores + bias (the bias of auxiliary-loss-free
   balancing steers selection only; gates are the unbiased scores); ties go to the lower id.
+- Group limit (DeepSeek-V3, `group_limit`): the E experts form n_group equal groups of
+  consecutive ids; only the experts of a token's topk_group best groups can be chosen.
+- Gates: renormalized to sum 1 if asked, then times routed_scaling_factor (DeepSeek-V3: 2.5).
 - Capacity is granted in priority order: every token's 1st choice (in token order), then every
   token's 2nd choice, and so on. An assignment past its expert's capacity is dropped.
 - Balance loss `E * sum_e f_e * P_e`: f_e counts all k choices before dropping, divided by T*k,
@@ -23,7 +26,7 @@ SCORES = ("softmax", "sigmoid")
 
 class Routing(NamedTuple):
     probs: jax.Array  # [T, E] float32 router scores normalized to sum 1 per token
-    gates: jax.Array  # [T, k] float32 combine weights (renormalized to sum 1 if asked)
+    gates: jax.Array  # [T, k] float32 combine weights (renormalized, scaled if asked)
     expert_ids: jax.Array  # [T, k] int32
     positions: jax.Array  # [T, k] int32 slot in the expert's queue (may exceed capacity)
     keep: jax.Array  # [T, k] bool, False where the expert was already full
@@ -61,15 +64,35 @@ def scores(logits: jax.Array, score: str) -> jax.Array:
     return jax.nn.softmax(logits, axis=-1) if score == "softmax" else jax.nn.sigmoid(logits)
 
 
+def group_limit(choice: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+    """DeepSeek-V3's group-limited selection, as transformers' DeepseekV3TopkRouter computes it.
+
+    choice: [..., E] selection scores (scores + bias). The experts form n_group groups of
+    E / n_group consecutive ids; a group ranks by the sum of its two best scores, and the
+    scores outside the topk_group best groups become 0.0 (not -inf, as in transformers: a
+    negative biased score in a kept group loses to them). Ties: the lower group id.
+    """
+    if n_group == 1:
+        return choice
+    grouped = choice.reshape(*choice.shape[:-1], n_group, -1)  # [..., n_group, E / n_group]
+    group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [..., n_group]
+    _, kept_ids = jax.lax.top_k(group_scores, topk_group)  # [..., topk_group]
+    kept = jnp.any(kept_ids[..., None] == jnp.arange(n_group), axis=-2)  # [..., n_group]
+    return jnp.where(kept[..., None], grouped, 0.0).reshape(choice.shape)
+
+
 def route(logits: jax.Array, k: int, capacity: int, renormalize: bool, score: str = "softmax",
-          bias: jax.Array | None = None) -> Routing:
+          bias: jax.Array | None = None, n_group: int = 1, topk_group: int = 1,
+          routed_scaling_factor: float = 1.0) -> Routing:
     """Token choice. logits: [T, E] for one capacity group; bias: [E] for selection only."""
     num_experts = logits.shape[-1]
     s = scores(logits, score)
-    _, expert_ids = jax.lax.top_k(s if bias is None else s + bias, k)
+    choice = group_limit(s if bias is None else s + bias, n_group, topk_group)
+    _, expert_ids = jax.lax.top_k(choice, k)
     gates = jnp.take_along_axis(s, expert_ids, axis=-1)
-    if renormalize:
-        gates = gates / gates.sum(axis=-1, keepdims=True)
+    if renormalize:  # + 1e-20 as transformers: 0, not NaN, if every chosen sigmoid underflows
+        gates = gates / (gates.sum(axis=-1, keepdims=True) + 1e-20)
+    gates = gates * routed_scaling_factor
     expert_ids = expert_ids.astype(jnp.int32)
     positions, counts = expert_positions(expert_ids, num_experts)
     probs = s / s.sum(-1, keepdims=True)
