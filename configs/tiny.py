@@ -34,6 +34,14 @@ def get_config(arg=None):
             norm_eps=1e-6,  # RMSNorm epsilon
             qk_norm="none",  # RMSNorm on queries and keys: none | head (Qwen3) | all (OLMoE)
             qkv_bias=False,  # biases on the query, key and value projections (Qwen2-MoE)
+            # Attention: gqa (grouped-query) | mla (DeepSeek-V3 multi-head latent attention,
+            # moejax/model/mla.py; head_dim and num_kv_heads unused, the five below instead)
+            attention="gqa",
+            q_lora_rank=0,  # mla: the query's low-rank width; 0 = a full-rank query
+            kv_lora_rank=0,  # mla: the cached latent key-value width
+            qk_nope_head_dim=0,  # mla: per head, the query-key dims without rotation
+            qk_rope_head_dim=0,  # mla: ... with rotation (one rotary key for all heads)
+            v_head_dim=0,  # mla: per head, the value dims
             max_seq_len=2048,  # longest sequence the positions are meant for
             tie_embeddings=True,
             # Compute: float32 | bfloat16 (attention, FFN, experts). Router, norm statistics,
@@ -68,6 +76,8 @@ def get_config(arg=None):
             routed_scaling_factor=1.0,  # routed gates times this, after renormalize
             num_shared_experts=0,  # always-on experts added to the routed ones
             shared_gate=False,  # scale the shared experts' output by sigmoid(x @ w) (Qwen2-MoE)
+            # Multi-token prediction (DeepSeek-V3): modules predicting one token further each
+            mtp_layers=0,  # 0 = none
         ),
         # Device mesh (moejax/parallel.py); one axis may be -1: all remaining devices.
         # data: weights replicated; fsdp: weights and optimizer split (ZeRO-3); expert:
@@ -110,6 +120,7 @@ def get_config(arg=None):
             grad_accum=1,  # micro-batches per step
             balance_coef=1e-2,  # the load-balancing loss's weight; 0 = off
             z_coef=1e-3,  # the router z-loss's weight; 0 = off
+            mtp_coef=0.3,  # the multi-token prediction loss's weight (DeepSeek-V3: 0.3)
             log_every=25,
             eval_every=200,
             eval_batches=8,

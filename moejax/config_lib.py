@@ -101,6 +101,12 @@ RANGES = {
     "model.topk_group": (">= 1", ""),
     "model.routed_scaling_factor": ("> 0", ""),
     "model.num_shared_experts": (">= 0", ""),
+    "model.q_lora_rank": (">= 0", "0 = a full-rank query"),
+    "model.kv_lora_rank": (">= 0", ""),
+    "model.qk_nope_head_dim": (">= 0", ""),
+    "model.qk_rope_head_dim": (">= 0", ""),
+    "model.v_head_dim": (">= 0", ""),
+    "model.mtp_layers": (">= 0", "0 = none"),
     "data.batch_size": (">= 1", ""),
     "data.shuffle_buffer": (">= 0", "rows; 0: a stream's rows in order"),
     "data.eval_fraction": ("in [0, 1)", ""),
@@ -116,6 +122,7 @@ RANGES = {
     "train.grad_accum": (">= 1", ""),
     "train.balance_coef": (">= 0", "0 = off"),
     "train.z_coef": (">= 0", "0 = off"),
+    "train.mtp_coef": (">= 0", "0 = off (the loss is still logged)"),
     "train.log_every": (">= 1", ""),
     "train.eval_every": (">= 1", ""),
     "train.eval_batches": (">= 1", ""),
@@ -282,6 +289,7 @@ def validate(config, num_devices: int) -> None:
           "matmuls too)")
     one_of("train.moment_dtype", t.moment_dtype, ("float32", "bfloat16"))
     check(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even (rotary pairs)")
+    check_latent(m)
     check_rope(m)
     check(m.num_kv_heads >= 0 and m.num_heads % (m.num_kv_heads or m.num_heads) == 0,
           "model.num_kv_heads", m.num_kv_heads,
@@ -311,6 +319,23 @@ def validate(config, num_devices: int) -> None:
     else:  # rsqrt: lr * min(step / warmup, sqrt(warmup / step))
         check(t.warmup_steps >= 1, "train.warmup_steps", t.warmup_steps,
               "must be >= 1 with train.schedule=rsqrt (it divides by the warmup)")
+
+
+def check_latent(m) -> None:
+    """Multi-head latent attention's dims (moejax/model/mla.py), when model.attention=mla."""
+    from moejax.model.transformer import ATTENTIONS
+
+    if m.attention not in ATTENTIONS:
+        raise ConfigError(f"model.attention={m.attention!r}: unknown; allowed: "
+                          f"{', '.join(ATTENTIONS)}")
+    if m.attention != "mla":
+        return
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+        if m[key] < 1:
+            raise ConfigError(f"model.{key}={m[key]!r}: must be >= 1 with model.attention=mla")
+    if m.qk_rope_head_dim < 2 or m.qk_rope_head_dim % 2:
+        raise ConfigError(f"model.qk_rope_head_dim={m.qk_rope_head_dim!r}: must be even and >= 2"
+                          " with model.attention=mla (rotary pairs)")
 
 
 def check_groups(m) -> None:

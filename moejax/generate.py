@@ -23,7 +23,8 @@ from flax import nnx
 from moejax import cli, config_lib, parallel
 from moejax.config_lib import ConfigError
 from moejax.data.text import make_tokenizer
-from moejax.model.transformer import moe_layer_ids
+from moejax.model.layers import DTYPES
+from moejax.model.transformer import ATTENTIONS, moe_layer_ids
 from moejax.run import state
 from moejax.run.checkpoint import read_params
 from moejax.run.params import quantize_experts
@@ -230,6 +231,19 @@ def main(argv=None):
     n = sum(map(len, outs))
     print(f"# {n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s (batch {len(prompts)}; "
           f"excludes {compile_s:.1f} s of compilation and a 1-token warm-up)")
+    print(f"# {cache_line(config.model)}")
+
+
+def cache_line(mc) -> str:
+    """What the cache holds per token, and what attention without latent compression would."""
+    itemsize = jnp.dtype(DTYPES[mc.dtype]).itemsize
+    held = ATTENTIONS[mc.attention].cache_bytes_per_token(mc, itemsize)
+    line = f"cache: {held:,} bytes per token ({mc.num_layers} layers, {mc.dtype})"
+    if mc.attention == "mla":  # the per-head keys and values training expands the latent to
+        full = mc.num_layers * mc.num_heads * (mc.qk_nope_head_dim + mc.qk_rope_head_dim
+                                               + mc.v_head_dim) * itemsize
+        line += f"; uncompressed, its {mc.num_heads} heads' keys and values: {full:,}"
+    return line
 
 
 if __name__ == "__main__":

@@ -201,10 +201,11 @@ def report_start(config, setup, train_state, train_data, writer) -> StepLog:
     counts = param_counts(setup.model, mc.top_k, mc.num_experts)
     tokens_per_step = config.data.batch_size * seq_len
     flops_per_token = train_flops_per_token(counts["active"], mc, seq_len)
-    moe_layers = moe_layer_ids(mc)
+    moe_layers = moe_layer_ids(mc, mtp=True)  # the rows of expert_load
     writer.print(
         f"model: {counts['total'] / 1e6:.2f}M params total, {counts['active'] / 1e6:.2f}M active "
-        f"per token ({mc.num_experts} experts, top-{mc.top_k}, MoE layers {moe_layers})\n"
+        f"per token ({mc.num_experts} experts, top-{mc.top_k}, MoE layers {moe_layers}"
+        f"{f'; layers {mc.num_layers}.. are the MTP modules' if mc.mtp_layers else ''})\n"
         f"memory per device: params {bytes_per_device(train_state['params']) / 2**20:.1f} MiB + "
         f"optimizer {bytes_per_device(train_state['opt_state']) / 2**20:.1f} MiB\n"
         f"{precision_line(config, train_state)}\n"

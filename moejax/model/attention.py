@@ -31,6 +31,7 @@ class Attention(nnx.Module):
         self.kv = param(rngs, (d, 2, kv, hd), ("embed", None, "kv_heads", None), param_dtype, d)
         self.out = param(rngs, (h, hd, d), ("heads", None, "embed"), param_dtype, h * hd)
         self.theta, self.dtype, self.mesh = cfg.rope_theta, dtype, mesh
+        self.kv_heads, self.head_dim = kv, hd
         # YaRN's frequencies and the softmax scale it implies (None: 1/sqrt(head_dim)).
         self.rope = Rope.from_config(cfg)
         self.scale = self.rope.softmax_scale(hd)
@@ -86,3 +87,14 @@ class Attention(nnx.Module):
         mask = jnp.arange(keys.shape[1]) <= positions[:, None, :, None]  # [B, 1, S, L]
         y = jax.nn.dot_product_attention(q, keys, values, mask=mask, scale=self.scale)
         return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype), cache
+
+    def empty_cache(self, repeats: int, period: int, batch: int, cache_len: int, dtype):
+        """{"k", "v"}: [repeats, period, batch, cache_len, kv_heads, head_dim] each."""
+        shape = (repeats, period, batch, cache_len, self.kv_heads, self.head_dim)
+        return {name: constrain(jnp.zeros(shape, dtype), self.mesh,
+                                ("batch", None, "kv_heads", None)) for name in ("k", "v")}
+
+    @staticmethod
+    def cache_bytes_per_token(cfg, itemsize: int) -> int:
+        """What the key-value cache holds per token, all layers together."""
+        return cfg.num_layers * 2 * kv_heads(cfg) * cfg.head_dim * itemsize

@@ -13,9 +13,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moejax.model.attention import Attention
+from moejax.model.mla import LatentAttention
+from moejax.model.mtp import MTP
 from moejax.model.layers import DTYPES, MLP, RMSNorm, dense_qtype, param
 from moejax.moe.layer import MoE, MoEConfig
 from moejax.parallel import constrain
+
+# model.attention: grouped-query, or DeepSeek's multi-head latent attention
+ATTENTIONS = {"gqa": Attention, "mla": LatentAttention}
 
 # What the backward pass keeps of each block's forward; everything else is recomputed.
 # "matmuls" keeps the outputs of the attention and FFN matmuls, not the MoE dispatch buffers.
@@ -34,9 +39,11 @@ def is_moe_layer(cfg, layer: int) -> bool:
     return (layer - cfg.first_dense_layers) % cfg.moe_every == cfg.moe_every - 1
 
 
-def moe_layer_ids(cfg) -> list[int]:
-    """Indices of the MoE layers; the rows of the trainer's per-layer routing metrics."""
-    return [i for i in range(cfg.num_layers) if is_moe_layer(cfg, i)]
+def moe_layer_ids(cfg, mtp: bool = False) -> list[int]:
+    """Indices of the MoE layers; the rows of the trainer's per-layer routing metrics. With
+    `mtp`, the multi-token prediction modules' (layers num_layers + k) follow."""
+    return [i for i in range(cfg.num_layers + (cfg.mtp_layers if mtp else 0))
+            if is_moe_layer(cfg, i)]
 
 
 def layer_stacks(cfg) -> list[tuple[int, int]]:
@@ -54,7 +61,7 @@ class Block(nnx.Module):
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         self.mesh = mesh
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
-        self.attn = Attention(cfg, mesh, dtype, param_dtype, rngs)
+        self.attn = ATTENTIONS[cfg.attention](cfg, mesh, dtype, param_dtype, rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
         if is_moe_layer(cfg, layer):
             self.ffn = MoE(cfg.d_model, cfg.d_ff, MoEConfig.from_config(cfg), cfg.activation,
@@ -113,8 +120,8 @@ class Stack(nnx.Module):
         return jax.lax.scan(body, x, (state, jnp.asarray(self.layers)))
 
     def decode(self, x, positions, cache):
-        """x: [B, S, d] at positions [B, S]; cache: {"k", "v"} [repeats, period, B, L, kv, hd],
-        carried through the scan so each layer writes its new rows in place."""
+        """x: [B, S, d] at positions [B, S]; cache: the attention's (`empty_cache`), each
+        array [repeats, period, B, L, ...], carried through the scan so each layer writes its new rows in place."""
         graphdef, state = nnx.split(self.blocks)
 
         def body(carry, inputs):
@@ -128,11 +135,8 @@ class Stack(nnx.Module):
         return x, cache
 
     def empty_cache(self, batch: int, cache_len: int, dtype):
-        repeats, _, _, kv, hd = self.blocks[0].attn.kv.shape  # [repeats, d, 2, kv, hd]
-        shape = (repeats, len(self.blocks), batch, cache_len, kv, hd)
-        mesh = self.blocks[0].mesh
-        return {name: constrain(jnp.zeros(shape, dtype), mesh, ("batch", None, "kv_heads", None))
-                for name in ("k", "v")}
+        return self.blocks[0].attn.empty_cache(len(self.layers), len(self.blocks), batch,
+                                               cache_len, dtype)
 
 
 class Transformer(nnx.Module):
@@ -151,10 +155,38 @@ class Transformer(nnx.Module):
         self.unembed = (None if cfg.tie_embeddings else
                         param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                               param_dtype, cfg.d_model))
+        # DeepSeek-V3's multi-token prediction: module k runs layer num_layers + k's block
+        self.mtp = nnx.List([MTP(cfg, Block(cfg, cfg.num_layers + k, mesh, rngs), rngs)
+                             for k in range(cfg.mtp_layers)])
+        self.num_layers = cfg.num_layers
 
     def __call__(self, tokens, *, train: bool, rng=None):
         """tokens: [B, S] int -> float32 logits [B, S, V] and the MoE layers' aux dict, each
         value stacked over MoE layers in layer order ({} for a dense model)."""
+        x, aux = self.hidden(tokens, train=train, rng=rng)
+        return self.logits(x), stacked(aux)
+
+    def with_mtp(self, tokens, *, train: bool, rng=None):
+        """tokens: [B, S + 1], the inputs and the last target -> the logits for tokens[:, :-1]
+        as __call__'s, aux over the MoE layers and then the MTP modules', and the MTP logits
+        [D, B, S, V]: depth k's at position i score tokens[:, i + k + 1], those past the end
+        scoring nothing (the loss masks them)."""
+        inputs = tokens[:, :-1]
+        x, aux = self.hidden(inputs, train=train, rng=rng)
+        positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+        padded = jnp.pad(tokens, ((0, 0), (0, len(self.mtp))))
+        h, logits = x, []
+        for k, module in enumerate(self.mtp, 1):
+            ahead = self.embed_tokens(padded[:, k:k + inputs.shape[1]])
+            layer_rng = None if rng is None else jax.random.fold_in(rng, self.num_layers + k)
+            h, a, normed = module(h, ahead, positions, train=train, rng=layer_rng)
+            if a is not None:  # one layer: the leading axis the scanned stacks' aux have
+                aux.append(jax.tree.map(lambda v: v[None], a))
+            logits.append(self.head(normed))
+        return self.logits(x), stacked(aux), jnp.stack(logits)
+
+    def hidden(self, tokens, *, train: bool, rng=None):
+        """tokens: [B, S] -> the last block's output [B, S, d] and the stacks' aux dicts."""
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed_tokens(tokens)
         aux = []
@@ -162,8 +194,7 @@ class Transformer(nnx.Module):
             x, a = stack(x, positions, train=train, rng=rng, remat=self.remat)
             if a is not None:
                 aux.append(a)
-        aux = jax.tree.map(lambda *a: jnp.concatenate(a), *aux) if aux else {}
-        return self.logits(x), aux
+        return x, aux
 
     def decode(self, tokens, start, cache, *, last=None):
         """Inference with a key-value cache. tokens: [B, S] int, row b at positions start[b] ..
@@ -183,7 +214,8 @@ class Transformer(nnx.Module):
 
     def init_cache(self, batch: int, cache_len: int) -> list[dict]:
         """An empty cache for `batch` rows of up to `cache_len` positions, in the activation
-        dtype: per stack {"k", "v"}: [repeats, period, batch, cache_len, kv_heads, head_dim]."""
+        dtype: per stack the attention's, {"k", "v"} (grouped-query) or {"c", "k_rope"} (latent),
+        each [repeats, period, batch, cache_len, ...]."""
         return [stack.empty_cache(batch, cache_len, self.dtype) for stack in self.stacks]
 
     def embed_tokens(self, tokens):
@@ -193,9 +225,12 @@ class Transformer(nnx.Module):
         return constrain(jnp.take(table, tokens, axis=0), self.mesh, ("batch", None, None))
 
     def logits(self, x):
-        """x: [B, S, d] from the last block -> float32 logits [B, S, V], accumulated and
-        returned in float32 whatever the compute dtype: the loss's log-softmax reads them."""
-        x = self.final_norm(x)
+        """x: [B, S, d] from the last block -> float32 logits [B, S, V]."""
+        return self.head(self.final_norm(x))
+
+    def head(self, x):
+        """Normed x [B, S, d] -> float32 logits [B, S, V], accumulated and returned in float32
+        whatever the compute dtype: the loss's log-softmax reads them."""
         if self.unembed is None:
             logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
@@ -203,3 +238,8 @@ class Transformer(nnx.Module):
             logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
         return constrain(logits, self.mesh, ("batch", None, "vocab"))
+
+
+def stacked(aux: list) -> dict:
+    """The MoE layers' aux dicts, each value [layers, ...], joined in layer order."""
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *aux) if aux else {}

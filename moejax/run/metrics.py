@@ -179,6 +179,8 @@ class StepLog:
                 achieved = perf["perf/tokens_per_s"] * self.flops_per_token / jax.device_count()
                 values["perf/mfu"] = achieved / self.peak
         values.update(self.shares(step))
+        if "mtp_loss" in m:
+            values["train/mtp_loss"] = m["mtp_loss"]
         if self.moe_layers:
             values["train/balance_loss"] = m["balance_loss"]
             values["train/z_loss"] = m["z_loss"]

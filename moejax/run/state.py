@@ -152,8 +152,13 @@ def eval_step_fn(s: Setup):
 
 
 def loss_fn(params, graphdef, tokens, rng, tc):
-    """tokens: [B, S + 1]. Returns CE + balance_coef * balance + z_coef * z, and metrics."""
-    logits, aux = nnx.merge(graphdef, params)(tokens[:, :-1], train=True, rng=rng)
+    """tokens: [B, S + 1]. Returns CE + balance_coef * balance + z_coef * z (+ mtp_coef * the
+    multi-token prediction loss), and metrics."""
+    model = nnx.merge(graphdef, params)
+    if len(model.mtp):
+        logits, aux, mtp_logits = model.with_mtp(tokens, train=True, rng=rng)
+    else:
+        logits, aux = model(tokens[:, :-1], train=True, rng=rng)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
     metrics = {"ce_loss": ce}
     loss = ce
@@ -163,8 +168,25 @@ def loss_fn(params, graphdef, tokens, rng, tc):
         metrics["expert_load"] = aux["tokens_per_expert"]
         metrics["dropped_frac"] = aux["dropped_frac"]
         loss = ce + tc.balance_coef * metrics["balance_loss"] + tc.z_coef * metrics["z_loss"]
+    if len(model.mtp):
+        metrics["mtp_loss"] = mtp_loss(mtp_logits, tokens)
+        loss = loss + tc.mtp_coef * metrics["mtp_loss"]
     metrics["loss"] = loss
     return loss, metrics
+
+
+def mtp_loss(logits, tokens):
+    """logits: [D, B, S, V] of the MTP depths, tokens: [B, S + 1] -> the mean over depths of
+    each one's cross-entropy over the positions whose target exists: depth k at position i
+    scores tokens[:, i + k + 1], so the last k positions have none."""
+    depths, _, seq, _ = logits.shape
+    padded = jnp.pad(tokens, ((0, 0), (0, depths)))
+    losses = []
+    for k in range(1, depths + 1):
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits[k - 1],
+                                                             padded[:, k + 1:k + 1 + seq])
+        losses.append(ce[:, :seq - k].mean())
+    return jnp.mean(jnp.stack(losses))
 
 
 def train_step(state, tokens, step, *, graphdef, tx, lr, config):
@@ -200,13 +222,21 @@ def train_step(state, tokens, step, *, graphdef, tx, lr, config):
 
 def update_router_bias(params, expert_load, rate: float):
     """Auxiliary-loss-free balancing: each MoE layer's selection bias moves toward balance by
-    this step's load. expert_load: [MoE layers, E]; the MoE layers are one scanned stack, so
-    their biases are one [MoE layers, E] array in the same order. The bias gets no gradient,
-    so the optimizer leaves it alone (zero update, no weight decay on it)."""
+    this step's load. expert_load: [MoE layers, E], rows in moe_layer_ids(mtp=True) order: the
+    MoE layers of the one scanned stack that has them (one [n, E] bias), then each MoE
+    multi-token prediction module (an [E] bias each). The bias gets no gradient, so the
+    optimizer leaves it alone (zero update, no weight decay on it)."""
+    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    mtp = sorted((n for n in names if n.startswith("mtp.") and n.endswith(".router_bias")),
+                 key=lambda n: int(n.split(".")[1]))
+    main = expert_load.shape[0] - len(mtp)
+
     def update(path, x):
-        if not path_name(path).endswith(".router_bias"):
+        name = path_name(path)
+        if not name.endswith(".router_bias"):
             return x
-        return router.bias_update(x, expert_load, rate)
+        load = expert_load[main + mtp.index(name)] if name in mtp else expert_load[:main]
+        return router.bias_update(x, load, rate)
 
     return jax.tree_util.tree_map_with_path(update, params)
 
