@@ -13,9 +13,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moejax.model.attention import Attention
+from moejax.model.layers import DTYPES, MLP, RMSNorm, dense_qtype, param
 from moejax.model.mla import LatentAttention
 from moejax.model.mtp import MTP
-from moejax.model.layers import DTYPES, MLP, RMSNorm, dense_qtype, param
 from moejax.moe.layer import MoE, MoEConfig
 from moejax.parallel import constrain
 
@@ -121,7 +121,8 @@ class Stack(nnx.Module):
 
     def decode(self, x, positions, cache):
         """x: [B, S, d] at positions [B, S]; cache: the attention's (`empty_cache`), each
-        array [repeats, period, B, L, ...], carried through the scan so each layer writes its new rows in place."""
+        array [repeats, period, B, L, ...], carried through the scan so each layer writes its
+        new rows in place."""
         graphdef, state = nnx.split(self.blocks)
 
         def body(carry, inputs):
