@@ -375,8 +375,8 @@ def check_rope(m) -> None:
     if m.rope_theta <= 1:  # the ramp's bounds divide by ln(rope_theta)
         raise ConfigError(f"model.rope_theta={m.rope_theta!r}: must be > 1 with "
                           "model.rope_scaling=yarn")
-    if m.rope_beta_fast <= m.rope_beta_slow:
-        raise ConfigError(f"model.rope_beta_fast={m.rope_beta_fast!r}: must be > "
+    if m.rope_beta_fast < m.rope_beta_slow:  # equal: Kimi K2's 1 and 1, a one-pair ramp
+        raise ConfigError(f"model.rope_beta_fast={m.rope_beta_fast!r}: must be >= "
                           f"model.rope_beta_slow={m.rope_beta_slow!r} (the ramp runs from the "
                           "fast-turning pairs to the slow)")
 

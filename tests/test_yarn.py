@@ -203,8 +203,8 @@ REFUSED = [  # overrides of the smoke config, the whole line
      "nothing)"),
     (["model.rope_scaling=yarn", "model.rope_factor=0.5"],
      "model.rope_factor=0.5: must be >= 1 (1 = none)"),
-    (["model.rope_scaling=yarn", "model.rope_beta_fast=1"],
-     "model.rope_beta_fast=1.0: must be > model.rope_beta_slow=1.0 (the ramp runs from the "
+    (["model.rope_scaling=yarn", "model.rope_beta_fast=0.5"],
+     "model.rope_beta_fast=0.5: must be >= model.rope_beta_slow=1.0 (the ramp runs from the "
      "fast-turning pairs to the slow)"),
     (["model.rope_scaling=yarn", "model.rope_theta=1"],
      "model.rope_theta=1.0: must be > 1 with model.rope_scaling=yarn"),

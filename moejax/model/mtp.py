@@ -3,7 +3,8 @@ token k + 1 places ahead of each position from the previous depth's hidden state
 embedding of the token k places ahead, through one more block and the model's own output head.
 
 Depth k's input at position i is proj([enorm(embed(t[i + k])), hnorm(h[i])]), h being the main
-model's last hidden state (k = 1) or the previous module's; its logits at i score t[i + k + 1].
+model's final-normed last hidden state (k = 1) or the previous module's block output; its
+logits at i score t[i + k + 1].
 Training adds mtp_coef times the mean over depths of their cross-entropies to the loss;
 generation runs the main model only (these modules could draft tokens for speculative decoding).
 """

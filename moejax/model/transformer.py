@@ -176,15 +176,18 @@ class Transformer(nnx.Module):
         x, aux = self.hidden(inputs, train=train, rng=rng)
         positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
         padded = jnp.pad(tokens, ((0, 0), (0, len(self.mtp))))
-        h, logits = x, []
+        # Depth 1 reads the main model's final-normed state, as transformers' and vLLM's
+        # DeepSeek-V3 drafters do; depth k > 1 the block output of depth k - 1.
+        normed = self.final_norm(x)
+        h, logits = normed, []
         for k, module in enumerate(self.mtp, 1):
             ahead = self.embed_tokens(padded[:, k:k + inputs.shape[1]])
             layer_rng = None if rng is None else jax.random.fold_in(rng, self.num_layers + k)
-            h, a, normed = module(h, ahead, positions, train=train, rng=layer_rng)
+            h, a, normed_k = module(h, ahead, positions, train=train, rng=layer_rng)
             if a is not None:  # one layer: the leading axis the scanned stacks' aux have
                 aux.append(jax.tree.map(lambda v: v[None], a))
-            logits.append(self.head(normed))
-        return self.logits(x), stacked(aux), jnp.stack(logits)
+            logits.append(self.head(normed_k))
+        return self.head(normed), stacked(aux), jnp.stack(logits)
 
     def hidden(self, tokens, *, train: bool, rng=None):
         """tokens: [B, S] -> the last block's output [B, S, d] and the stacks' aux dicts."""

@@ -182,7 +182,7 @@ class MoE(nnx.Module):
         # Logical dims only: parallel.RULES lays them out on the mesh.
         self.router = nnx.Param(init(rngs.params(), (d_model, e), jnp.float32),
                                 out_sharding=("embed", None), eager_sharding=False)
-        if cfg.bias_rate > 0:
+        if cfg.bias_rate > 0 or cfg.router_score == "sigmoid":  # DeepSeek-V3's correction
             self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,),
                                           eager_sharding=False)
 
@@ -216,7 +216,7 @@ class MoE(nnx.Module):
         noise = None
         if train and cfg.jitter_eps > 0:
             noise = router.jitter_noise(rng, x.shape, cfg.jitter_eps)
-        bias = self.router_bias[...] if cfg.bias_rate > 0 else None
+        bias = self.router_bias[...] if hasattr(self, "router_bias") else None
         # Weight-only quantized (generate, params.quantize_experts): a QArray, int8 / int4 values
         # and scales, each laid out by the weight's dims and dequantized once gathered.
         experts = {name: getattr(self, name).get_value().astype(self.dtype)
