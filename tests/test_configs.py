@@ -19,11 +19,11 @@ NAMES = sorted(p.stem for p in CONFIGS.glob("*.py"))
 # Variants a file accepts beyond those its unknown-variant error lists.
 COMBINED = {"switch_scaling": ["dense,smoke", "e2,smoke", "e4,smoke", "e8,smoke", "e16,smoke"]}
 # Smoke variants trained by the slow test; every other file's trains in the fast suite.
-SLOW_SMOKE = ["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3_shaped"]
+SLOW_SMOKE = ["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3", "kimi_k2"]
 # Architecture features a smoke variant keeps from its file's default (only sizes change).
 FEATURES = ("activation", "qk_norm", "qkv_bias", "tie_embeddings", "moe_every", "renormalize",
             "jitter_eps", "dispatch", "router_score", "routing", "bias_rate",
-            "num_shared_experts", "shared_gate")
+            "num_shared_experts", "shared_gate", "attention", "mtp_layers", "rope_scaling")
 
 
 @functools.cache
@@ -67,16 +67,27 @@ def counts(config, vocab):
     return param_counts(model, config.model.top_k, config.model.num_experts)
 
 
+def test_deepseek_v3_without_mtp_is_the_published_671b_with_37b_active():
+    config = load("deepseek_v3").get_config()
+    config.model.mtp_layers = 0
+    c = counts(config, 129280)
+    assert 670.5e9 < c["total"] < 671.5e9 and 37.0e9 < c["active"] < 38.0e9, c
+
+
 @pytest.mark.parametrize("name,vocab,total,active", [
     ("tiny", 257, (3e6, 4e6), (0.9e6, 1.3e6)),
     ("switch_base", 32128, (3.5e9, 4.0e9), (0.12e9, 0.17e9)),
     ("mixtral_small", 32000, (0.5e9, 0.6e9), (0.18e9, 0.22e9)),
     ("moe_1b", 50257, (0.95e9, 1.15e9), (0.35e9, 0.42e9)),
-    # Published: Mixtral-8x7B 46.7B / 12.9B, Qwen3-30B-A3B 30.5B / 3.3B, DeepSeek-V3 671B / 37B
-    # (ours has grouped-query attention in place of MLA).
+    # Published: Mixtral-8x7B 46.7B / 12.9B, Qwen3-30B-A3B 30.5B / 3.3B.
     ("mixtral_8x7b", 32000, (46.6e9, 46.8e9), (12.8e9, 13.0e9)),
     ("qwen3_30b_a3b", 151936, (30.4e9, 30.6e9), (3.2e9, 3.4e9)),
-    ("deepseek_v3_shaped", 129280, (660e9, 690e9), (36e9, 45e9)),
+    # DeepSeek-V3 with its MTP module: 671.0B + 11.6B, the module sharing the embedding and
+    # the head, of which the released checkpoint holds copies (+ 1.9B: the hub's "685B").
+    ("deepseek_v3", 129280, (682.0e9, 683.0e9), (38.0e9, 38.5e9)),
+    # Kimi K2, published "1.04T total, 32B activated": ours counts 1.026T / 32.9B from the
+    # released config.json's shapes (within 1.5% and 3% of those round figures).
+    ("kimi_k2", 163840, (1.0244e12, 1.0556e12), (32e9, 32.96e9)),
 ])
 def test_config_sizes(name, vocab, total, active):
     config = load(name).get_config()

@@ -131,3 +131,51 @@ def test_weight_only_experts_enter_as_their_integer_type(name, platform):
     assert CPU_CODE not in module
     kernel = "megablox/gmm.py" if platform == "tpu" else "chlo.ragged_dot"
     assert kernel in module
+
+
+@functools.cache
+def exported_mla(platform: str) -> tuple[str, str]:
+    """deepseek_v3:smoke (latent attention, group-limited sigmoid routing, dropless, a
+    multi-token prediction module) on the MESH: its train step, and one decode step over the
+    compressed cache as generate runs it."""
+    from flax import nnx
+
+    from configs import deepseek_v3
+
+    config = deepseek_v3.get_config("smoke")
+    config.model.update(vocab_size=257, dispatch="dropless")
+    config.mesh.update(fsdp=1, **MESH)
+    config.data.update(seq_len=128, batch_size=8)
+    config_lib.validate(config, jax.device_count())
+    s = state.setup(config, parallel.make_mesh(MESH))
+    tokens = jax.ShapeDtypeStruct((8, 129), jnp.int32, sharding=parallel.token_sharding(s.mesh))
+    unstable = [jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")]
+    step = jax.export.export(state.train_step_fn(s), platforms=(platform,),
+                             disabled_checks=unstable)(s.abstract, tokens, jnp.int32(0))
+
+    def decode(params, token, start):
+        model = nnx.merge(s.graphdef, params)
+        return model.decode(token, start, model.init_cache(8, 256))[0]
+
+    token = jax.ShapeDtypeStruct((8, 1), jnp.int32, sharding=parallel.token_sharding(s.mesh))
+    start = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=parallel.token_sharding(s.mesh))
+    one = jax.export.export(jax.jit(decode), platforms=(platform,), disabled_checks=unstable)(
+        s.abstract["params"], token, start)
+    return step.mlir_module(), one.mlir_module()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_latent_attention_step_and_decode_export(platform):
+    """The train step runs MLA through the backend's attention (splash on TPU) and the MTP
+    module; decode reads the compressed cache [.., B, L, kv_lora_rank] and never a per-head
+    one."""
+    step, decode = exported_mla(platform)
+    for module in (step, decode):
+        assert "moejax/model/mla.py" in module and CPU_CODE not in module
+    assert "moejax/model/mtp.py" in step
+    assert ("splash_attention_kernel.py" in step) == (platform == "tpu")
+    assert ("megablox/gmm.py" in step) == (platform == "tpu")
+    assert ("chlo.ragged_dot" in step) == (platform == "cuda")
+    # [repeats, period, B, L, kv_lora_rank] and [.., qk_rope_head_dim] of the 3-layer MoE stack
+    assert "tensor<3x1x8x256x32xf32>" in decode and "tensor<3x1x8x256x8xf32>" in decode
+    assert "x256x4x" not in decode  # no per-head [B, L, heads, ...] cache

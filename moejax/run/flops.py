@@ -30,10 +30,16 @@ def train_flops_per_token(active_params: int, model_cfg, seq_len: int) -> float:
     """Forward + backward FLOPs of one token: 6 per active matmul weight, plus causal attention.
 
     The input embedding is a lookup, not a matmul; a tied embedding is counted once, as the
-    output projection. Attention scores and values cost 2 * 2 * heads * head_dim * (S/2)
-    forward per token (causal: half the keys on average), times 3 with the backward pass.
+    output projection, which each multi-token prediction module runs once more. Attention
+    scores and values cost 2 * heads * (query-key + value dims) * (S/2) forward per token
+    (causal: half the keys on average), times 3 with the backward pass.
     """
     c = model_cfg
     matmul_params = active_params - (0 if c.tie_embeddings else c.vocab_size * c.d_model)
-    attention = 6 * c.num_layers * c.num_heads * c.head_dim * seq_len
-    return 6 * matmul_params + attention
+    if c.attention == "mla":  # per head: the rotary dims in the scores too; its own value width
+        qk, v = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
+    else:
+        qk = v = c.head_dim
+    layers = c.num_layers + c.mtp_layers
+    attention = 3 * layers * c.num_heads * (qk + v) * seq_len
+    return 6 * (matmul_params + c.mtp_layers * c.vocab_size * c.d_model) + attention

@@ -1,16 +1,21 @@
-"""DeepSeek-V3-shaped, without multi-head latent attention: about 675B parameters total and
-40B active per token (DeepSeek-V3 itself: 671B and 37B).
+"""DeepSeek-V3 (and R1, V3.1: the same shapes): 671B parameters total and 37B active per token,
+plus a 14B multi-token prediction module.
 
-61 layers, d_model 7168; the first 3 have dense SwiGLU FFNs of width 18432, the other 58 have
-256 routed experts of width 2048 (top-8, sigmoid scores renormalized over the chosen, the
-auxiliary-loss-free bias) plus 1 shared expert. Attention is grouped-query (128 query heads of
-128 sharing 8 key-value heads) in place of MLA. Untied 129k vocabulary.
-  python -m moejax.plan --config configs/deepseek_v3_shaped.py:h100x256
+61 layers, d_model 7168, multi-head latent attention (128 heads; a 1536-wide query latent, a
+512-wide key-value latent cached with one 64-dim rotary key; 128 + 64 query-key and 128 value
+dims per head), YaRN to 160k positions (factor 40 over 4096). The first 3 layers have dense
+SwiGLU FFNs of width 18432, the other 58 have 256 routed experts of width 2048 (top-8 from the
+4 best of 8 groups, sigmoid scores with the auxiliary-loss-free bias, renormalized, x2.5) plus
+1 shared expert. Untied 129k vocabulary. Weights: `python -m moejax.convert from-hf
+deepseek-ai/DeepSeek-V3 --workdir DIR` (its FP8 blocks dequantized on the way in).
+  python -m moejax.plan --config configs/deepseek_v3.py:h100x256
 Variants (mesh per hardware; docs/memory.md has the planner's answer for each):
-  h100x8    one 8 x H100-80GB node: fsdp=8 (the planner says it cannot fit, and by how much)
-  h100x256  32 nodes of 8 x H100: fsdp=32 x expert=8
-  v5p256    a TPU v5p slice of 256 chips: fsdp=16 x expert=16
-  smoke     the same shapes of everything but size, for tests
+  h100x8       one 8 x H100-80GB node: fsdp=8 (the planner says it cannot fit, and by how much)
+  h100x256     32 nodes of 8 x H100: fsdp=32 x expert=8
+  h200x128     16 nodes of 8 x H200-141GB: fsdp=16 x expert=8
+  v5p256       a TPU v5p slice of 256 chips: fsdp=16 x expert=16
+  ironwood256  a TPU7x (Ironwood) slice of 256 chips: fsdp=16 x expert=16
+  smoke        the same kinds of everything but size, for tests
 Every key is explained in configs/tiny.py.
 """
 
@@ -18,7 +23,8 @@ from moejax.config_lib import config_dict, parse_variant
 
 
 def get_config(arg=None):
-    variant = parse_variant(arg, ("h100x8", "h100x256", "v5p256", "smoke"))
+    variant = parse_variant(arg, ("h100x8", "h100x256", "h200x128", "v5p256", "ironwood256",
+                                  "smoke"))
     config = config_dict(
         seed=0,
         model=dict(
@@ -26,29 +32,29 @@ def get_config(arg=None):
             d_model=7168,
             num_layers=61,
             num_heads=128,
-            num_kv_heads=8,  # grouped-query attention in place of MLA
-            head_dim=128,
+            num_kv_heads=0,  # mla: unused
+            head_dim=192,  # mla: unused (the query-key width, 128 + 64, for reading)
             d_ff=2048,
             dense_d_ff=18_432,
             activation="swiglu",
             rope_theta=1e4,
-            rope_scaling="none",  # DeepSeek-V3 ships yarn: factor 40 over 4096, mscales 1
-            rope_factor=1.0,
-            rope_original_max_len=0,
+            rope_scaling="yarn",
+            rope_factor=40.0,
+            rope_original_max_len=4096,
             rope_beta_fast=32.0,
             rope_beta_slow=1.0,
-            rope_mscale=0.0,
-            rope_mscale_all_dim=0.0,
+            rope_mscale=1.0,
+            rope_mscale_all_dim=1.0,
             norm_eps=1e-6,
             qk_norm="none",
             qkv_bias=False,
-            attention="gqa",
-            q_lora_rank=0,
-            kv_lora_rank=0,
-            qk_nope_head_dim=0,
-            qk_rope_head_dim=0,
-            v_head_dim=0,
-            max_seq_len=4096,
+            attention="mla",
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            max_seq_len=163_840,
             tie_embeddings=False,
             dtype="bfloat16",
             param_dtype="float32",
@@ -74,7 +80,7 @@ def get_config(arg=None):
             routed_scaling_factor=2.5,
             num_shared_experts=1,
             shared_gate=False,
-            mtp_layers=0,
+            mtp_layers=1,
         ),
         mesh=dict(data=1, fsdp=-1, expert=1, tensor=1),
         data=dict(
@@ -128,12 +134,17 @@ def get_config(arg=None):
         config.data.update(batch_size=32)
     if variant == "h100x256":
         config.mesh.update(fsdp=32, expert=8)
-    if variant == "v5p256":
+    if variant == "h200x128":
+        config.mesh.update(fsdp=16, expert=8)
+    if variant in ("v5p256", "ironwood256"):
         config.mesh.update(fsdp=16, expert=16)
     if variant == "smoke":
-        config.model.update(vocab_size=0, d_model=64, num_layers=4, num_heads=4, num_kv_heads=2,
-                            head_dim=16, d_ff=32, dense_d_ff=128, first_dense_layers=1,
-                            num_experts=16, top_k=4, max_seq_len=2048, dtype="float32")
+        config.model.update(vocab_size=0, d_model=64, num_layers=4, num_heads=4, head_dim=24,
+                            q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                            qk_rope_head_dim=8, v_head_dim=16, d_ff=32, dense_d_ff=128,
+                            first_dense_layers=1, num_experts=16, top_k=4, n_group=4,
+                            topk_group=2, rope_original_max_len=64, max_seq_len=2048,
+                            dtype="float32")
         config.data.update(source="stdlib", streaming=False, tokenizer="byte", seq_len=32,
                            batch_size=16)
         config.train.update(steps=4, warmup_steps=1, log_every=2, eval_every=2, eval_batches=1,
