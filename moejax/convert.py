@@ -1,4 +1,5 @@
-"""Weights in from and out to Hugging Face transformers: Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE.
+"""Weights in from and out to Hugging Face transformers: Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE,
+DeepseekV3ForCausalLM (DeepSeek-V3/R1/V3.1, Kimi K2: MLA, MTP; docs/checkpoints.md).
 
   python -m moejax.convert from-hf SRC --workdir DIR [--mesh fsdp=8,expert=8]
   python -m moejax.convert to-hf OUT --workdir DIR [--dtype bfloat16] [--shard_gib 4]
@@ -24,7 +25,10 @@ config.json is: OUT new or empty, or with --overwrite an earlier export, replace
 --quantize writes the routed experts' weights weight-only int8 / int4 (moejax's own
 quantization, as generate --quantize runs) in compressed-tensors' pack-quantized format, which
 transformers loads with the compressed-tensors package; from-hf reads such a checkpoint back,
-dequantized (moejax/hf/compressed.py).
+dequantized (moejax/hf/compressed.py). DeepSeek's own block-scaled FP8 (quant_method fp8,
+float8 weights with weight_scale_inv, as DeepSeek-V3 and Kimi K2 ship) is dequantized to
+float32 on import, tensor by tensor (moejax/hf/files.py); to-hf writes plain weights at the
+run's dtype or --dtype, never FP8.
 """
 
 import math

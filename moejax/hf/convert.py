@@ -18,7 +18,7 @@ import ml_dtypes  # noqa: F401  (numpy learns bfloat16, which safetensors' numpy
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from moejax import config_lib, parallel
@@ -27,6 +27,7 @@ from moejax.hf import compressed
 from moejax.hf.files import (
     FLOATS,
     INDEX,
+    BlockFP8,
     Tensors,
     check_new_workdir,
     check_out,
@@ -37,7 +38,16 @@ from moejax.hf.files import (
     tokenizer_of,
     undone_on_failure,
 )
-from moejax.hf.maps import ARCHS, arch_of, hf_config, model_config, real, weight_map
+from moejax.hf.maps import (
+    ARCHS,
+    FLOAT32,
+    arch_of,
+    copies,
+    hf_config,
+    model_config,
+    real,
+    weight_map,
+)
 from moejax.moe import quant
 from moejax.run import state
 from moejax.run.checkpoint import Checkpoints, path_name, read_params
@@ -99,12 +109,15 @@ def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
     config.data.batch_size = -(-config.data.batch_size // shards) * shards
     config_lib.validate(config, jax.device_count())
     tensors = Tensors(folder)
-    if "quantization_config" in hf:  # compressed-tensors: dequantized as it is read
-        tensors = compressed.Dequantized(tensors, hf["quantization_config"])
+    qc = hf.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "fp8":  # DeepSeek's block FP8
+        tensors = BlockFP8(tensors, qc)
+    elif "quantization_config" in hf:  # compressed-tensors: dequantized as it is read
+        tensors = compressed.Dequantized(tensors, qc)
     mesh = parallel.make_mesh(sizes)
     setup = state.setup(config, mesh)
-    wmap = weight_map(arch, config.model, setup.abstract["params"])
-    check_tensors(wmap, setup.abstract["params"], tensors, folder)
+    wmap = weight_map(arch, config.model, setup.abstract["params"], hf)
+    check_tensors(wmap, setup.abstract["params"], tensors, folder, copies(config.model))
     existed = os.path.isdir(workdir)
     if jax.process_count() > 1:  # all have looked at the workdir before any writes to it
         multihost_utils.sync_global_devices("from-hf: inputs checked")
@@ -170,10 +183,10 @@ def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
     return config_path
 
 
-def check_tensors(wmap, abstract, tensors: Tensors, folder: str):
+def check_tensors(wmap, abstract, tensors: Tensors, folder: str, copied: dict | None = None):
     """Every tensor the model needs is there with its shape, and none is left over (a tensor
-    moejax would ignore is a computation it would get wrong), each a float. Headers only:
-    reads no data."""
+    moejax would ignore is a computation it would get wrong), each a float; the `copied`
+    ones ({copy: original}, maps.copies) equal their originals. Headers only, but for those."""
     want = {}
     for path, a in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         lead, part = wmap[path_name(path)]
@@ -182,6 +195,8 @@ def check_tensors(wmap, abstract, tensors: Tensors, folder: str):
         for ids in np.ndindex(*lead):
             for n, shape in zip(part(*ids)[0], shapes, strict=True):
                 want[n] = path_name(path), shape
+    for copy, original in (copied or {}).items():
+        want[copy] = f"a copy of {original}", want[original][1]
     for n, (ours, shape) in want.items():
         if n not in tensors.files:
             raise ConfigError(f"{folder}: tensor {n} (for {ours}) is missing; allowed: a "
@@ -196,6 +211,31 @@ def check_tensors(wmap, abstract, tensors: Tensors, folder: str):
         raise ConfigError(f"{folder}: tensor {extra[0]} has no place in the moejax model "
                           f"({len(extra)} such); allowed: the tensors of "
                           "the architecture in config.json only")
+    for copy, original in (copied or {}).items():
+        if not same_tensor(tensors, copy, original):
+            raise ConfigError(f"{folder}: tensor {copy} differs from {original}; allowed: "
+                              "the multi-token prediction layer's copy of the model's own "
+                              "(moejax keeps one)")
+
+
+def same_tensor(tensors, a: str, b: str, rows: int = 4096) -> bool:
+    """Whether tensors a and b hold the same values, compared a slice of rows at a time."""
+    if (tensors.dtype(a), tensors.shape(a)) != (tensors.dtype(b), tensors.shape(b)):
+        return False
+    base = tensors
+    while not isinstance(base, Tensors):  # a dequantizing view: the copies are plain floats
+        base = base.tensors
+    if a not in base.files or b not in base.files:
+        return np.array_equal(tensors.get(a), tensors.get(b))
+    with safe_open(base.files[a], "np") as fa, safe_open(base.files[b], "np") as fb:
+        total = tensors.shape(a)[0] if tensors.shape(a) else 0
+        if not total:
+            return np.array_equal(fa.get_tensor(a), fb.get_tensor(b))
+        for start in range(0, total, rows):
+            stop = min(start + rows, total)
+            if not np.array_equal(fa.get_slice(a)[start:stop], fb.get_slice(b)[start:stop]):
+                return False
+    return True
 
 
 CONFIG_FILE = '''"""Converted from {src} by `python -m moejax.convert from-hf`.
@@ -269,22 +309,31 @@ def write_export(folder: str, workdir: str, config, hf: dict, dtype: str, shard_
     # As generate reads: the newest intact step, else best/; a step its run deletes meanwhile
     # is no loss.
     step, params = read_params(workdir, "--workdir", setup.abstract["params"])
-    wmap = weight_map(arch, config.model, setup.abstract["params"])
+    wmap = weight_map(arch, config.model, setup.abstract["params"], hf)
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                 "float16": np.float16}[dtype]
     quantizer = compressed.Quantizer(quantize, np_dtype) if quantize != "none" else None
+    copied = {}  # original -> its copies (DeepSeek's MTP layers)
+    for copy, original in copies(config.model).items():
+        copied.setdefault(original, []).append(copy)
 
     def tensors():  # (HF name, numpy array), one fetched from the devices at a time
         for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-            lead, part = wmap[path_name(path)]
+            name = path_name(path)
+            lead, part = wmap[name]
+            # routed experts: a [layers, experts] lead, or [experts] in an MTP module's block
+            expert = len(lead) == 2 or (name.startswith("mtp.") and len(lead) == 1)
             for ids in np.ndindex(*lead):
                 names, _, theirs = part(*ids)
                 w = np.asarray(jax.device_get(x[ids] if ids else x))
                 for n, t in zip(names, theirs(w), strict=True):
-                    # routed experts: [layers, experts] lead; quantized from float32
-                    ts = quantizer(n, t, len(lead) == 2) if quantizer else {n: t.astype(np_dtype)}
+                    if n.endswith(FLOAT32):  # DeepSeek's correction bias: float32 always
+                        ts = {n: t.astype(np.float32)}
+                    else:  # quantized from float32
+                        ts = quantizer(n, t, expert) if quantizer else {n: t.astype(np_dtype)}
                     for k, v in ts.items():
-                        yield k, np.ascontiguousarray(v)
+                        for c in (k, *copied.get(k, ())):
+                            yield c, np.ascontiguousarray(v)
 
     files, chunk, size, weight_map_ = [], {}, 0, {}
     limit = int(shard_gib * 2**30)

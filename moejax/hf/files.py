@@ -1,8 +1,8 @@
 """What the converter reads and writes, checked: a transformers checkpoint's JSON and
 safetensors files in (each file whole, each tensor once, the index and the files agreeing, a
-tokenizer moejax reads), and folders out that never take a user's files: from-hf's workdir new
-or empty and left as it was if the writing fails, to-hf's export written beside OUT and
-renamed into place whole."""
+tokenizer moejax reads, DeepSeek's block-scaled FP8 weights dequantized), and folders out that
+never take a user's files: from-hf's workdir new or empty and left as it was if the writing
+fails, to-hf's export written beside OUT and renamed into place whole."""
 
 import contextlib
 import errno
@@ -14,6 +14,7 @@ import shutil
 import tempfile
 
 import jax
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -21,6 +22,8 @@ from moejax.config_lib import ConfigError, first_line
 
 INDEX = "model.safetensors.index.json"
 FLOATS = ("F64", "F32", "BF16", "F16")  # safetensors dtypes a weight may have
+# float8 dtypes safetensors' NumPy reader cannot make: read from the file's bytes here
+RAW = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 
 
 def read_json(path: str) -> dict:
@@ -84,8 +87,86 @@ class Tensors:
         return self.headers[name][0]
 
     def get(self, name) -> np.ndarray:
+        if self.dtype(name) in RAW:
+            return read_raw(self.files[name], name)
         with safe_open(self.files[name], "np") as f:  # memory-mapped: reads this tensor only
             return f.get_tensor(name)
+
+
+def read_raw(path: str, name: str) -> np.ndarray:
+    """One float8 tensor of a safetensors file, from its bytes: an 8-byte little-endian header
+    length, the JSON header (dtype, shape, data_offsets from the end of the header), the data."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(size))[name]
+        start, end = entry["data_offsets"]
+        f.seek(8 + size + start)
+        data = f.read(end - start)
+    return np.frombuffer(data, RAW[entry["dtype"]]).reshape(entry["shape"])
+
+
+class BlockFP8:
+    """A checkpoint in DeepSeek's own FP8 format (DeepSeek-V3/R1, Kimi K2: config.json's
+    quantization_config {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [bo, bi]})
+    seen as the float32 tensors it stands for: <m>.weight float8_e4m3fn [out, in] times
+    <m>.weight_scale_inv float32 [ceil(out / bo), ceil(in / bi)], each scale over its bo x bi
+    block (edge blocks cropped), one tensor at a time. `files`, `shape`, `dtype` and `get` as
+    Tensors has them; every pair is checked from the headers before any data is read."""
+
+    def __init__(self, tensors, qc: dict):
+        def refuse(key, allowed):
+            raise ConfigError(f"config.json quantization_config{key}={qc.get(key[1:])!r}: not "
+                              f"supported; allowed: {allowed}")
+
+        block = qc.get("weight_block_size")
+        if qc.get("fmt", "e4m3") != "e4m3":
+            refuse(".fmt", "e4m3")
+        if (not isinstance(block, list) or len(block) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0
+                           for b in block)):
+            refuse(".weight_block_size", "[rows, columns], two integers > 0 (DeepSeek: "
+                   "[128, 128])")
+        self.tensors, self.block, self.files = tensors, tuple(block), dict(tensors.files)
+        self.scaled = set()
+        for name in tensors.files:
+            if not name.endswith(".weight_scale_inv"):
+                continue
+            w = name.removesuffix("_scale_inv")
+            if w not in tensors.files:
+                raise ConfigError(f"tensor {name}: no {w} beside it; allowed: a float8 weight "
+                                  "and its weight_scale_inv")
+            if tensors.dtype(w) != "F8_E4M3" or tensors.dtype(name) not in FLOATS:
+                raise ConfigError(f"tensor {w} / {name} are {tensors.dtype(w)}, "
+                                  f"{tensors.dtype(name)}; allowed: F8_E4M3 and a float")
+            shape, scale = tensors.shape(w), tensors.shape(name)
+            want = (tuple(-(-n // b) for n, b in zip(shape, self.block, strict=True))
+                    if len(shape) == 2 else None)
+            if scale != want:
+                raise ConfigError(f"tensor {name} is {list(scale)}, and weight_block_size "
+                                  f"{list(self.block)} over {w} {list(shape)} makes it "
+                                  f"{list(want) if want else 'nothing (not a matrix)'}; "
+                                  "allowed: the blocks it was quantized with")
+            del self.files[name]
+            self.scaled.add(w)
+
+    def dtype(self, name) -> str:
+        return "F32" if name in self.scaled else self.tensors.dtype(name)
+
+    def shape(self, name):
+        return self.tensors.shape(name)
+
+    def get(self, name) -> np.ndarray:
+        if name not in self.scaled:
+            return self.tensors.get(name)
+        return dequantize_blocks(self.tensors.get(name),
+                                 self.tensors.get(f"{name}_scale_inv"), self.block)
+
+
+def dequantize_blocks(q: np.ndarray, scale_inv: np.ndarray, block) -> np.ndarray:
+    """q [out, in] (float8) times its block's scale -> float32 [out, in]."""
+    (out, n), (bo, bi) = q.shape, block
+    s = np.repeat(np.repeat(scale_inv.astype(np.float32), bo, 0), bi, 1)[:out, :n]
+    return q.astype(np.float32) * s
 
 
 def read_headers(path: str) -> dict:
@@ -106,7 +187,7 @@ def tokenizer_of(folder: str, hf_dir: str) -> str:
     tokenizer's vocab.json) is refused rather than trained with another one."""
     if os.path.exists(os.path.join(folder, "tokenizer.json")):
         return hf_dir
-    for name in ("tokenizer.model", "vocab.json"):
+    for name in ("tokenizer.model", "vocab.json", "tiktoken.model"):  # tiktoken: Kimi K2's
         if os.path.exists(os.path.join(folder, name)):
             raise ConfigError(f"{folder}: its tokenizer is {name} without tokenizer.json, "
                               "which moejax cannot read; allowed: a folder with tokenizer.json "
