@@ -24,10 +24,23 @@ def smoke(**overrides):
     return config
 
 
-def test_resume_is_exact(tmp_path):
-    straight = train_and_evaluate(smoke(), str(tmp_path / "a"))["train_loss"]
-    first = train_and_evaluate(smoke(**{"train.stop_at": 3}), str(tmp_path / "b"))["train_loss"]
-    second = train_and_evaluate(smoke(), str(tmp_path / "b"))["train_loss"]
+# A peak FLOP/s makes the run log perf/mfu (test_tensorboard_holds_every_metric); the logs
+# are all it changes.
+PEAK = {"train.peak_tflops": 1.0}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One uninterrupted smoke run: its workdir and what it returned."""
+    workdir = tmp_path_factory.mktemp("straight")
+    return workdir, train_and_evaluate(smoke(**PEAK), str(workdir))
+
+
+def test_resume_is_exact(straight, tmp_path):
+    straight = straight[1]["train_loss"]
+    first = train_and_evaluate(smoke(**PEAK, **{"train.stop_at": 3}),
+                               str(tmp_path / "b"))["train_loss"]
+    second = train_and_evaluate(smoke(**PEAK), str(tmp_path / "b"))["train_loss"]
     assert sorted(first) == [1, 2, 3] and sorted(second) == [4, 5, 6]
     resumed = {**first, **second}
     assert resumed == straight  # to the bit
@@ -66,8 +79,8 @@ def read_events(path):
     return tags
 
 
-def test_tensorboard_holds_every_metric(tmp_path):
-    train_and_evaluate(smoke(**{"train.peak_tflops": 1.0}), str(tmp_path))
+def test_tensorboard_holds_every_metric(straight):
+    tmp_path = straight[0]
     (events,) = glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
     tags = read_events(events)
     for name in ["train/loss", "train/ce_loss", "train/balance_loss", "train/z_loss", "eval/loss",

@@ -82,7 +82,9 @@ def test_weight_only_layer_is_the_float_layer_of_its_dequantized_weights(name, d
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """tiny:smoke, widened so that w_out's 256 inputs make two int4 groups, trained long
-    enough that its greedy text is not one repeated byte; with its held-out tokens."""
+    enough that its greedy text is not one repeated byte; with its held-out tokens. On one
+    device: generate.load reads it onto one device whatever the run's mesh, and a step of
+    this width on the 8 simulated devices takes several times as long."""
     from configs import tiny
     from moejax import train
     from moejax.data import text
@@ -93,6 +95,7 @@ def trained(tmp_path_factory):
     config = tiny.get_config("smoke")
     config.model.update(d_model=64, d_ff=256)
     config.train.update(steps=60, warmup_steps=5, log_every=30, eval_every=60, ckpt_every=60)
+    config.mesh.data = 1
     workdir = str(tmp_path_factory.mktemp("trained"))
     train.train(config, workdir)
     _, model, _ = load(workdir)
