@@ -21,6 +21,10 @@ from moejax.parallel import constrain
 
 
 class LatentAttention(nnx.Module):
+    """The latent dims of q_up and kv_up are split like d_model ("embed"): they are the
+    inputs of those matmuls, and unsplit they would be whole on every device (3.3B
+    parameters of DeepSeek-V3)."""
+
     def __init__(self, cfg, mesh, dtype, param_dtype, rngs):
         d, h = cfg.d_model, cfg.num_heads
         n, r, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -28,12 +32,12 @@ class LatentAttention(nnx.Module):
         if rq:
             self.q_down = param(rngs, (d, rq), ("embed", None), param_dtype, d)
             self.q_norm = RMSNorm(rq, cfg.norm_eps, param_dtype, (None,))
-            self.q_up = param(rngs, (rq, h, n + r), (None, "heads", None), param_dtype, rq)
+            self.q_up = param(rngs, (rq, h, n + r), ("embed", "heads", None), param_dtype, rq)
         else:
             self.q = param(rngs, (d, h, n + r), ("embed", "heads", None), param_dtype, d)
         self.kv_down = param(rngs, (d, rkv + r), ("embed", None), param_dtype, d)
         self.kv_norm = RMSNorm(rkv, cfg.norm_eps, param_dtype, (None,))
-        self.kv_up = param(rngs, (rkv, h, n + v), (None, "heads", None), param_dtype, rkv)
+        self.kv_up = param(rngs, (rkv, h, n + v), ("embed", "heads", None), param_dtype, rkv)
         self.out = param(rngs, (h, v, d), ("heads", None, "embed"), param_dtype, h * v)
         self.nope, self.rope_dim, self.v_dim, self.rank = n, r, v, rkv
         self.dtype, self.mesh, self.theta = dtype, mesh, cfg.rope_theta
