@@ -21,8 +21,8 @@ from tests.test_convert import FIXTURES, load_model, tensors
 NAMES = ("deepseek_v3", "deepseek_v3_noq", "kimi_k2")
 
 
-# Where each fixture is converted from: deepseek_v3 over fsdp=2 x expert=4 (every device reads
-# a slice of each tensor, the MTP block's experts split too), the others on one device.
+# Where each fixture is converted from: one device (tests/test_convert.py reads its fixtures
+# over fsdp=2 x expert=4, every device a slice of each tensor, through the same reader).
 LAYOUTS = {"deepseek_v3": {"data": 1}, "deepseek_v3_noq": {"data": 1},
            "kimi_k2": {"data": 1}}
 
@@ -73,13 +73,14 @@ def test_logits_equal_transformers(converted, name, path):
         np.testing.assert_allclose(np.asarray(mtp), exp["mtp_logits"], atol=1e-4, rtol=0)
 
 
-def test_greedy_generation_equals_transformers(converted):
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_generation_equals_transformers(converted, name):
     """Through the compressed cache (decode with the absorbed projections); the MTP module
     drafts nothing."""
     from moejax import generate
 
-    exp = expected("deepseek_v3")
-    _, model, _ = generate.load(converted["deepseek_v3"])
+    exp = expected(name)
+    _, model, _ = generate.load(converted[name])
     new = generate.generate(model, exp["prompt_ids"].tolist(), 10)
     np.testing.assert_array_equal(np.concatenate([exp["prompt_ids"], new], 1),
                                   exp["greedy_ids"])
