@@ -13,8 +13,9 @@ from tests.test_state import loss_and_grads, on
 
 def small():
     config = deepseek_v3.get_config("smoke")
-    # a vocabulary `tensor` divides; capacity groups fixed, so every layout drops alike
-    config.model.update(vocab_size=256, num_groups=8)
+    # a vocabulary `tensor` divides; capacity groups fixed, so every layout drops alike; one
+    # dense layer, one MoE layer and the MTP module's: every kind of block, compiled 7 times
+    config.model.update(vocab_size=256, num_groups=8, num_layers=2)
     return config
 
 
