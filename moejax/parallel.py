@@ -3,10 +3,16 @@
 Four mesh axes; a size-1 axis costs nothing:
   data    pure data parallelism: weights replicated
   fsdp    data parallelism with every weight and optimizer moment split (ZeRO-3)
-  expert  experts split; tokens travel to them by all-to-all
+  expert  experts split, tokens travel to them by all-to-all; other weights split as by fsdp
   tensor  heads and FFN hidden units split (Megatron); tokens replicated
 Tokens (the batch) are split over every axis but `tensor`. Models name the logical dims of
 their parameters and activations; `RULES` maps those names to mesh axes.
+
+Weights: a routed expert's weight is split over `expert` by its experts dim and over `fsdp` by
+its d_model dim; every other weight (attention, embeddings, norms, dense FFNs, routers) has its
+d_model dim split over `fsdp` and `expert` together, as MaxText's rules do, so that each device
+holds 1 / (fsdp x expert) of the whole state, not `expert` copies of the dense part. A mesh
+axis splits at most one dim of an array: the first that claims it (see `spec`).
 """
 
 import math
@@ -22,7 +28,7 @@ EXPERT_AXIS = "expert"
 RULES = {
     "batch": TOKEN_AXES,
     "vocab": ("tensor",),
-    "embed": ("fsdp",),  # weights only: activations keep d_model whole
+    "embed": ("fsdp", "expert"),  # weights only: activations keep d_model whole
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
@@ -51,26 +57,39 @@ def make_mesh(sizes: dict, devices=None) -> Mesh:
                          devices=devices[: math.prod(shape)])
 
 
+def _layout(names, shape, mesh: Mesh) -> list[tuple[tuple, tuple]]:
+    """(the mesh axes RULES asks for, the axes it gets) per dim. Dims are walked in order and
+    an axis an earlier dim took is not offered again: an expert weight [E, d, ...] named
+    ("experts", "embed", ...) has E over `expert` and d over `fsdp` alone. Axes of size 1 are
+    not asked for; trailing axes are dropped until the rest divide the dim."""
+    names = (None,) * (len(shape) - len(names)) + tuple(names)
+    taken, out = set(), []
+    for name, dim in zip(names, shape, strict=True):
+        wanted = tuple(a for a in RULES.get(name, ()) if mesh.shape[a] > 1 and a not in taken)
+        axes = wanted
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        taken.update(axes)
+        out.append((wanted, axes))
+    return out
+
+
 def spec(names, shape, mesh: Mesh) -> P:
     """PartitionSpec for an array whose trailing dims have these logical names (leading dims
     without a name, such as the layer axis of scanned blocks, are never split). A mesh axis
-    of size 1, or one that does not divide its dim, is left out."""
-    names = (None,) * (len(shape) - len(names)) + tuple(names)
-    out = []
-    for name, dim in zip(names, shape, strict=True):
-        axes = tuple(a for a in RULES.get(name, ()) if mesh.shape[a] > 1)
-        while axes and dim % math.prod(mesh.shape[a] for a in axes):
-            axes = axes[:-1]
-        out.append(axes[0] if len(axes) == 1 else (axes or None))
-    return P(*out)
+    of size 1, one that does not divide its dim, or one an earlier dim took, is left out."""
+    return P(*(axes[0] if len(axes) == 1 else (axes or None)
+               for _, axes in _layout(names, shape, mesh)))
 
 
 def undivided(names, shape, mesh: Mesh) -> list[str]:
-    """The logical dims whose mesh axes `spec` had to leave out because they do not divide."""
+    """The logical dims some of whose mesh axes `spec` had to leave out because they do not
+    divide them ('embed=48 (expert)' for d_model 48 on fsdp=4 x expert=8)."""
     names = (None,) * (len(shape) - len(names)) + tuple(names)
-    got = spec(names, shape, mesh)
-    return [f"{name}={dim}" for name, dim, s in zip(names, shape, got, strict=True)
-            if name and any(mesh.shape[a] > 1 for a in RULES.get(name, ())) and s is None]
+    return [f"{name}={dim} ({', '.join(a for a in wanted if a not in axes)})"
+            for name, dim, (wanted, axes) in zip(names, shape, _layout(names, shape, mesh),
+                                                  strict=True)
+            if len(axes) < len(wanted)]
 
 
 def names_of(variable) -> tuple:

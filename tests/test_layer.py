@@ -5,6 +5,8 @@ num_groups = 8, so the single-device run (8 groups on one device) and every 8-de
 (one group per device, devices in (data, expert) order) route and drop the same tokens.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,7 +212,10 @@ def test_compiled_layer_uses_all_to_all_and_never_gathers_experts():
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, xs).compile().as_text()
     assert hlo.count("all-to-all(") >= 4  # dispatch and return, forward and backward
-    assert "all-gather" not in hlo
+    # The one weight gathered is the router [d, E], split over expert like every non-expert
+    # weight (parallel.RULES); the experts' weights never cross the expert axis.
+    gathered = re.findall(r"= (\w+\[[\d,]*\])\S* all-gather\(", hlo)
+    assert set(gathered) == {f"f32[{D},8]"} and len(gathered) == hlo.count("all-gather("), gathered
 
 
 def test_eval_ignores_jitter_and_train_uses_it():
@@ -230,4 +235,4 @@ def test_param_counts_and_bytes():
     assert param_counts(model, top_k=2, num_experts=8) == {
         "total": router + experts, "active": router + experts // 4, "expert": experts}
     place(model, parallel.make_mesh({"data": 2, "expert": 4}))
-    assert bytes_per_device(nnx.state(model)) == 4 * (router + experts // 4)
+    assert bytes_per_device(nnx.state(model)) == 4 * (router + experts) // 4  # all over expert

@@ -241,14 +241,15 @@ SMOKE_MESH = {"fsdp": 2, "expert": 4}
 def smoke_elements() -> dict:
     """Per-device elements of tiny.py:smoke on fsdp=2 x expert=4, by hand from its sizes:
     experts split over expert and their d_model dim over fsdp; every other weight's d_model
-    dim over fsdp only (parallel.RULES)."""
+    dim over fsdp and expert together (parallel.RULES)."""
     layers, d, f, e, heads, head_dim, vocab = 2, 32, 64, 8, 2, 16, 257
     fsdp, ep = 2, 4
     w_in = layers * e * d * 2 * f // (ep * fsdp)  # swiglu: [E, d, 2, f]
     w_out = layers * e * f * d // (ep * fsdp)
-    router = layers * d * e // fsdp
+    router = layers * d * e // (fsdp * ep)
     other = (vocab * d + d  # tied embedding, final norm
-             + layers * (d * 2 * heads * head_dim + 2 * heads * head_dim * d + 2 * d)) // fsdp
+             + layers * (d * 2 * heads * head_dim + 2 * heads * head_dim * d + 2 * d)
+             ) // (fsdp * ep)
     return {"w_in": w_in, "w_out": w_out, "experts": w_in + w_out, "router": router,
             "other": other + router,
             # scales: the input dim of w_in (d) is split over fsdp: 16 per device, w_out's (f)
