@@ -120,7 +120,7 @@ def get_config(arg=None):
             grad_accum=1,  # micro-batches per step
             balance_coef=1e-2,  # the load-balancing loss's weight; 0 = off
             z_coef=1e-3,  # the router z-loss's weight; 0 = off
-            mtp_coef=0.3,  # the multi-token prediction loss's weight (DeepSeek-V3: 0.3)
+            mtp_coef=0.3,  # the multi-token prediction loss's weight (DeepSeek-V3: 0.3); 0 = off
             log_every=25,
             eval_every=200,
             eval_batches=8,

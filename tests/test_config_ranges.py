@@ -64,6 +64,13 @@ EXPECT = {
     "model.topk_group": {},
     "model.routed_scaling_factor": {},  # 0 would zero every routed expert's output
     "model.num_shared_experts": {0: ("plain", "no shared experts")},
+    "model.q_lora_rank": {0: ("doc", "0 = a full-rank query")},
+    # unused with attention=gqa, tiny's: 0 there is any value (mla refuses it: test_mla.py)
+    "model.kv_lora_rank": {0: ("plain", "unused by grouped-query attention")},
+    "model.qk_nope_head_dim": {0: ("plain", "unused by grouped-query attention")},
+    "model.qk_rope_head_dim": {0: ("plain", "unused by grouped-query attention")},
+    "model.v_head_dim": {0: ("plain", "unused by grouped-query attention")},
+    "model.mtp_layers": {0: ("doc", "0 = none")},
     "mesh.data": {-1: ("doc", "-1: all remaining devices")},
     "mesh.fsdp": {-1: ("doc", "-1: all remaining devices")},
     "mesh.expert": {-1: ("doc", "-1: all remaining devices")},
@@ -84,6 +91,7 @@ EXPECT = {
     "train.grad_accum": {},
     "train.balance_coef": {0: ("doc", "0 = off")},
     "train.z_coef": {0: ("doc", "0 = off")},
+    "train.mtp_coef": {0: ("doc", "0 = off")},
     "train.log_every": {},
     "train.eval_every": {},
     "train.eval_batches": {},
