@@ -176,12 +176,16 @@ _FINAL_EVAL_LOSS = {}
 
 
 def final_eval_loss(tmp_path_factory, dtype, quantization, moment_dtype):
-    """The smoke run's last held-out loss for this precision setting (each run once)."""
+    """The smoke run's last held-out loss for this precision setting (each run once). On one
+    device: the comparison is between precisions, not layouts (the quantized layer on every
+    mesh: test_quantized_layer_is_the_same_on_every_mesh), and the steps, evaluations and
+    saves of a run on the 8 simulated devices take longer."""
     from moejax.train import train_and_evaluate
 
     setting = (dtype, quantization, moment_dtype)
     if setting not in _FINAL_EVAL_LOSS:
         config = tiny.get_config("smoke")
+        config.mesh.data = 1
         config.model.update(dtype=dtype, quantization=quantization)
         config.train.moment_dtype = moment_dtype
         out = train_and_evaluate(config, str(tmp_path_factory.mktemp("run")))

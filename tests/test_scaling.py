@@ -29,9 +29,14 @@ def test_overrides_and_unknown_keys():
         scaling.variant_config("e3")
 
 
+# The runs on one device: the runner's table, plot and reuse do not depend on the layout, and
+# the steps, evaluations and saves of a run on the 8 simulated devices take longer.
+ONE = ["--config.mesh.data=1"]
+
+
 def test_runner_writes_table_and_plot_then_reuses_finished_runs(tmp_path, monkeypatch):
     variants, out, runs = ["dense,smoke", "e2,smoke"], tmp_path / "docs", tmp_path / "runs"
-    records = scaling.run(variants, str(out), str(runs), command="python -m ...")
+    records = scaling.run(variants, str(out), str(runs), ONE, command="python -m ...")
     text = (out / "scaling.md").read_text()
     for variant in variants:
         assert f"| {variant} |" in text
@@ -50,7 +55,7 @@ def test_runner_writes_table_and_plot_then_reuses_finished_runs(tmp_path, monkey
         raise AssertionError("trained again")
 
     monkeypatch.setattr(scaling, "train_and_evaluate", no_training)
-    again = scaling.run(variants, str(out), str(runs), command="python -m ...")
+    again = scaling.run(variants, str(out), str(runs), ONE, command="python -m ...")
     assert [r["eval"] for r in again] == [r["eval"] for r in records]
     text = (out / "scaling.md").read_text()
     assert text.startswith("# intro") and text.endswith("## Findings\n")
@@ -58,11 +63,11 @@ def test_runner_writes_table_and_plot_then_reuses_finished_runs(tmp_path, monkey
 
     # The command line: --config's own variant goes after each of --variants' (the same runs).
     argv = ["--config", f"{scaling.SWITCH}:smoke", "--variants=dense,e2", f"--out={out}",
-            f"--workdir={runs}"]
+            f"--workdir={runs}", *ONE]
     scaling.main(["scaling", *argv])
     text = (out / "scaling.md").read_text()
     assert "python -m moejax.scaling " + " ".join(argv) in text and "| e2,smoke |" in text
 
     # A workdir holding a different config is an error, not a silent mix of two runs.
     with pytest.raises(SystemExit, match="lr"):
-        scaling.run(variants[:1], str(out), str(runs), ["--config.train.lr=0.1"])
+        scaling.run(variants[:1], str(out), str(runs), [*ONE, "--config.train.lr=0.1"])

@@ -320,6 +320,7 @@ def test_resume_on_a_prepared_store_is_exact(tmp_path, stdlib_store):
     def smoke(**train):
         config = tiny.get_config("smoke")
         config.data.update(source="prepared", path=str(out))
+        config.mesh.data = 1  # the store's position, not the layout, is under test
         config.train.update(steps=4, warmup_steps=1, eval_every=4, eval_batches=1, ckpt_every=2,
                             **train)
         return config

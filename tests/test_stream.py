@@ -133,6 +133,7 @@ def test_resume_of_a_streamed_run_is_exact(tmp_path, caplog, monkeypatch):
         config.data.update(source="files", path=str(folder / "*.jsonl"), format="json",
                            text_key="body", streaming=True, shuffle_buffer=16,
                            eval_fraction=0.2)
+        config.mesh.data = 1  # the stream's position, not the layout, is under test
         config.train.update(steps=4, warmup_steps=1, eval_every=2, eval_batches=1, ckpt_every=2,
                             **train)
         return config

@@ -60,7 +60,9 @@ def test_same_losses_on_8_devices_and_on_1(tmp_path):
 
 
 def test_dense_variant_has_no_experts(tmp_path):
-    out = train_and_evaluate(smoke(**{"model.num_experts": 0}), str(tmp_path))
+    # One device: that a model without experts trains does not depend on the layout (data
+    # parallelism: the other tests here).
+    out = train_and_evaluate(smoke(**{"model.num_experts": 0, "mesh.data": 1}), str(tmp_path))
     assert out["eval_loss"][6] < out["eval_loss"][0]
 
 

@@ -14,6 +14,11 @@ from moejax.run.metrics import CollapseAlarm
 from moejax.train import train_and_evaluate
 from tests.test_train import smoke
 
+# On one device: what these tests assert (upcycled weights, the bias step, the alarm) is the
+# same on any mesh, and the steps, evaluations and saves of a run on the 8 simulated devices
+# take longer. The layer's load and losses on every mesh: tests/test_layer.py.
+ONE = {"mesh.data": 1}
+
 
 def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch):
     restored = []
@@ -21,11 +26,11 @@ def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ocp.CheckpointManager, "restore",
                         lambda *a, **k: restored.append(restore(*a, **k)) or restored[-1])
     # Dense source: top_k=1, so its FFN is exactly one expert wide (d_ff = 64).
-    dense = train_and_evaluate(smoke(**{"model.num_experts": 0, "model.top_k": 1}),
+    dense = train_and_evaluate(smoke(**ONE, **{"model.num_experts": 0, "model.top_k": 1}),
                                str(tmp_path / "dense"))
     dense_loss = dense["eval_loss"][6]
     # Gates that sum to 1 and nothing dropped: every token gets k copies of the same FFN.
-    moe = train_and_evaluate(smoke(**{"train.init_from": str(tmp_path / "dense"),
+    moe = train_and_evaluate(smoke(**ONE, **{"train.init_from": str(tmp_path / "dense"),
                                       "model.renormalize": True, "model.dispatch": "dropless",
                                       "train.steps": 3, "train.stop_at": 2}),
                              str(tmp_path / "moe"))
@@ -34,12 +39,12 @@ def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch):
     assert [list(r.state) for r in restored] == [["params"]]
     np.testing.assert_allclose(moe["eval_loss"][0], dense_loss, rtol=1e-5)
     # A fresh MoE starts near log(vocab), far from the trained dense model.
-    fresh = train_and_evaluate(smoke(**{"train.stop_at": 1}), str(tmp_path / "fresh"))
+    fresh = train_and_evaluate(smoke(**ONE, **{"train.stop_at": 1}), str(tmp_path / "fresh"))
     assert fresh["eval_loss"][0] > dense_loss + 0.5
     # Resuming the upcycled run reads its own checkpoint, not the dense one again: it runs
     # with the dense run gone.
     shutil.rmtree(tmp_path / "dense")
-    again = train_and_evaluate(smoke(**{"train.init_from": str(tmp_path / "dense"),
+    again = train_and_evaluate(smoke(**ONE, **{"train.init_from": str(tmp_path / "dense"),
                                         "model.renormalize": True, "model.dispatch": "dropless",
                                         "train.steps": 3}), str(tmp_path / "moe"))
     assert list(again["train_loss"]) == [3]
@@ -75,7 +80,7 @@ def test_init_from_without_checkpoints_fails_before_compiling(tmp_path):
 
 def test_bias_update_is_applied_in_the_train_step(tmp_path):
     rate = 0.05
-    train_and_evaluate(smoke(**{"model.bias_rate": rate, "train.stop_at": 1,
+    train_and_evaluate(smoke(**ONE, **{"model.bias_rate": rate, "train.stop_at": 1,
                                 "train.log_every": 1}), str(tmp_path))
     import orbax.checkpoint as ocp
 
@@ -113,7 +118,7 @@ def test_collapse_alarm_counts_checks_in_a_row():
 def test_collapse_alarm_fires_on_a_collapsed_router(tmp_path, capsys):
     # Router weights at zero (lr 0, so they stay there) give every expert the same score; top_k
     # breaks ties by the lower index, so experts 0 and 1 take every token and 2..7 starve.
-    config = smoke(**{"train.lr": 0.0, "train.log_every": 1, "train.collapse_checks": 3,
+    config = smoke(**ONE, **{"train.lr": 0.0, "train.log_every": 1, "train.collapse_checks": 3,
                       "model.capacity_factor": 8.0})
     from moejax.moe.layer import MoE
 
