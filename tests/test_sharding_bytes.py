@@ -14,20 +14,12 @@ from moejax import cli, parallel
 from moejax.plan.estimate import resolve_vocab
 from moejax.run import state
 from moejax.run.params import bytes_per_device
+from tests.test_state import state_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `path.py[:variant]`, as --config takes it
 CONFIGS = ["configs/tiny.py", "configs/deepseek_v3.py:smoke"]
 LAYOUTS = [{"fsdp": 4, "expert": 2}, {"fsdp": 2, "expert": 4}]
-
-
-def held(tree) -> dict:
-    """Bytes each device holds of `tree`: the sum of its live arrays' shards there."""
-    out = {}
-    for x in jax.tree.leaves(tree):
-        for shard in x.addressable_shards:
-            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
-    return out
 
 
 def live_state(s: state.Setup) -> dict:
@@ -49,7 +41,7 @@ def test_each_device_holds_an_eighth_of_params_and_optimizer(spec, layout):
     train_state = live_state(s)
     for part in ("params", "opt_state"):
         total = sum(x.nbytes for x in jax.tree.leaves(train_state[part]))
-        per_device = held(train_state[part])
+        per_device = state_bytes(train_state[part])
         assert len(per_device) == 8
         print(f"{spec} {parallel.describe(s.mesh)} {part}: total / 8 = {total / 8 / 2**20:.3f} "
               f"MiB, per device {min(per_device.values()) / 2**20:.3f}-"

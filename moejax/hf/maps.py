@@ -467,12 +467,7 @@ def hf_config(config, dtype: str, saved: dict | None) -> dict:
         name = "OlmoeForCausalLM"
     else:
         name = "MixtralForCausalLM"
-
-    def need(ok, key, value, allowed):
-        if not ok:
-            raise ConfigError(f"model.{key}={value!r}: {name} cannot compute it; allowed: "
-                              f"{allowed}")
-
+    need = needs(name)
     need(m.num_experts > 0, "num_experts", m.num_experts, "> 0 (an MoE)")
     need(m.activation == "swiglu", "activation", m.activation, "swiglu")
     need(m.router_score == "softmax" and m.routing == "tokens", "router_score",
@@ -521,18 +516,22 @@ def hf_config(config, dtype: str, saved: dict | None) -> dict:
     return out
 
 
-def deepseek_hf_config(m, dtype: str, saved: dict | None) -> dict:
-    """config.json of DeepseekV3ForCausalLM for a model with attention=mla, as transformers
-    writes it (rope_parameters, model_type deepseek_v3), keeping an imported one's other
-    fields. A Kimi K2 import leaves as deepseek_v3: transformers' own class computes it, and
-    its auto_map names code files the export does not hold."""
-    name = DEEPSEEK
-
+def needs(name: str):
+    """need(ok, key, value, allowed): one line saying `name` cannot compute model.key=value."""
     def need(ok, key, value, allowed):
         if not ok:
             raise ConfigError(f"model.{key}={value!r}: {name} cannot compute it; allowed: "
                               f"{allowed}")
 
+    return need
+
+
+def deepseek_hf_config(m, dtype: str, saved: dict | None) -> dict:
+    """config.json of DeepseekV3ForCausalLM for a model with attention=mla, as transformers
+    writes it (rope_parameters, model_type deepseek_v3), keeping an imported one's other
+    fields. A Kimi K2 import leaves as deepseek_v3: transformers' own class computes it, and
+    its auto_map names code files the export does not hold."""
+    name, need = DEEPSEEK, needs(DEEPSEEK)
     need(m.num_experts > 0, "num_experts", m.num_experts, "> 0 (an MoE)")
     need(m.activation == "swiglu", "activation", m.activation, "swiglu")
     need(m.router_score == "sigmoid" and m.routing == "tokens", "router_score", m.router_score,
