@@ -183,7 +183,8 @@ class Transformer(nnx.Module):
         for k, module in enumerate(self.mtp, 1):
             ahead = self.embed_tokens(padded[:, k:k + inputs.shape[1]])
             layer_rng = None if rng is None else jax.random.fold_in(rng, self.num_layers + k)
-            h, a, normed_k = module(h, ahead, positions, train=train, rng=layer_rng)
+            run = remat(module, self.remat, train=train, rng=layer_rng)
+            h, a, normed_k = run(h, ahead, positions)
             if a is not None:  # one layer: the leading axis the scanned stacks' aux have
                 aux.append(jax.tree.map(lambda v: v[None], a))
             logits.append(self.head(normed_k))
@@ -242,6 +243,19 @@ class Transformer(nnx.Module):
             logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
         return constrain(logits, self.mesh, ("batch", None, "vocab"))
+
+
+def remat(module: nnx.Module, policy: str, **static):
+    """module(*arrays, **static), recomputed in the backward pass under REMAT[policy] as the
+    stacks' blocks are; `static`: its Python arguments (train, ...)."""
+    graphdef, state = nnx.split(module)
+
+    def call(state, *arrays):
+        return nnx.merge(graphdef, state)(*arrays, **static)
+
+    if REMAT[policy] is not None:
+        call = jax.checkpoint(call, policy=REMAT[policy], prevent_cse=False)
+    return lambda *arrays: call(state, *arrays)
 
 
 def stacked(aux: list) -> dict:
