@@ -234,11 +234,11 @@ def newest_that_restores(mgr: ocp.CheckpointManager, restore, skip,
     while steps := [s for s in reversed(mgr.all_steps()) if s not in tried]:
         step = steps[0]
         tried.add(step)
+        quiet_failed_reads()  # before: a failed read's others may report while it raises
         try:
             restored, error = restore(step), None
         except Exception as e:  # whatever broke, this step cannot be read
             restored, error = None, e
-            quiet_failed_reads()
         if on_every_process(error is None):
             return step, restored
         if (replaced is not None and replacements < MAX_REPLACED
@@ -251,12 +251,14 @@ def newest_that_restores(mgr: ocp.CheckpointManager, restore, skip,
 
 
 def quiet_failed_reads() -> None:
-    """After a failed restore, drop what Python would print for each read of it that was still
-    running: orbax runs a restore's reads in an event loop that it closes once the first read
-    fails; tensorstore then hands each other read's result to that closed loop, and the reads'
-    coroutines are dropped with their own errors. Each reaches sys.unraisablehook as a
-    traceback ("Event loop is closed", "Encountered error while reading array index"), dozens
-    burying the one line that says the step does not restore. Only these two are dropped."""
+    """For restores that fail, drop what Python would print for each read still running (the
+    hook goes in before the restore: those reads report from other threads while the failing
+    one is still being raised). orbax runs a restore's reads in an event loop that it closes
+    once the first read fails; tensorstore then hands each other read's result to that closed
+    loop, and the reads' coroutines are dropped with their own errors. Each reaches
+    sys.unraisablehook as a traceback ("Event loop is closed", "Encountered error while reading
+    array index"), dozens burying the one line that says the step does not restore. Only these
+    two are dropped."""
     previous = sys.unraisablehook
     if getattr(previous, "quiet_failed_reads", False):
         return
