@@ -1,6 +1,6 @@
 """How a transformers checkpoint maps onto moejax, per architecture: config.json <-> the model
-config, and each HF tensor <-> a slice of one moejax parameter. Pure: no files, no devices
-(moejax/convert.py does the reading and writing).
+config (DeepseekV3's in deepseek.py, the keys read by fields.py), and each HF tensor <-> a slice
+of one moejax parameter. Pure: no files, no devices (convert.py does the reading and writing).
 
 Our layouts: attention q [d, heads, hd], kv [d, 2, kv_heads, hd], out [heads, hd, d]; an FFN's
 w_in [d, 2, f] (gate, then up) and w_out [f, d]; experts with a leading [E]; a block's weights
@@ -14,116 +14,25 @@ multi-token prediction layers model.layers.{L + k}.* <-> mtp.k.* (their embed_to
 shared_head.head are copies of the model's: COPIES).
 """
 
-import dataclasses
-import math
-
 import jax
 import numpy as np
 
 from moejax.config_lib import ConfigError
+from moejax.hf.deepseek import deepseek_config, deepseek_hf_config
+from moejax.hf.fields import (  # noqa: F401  (FLOAT32: convert.py reads it here)
+    ARCHS,
+    DEEPSEEK,
+    FLOAT32,
+    Arch,
+    arch_of,
+    flag,
+    integer,
+    needs,
+    real,
+    rope_of,
+)
 from moejax.model.transformer import layer_stacks
 from moejax.run.checkpoint import path_name
-
-
-@dataclasses.dataclass(frozen=True)
-class Arch:
-    model_type: str
-    moe: str  # the MoE block of a layer
-    experts: tuple[str, str, str]  # an expert's gate, up and down projections
-    qk_norm: str  # moejax model.qk_norm
-
-
-ARCHS = {
-    "MixtralForCausalLM": Arch("mixtral", "block_sparse_moe", ("w1", "w3", "w2"), "none"),
-    "Qwen3MoeForCausalLM": Arch("qwen3_moe", "mlp", ("gate_proj", "up_proj", "down_proj"),
-                                "head"),
-    "OlmoeForCausalLM": Arch("olmoe", "mlp", ("gate_proj", "up_proj", "down_proj"), "all"),
-    "Qwen2MoeForCausalLM": Arch("qwen2_moe", "mlp", ("gate_proj", "up_proj", "down_proj"),
-                                "none"),
-    "DeepseekV3ForCausalLM": Arch("deepseek_v3", "mlp", ("gate_proj", "up_proj", "down_proj"),
-                                  "none"),
-}
-DEEPSEEK = "DeepseekV3ForCausalLM"
-# Tensors written float32 whatever the export's dtype: DeepSeek's release and transformers
-# (_keep_in_fp32_modules) keep the router's correction bias so, as moejax does.
-FLOAT32 = (".e_score_correction_bias",)
-
-
-def arch_of(hf: dict) -> str:
-    names = hf.get("architectures") or ["?"]
-    name = names[0] if isinstance(names, list) else names
-    if name not in ARCHS:
-        raise ConfigError(f"config.json architectures={name!r}: unknown; allowed: "
-                          f"{', '.join(ARCHS)}")
-    return name
-
-
-REQUIRED = object()
-
-
-def integer(hf: dict, key: str, default=REQUIRED, low: int = 1):
-    """config.json's `key`: an integer >= low (null or absent: `default`), else one line
-    naming the key and its value. JSON's true is no integer here, nor is 32.0."""
-    value = hf.get(key)
-    if value is None:
-        if default is REQUIRED:
-            raise ConfigError(f"config.json {key}: missing; allowed: an integer >= {low} (a "
-                              f"{arch_of(hf)} config.json has it)")
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"config.json {key}={value!r}: not an integer >= {low}; allowed: "
-                          f"an integer >= {low}")
-    return value
-
-
-def real(hf: dict, key: str, default, positive: bool = True, label: str = "") -> float:
-    """config.json's `key` (`label` in messages, default the key): a finite number > 0
-    (`positive`) or >= 0 (null or absent: `default`), else one line naming it and its value."""
-    value = hf.get(key)
-    if value is None:
-        return default
-    bound = "> 0" if positive else ">= 0"
-    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
-            or value < 0 or (positive and value == 0)):
-        raise ConfigError(f"config.json {label or key}={value!r}: not a finite number {bound}; "
-                          f"allowed: a finite number {bound}")
-    return float(value)
-
-
-def flag(hf: dict, key: str, default: bool) -> bool:
-    """config.json's `key`: true or false (null or absent: `default`); "false" is no false."""
-    value = hf.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ConfigError(f"config.json {key}={value!r}: not a boolean; allowed: true or "
-                          "false")
-    return value
-
-
-def rope_of(hf: dict) -> tuple[str, dict]:
-    """(the key it came from, the rotary embedding's parameters): rope_parameters
-    (transformers 5) or rope_scaling (4), which must agree where both are given, with
-    `type` read as `rope_type`."""
-    given = {}
-    for key in ("rope_parameters", "rope_scaling"):
-        value = hf.get(key)
-        if value is not None and not isinstance(value, dict):
-            raise ConfigError(f"config.json {key}={value!r}: not an object; allowed: null or "
-                              '{"rope_type": "default", "rope_theta": ...}')
-        if value:
-            rope = {k: v for k, v in value.items() if k != "type"}
-            rope["rope_type"] = value.get("rope_type", value.get("type", "default"))
-            given[key] = rope
-    if len(given) == 2:
-        ours, old = given["rope_parameters"], given["rope_scaling"]
-        if differ := sorted(k for k in ours.keys() & old.keys() if ours[k] != old[k]):
-            raise ConfigError(
-                f"config.json rope_scaling={hf['rope_scaling']!r}: disagrees with "
-                f"rope_parameters={hf['rope_parameters']!r} ({differ[0]}); allowed: one of "
-                "them, or both saying the same")
-    key = next(iter(given), "rope_parameters")
-    return key, given.get(key, {})
 
 
 def model_config(hf: dict) -> dict:
@@ -191,97 +100,6 @@ def model_config(hf: dict) -> dict:
         router_score="softmax", routing="tokens", bias_rate=0.0,
         num_shared_experts=shared // d_ff, shared_gate=bool(shared),
         qkv_bias=name == "Qwen2MoeForCausalLM" and flag(hf, "qkv_bias", True), jitter_eps=0.0,
-    )
-
-
-def deepseek_config(hf: dict) -> dict:
-    """model_config of a DeepseekV3ForCausalLM config.json, as transformers writes it
-    (rope_parameters) or as DeepSeek and Moonshot ship it (rope_scaling with `type`,
-    rope_theta beside it, scoring_func, topk_method, moe_layer_freq, Kimi K2's model_type
-    kimi_k2 and auto_map). A key absent takes DeepseekV3Config's default, as transformers does."""
-    name = DEEPSEEK
-
-    def refuse(key, value, allowed):
-        raise ConfigError(f"config.json {key}={value!r}: not supported for {name}; allowed: "
-                          f"{allowed}")
-
-    for key, allowed in (("hidden_act", ("silu",)), ("scoring_func", (None, "sigmoid")),
-                         ("topk_method", (None, "noaux_tc")), ("moe_layer_freq", (None, 1))):
-        if hf.get(key, allowed[0]) not in allowed:  # transformers computes only these
-            refuse(key, hf.get(key), " or ".join(str(a) for a in allowed if a is not None))
-    if hf.get("attention_bias"):
-        refuse("attention_bias", hf["attention_bias"], "false")
-    rope_key, rope = rope_of(hf)
-    kind = rope.get("rope_type", "default")
-    if kind not in ("default", "yarn"):
-        refuse(f"{rope_key}.rope_type", kind, "default or yarn")
-    theta = real(hf, "rope_theta", None)
-    inner = real(rope, "rope_theta", None, label=f"{rope_key}.rope_theta")
-    if None not in (theta, inner) and theta != inner:
-        raise ConfigError(f"config.json rope_theta={hf['rope_theta']!r}: disagrees with "
-                          f"{rope_key}.rope_theta={rope['rope_theta']!r}; allowed: one of them, "
-                          "or both the same")
-    if real(rope, "partial_rotary_factor", 1.0, label=f"{rope_key}.partial_rotary_factor") != 1:
-        refuse(f"{rope_key}.partial_rotary_factor", rope["partial_rotary_factor"], "1")
-    max_len = integer(hf, "max_position_embeddings", 4096)
-    yarn = {}
-    if kind == "yarn":
-        original = integer(rope, "original_max_position_embeddings", REQUIRED)
-        factor = real(rope, "factor", max_len / original, label=f"{rope_key}.factor")
-        if factor < 1:
-            refuse(f"{rope_key}.factor", rope.get("factor"), ">= 1")
-        if rope.get("truncate", True) is not True:
-            refuse(f"{rope_key}.truncate", rope["truncate"], "true (the default)")
-        # transformers reads `beta_fast or 32`, `beta_slow or 1`: a 0 is the default
-        fast = real(rope, "beta_fast", 0.0, positive=False, label=f"{rope_key}.beta_fast") or 32.0
-        slow = real(rope, "beta_slow", 0.0, positive=False, label=f"{rope_key}.beta_slow") or 1.0
-        mscale = real(rope, "mscale", 0.0, positive=False, label=f"{rope_key}.mscale")
-        all_dim = real(rope, "mscale_all_dim", 0.0, positive=False,
-                       label=f"{rope_key}.mscale_all_dim")
-        if rope.get("attention_factor") is not None:
-            from moejax.model.layers import Rope
-
-            ours = Rope(1.0, "yarn", factor, original, fast, slow, mscale,
-                        all_dim).attention_factor()
-            if real(rope, "attention_factor", None, label=f"{rope_key}.attention_factor") != ours:
-                refuse(f"{rope_key}.attention_factor", rope["attention_factor"],
-                       f"null or {ours!r} (what factor, mscale and mscale_all_dim give)")
-        yarn = dict(rope_scaling="yarn", rope_factor=factor, rope_original_max_len=original,
-                    rope_beta_fast=fast, rope_beta_slow=slow, rope_mscale=mscale,
-                    rope_mscale_all_dim=all_dim)
-    flag(hf, "rope_interleave", True)  # read by weight_map: checked here
-    hidden, heads = integer(hf, "hidden_size", 7168), integer(hf, "num_attention_heads", 128)
-    if integer(hf, "num_key_value_heads", heads) != heads:  # transformers' MLA needs as many
-        refuse("num_key_value_heads", hf["num_key_value_heads"], f"{heads} "
-               "(num_attention_heads) or null")
-    layers = integer(hf, "num_hidden_layers", 61)
-    dense = integer(hf, "first_k_dense_replace", 3, low=0)
-    if dense >= layers:
-        refuse("first_k_dense_replace", dense, f"< num_hidden_layers={layers} (an MoE layer)")
-    nope, rope_dim = integer(hf, "qk_nope_head_dim", 128), integer(hf, "qk_rope_head_dim", 64)
-    experts, n_group = integer(hf, "n_routed_experts", 256), integer(hf, "n_group", 8)
-    top_k = integer(hf, "num_experts_per_tok", 8)
-    return dict(
-        vocab_size=integer(hf, "vocab_size", 129280), d_model=hidden, num_layers=layers,
-        num_heads=heads, num_kv_heads=heads, head_dim=nope + rope_dim,
-        attention="mla",  # q_lora_rank null: a full-rank query; absent: the default
-        q_lora_rank=integer(hf, "q_lora_rank", 0 if "q_lora_rank" in hf else 1536),
-        kv_lora_rank=integer(hf, "kv_lora_rank", 512), qk_nope_head_dim=nope,
-        qk_rope_head_dim=rope_dim, v_head_dim=integer(hf, "v_head_dim", 128),
-        d_ff=integer(hf, "moe_intermediate_size", 2048),
-        dense_d_ff=integer(hf, "intermediate_size", 18432), activation="swiglu",
-        rope_theta=theta or inner or 10_000.0, **yarn,
-        norm_eps=real(hf, "rms_norm_eps", 1e-6), qk_norm="none", max_seq_len=max_len,
-        tie_embeddings=flag(hf, "tie_word_embeddings", False),
-        num_experts=experts, top_k=top_k, moe_every=1, first_dense_layers=dense,
-        renormalize=flag(hf, "norm_topk_prob", True),
-        dispatch="dropless", eval_capacity_factor=experts / top_k,
-        router_score="sigmoid", routing="tokens", bias_rate=0.0,
-        n_group=n_group, topk_group=integer(hf, "topk_group", 4),
-        routed_scaling_factor=real(hf, "routed_scaling_factor", 2.5),
-        num_shared_experts=integer(hf, "n_shared_experts", 1, low=0), shared_gate=False,
-        qkv_bias=False, jitter_eps=0.0,
-        mtp_layers=integer(hf, "num_nextn_predict_layers", 0, low=0),
     )
 
 
@@ -516,59 +334,3 @@ def hf_config(config, dtype: str, saved: dict | None) -> dict:
     return out
 
 
-def needs(name: str):
-    """need(ok, key, value, allowed): one line saying `name` cannot compute model.key=value."""
-    def need(ok, key, value, allowed):
-        if not ok:
-            raise ConfigError(f"model.{key}={value!r}: {name} cannot compute it; allowed: "
-                              f"{allowed}")
-
-    return need
-
-
-def deepseek_hf_config(m, dtype: str, saved: dict | None) -> dict:
-    """config.json of DeepseekV3ForCausalLM for a model with attention=mla, as transformers
-    writes it (rope_parameters, model_type deepseek_v3), keeping an imported one's other
-    fields. A Kimi K2 import leaves as deepseek_v3: transformers' own class computes it, and
-    its auto_map names code files the export does not hold."""
-    name, need = DEEPSEEK, needs(DEEPSEEK)
-    need(m.num_experts > 0, "num_experts", m.num_experts, "> 0 (an MoE)")
-    need(m.activation == "swiglu", "activation", m.activation, "swiglu")
-    need(m.router_score == "sigmoid" and m.routing == "tokens", "router_score", m.router_score,
-         "sigmoid with routing=tokens (attention=mla exports as DeepSeek-V3)")
-    need(m.moe_every == 1, "moe_every", m.moe_every, "1 (MoE in every layer after the "
-         "first_dense_layers)")
-    need(m.num_shared_experts >= 1, "num_shared_experts", m.num_shared_experts, ">= 1")
-    need(not m.shared_gate, "shared_gate", m.shared_gate, "False")
-    need(not m.qkv_bias, "qkv_bias", m.qkv_bias, "False")
-    need(m.qk_norm == "none", "qk_norm", m.qk_norm, "none")
-    out = dict(saved or {})
-    for key in ("auto_map", "rope_scaling", "quantization_config", "num_experts",
-                "num_local_experts"):
-        out.pop(key, None)
-    rope = {"rope_type": "default", "rope_theta": m.rope_theta}
-    if m.rope_scaling == "yarn":
-        rope.update(rope_type="yarn", factor=m.rope_factor,
-                    original_max_position_embeddings=m.rope_original_max_len or m.max_seq_len,
-                    beta_fast=m.rope_beta_fast, beta_slow=m.rope_beta_slow)
-        rope.update({k: v for k, v in (("mscale", m.rope_mscale),
-                                       ("mscale_all_dim", m.rope_mscale_all_dim)) if v})
-    nope, rope_dim = m.qk_nope_head_dim, m.qk_rope_head_dim
-    out.update(
-        architectures=[name], model_type="deepseek_v3", vocab_size=m.vocab_size,
-        hidden_size=m.d_model, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_heads, q_lora_rank=m.q_lora_rank or None,
-        kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim,
-        qk_head_dim=nope + rope_dim, head_dim=rope_dim, v_head_dim=m.v_head_dim,
-        intermediate_size=m.dense_d_ff or m.d_ff, moe_intermediate_size=m.d_ff,
-        n_routed_experts=m.num_experts, num_experts_per_tok=m.top_k,
-        n_shared_experts=m.num_shared_experts, n_group=m.n_group, topk_group=m.topk_group,
-        routed_scaling_factor=m.routed_scaling_factor, norm_topk_prob=bool(m.renormalize),
-        first_k_dense_replace=m.first_dense_layers, num_nextn_predict_layers=m.mtp_layers,
-        scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1,
-        rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, rope_parameters=rope,
-        rope_interleave=(saved or {}).get("rope_interleave", True), attention_bias=False,
-        tie_word_embeddings=bool(m.tie_embeddings), hidden_act="silu", dtype=dtype,
-        torch_dtype=dtype)
-    out.setdefault("max_position_embeddings", m.max_seq_len)
-    return out

@@ -1,0 +1,119 @@
+"""What a transformers config.json says, read with one-line errors: the architectures moejax
+converts (ARCHS), typed readers of its keys, its rotary parameters, and the refusal of a model
+an architecture cannot compute. Pure: no files, no devices."""
+
+import dataclasses
+import math
+
+from moejax.config_lib import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    model_type: str
+    moe: str  # the MoE block of a layer
+    experts: tuple[str, str, str]  # an expert's gate, up and down projections
+    qk_norm: str  # moejax model.qk_norm
+
+
+ARCHS = {
+    "MixtralForCausalLM": Arch("mixtral", "block_sparse_moe", ("w1", "w3", "w2"), "none"),
+    "Qwen3MoeForCausalLM": Arch("qwen3_moe", "mlp", ("gate_proj", "up_proj", "down_proj"),
+                                "head"),
+    "OlmoeForCausalLM": Arch("olmoe", "mlp", ("gate_proj", "up_proj", "down_proj"), "all"),
+    "Qwen2MoeForCausalLM": Arch("qwen2_moe", "mlp", ("gate_proj", "up_proj", "down_proj"),
+                                "none"),
+    "DeepseekV3ForCausalLM": Arch("deepseek_v3", "mlp", ("gate_proj", "up_proj", "down_proj"),
+                                  "none"),
+}
+DEEPSEEK = "DeepseekV3ForCausalLM"
+# Tensors written float32 whatever the export's dtype: DeepSeek's release and transformers
+# (_keep_in_fp32_modules) keep the router's correction bias so, as moejax does.
+FLOAT32 = (".e_score_correction_bias",)
+
+
+def arch_of(hf: dict) -> str:
+    names = hf.get("architectures") or ["?"]
+    name = names[0] if isinstance(names, list) else names
+    if name not in ARCHS:
+        raise ConfigError(f"config.json architectures={name!r}: unknown; allowed: "
+                          f"{', '.join(ARCHS)}")
+    return name
+
+
+REQUIRED = object()
+
+
+def integer(hf: dict, key: str, default=REQUIRED, low: int = 1):
+    """config.json's `key`: an integer >= low (null or absent: `default`), else one line
+    naming the key and its value. JSON's true is no integer here, nor is 32.0."""
+    value = hf.get(key)
+    if value is None:
+        if default is REQUIRED:
+            raise ConfigError(f"config.json {key}: missing; allowed: an integer >= {low} (a "
+                              f"{arch_of(hf)} config.json has it)")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"config.json {key}={value!r}: not an integer >= {low}; allowed: "
+                          f"an integer >= {low}")
+    return value
+
+
+def real(hf: dict, key: str, default, positive: bool = True, label: str = "") -> float:
+    """config.json's `key` (`label` in messages, default the key): a finite number > 0
+    (`positive`) or >= 0 (null or absent: `default`), else one line naming it and its value."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    bound = "> 0" if positive else ">= 0"
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or value < 0 or (positive and value == 0)):
+        raise ConfigError(f"config.json {label or key}={value!r}: not a finite number {bound}; "
+                          f"allowed: a finite number {bound}")
+    return float(value)
+
+
+def flag(hf: dict, key: str, default: bool) -> bool:
+    """config.json's `key`: true or false (null or absent: `default`); "false" is no false."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.json {key}={value!r}: not a boolean; allowed: true or "
+                          "false")
+    return value
+
+
+def rope_of(hf: dict) -> tuple[str, dict]:
+    """(the key it came from, the rotary embedding's parameters): rope_parameters
+    (transformers 5) or rope_scaling (4), which must agree where both are given, with
+    `type` read as `rope_type`."""
+    given = {}
+    for key in ("rope_parameters", "rope_scaling"):
+        value = hf.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config.json {key}={value!r}: not an object; allowed: null or "
+                              '{"rope_type": "default", "rope_theta": ...}')
+        if value:
+            rope = {k: v for k, v in value.items() if k != "type"}
+            rope["rope_type"] = value.get("rope_type", value.get("type", "default"))
+            given[key] = rope
+    if len(given) == 2:
+        ours, old = given["rope_parameters"], given["rope_scaling"]
+        if differ := sorted(k for k in ours.keys() & old.keys() if ours[k] != old[k]):
+            raise ConfigError(
+                f"config.json rope_scaling={hf['rope_scaling']!r}: disagrees with "
+                f"rope_parameters={hf['rope_parameters']!r} ({differ[0]}); allowed: one of "
+                "them, or both saying the same")
+    key = next(iter(given), "rope_parameters")
+    return key, given.get(key, {})
+
+
+def needs(name: str):
+    """need(ok, key, value, allowed): one line saying `name` cannot compute model.key=value."""
+    def need(ok, key, value, allowed):
+        if not ok:
+            raise ConfigError(f"model.{key}={value!r}: {name} cannot compute it; allowed: "
+                              f"{allowed}")
+
+    return need
