@@ -82,7 +82,7 @@ def get_config(arg=None):
             shared_gate=False,
             mtp_layers=1,
         ),
-        mesh=dict(data=1, fsdp=-1, expert=1, tensor=1),
+        mesh=dict(data=1, fsdp=-1, expert=1, context=1, tensor=1),
         data=dict(
             source="hub",
             path="HuggingFaceFW/fineweb-edu",

@@ -83,7 +83,7 @@ def get_config(arg=None):
             mtp_layers=0,
         ),
         # One device: a single capacity group holds the whole 4096-token batch.
-        mesh=dict(data=1, fsdp=1, expert=1, tensor=1),
+        mesh=dict(data=1, fsdp=1, expert=1, context=1, tensor=1),
         data=dict(
             source="stdlib",
             path="",

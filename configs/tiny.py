@@ -81,8 +81,9 @@ def get_config(arg=None):
         ),
         # Device mesh (moejax/parallel.py); one axis may be -1: all remaining devices.
         # data: weights replicated; fsdp: weights and optimizer split (ZeRO-3); expert:
-        # experts split, tokens sent by all-to-all; tensor: heads and FFN hidden split.
-        mesh=dict(data=-1, fsdp=1, expert=1, tensor=1),
+        # experts split, tokens sent by all-to-all; context: the sequence split (long
+        # sequences); tensor: heads and FFN hidden split.
+        mesh=dict(data=-1, fsdp=1, expert=1, context=1, tensor=1),
         data=dict(
             source="stdlib",  # stdlib | files | hub | prepared (a store of one of them)
             # files: a glob of local files; hub: the dataset name; prepared: the folder that

@@ -101,7 +101,7 @@ def check_mesh(mesh, num_devices: int | None = None) -> dict:
     (when known). Returns {axis: size}, the -1 filled in."""
     from moejax import parallel
 
-    given = {a: mesh[a] for a in parallel.AXES}
+    given = {a: mesh.get(a, 1) for a in parallel.AXES}
     if list(given.values()).count(-1) > 1:
         raise ConfigError(f"mesh={', '.join(f'{a}={s}' for a, s in given.items())!r}: allowed: "
                           "at most one axis -1 (all remaining devices)")

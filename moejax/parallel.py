@@ -1,11 +1,13 @@
 """The device mesh and the one table of how arrays are laid out on it.
 
-Four mesh axes; a size-1 axis costs nothing:
+Five mesh axes; a size-1 axis costs nothing:
   data    pure data parallelism: weights replicated
   fsdp    data parallelism with every weight and optimizer moment split (ZeRO-3)
   expert  experts split, tokens travel to them by all-to-all; other weights split as by fsdp
+  context the sequence split (context parallelism): attention gathers keys and values
   tensor  heads and FFN hidden units split (Megatron); tokens replicated
-Tokens (the batch) are split over every axis but `tensor`. Models name the logical dims of
+Rows of the batch are split over data, fsdp and expert; the positions of each row over
+context (activations: the logical dim "seq"). Models name the logical dims of
 their parameters and activations; `RULES` maps those names to mesh axes.
 
 Weights: a routed expert's weight is split over `expert` by its experts dim and over `fsdp` by
@@ -20,13 +22,17 @@ import math
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = ("data", "fsdp", "expert", "context", "tensor")
 TOKEN_AXES = ("data", "fsdp", "expert")
 EXPERT_AXIS = "expert"
+SEQ_AXIS = "context"
+# What the MoE layer treats as token shards: rows over TOKEN_AXES, positions over context.
+TOKEN_SHARD_AXES = (*TOKEN_AXES, SEQ_AXIS)
 
 # logical dim -> mesh axes. A dim its axes do not divide stays whole (see `spec`).
 RULES = {
     "batch": TOKEN_AXES,
+    "seq": (SEQ_AXIS,),  # activations only
     "vocab": ("tensor",),
     "embed": ("fsdp", "expert"),  # weights only: activations keep d_model whole
     "heads": ("tensor",),
@@ -38,7 +44,7 @@ RULES = {
 
 def mesh_sizes(mesh_config, num_devices: int) -> dict:
     """{axis: size} from the config's mesh, the one -1 (if any) filled with the devices left."""
-    sizes = {a: int(mesh_config[a]) for a in AXES}
+    sizes = {a: int(mesh_config.get(a, 1)) for a in AXES}
     rest = [a for a in AXES if sizes[a] == -1]
     if len(rest) == 1:
         known = math.prod(s for a, s in sizes.items() if a != rest[0])
@@ -123,7 +129,8 @@ def token_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def num_token_shards(mesh: Mesh | None) -> int:
-    return 1 if mesh is None else math.prod(mesh.shape[a] for a in TOKEN_AXES)
+    """Devices holding distinct tokens of a batch: rows x sequence shards."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in TOKEN_SHARD_AXES)
 
 
 def describe(mesh: Mesh) -> str:

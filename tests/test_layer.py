@@ -153,7 +153,7 @@ def test_same_numbers_on_every_mesh(path, num_experts, layout, monkeypatch):
     if dispatch == "capacity":
         assert float(aux0["dropped_frac"]) > 0.05  # dropping is really exercised
 
-    sizes = dict(zip(parallel.AXES, layout, strict=True))
+    sizes = dict(zip(("data", "fsdp", "expert", "tensor"), layout, strict=True))
     mesh = parallel.make_mesh(sizes)
     model = make(num_experts, 2, 1.0, mesh=mesh, dispatch=dispatch)
     want = [a if sizes.get(a, 1) > 1 else None for a in ("expert", "fsdp", None, "tensor")]

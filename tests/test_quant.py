@@ -144,7 +144,7 @@ def test_quantized_layer_is_the_same_on_every_mesh(path, name, layout, monkeypat
         _ONE_DEVICE[path, name] = loss_and_grads(
             quantized(make(8, 2, 1.0, dispatch=dispatch), name), x)
     _, y0, aux0, (g0, gx0) = _ONE_DEVICE[path, name]
-    mesh = parallel.make_mesh(dict(zip(parallel.AXES, layout, strict=True)))
+    mesh = parallel.make_mesh(dict(zip(("data", "fsdp", "expert", "tensor"), layout, strict=True)))
     model = quantized(make(8, 2, 1.0, mesh=mesh, dispatch=dispatch), name)
     xs = jax.device_put(x, parallel.token_sharding(mesh))
     _, y, aux, (g, gx) = loss_and_grads(model, xs)

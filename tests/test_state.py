@@ -33,7 +33,7 @@ def small(**model):
 
 def on(config, layout):
     config = config.copy_and_resolve_references()
-    config.mesh.update(dict(zip(parallel.AXES, layout, strict=True)))
+    config.mesh.update(dict(zip(("data", "fsdp", "expert", "tensor"), layout, strict=True)))
     return config
 
 
@@ -91,7 +91,7 @@ def test_same_loss_and_gradients_on_every_layout(one_device, layout):
 
 def assert_split(params, layout):
     """Each weight is really split as the table says (size-1 axes left out)."""
-    sizes = dict(zip(parallel.AXES, layout, strict=True))
+    sizes = dict(zip(("data", "fsdp", "expert", "tensor"), layout, strict=True))
     w_in = params["stacks"][0]["blocks"][0]["ffn"]["w_in"][...]
     assert list(w_in.sharding.spec) == [None] + [
         a if sizes.get(a, 1) > 1 else None for a in ("expert", "fsdp", None, "tensor")]

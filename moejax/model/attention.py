@@ -60,8 +60,8 @@ class Attention(nnx.Module):
             q, k, v = q + self.q_bias[...].astype(self.dtype), k + kv_bias[0], v + kv_bias[1]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = checkpoint_name(constrain(q, self.mesh, ("batch", None, "heads", None)), "attn_q")
-        k, v = (checkpoint_name(constrain(a, self.mesh, ("batch", None, "kv_heads", None)),
+        q = checkpoint_name(constrain(q, self.mesh, ("batch", "seq", "heads", None)), "attn_q")
+        k, v = (checkpoint_name(constrain(a, self.mesh, ("batch", "seq", "kv_heads", None)),
                                 "attn_kv") for a in (k, v))
         return (rotary(q, positions, self.theta, self.rope),
                 rotary(k, positions, self.theta, self.rope), v)

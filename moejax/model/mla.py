@@ -55,13 +55,13 @@ class LatentAttention(nnx.Module):
             q = einsum("bsr,rhe->bshe", c, self.w("q_up"), self.qtype)
         else:
             q = einsum("bsd,dhe->bshe", x, self.w("q"), self.qtype)
-        q = checkpoint_name(constrain(q, self.mesh, ("batch", None, "heads", None)), "attn_q")
+        q = checkpoint_name(constrain(q, self.mesh, ("batch", "seq", "heads", None)), "attn_q")
         return q[..., :self.nope], rotary(q[..., self.nope:], positions, self.theta, self.rope)
 
     def latent(self, x, positions):
         """[B, S, d] -> the normed latent c [B, S, Rkv] and the rotated k_rope [B, S, r]."""
         ckr = einsum("bsd,dr->bsr", x, self.w("kv_down"), self.qtype)
-        ckr = checkpoint_name(constrain(ckr, self.mesh, ("batch", None, None)), "attn_kv")
+        ckr = checkpoint_name(constrain(ckr, self.mesh, ("batch", "seq", None)), "attn_kv")
         c, k_rope = ckr[..., :self.rank], ckr[..., self.rank:]
         k_rope = rotary(k_rope[:, :, None], positions, self.theta, self.rope)[:, :, 0]
         return self.kv_norm(c), k_rope
@@ -70,7 +70,7 @@ class LatentAttention(nnx.Module):
         q_nope, q_rope = self.query(x, positions)
         c, k_rope = self.latent(x, positions)
         kv = einsum("bsr,rhe->bshe", c, self.w("kv_up"), self.qtype)
-        kv = constrain(kv, self.mesh, ("batch", None, "heads", None))
+        kv = constrain(kv, self.mesh, ("batch", "seq", "heads", None))
         k_nope, v = kv[..., :self.nope], kv[..., self.nope:]
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], -1)
         q = jnp.concatenate([q_nope, q_rope], -1)

@@ -86,7 +86,7 @@ class Block(nnx.Module):
             y, aux = self.ffn(h, train=train, rng=rng)
         else:
             y, aux = self.ffn(h), None
-        return constrain(x + y, self.mesh, ("batch", None, None)), aux
+        return constrain(x + y, self.mesh, ("batch", "seq", None)), aux
 
 
 class Stack(nnx.Module):
@@ -227,7 +227,7 @@ class Transformer(nnx.Module):
         # ZeRO-3 by hand for the lookup: gather the table's fsdp shards first, as XLA does for
         # matmul weights; a lookup into the split table would reshard the tokens instead.
         table = constrain(self.embed[...].astype(self.dtype), self.mesh, ("vocab", None))
-        return constrain(jnp.take(table, tokens, axis=0), self.mesh, ("batch", None, None))
+        return constrain(jnp.take(table, tokens, axis=0), self.mesh, ("batch", "seq", None))
 
     def logits(self, x):
         """x: [B, S, d] from the last block -> float32 logits [B, S, V]."""
@@ -242,7 +242,7 @@ class Transformer(nnx.Module):
         else:
             logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
-        return constrain(logits, self.mesh, ("batch", None, "vocab"))
+        return constrain(logits, self.mesh, ("batch", "seq", "vocab"))
 
 
 def remat(module: nnx.Module, policy: str, **static):

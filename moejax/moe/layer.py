@@ -24,7 +24,7 @@ from moejax.moe.dropless import ragged_ffn, ring_ffn, sorted_ffn
 from moejax.moe.experts import capacity_experts
 from moejax.moe.ffn import IN_NAMES, OUT_NAMES, ffn, flat_in, in_shape
 from moejax.moe.quant import QTYPES
-from moejax.parallel import EXPERT_AXIS, TOKEN_AXES, num_token_shards
+from moejax.parallel import EXPERT_AXIS, SEQ_AXIS, TOKEN_AXES, TOKEN_SHARD_AXES, num_token_shards
 
 # How assignments reach their experts (`model.dispatch`):
 #   capacity       [E, C, d] buffers per group, overflow past C dropped, all_to_all
@@ -245,17 +245,18 @@ class MoE(nnx.Module):
             y, aux = moe_ffn(grouped(x), router_w, experts, cfg, train=train,
                              activation=self.activation, bias=bias, noise=grouped(noise),
                              expert_axis=EXPERT_AXIS if sharded else None,
-                             token_axes=TOKEN_AXES if sharded else ())
+                             token_axes=TOKEN_SHARD_AXES if sharded else ())
             if tensor_split:  # each holds part of every hidden layer
                 y = jax.lax.psum(y, "tensor")
             return y.reshape(x.shape), aux
 
-        if sharded:
+        if sharded:  # rows over the token axes, positions over context
+            tokens = P(TOKEN_AXES, SEQ_AXIS)
             local = jax.shard_map(
                 local, mesh=mesh,
-                in_specs=(P(TOKEN_AXES), None if noise is None else P(TOKEN_AXES), P(),
+                in_specs=(tokens, None if noise is None else tokens, P(),
                           None if bias is None else P(), specs),
-                out_specs=(P(TOKEN_AXES), P()))
+                out_specs=(tokens, P()))
         y, aux = local(x, noise, self.router[...], bias, experts)
         y = checkpoint_name(y, "moe_out")
         if cfg.num_shared_experts:  # experts too: quantized with the routed ones
