@@ -95,6 +95,7 @@ def get_config(arg=None):
             text_key="text",
             eval_fraction=0.05,
             tokenizer="deepseek-ai/DeepSeek-V3",
+            documents=True,  # attention, positions and loss stop at document ends
             seq_len=4096,
             batch_size=1024,
             on_error="skip",

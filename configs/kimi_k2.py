@@ -97,6 +97,7 @@ def get_config(arg=None):
             # Kimi K2 ships a tiktoken model, not a tokenizer.json: point this at a tokenizer.json
             # made from it (moejax reads tokenizers' format).
             tokenizer="moonshotai/Kimi-K2-Instruct",
+            documents=True,  # attention, positions and loss stop at document ends
             seq_len=4096,
             batch_size=1024,
             on_error="skip",

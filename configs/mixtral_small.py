@@ -79,6 +79,7 @@ def get_config(arg=None):
             text_key="text",
             eval_fraction=0.05,
             tokenizer="mistralai/Mistral-7B-v0.1",
+            documents=True,  # attention, positions and loss stop at document ends
             seq_len=1024,
             batch_size=128,
             on_error="skip",

@@ -79,6 +79,7 @@ def get_config(arg=None):
             text_key="text",
             eval_fraction=0.05,
             tokenizer="gpt2",
+            documents=True,  # attention, positions and loss stop at document ends
             seq_len=2048,
             batch_size=32,
             on_error="skip",

@@ -86,6 +86,7 @@ def get_config(arg=None):
             text_key="text",
             eval_fraction=0.05,
             tokenizer="Qwen/Qwen3-30B-A3B",
+            documents=True,  # attention, positions and loss stop at document ends
             seq_len=4096,
             batch_size=256,
             on_error="skip",

@@ -82,6 +82,7 @@ def get_config(arg=None):
             text_key="text",
             eval_fraction=0.05,
             tokenizer="google-t5/t5-base",
+            documents=True,  # attention, positions and loss stop at document ends
             seq_len=512,
             batch_size=256,
             on_error="skip",

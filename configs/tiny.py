@@ -92,7 +92,7 @@ def get_config(arg=None):
             # Weighted prepared stores instead of data.path (with source=prepared, path=""):
             # "DIR_A:0.3,DIR_B:0.7", weights normalised; "" = one source (moejax/data/mixture.py)
             mixture="",
-            format="text",  # files: text | json | parquet
+            format="text",  # files: text | json | parquet | chat (JSONL conversations)
             hub_config="",  # hub: the dataset's config name
             split="train",
             streaming=False,  # hub: stream instead of downloading the whole set
@@ -102,6 +102,10 @@ def get_config(arg=None):
             # stops in one line when it opens the data, having nothing to evaluate).
             eval_fraction=0.05,
             tokenizer="byte",  # byte | a Hugging Face tokenizer name or path
+            # Each document of a packed row alone: attention stops at its end, positions start
+            # at 0, no loss across it (the EOS ends it). False: rows as one sequence (before
+            # data.documents). Checkpoints are the same either way.
+            documents=True,
             seq_len=128,
             batch_size=32,  # sequences per step, all hosts together
             on_error="skip",  # files: an unreadable or non-UTF-8 file is skipped (counted) | fail

@@ -116,8 +116,8 @@ def train(config, workdir: str) -> dict:
     history = {"train_loss": {}, "eval_loss": {}, "skipped_steps": []}
 
     def evaluate(step):
-        losses = [eval_fn(train_state["params"], batch) for batch in held_out]
-        loss = float(np.mean(jax.device_get(losses)))
+        sums = np.sum(jax.device_get([eval_fn(train_state["params"], b) for b in held_out]), 0)
+        loss = float(sums[0] / max(sums[1], 1.0))
         writer.scalars(step, {"eval/loss": loss, "eval/ppl": float(np.exp(loss))})
         writer.print(f"step {step}: eval loss {loss:.4f}, ppl {np.exp(loss):.2f}")
         history["eval_loss"][step] = loss

@@ -186,8 +186,8 @@ EXAMPLES = [  # overrides of the smoke config, the whole message
      f"model.moe_every=3: must be in 1..model.num_layers-first_dense_layers=2 {MOE_EVERY}"),
     (["model.moe_every=2", "model.first_dense_layers=1"],
      f"model.moe_every=2: must be in 1..model.num_layers-first_dense_layers=1 {MOE_EVERY}"),
-    (["mesh.fsdp=-1"], "mesh='data=-1, fsdp=-1, expert=1, tensor=1': allowed: at most one "
-     "axis -1 (all remaining devices)"),
+    (["mesh.fsdp=-1"], "mesh='data=-1, fsdp=-1, expert=1, context=1, tensor=1': allowed: at most "
+     "one axis -1 (all remaining devices)"),
 ]
 
 
@@ -260,14 +260,14 @@ def argv(monkeypatch):
         flags.FLAGS.unparse_flags()
 
 
-MESH_FORM = ("comma-separated AXIS=SIZE, each of data, fsdp, expert, tensor at most once, sizes "
-             ">= 1 and at most one -1 (all remaining devices), e.g. 'fsdp=8,expert=8'")
-TWO_REST = ("mesh='data=-1, fsdp=-1, expert=1, tensor=1': allowed: at most one axis -1 (all "
-            "remaining devices)")
+MESH_FORM = ("comma-separated AXIS=SIZE, each of data, fsdp, expert, context, tensor at most "
+             "once, sizes >= 1 and at most one -1 (all remaining devices), e.g. 'fsdp=8,expert=8'")
+TWO_REST = ("mesh='data=-1, fsdp=-1, expert=1, context=1, tensor=1': allowed: at most one axis "
+            "-1 (all remaining devices)")
 PLAN_BAD = [  # arguments after --config=configs/tiny.py:smoke, the whole stderr line
     (["--config.mesh.fsdp=-1"], TWO_REST),  # as train says it (EXAMPLES)
     (["--mesh=fsdp=-1"], TWO_REST),  # the config's data=-1 and the flag's
-    (["--mesh=data=1,fsdp=-1,expert=-1"], "mesh='data=1, fsdp=-1, expert=-1, tensor=1': "
+    (["--mesh=data=1,fsdp=-1,expert=-1"], "mesh='data=1, fsdp=-1, expert=-1, context=1, tensor=1': "
      "allowed: at most one axis -1 (all remaining devices)"),
     (["--mesh=fsdp=2,fsdp=4"], f"--mesh='fsdp=2,fsdp=4': axis 'fsdp' named twice; allowed: "
      f"{MESH_FORM}"),

@@ -135,7 +135,7 @@ def test_smoke_variant_applies_and_is_small(name):
     assert m.vocab_size == 0 and m.dtype == "float32"
     assert (d.source, d.tokenizer, d.streaming, d.seq_len, d.batch_size) == (
         "stdlib", "byte", False, 32, 16)
-    assert smoke.mesh.to_dict() == dict(data=-1, fsdp=1, expert=1, tensor=1)
+    assert smoke.mesh.to_dict() == dict(data=-1, fsdp=1, expert=1, context=1, tensor=1)
     assert smoke.train.steps <= 8 and smoke.train.eval_batches <= 2
     assert counts(smoke, 257)["total"] < 2e6
 

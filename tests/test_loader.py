@@ -52,7 +52,7 @@ def test_batches_come_in_order_from_the_step():
     ahead = make_loader(Rows(), step=3)
     try:
         for step in range(3, 9):
-            np.testing.assert_array_equal(np.asarray(next(ahead))[:, 0],
+            np.testing.assert_array_equal(np.asarray(next(ahead)["tokens"])[:, 0],
                                           np.arange(8 * step, 8 * step + 8))
         assert ahead.state() == {"next_index": 9}  # before the next batch
     finally:

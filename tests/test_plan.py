@@ -218,7 +218,7 @@ def test_cli_prints_the_report():
          "--mesh", "fsdp=2,expert=2", "--config.train.grad_accum=2"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    for line in ["mesh data=1 x fsdp=2 x expert=2 x tensor=1 (4 simulated devices)",
+    for line in ["mesh data=1 x fsdp=2 x expert=2 x context=1 x tensor=1 (4 simulated devices)",
                  "parameters", "train FLOPs", "grad_accum 2", "optimizer state",
                  "activations and temporaries", "peak", "verdict: AdamW training fits 80 GiB",
                  "precision: params float32, moments mu float32 / nu float32, compute float32, "

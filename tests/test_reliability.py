@@ -51,10 +51,10 @@ def files(tmp_path):
 INVALID = [  # overrides, then the start of the one-line error
     ({"mesh.expert": 3}, "model.num_experts=8: must be a multiple of mesh.expert=3"),
     ({"mesh.data": 4, "mesh.expert": 4},
-     "mesh='data=4 x fsdp=1 x expert=4 x tensor=1': needs 16 devices; allowed: at most the 8 "
-     "that exist"),
-    ({"mesh.fsdp": -1}, "mesh='data=-1, fsdp=-1, expert=1, tensor=1': allowed: at most one "
-     "axis -1"),
+     "mesh='data=4 x fsdp=1 x expert=4 x context=1 x tensor=1': needs 16 devices; allowed: at "
+     "most the 8 that exist"),
+    ({"mesh.fsdp": -1}, "mesh='data=-1, fsdp=-1, expert=1, context=1, tensor=1': allowed: at "
+     "most one axis -1"),
     ({"mesh.tensor": 0}, "mesh.tensor=0: must be >= 1, or -1 for all remaining devices"),
     ({"model.remat": "some"}, "model.remat='some': unknown; allowed: none, full, matmuls"),
     ({"model.num_kv_heads": 3}, "model.num_kv_heads=3: must be a divisor of num_heads=2"),
@@ -294,8 +294,8 @@ def test_nonfinite_step_changes_nothing(monkeypatch):
     # A finite loss whose gradient is NaN: d/dw sqrt(0 * w) = inf * 0.
     real = state.loss_fn
 
-    def nan_grads(params, *args):
-        loss, metrics = real(params, *args)
+    def nan_grads(params, *args, **kwargs):
+        loss, metrics = real(params, *args, **kwargs)
         return loss + jnp.sqrt(0.0 * jax.tree.leaves(params)[0].sum()), metrics
 
     monkeypatch.setattr(state, "loss_fn", nan_grads)

@@ -50,7 +50,7 @@ def loss_and_grads(config):
     grad = jax.jit(jax.value_and_grad(functools.partial(
         state.loss_fn, graphdef=s.graphdef, rng=jax.random.key(0), tc=config.train),
         has_aux=True))
-    (loss, _), grads = grad(params, tokens=tokens)
+    (loss, _), grads = grad(params, batch=tokens)
     flat = {path_name(p): np.asarray(g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
     return float(loss), flat, params
 

@@ -22,15 +22,23 @@ from moejax.data.stream import StreamBatches
 
 class Batches:
     """Global batch s is rows s * batch_size ... of `rows`, a grain MapDataset that runs on
-    past its end (epoch after epoch). `mixture`: where its rows come from, if a mixture."""
+    past its end (epoch after epoch). `mixture`: where its rows come from, if a mixture.
+    `eos_id` ends a document in token rows (None: a row is one document); `documents`:
+    data.documents (text.batch_arrays)."""
 
     def __init__(self, rows: grain.MapDataset, batch_size: int,
-                 mixture: mixture_lib.Mixture | None = None):
+                 mixture: mixture_lib.Mixture | None = None, eos_id: int | None = None,
+                 documents: bool = True):
         self.rows, self.batch_size, self.mixture = rows, batch_size, mixture
+        self.eos_id, self.documents = eos_id, documents
+
+    def arrays(self, rows) -> dict:
+        """A host's rows as the train step's arrays (text.batch_arrays)."""
+        return text.batch_arrays(rows, self.eos_id, self.documents)
 
     def host_batches(self, mine: slice) -> grain.MapDataset:
-        """Element s: this host's rows `mine` of global batch s, [rows, seq_len + 1] int32;
-        no other row is read."""
+        """Element s: this host's rows `mine` of global batch s, [rows, seq_len + 1] int32
+        (chat rows: [rows, 3, seq_len + 1]); no other row is read."""
         local = mine.stop - mine.start
 
         def row(i):  # the host's i-th row: row mine.start + i % local of batch i // local
@@ -55,7 +63,7 @@ def make_batches(cfg, tokenizer, split: str, seed: int) -> Batches | StreamBatch
     A data.mixture gives weighted batches of several prepared stores (mixture.py)."""
     if cfg.get("mixture", ""):
         mixture = mixture_lib.make(cfg, tokenizer, split, seed)
-        return Batches(mixture.rows, cfg.batch_size, mixture)
+        return Batches(mixture.rows, cfg.batch_size, mixture, tokenizer.eos_id, cfg.documents)
     if cfg.source == "prepared":
         sequences = store.open_split(cfg, tokenizer, split)
     else:
@@ -64,7 +72,12 @@ def make_batches(cfg, tokenizer, split: str, seed: int) -> Batches | StreamBatch
         if cfg.streaming:
             text.hf_dataset(cfg, streaming=True)  # its checks (files, text_key) before compiling
             return StreamBatches(cfg, tokenizer, split, seed)
-        sequences = text.pack(text.load_documents(cfg, split), tokenizer, cfg.seq_len)
+        if cfg.format == "chat":  # [n, 3, S + 1] rows: tokens, segments, loss_mask
+            from moejax.data import chat
+
+            sequences = chat.rows(cfg, tokenizer, split)
+        else:
+            sequences = text.pack(text.load_documents(cfg, split), tokenizer, cfg.seq_len)
     if len(sequences) < cfg.batch_size:
         key = "data.source='stdlib'" if cfg.source == "stdlib" else f"data.path={cfg.path!r}"
         more = "more text, a larger data.eval_fraction" if split == "eval" else "more text"
@@ -72,11 +85,15 @@ def make_batches(cfg, tokenizer, split: str, seed: int) -> Batches | StreamBatch
                           f"of data.seq_len + 1 = {cfg.seq_len + 1} tokens; allowed: at least "
                           f"data.batch_size={cfg.batch_size} ({more}, or a smaller batch "
                           "or seq_len)")
-    return array_batches(sequences, cfg.batch_size, seed, shuffle=split == "train")
+    return array_batches(sequences, cfg.batch_size, seed, shuffle=split == "train",
+                         eos_id=tokenizer.eos_id, documents=cfg.documents)
 
 
-def array_batches(sequences, batch_size: int, seed: int, shuffle: bool) -> Batches:
-    """Batches of the rows of `sequences` ([n, seq_len + 1], an array or a memory map):
-    shuffled by grain's index shuffle (a new order each epoch), or in order."""
+def array_batches(sequences, batch_size: int, seed: int, shuffle: bool,
+                  eos_id: int | None = None, documents: bool = True) -> Batches:
+    """Batches of the rows of `sequences` ([n, seq_len + 1], an array or a memory map, or
+    chat.py's [n, 3, seq_len + 1]): shuffled by grain's index shuffle (a new order each
+    epoch), or in order."""
     rows = grain.MapDataset.source(sequences)
-    return Batches(rows.shuffle(seed) if shuffle else rows, batch_size)
+    return Batches(rows.shuffle(seed) if shuffle else rows, batch_size, eos_id=eos_id,
+                   documents=documents)

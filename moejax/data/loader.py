@@ -36,10 +36,17 @@ def host_rows(sharding, shape: tuple[int, int]) -> slice:
     return slice(min(s.start or 0 for s in spans), max(s.stop or shape[0] for s in spans))
 
 
+def global_batch(batches, sharding, rows, shape: tuple[int, int]) -> dict:
+    """This host's `rows` of a batch -> the global batch: {"tokens", "segments", "loss_mask"}
+    (text.batch_arrays), each a jax.Array of `shape` laid out by `sharding`."""
+    return {name: jax.make_array_from_process_local_data(sharding, a, shape)
+            for name, a in batches.arrays(rows).items()}
+
+
 def global_arrays(batches, sharding, shape: tuple[int, int]) -> grain.IterDataset:
-    """Global batch 0, 1, ... of `batches` as jax.Arrays laid out by `sharding`."""
+    """Global batch 0, 1, ... of `batches` as dicts of jax.Arrays laid out by `sharding`."""
     return batches.host(host_rows(sharding, shape)).map(
-        lambda rows: jax.make_array_from_process_local_data(sharding, rows, shape))
+        lambda rows: global_batch(batches, sharding, rows, shape))
 
 
 class Loader:
@@ -59,7 +66,7 @@ class Loader:
         self.iterator.start_prefetch()  # now, not at the first batch: it reads meanwhile
         self.waited_s, self.taken = 0.0, 0  # since the last waited_ms()
 
-    def __next__(self) -> jax.Array:
+    def __next__(self) -> dict:
         started = time.perf_counter()
         try:
             batch = next(self.iterator)  # an error in reading it is raised here
@@ -96,9 +103,9 @@ def read_first(batches, mine: slice, count: int) -> list[np.ndarray]:
             raise e.one_line() from None
 
 
-def first_batches(batches, sharding, shape: tuple[int, int], count: int) -> list[jax.Array]:
+def first_batches(batches, sharding, shape: tuple[int, int], count: int) -> list[dict]:
     """Global batches 0 .. count - 1 (the held-out ones: read once and kept)."""
-    return [jax.make_array_from_process_local_data(sharding, rows, shape)
+    return [global_batch(batches, sharding, rows, shape)
             for rows in read_first(batches, host_rows(sharding, shape), count)]
 
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from moejax.config_lib import ConfigError
-from moejax.data.text import hf_dataset, split_parts
+from moejax.data.text import batch_arrays, hf_dataset, split_parts
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,10 @@ class StreamBatches:
 
     def __init__(self, cfg, tokenizer, split: str, seed: int):
         self.cfg, self.tokenizer, self.split, self.seed = cfg, tokenizer, split, seed
+
+    def arrays(self, rows) -> dict:
+        """A host's rows as the train step's arrays (text.batch_arrays)."""
+        return batch_arrays(rows, self.tokenizer.eos_id, self.cfg.documents)
 
     def host(self, mine: slice) -> StreamDataset:
         """This host's rows `mine` of global batch 0, 1, ...; its state is the position."""

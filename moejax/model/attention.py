@@ -66,9 +66,12 @@ class Attention(nnx.Module):
         return (rotary(q, positions, self.theta, self.rope),
                 rotary(k, positions, self.theta, self.rope), v)
 
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, segments=None):
+        """x: [B, S, d] at positions [B, S]; a token attends to the tokens of its own
+        document (segments [B, S]; None: the row is one) at its position and before."""
         q, k, v = self.project(x, positions)
-        y = checkpoint_name(kernels.causal(q, k, v, self.mesh, self.scale), "attn_ctx")
+        y = checkpoint_name(kernels.causal(q, k, v, self.mesh, self.scale, segments, positions),
+                            "attn_ctx")
         return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype)
 
     def decode(self, x, positions, cache, layer):

@@ -66,7 +66,8 @@ class LatentAttention(nnx.Module):
         k_rope = rotary(k_rope[:, :, None], positions, self.theta, self.rope)[:, :, 0]
         return self.kv_norm(c), k_rope
 
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, segments=None):
+        """x: [B, S, d] at positions [B, S] of documents `segments` ([B, S] or None: one)."""
         q_nope, q_rope = self.query(x, positions)
         c, k_rope = self.latent(x, positions)
         kv = einsum("bsr,rhe->bshe", c, self.w("kv_up"), self.qtype)
@@ -78,7 +79,7 @@ class LatentAttention(nnx.Module):
         # no output, so the narrower side is padded and the padding cut off after.
         width = max(q.shape[-1], v.shape[-1])
         q, k, v = (jnp.pad(a, ((0, 0),) * 3 + ((0, width - a.shape[-1]),)) for a in (q, k, v))
-        y = kernels.causal(q, k, v, self.mesh, self.scale)[..., :self.v_dim]
+        y = kernels.causal(q, k, v, self.mesh, self.scale, segments, positions)[..., :self.v_dim]
         y = checkpoint_name(y, "attn_ctx")
         return einsum("bshe,hed->bsd", y, self.w("out"), self.qtype)
 

@@ -26,11 +26,11 @@ class MTP(nnx.Module):
         self.head_norm = RMSNorm(d, cfg.norm_eps, param_dtype)
         self.dtype = DTYPES[cfg.dtype]
 
-    def __call__(self, h, ahead, positions, *, train, rng):
+    def __call__(self, h, ahead, positions, segments, *, train, rng):
         """h: [B, S, d] the previous depth's hidden state, ahead: [B, S, d] the embeddings of
         the tokens k places ahead -> (this depth's hidden state, its MoE aux or None), and
         the hidden state head_norm'd for the output head."""
         x = jnp.concatenate([self.enorm(ahead), self.hnorm(h)], -1)
         x = x @ self.proj[...].astype(self.dtype)
-        h, aux = self.block(x, positions, train=train, rng=rng)
+        h, aux = self.block(x, positions, segments, train=train, rng=rng)
         return h, aux, self.head_norm(h)

@@ -73,17 +73,20 @@ class Block(nnx.Module):
             self.ffn = MLP(cfg.d_model, d_ff, cfg.activation, dtype, param_dtype, rngs,
                            dense_qtype(cfg))
 
-    def __call__(self, x, positions, *, train, rng):
-        return self.feed_forward(x + self.attn(self.attn_norm(x), positions), train, rng)
+    def __call__(self, x, positions, segments, *, train, rng):
+        """segments: [B, S] documents (0: padding, which the MoE layer neither routes nor
+        counts) or None (every row one document, no padding)."""
+        y = self.attn(self.attn_norm(x), positions, segments)
+        return self.feed_forward(x + y, train, rng, None if segments is None else segments != 0)
 
     def decode(self, x, positions, cache, layer):
         y, cache = self.attn.decode(self.attn_norm(x), positions, cache, layer)
         return self.feed_forward(x + y, train=False, rng=None)[0], cache
 
-    def feed_forward(self, x, train, rng):
+    def feed_forward(self, x, train, rng, real=None):
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
-            y, aux = self.ffn(h, train=train, rng=rng)
+            y, aux = self.ffn(h, train=train, rng=rng, real=real)
         else:
             y, aux = self.ffn(h), None
         return constrain(x + y, self.mesh, ("batch", "seq", None)), aux
@@ -103,14 +106,14 @@ class Stack(nnx.Module):
         self.blocks = nnx.merge(graphdef, jax.vmap(lambda k: nnx.state(one(k)))(keys))
         self.layers = tuple(range(first, first + repeats * period, period))  # static
 
-    def __call__(self, x, positions, *, train, rng, remat: str):
+    def __call__(self, x, positions, segments, *, train, rng, remat: str):
         graphdef, state = nnx.split(self.blocks)
 
         def body(x, inputs):
             state, layer = inputs
             aux = None
             for j, block in enumerate(nnx.merge(graphdef, state)):
-                x, a = block(x, positions, train=train,
+                x, a = block(x, positions, segments, train=train,
                              rng=None if rng is None else jax.random.fold_in(rng, layer + j))
                 aux = a if a is not None else aux
             return x, aux
@@ -161,20 +164,22 @@ class Transformer(nnx.Module):
                              for k in range(cfg.mtp_layers)])
         self.num_layers = cfg.num_layers
 
-    def __call__(self, tokens, *, train: bool, rng=None):
+    def __call__(self, tokens, *, train: bool, rng=None, segments=None):
         """tokens: [B, S] int -> float32 logits [B, S, V] and the MoE layers' aux dict, each
-        value stacked over MoE layers in layer order ({} for a dense model)."""
-        x, aux = self.hidden(tokens, train=train, rng=rng)
+        value stacked over MoE layers in layer order ({} for a dense model). segments: [B, S]
+        int, the document of each token (1, 2, ... along a row; 0 = padding), or None: each
+        row one document. A document sees only itself, its positions starting at 0."""
+        x, aux = self.hidden(tokens, train=train, rng=rng, segments=segments)
         return self.logits(x), stacked(aux)
 
-    def with_mtp(self, tokens, *, train: bool, rng=None):
+    def with_mtp(self, tokens, *, train: bool, rng=None, segments=None):
         """tokens: [B, S + 1], the inputs and the last target -> the logits for tokens[:, :-1]
         as __call__'s, aux over the MoE layers and then the MTP modules', and the MTP logits
         [D, B, S, V]: depth k's at position i score tokens[:, i + k + 1], those past the end
         scoring nothing (the loss masks them)."""
         inputs = tokens[:, :-1]
-        x, aux = self.hidden(inputs, train=train, rng=rng)
-        positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+        x, aux = self.hidden(inputs, train=train, rng=rng, segments=segments)
+        positions = document_positions(inputs, segments)
         padded = jnp.pad(tokens, ((0, 0), (0, len(self.mtp))))
         # Depth 1 reads the main model's final-normed state, as transformers' and vLLM's
         # DeepSeek-V3 drafters do; depth k > 1 the block output of depth k - 1.
@@ -184,19 +189,19 @@ class Transformer(nnx.Module):
             ahead = self.embed_tokens(padded[:, k:k + inputs.shape[1]])
             layer_rng = None if rng is None else jax.random.fold_in(rng, self.num_layers + k)
             run = remat(module, self.remat, train=train, rng=layer_rng)
-            h, a, normed_k = run(h, ahead, positions)
+            h, a, normed_k = run(h, ahead, positions, segments)
             if a is not None:  # one layer: the leading axis the scanned stacks' aux have
                 aux.append(jax.tree.map(lambda v: v[None], a))
             logits.append(self.head(normed_k))
         return self.head(normed), stacked(aux), jnp.stack(logits)
 
-    def hidden(self, tokens, *, train: bool, rng=None):
+    def hidden(self, tokens, *, train: bool, rng=None, segments=None):
         """tokens: [B, S] -> the last block's output [B, S, d] and the stacks' aux dicts."""
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        positions = document_positions(tokens, segments)
         x = self.embed_tokens(tokens)
         aux = []
         for stack in self.stacks:
-            x, a = stack(x, positions, train=train, rng=rng, remat=self.remat)
+            x, a = stack(x, positions, segments, train=train, rng=rng, remat=self.remat)
             if a is not None:
                 aux.append(a)
         return x, aux
@@ -243,6 +248,16 @@ class Transformer(nnx.Module):
             logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
         return constrain(logits, self.mesh, ("batch", "seq", "vocab"))
+
+
+def document_positions(tokens, segments=None):
+    """[B, S] positions: each token's place in its document (segments), or in its row."""
+    index = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segments is None:
+        return index
+    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool),
+                              segments[:, 1:] != segments[:, :-1]], axis=1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
 def remat(module: nnx.Module, policy: str, **static):

@@ -63,10 +63,11 @@ class MoEConfig:
 
 
 def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=None, noise=None,
-            expert_axis=None, token_axes=()):
+            expert_axis=None, token_axes=(), real=None):
     """One MoE FFN over this device's groups.
 
     x: [G, T, d] groups held here; noise: like x or None; router_w: [d, E]; bias: [E] or None;
+    real: [G, T] bool, False for padding (routed nowhere, its output 0, in no statistic);
     experts: dict of w_in, w_out with this device's experts [E_local, ...].
     Inside shard_map, `expert_axis` names the axis experts are split over and `token_axes`
     the axes the groups are split over; outside, both are empty and everything is local.
@@ -81,12 +82,13 @@ def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=Non
     router_in = x.astype(jnp.float32) if noise is None else x.astype(jnp.float32) * noise
     logits = jnp.einsum("gtd,de->gte", router_in, router_w.astype(jnp.float32))
     if cfg.routing == "experts":
-        r = jax.vmap(partial(router.expert_choice, capacity=cap, score=cfg.router_score))(logits)
+        r = jax.vmap(partial(router.expert_choice, capacity=cap, score=cfg.router_score))(
+            logits, real=real)
     else:
         r = jax.vmap(partial(router.route, k=cfg.top_k, capacity=cap,
                              renormalize=cfg.renormalize, score=cfg.router_score,
                              bias=bias, n_group=cfg.n_group, topk_group=cfg.topk_group,
-                             routed_scaling_factor=cfg.routed_scaling_factor))(logits)
+                             routed_scaling_factor=cfg.routed_scaling_factor))(logits, real=real)
     qtype = QTYPES[cfg.quantization]
     if cfg.dispatch == "capacity":
         y = _capacity_ffn(x, r, experts, cap, activation, expert_axis, qtype)
@@ -94,7 +96,7 @@ def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=Non
         y = _dropless_ffn(x.reshape(-1, d), r.gates.reshape(-1, cfg.top_k),
                           r.expert_ids.reshape(-1, cfg.top_k), experts, activation,
                           expert_axis, cfg.dispatch, qtype).reshape(x.shape)
-    return y, _aux(x, logits, r, cfg.top_k, cfg.routing == "experts", token_axes)
+    return y, _aux(logits, r, cfg.top_k, cfg.routing == "experts", token_axes, real)
 
 
 def _dropless_ffn(x, gates, expert_ids, experts, activation, expert_axis, how, qtype):
@@ -136,27 +138,33 @@ def _capacity_ffn(x, r, experts, cap, activation, expert_axis, qtype):
     return jax.vmap(combine)(ye.reshape(num_groups, num_experts * cap, d), r.gates, slot, source)
 
 
-def _aux(x, logits, r, top_k, expert_choice, token_axes):
-    """Aux losses and routing statistics summed over the groups of every token shard."""
-    num_groups, group_size, _ = x.shape
-    num_experts = logits.shape[-1]
+def _aux(logits, r, top_k, expert_choice, token_axes, real=None):
+    """Aux losses and routing statistics over the real tokens of every token shard's groups:
+    sums, added over the shards, then divided by their count."""
+    if real is None:
+        real = jnp.ones(logits.shape[:-1], bool)
+    weight = real.astype(jnp.float32)
 
     def total(v):
         return jax.lax.psum(v, token_axes) if token_axes else v
 
-    num_tokens = total(num_groups * group_size)
+    def mean(per_token):  # [G, T] -> its mean over the real tokens of all shards
+        return total((per_token * weight).sum()) / num_tokens
+
+    num_tokens = jnp.maximum(total(weight.sum()), 1.0)
     tokens_per_expert = total(r.tokens_per_expert.sum(0))
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    probs = r.probs
     aux = {
         "balance_loss": router.balance_loss_from_sums(
-            total(r.probs.sum((0, 1))), tokens_per_expert, num_tokens, top_k),
-        "z_loss": total(router.z_loss(logits) * num_groups * group_size) / num_tokens,
+            total((probs * weight[..., None]).sum((0, 1))), tokens_per_expert, num_tokens, top_k),
+        "z_loss": mean(lse ** 2),
         "tokens_per_expert": tokens_per_expert,
         # Token choice: assignments past capacity. Expert choice: tokens no expert took.
-        "dropped_frac": (total((~r.keep.any(-1)).sum()) / num_tokens if expert_choice else
+        "dropped_frac": (mean(~r.keep.any(-1)) if expert_choice else
                          1.0 - total(r.keep.sum()) / (num_tokens * top_k)),
-        "entropy": total(router.entropy(r.probs.reshape(-1, num_experts)) * x[..., 0].size)
-        / num_tokens,
-        "top1_prob": total(r.probs.max(-1).sum()) / num_tokens,
+        "entropy": mean(router.token_entropy(probs)),
+        "top1_prob": mean(probs.max(-1)),
     }
     return aux
 
@@ -204,8 +212,10 @@ class MoE(nnx.Module):
             self.shared_gate = nnx.Param(init(rngs.params(), (d_model, 1), param_dtype),
                                          out_sharding=("embed", None), eager_sharding=False)
 
-    def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None):
-        """x: [B, S, d] -> ([B, S, d], aux). `rng` drives router jitter when training."""
+    def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None,
+                 real: jax.Array | None = None):
+        """x: [B, S, d] -> ([B, S, d], aux). `rng` drives router jitter when training;
+        real: [B, S] bool, False for padding, or None."""
         cfg, mesh = self.cfg, self.mesh
         shards = num_token_shards(mesh)
         num_groups = cfg.num_groups or shards
@@ -230,7 +240,7 @@ class MoE(nnx.Module):
         tensor_split = sharded and "tensor" in jax.tree.leaves(specs["w_out"])[0]
         x = x.astype(self.dtype)
 
-        def local(x, noise, router_w, bias, experts):
+        def local(x, noise, router_w, bias, experts, real):
             def grouped(a):  # [B_local, S, d] -> [groups here, tokens per group, d]
                 return None if a is None else a.reshape(num_groups // shards, -1, a.shape[-1])
 
@@ -245,7 +255,8 @@ class MoE(nnx.Module):
             y, aux = moe_ffn(grouped(x), router_w, experts, cfg, train=train,
                              activation=self.activation, bias=bias, noise=grouped(noise),
                              expert_axis=EXPERT_AXIS if sharded else None,
-                             token_axes=TOKEN_SHARD_AXES if sharded else ())
+                             token_axes=TOKEN_SHARD_AXES if sharded else (),
+                             real=None if real is None else real.reshape(num_groups // shards, -1))
             if tensor_split:  # each holds part of every hidden layer
                 y = jax.lax.psum(y, "tensor")
             return y.reshape(x.shape), aux
@@ -255,9 +266,10 @@ class MoE(nnx.Module):
             local = jax.shard_map(
                 local, mesh=mesh,
                 in_specs=(tokens, None if noise is None else tokens, P(),
-                          None if bias is None else P(), specs),
+                          None if bias is None else P(), specs,
+                          None if real is None else tokens),
                 out_specs=(tokens, P()))
-        y, aux = local(x, noise, self.router[...], bias, experts)
+        y, aux = local(x, noise, self.router[...], bias, experts, real)
         y = checkpoint_name(y, "moe_out")
         if cfg.num_shared_experts:  # experts too: quantized with the routed ones
             w_in, w_out = self.shared_in[...].astype(self.dtype), self.shared_out[...]

@@ -13,6 +13,8 @@ Token choice (Switch, GShard, Mixtral, DeepSeek-V3) in `route`, expert choice in
   token's 2nd choice, and so on. An assignment past its expert's capacity is dropped.
 - Balance loss `E * sum_e f_e * P_e`: f_e counts all k choices before dropping, divided by T*k,
   so a perfectly balanced router scores exactly 1 for any k.
+- Padding (`real` False): no expert, no slot, no gate; expert id E (one past the last), so
+  the dispatch paths leave it out; it counts in no statistic (moe/layer.py).
 """
 
 import math
@@ -47,13 +49,15 @@ def jitter_noise(rng: jax.Array, shape, eps: float) -> jax.Array:
 def expert_positions(expert_ids: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
     """Queue position of each assignment at its expert, by a stable sort (cost flat in E).
 
-    expert_ids: [T, k]. Returns positions [T, k] and tokens_per_expert [E].
+    expert_ids: [T, k], E for padding (counted nowhere; its position is meaningless).
+    Returns positions [T, k] and tokens_per_expert [E].
     """
     num_tokens, k = expert_ids.shape
     flat = expert_ids.T.reshape(-1)  # choice-major: all 1st choices come before any 2nd choice
     order = jnp.argsort(flat, stable=True)
-    counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    counts = jnp.bincount(flat, length=num_experts + 1).astype(jnp.int32)
     first_slot = jnp.cumsum(counts) - counts
+    counts = counts[:num_experts]
     pos_sorted = jnp.arange(flat.size, dtype=jnp.int32) - first_slot[flat[order]]
     positions = jnp.zeros_like(flat).at[order].set(pos_sorted)
     return positions.reshape(k, num_tokens).T, counts
@@ -83,8 +87,9 @@ def group_limit(choice: jax.Array, n_group: int, topk_group: int) -> jax.Array:
 
 def route(logits: jax.Array, k: int, capacity: int, renormalize: bool, score: str = "softmax",
           bias: jax.Array | None = None, n_group: int = 1, topk_group: int = 1,
-          routed_scaling_factor: float = 1.0) -> Routing:
-    """Token choice. logits: [T, E] for one capacity group; bias: [E] for selection only."""
+          routed_scaling_factor: float = 1.0, real: jax.Array | None = None) -> Routing:
+    """Token choice. logits: [T, E] for one capacity group; bias: [E] for selection only;
+    real: [T] bool, False for padding, or None (all real)."""
     num_experts = logits.shape[-1]
     s = scores(logits, score)
     choice = group_limit(s if bias is None else s + bias, n_group, topk_group)
@@ -94,12 +99,17 @@ def route(logits: jax.Array, k: int, capacity: int, renormalize: bool, score: st
         gates = gates / (gates.sum(axis=-1, keepdims=True) + 1e-20)
     gates = gates * routed_scaling_factor
     expert_ids = expert_ids.astype(jnp.int32)
+    keep = jnp.ones(expert_ids.shape, bool)
+    if real is not None:
+        keep = jnp.broadcast_to(real[:, None], expert_ids.shape)
+        expert_ids, gates = jnp.where(keep, expert_ids, num_experts), jnp.where(keep, gates, 0.0)
     positions, counts = expert_positions(expert_ids, num_experts)
     probs = s / s.sum(-1, keepdims=True)
-    return Routing(probs, gates, expert_ids, positions, positions < capacity, counts)
+    return Routing(probs, gates, expert_ids, positions, keep & (positions < capacity), counts)
 
 
-def expert_choice(logits: jax.Array, capacity: int, score: str = "softmax") -> Routing:
+def expert_choice(logits: jax.Array, capacity: int, score: str = "softmax",
+                  real: jax.Array | None = None) -> Routing:
     """Expert choice (Zhou et al. 2022): each expert takes the `capacity` tokens of the group
     that score highest for it; a token may get any number of experts, or none.
 
@@ -110,14 +120,18 @@ def expert_choice(logits: jax.Array, capacity: int, score: str = "softmax") -> R
     """
     num_tokens, num_experts = logits.shape
     s = scores(logits, score)
-    gates, token_ids = jax.lax.top_k(s.T, capacity)  # [E, C]; ties: lower token index
+    # Padding ranks below every real token (scores are >= 0) and is refused below.
+    choice = s if real is None else jnp.where(real[:, None], s, -1.0)
+    _, token_ids = jax.lax.top_k(choice.T, capacity)  # [E, C]; ties: lower token index
     experts = jnp.broadcast_to(jnp.arange(num_experts)[:, None], token_ids.shape)
     positions = jnp.full((num_tokens, num_experts), capacity, jnp.int32)
     positions = positions.at[token_ids, experts].set(
         jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), token_ids.shape))
     keep = positions < capacity
+    if real is not None:
+        keep = keep & real[:, None]
     expert_ids = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), keep.shape)
-    counts = jnp.full((num_experts,), capacity, jnp.int32)
+    counts = keep.sum(0).astype(jnp.int32)
     return Routing(s / s.sum(-1, keepdims=True), jnp.where(keep, s, 0.0), expert_ids,
                    positions, keep, counts)
 
@@ -150,6 +164,11 @@ def balance_loss(probs: jax.Array, expert_ids: jax.Array) -> jax.Array:
     return balance_loss_from_sums(probs.sum(0), counts, probs.shape[0], expert_ids.shape[-1])
 
 
+def token_entropy(probs: jax.Array) -> jax.Array:
+    """Router entropy in nats per token; probs: [..., E]."""
+    return -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+
+
 def entropy(probs: jax.Array) -> jax.Array:
     """Mean router entropy in nats over tokens; probs: [T, E]."""
-    return -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1))
+    return jnp.mean(token_entropy(probs))

@@ -170,7 +170,10 @@ class StepLog:
         m = jax.device_get(metrics)
         perf = self.progress.tick(step)  # None at the first step: nothing timed yet
         values = {"train/loss": m["loss"], "train/ce_loss": m["ce_loss"], "opt/lr": m["lr"],
-                  "opt/grad_norm": m["grad_norm"]}
+                  "opt/grad_norm": m["grad_norm"],
+                  # the targets the loss averages over, of all: padding, prompts and each
+                  # document's first token are not scored
+                  "data/scored_frac": m["scored_frac"]}
         if perf:
             values.update({"perf/tokens_per_s": perf["perf/tokens_per_s"],
                            "perf/step_ms": perf["perf/step_ms"],

@@ -151,60 +151,109 @@ def eval_step_fn(s: Setup):
                    out_shardings=replicated)
 
 
-def loss_fn(params, graphdef, tokens, rng, tc):
-    """tokens: [B, S + 1]. Returns CE + balance_coef * balance + z_coef * z (+ mtp_coef * the
-    multi-token prediction loss), and metrics."""
+def as_batch(batch) -> dict:
+    """The train step's batch (loader.global_batch): {"tokens", "segments", "loss_mask"},
+    each [B, S + 1]. A bare token array is one document per row, every target scored."""
+    if isinstance(batch, dict):
+        return batch
+    ones = jnp.ones_like(batch)
+    return {"tokens": batch, "segments": ones, "loss_mask": ones}
+
+
+def target_weights(batch: dict, ahead: int = 1) -> jax.Array:
+    """[B, S] float32: 1 where input i's target, the token `ahead` places on, is scored: it
+    exists, is supervised (loss_mask) and lies in input i's document; a document's first
+    token is never predicted from the one before, nor is padding."""
+    segments, supervised = batch["segments"], batch["loss_mask"]
+    seq = segments.shape[1] - 1
+
+    def target(a):  # a[:, i + ahead] at input i; 0 past the row's end
+        return jnp.pad(a, ((0, 0), (0, ahead)))[:, ahead:ahead + seq]
+
+    same_doc = (target(segments) == segments[:, :seq]) & (target(segments) != 0)
+    return (same_doc & (target(supervised) != 0)).astype(jnp.float32)
+
+
+def scored_counts(batch: dict, depths: int) -> jax.Array:
+    """[1 + depths] targets scored in `batch` by the next-token loss and each MTP depth: the
+    denominators of the losses' means (at least 1: a batch of padding scores 0, not NaN)."""
+    return jnp.maximum(jnp.stack([target_weights(batch, k + 1).sum()
+                                  for k in range(1 + depths)]), 1.0)
+
+
+def loss_fn(params, graphdef, batch, rng, tc, counts=None, share: float = 1.0):
+    """batch: as_batch's. Returns CE + balance_coef * balance + z_coef * z (+ mtp_coef * the
+    multi-token prediction loss), and metrics. The cross-entropies are sums over this batch's
+    scored targets divided by `counts` (scored_counts; None: this batch's own), so that the
+    micro-batches of a step add up to the mean over the whole batch; the router's losses and
+    statistics are this batch's, times `share` (1 / micro-batches)."""
+    batch = as_batch(batch)
+    tokens, segments = batch["tokens"], batch["segments"][:, :-1]
     model = nnx.merge(graphdef, params)
-    if len(model.mtp):
-        logits, aux, mtp_logits = model.with_mtp(tokens, train=True, rng=rng)
+    depths = len(model.mtp)
+    counts = scored_counts(batch, depths) if counts is None else counts
+    if depths:
+        logits, aux, mtp_logits = model.with_mtp(tokens, train=True, rng=rng, segments=segments)
     else:
-        logits, aux = model(tokens[:, :-1], train=True, rng=rng)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        logits, aux = model(tokens[:, :-1], train=True, rng=rng, segments=segments)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    ce = (ce * target_weights(batch)).sum() / counts[0]
     metrics = {"ce_loss": ce}
     loss = ce
     if aux:  # each value stacked over MoE layers; the losses are averaged over them
-        metrics["balance_loss"] = aux["balance_loss"].mean()
-        metrics["z_loss"] = aux["z_loss"].mean()
-        metrics["expert_load"] = aux["tokens_per_expert"]
-        metrics["dropped_frac"] = aux["dropped_frac"]
+        metrics["balance_loss"] = share * aux["balance_loss"].mean()
+        metrics["z_loss"] = share * aux["z_loss"].mean()
+        metrics["expert_load"] = share * aux["tokens_per_expert"]
+        metrics["dropped_frac"] = share * aux["dropped_frac"]
         loss = ce + tc.balance_coef * metrics["balance_loss"] + tc.z_coef * metrics["z_loss"]
-    if len(model.mtp):
-        metrics["mtp_loss"] = mtp_loss(mtp_logits, tokens)
+    if depths:
+        metrics["mtp_loss"] = mtp_loss(mtp_logits, batch, counts[1:])
         loss = loss + tc.mtp_coef * metrics["mtp_loss"]
     metrics["loss"] = loss
     return loss, metrics
 
 
-def mtp_loss(logits, tokens):
-    """logits: [D, B, S, V] of the MTP depths, tokens: [B, S + 1] -> the mean over depths of
-    each one's cross-entropy over the positions whose target exists: depth k at position i
-    scores tokens[:, i + k + 1], so the last k positions have none."""
+def mtp_loss(logits, batch, counts=None):
+    """logits: [D, B, S, V] of the MTP depths -> the mean over depths of each one's
+    cross-entropy over the targets it scores (target_weights): depth k at position i scores
+    tokens[:, i + k + 1], so the last k positions of a row, or of a document, have none.
+    counts: [D] the denominators (None: this batch's)."""
+    batch = as_batch(batch)
     depths, _, seq, _ = logits.shape
-    padded = jnp.pad(tokens, ((0, 0), (0, depths)))
+    counts = scored_counts(batch, depths)[1:] if counts is None else counts
+    padded = jnp.pad(batch["tokens"], ((0, 0), (0, depths)))
     losses = []
     for k in range(1, depths + 1):
         ce = optax.softmax_cross_entropy_with_integer_labels(logits[k - 1],
                                                              padded[:, k + 1:k + 1 + seq])
-        losses.append(ce[:, :seq - k].mean())
+        losses.append((ce * target_weights(batch, k + 1)).sum() / counts[k - 1])
     return jnp.mean(jnp.stack(losses))
 
 
-def train_step(state, tokens, step, *, graphdef, tx, lr, config):
-    """One optimizer step over `grad_accum` micro-batches of the global batch `tokens`."""
+def train_step(state, batch, step, *, graphdef, tx, lr, config):
+    """One optimizer step over `grad_accum` micro-batches of the global batch (as_batch's).
+    The loss is the mean over the scored targets of the whole batch, however it is split."""
     tc = config.train
+    batch = as_batch(batch)
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
     # [B, S+1] -> [A, B/A, S+1], taking every A-th row so each device keeps its own rows.
-    micro = tokens.reshape(-1, tc.grad_accum, tokens.shape[-1]).swapaxes(0, 1)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    micro = jax.tree.map(lambda a: a.reshape(-1, tc.grad_accum, a.shape[-1]).swapaxes(0, 1),
+                         batch)
+    counts = scored_counts(batch, config.model.mtp_layers)
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef, tc=tc,
+                                                   counts=counts, share=1 / tc.grad_accum),
+                                 has_aux=True)
 
     def accumulate(carry, i):
-        (_, m), g = grad_fn(state["params"], graphdef, micro[i], jax.random.fold_in(rng, i), tc)
+        one = jax.tree.map(lambda a: a[i], micro)
+        (_, m), g = grad_fn(state["params"], batch=one, rng=jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, carry, (g, m)), None
 
-    zeros = jax.eval_shape(lambda: grad_fn(state["params"], graphdef, micro[0], rng, tc))
+    first = jax.tree.map(lambda a: a[0], micro)
+    zeros = jax.eval_shape(lambda: grad_fn(state["params"], batch=first, rng=rng))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+    # Each micro-batch's loss and metrics are its share of the step's: they add up.
     (grads, metrics), _ = jax.lax.scan(accumulate, zeros, jnp.arange(tc.grad_accum))
-    grads, metrics = jax.tree.map(lambda x: x / tc.grad_accum, (grads, metrics))
 
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -216,7 +265,8 @@ def train_step(state, tokens, step, *, graphdef, tx, lr, config):
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
                              {"params": params, "opt_state": opt_state}, state)
-    metrics.update(grad_norm=grad_norm, lr=lr(step), skipped=jnp.logical_not(ok))
+    metrics.update(grad_norm=grad_norm, lr=lr(step), skipped=jnp.logical_not(ok),
+                   scored_frac=counts[0] / batch["segments"][:, 1:].size)
     return new_state, metrics
 
 
@@ -241,6 +291,13 @@ def update_router_bias(params, expert_load, rate: float):
     return jax.tree_util.tree_map_with_path(update, params)
 
 
-def eval_step(params, tokens, *, graphdef):
-    logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1], train=False)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+def eval_step(params, batch, *, graphdef):
+    """[the held-out batch's summed cross-entropy over its scored targets, their number]:
+    summed over batches, one mean over all of them. The router's bias does not move."""
+    batch = as_batch(batch)
+    tokens = batch["tokens"]
+    logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1], train=False,
+                                            segments=batch["segments"][:, :-1])
+    weights = target_weights(batch)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    return jnp.stack([(ce * weights).sum(), weights.sum()])
