@@ -53,7 +53,8 @@ from moejax.run import state
 from moejax.run.checkpoint import Checkpoints, path_name, read_params
 
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
+            "chat_template.jinja", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+            "merges.txt")
 
 
 def moejax_config(hf: dict, tokenizer: str, mesh: dict):
