@@ -199,7 +199,8 @@ def tensors(folder):
 @pytest.mark.slow
 def test_chat_fine_tune_of_an_import_exports(tmp_path):
     """qwen3_moe_top2 with the chat tokenizer beside it: imported, fine-tuned on chat.jsonl
-    (the template travels in hf/), its loss falling; exported, and the export imports again."""
+    (the template travels in hf/) on another mesh, its loss falling; exported, and the export
+    imports again."""
     src, work = str(tmp_path / "src"), str(tmp_path / "run")
     shutil.copytree(os.path.join(REPO, "tests", "fixtures", "hf", "qwen3_moe_top2"), src)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -212,8 +213,10 @@ def test_chat_fine_tune_of_an_import_exports(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout + done.stderr
 
-    run("moejax.convert", "from-hf", src, "--workdir", work, "--mesh", "data=1")
+    # Converted onto fsdp = 8, fine-tuned on data = 2 x expert = 2: the restore reshards.
+    run("moejax.convert", "from-hf", src, "--workdir", work, "--mesh", "fsdp=8")
     out = run("moejax.train", "--config", f"{work}/config.py", "--workdir", work,
+              "--config.mesh.fsdp=1", "--config.mesh.data=2", "--config.mesh.expert=2",
               "--config.data.source=files", "--config.data.format=chat",
               f"--config.data.path={FIXTURE}/chat.jsonl", "--config.data.seq_len=63",
               "--config.data.batch_size=4", "--config.data.eval_fraction=0.2",
