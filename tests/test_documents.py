@@ -119,3 +119,32 @@ def test_padding_changes_no_router_statistic():
     assert any(name.endswith("router_bias") for name in got)
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], atol=1e-6, err_msg=name)
+
+
+def test_loss_is_the_mean_over_the_whole_batch_whatever_grad_accum():
+    """Micro-batches with very different numbers of scored targets (a prompt-masked row and a
+    fully scored one): grad_accum = 2 gives the loss and the update of grad_accum = 1, as the
+    mean is taken over the scored targets of the whole batch, not per micro-batch."""
+    config = small(dispatch="dropless")
+    config.data.update(batch_size=4, seq_len=16)
+    mesh = parallel.make_mesh({})
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, EOS, (4, 17)).astype(np.int32)
+    # Rows 0 and 2 form micro-batch 0 of 2 (every 2nd row): nearly all masked; 1 and 3 not.
+    loss_mask = np.ones_like(tokens)
+    loss_mask[[0, 2], :15] = 0
+    batch = {"tokens": tokens, "segments": np.ones_like(tokens), "loss_mask": loss_mask}
+    runs = []
+    for accum in (1, 2):
+        c = config.copy_and_resolve_references()
+        c.train.grad_accum = accum
+        s = state.setup(c, mesh)
+        new, metrics = state.train_step_fn(s)(state.init(s), batch, jnp.int32(0))
+        runs.append((metrics, flat(new["params"])))
+    (m1, p1), (m2, p2) = runs
+    np.testing.assert_allclose(m2["ce_loss"], m1["ce_loss"], rtol=1e-6)
+    # 16 scored targets in rows 1 and 3, 2 in rows 0 and 2: a mean of the micro-batches'
+    # own means would weigh those 2 like 16.
+    np.testing.assert_allclose(m2["scored_frac"], (2 * 16 + 2 * 2) / 64, rtol=1e-6)
+    for name in p1:
+        np.testing.assert_allclose(p2[name], p1[name], atol=1e-6, err_msg=name)
