@@ -138,7 +138,9 @@ def validate(config, num_devices: int) -> None:
     for key, value in numeric_leaves(config):  # a key RANGES does not list yet
         check(not isinstance(value, float) or math.isfinite(value), key, value, "must be finite")
     sizes = check_mesh(config.mesh, num_devices)
-    expert, token_shards = sizes["expert"], math.prod(sizes.values()) // sizes["tensor"]
+    expert, context = sizes["expert"], sizes["context"]
+    rows = sizes["data"] * sizes["fsdp"] * expert  # the batch's rows split this many ways
+    token_shards = rows * context  # ... and each row's positions over context
     # The MoE layers are every moe_every-th after the first_dense_layers: none would leave an
     # MoE config dense (and a dense one's layer stacks follow the same rule).
     check(m.first_dense_layers < m.num_layers, "model.first_dense_layers", m.first_dense_layers,
@@ -192,14 +194,18 @@ def validate(config, num_devices: int) -> None:
     check(1 <= d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
           f"must be in 1..model.max_seq_len={m.max_seq_len}")
     check_data(d)
-    check(d.batch_size % (token_shards * t.grad_accum) == 0, "data.batch_size", d.batch_size,
-          f"must be a multiple of data x fsdp x expert x grad_accum = {token_shards} x "
+    check(d.batch_size % (rows * t.grad_accum) == 0, "data.batch_size", d.batch_size,
+          f"must be a multiple of data x fsdp x expert x grad_accum = {rows} x "
           f"{t.grad_accum}")
+    # Context parallelism deals each device an early and a late half of its rows' positions.
+    check(context == 1 or d.seq_len % (2 * context) == 0, "data.seq_len", d.seq_len,
+          f"must be a multiple of 2 x mesh.context = {2 * context}")
     if m.num_experts:  # the rule MoE.__call__ enforces, found now rather than when tracing
         micro_tokens = d.batch_size // t.grad_accum * d.seq_len
         check(m.num_groups >= 0 and m.num_groups % token_shards == 0
               and micro_tokens % (m.num_groups or 1) == 0, "model.num_groups", m.num_groups,
-              f"must be a multiple of the {token_shards} token shards (data x fsdp x expert) "
+              f"must be a multiple of the {token_shards} token shards (data x fsdp x expert x "
+              "context) "
               f"that divides the {micro_tokens} tokens of a micro-batch (data.batch_size / "
               "train.grad_accum x data.seq_len); 0 = one per token shard")
     one_of("train.schedule", t.schedule, ("cosine", "rsqrt"))

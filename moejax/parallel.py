@@ -5,15 +5,18 @@ Five mesh axes; a size-1 axis costs nothing:
   fsdp    data parallelism with every weight and optimizer moment split (ZeRO-3)
   expert  experts split, tokens travel to them by all-to-all; other weights split as by fsdp
   context the sequence split (context parallelism): attention gathers keys and values
+          (model/context.py); weights and optimizer split, as over fsdp
   tensor  heads and FFN hidden units split (Megatron); tokens replicated
 Rows of the batch are split over data, fsdp and expert; the positions of each row over
 context (activations: the logical dim "seq"). Models name the logical dims of
 their parameters and activations; `RULES` maps those names to mesh axes.
 
-Weights: a routed expert's weight is split over `expert` by its experts dim and over `fsdp` by
-its d_model dim; every other weight (attention, embeddings, norms, dense FFNs, routers) has its
-d_model dim split over `fsdp` and `expert` together, as MaxText's rules do, so that each device
-holds 1 / (fsdp x expert) of the whole state, not `expert` copies of the dense part. A mesh
+Weights: a routed expert's weight is split over `expert` by its experts dim and over `fsdp`
+and `context` by its d_model dim; every other weight (attention, embeddings, norms, dense
+FFNs, routers) has its d_model dim split over `fsdp`, `expert` and `context` together, as
+MaxText's rules do, so that each device holds 1 / (fsdp x expert x context) of the whole
+state, not `expert` or `context` copies of it (a long-context run's devices hold different
+positions of the same rows: a data-parallel axis for the weights). A mesh
 axis splits at most one dim of an array: the first that claims it (see `spec`).
 """
 
@@ -34,7 +37,7 @@ RULES = {
     "batch": TOKEN_AXES,
     "seq": (SEQ_AXIS,),  # activations only
     "vocab": ("tensor",),
-    "embed": ("fsdp", "expert"),  # weights only: activations keep d_model whole
+    "embed": ("fsdp", "expert", SEQ_AXIS),  # weights only: activations keep d_model whole
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
@@ -66,8 +69,8 @@ def make_mesh(sizes: dict, devices=None) -> Mesh:
 def _layout(names, shape, mesh: Mesh) -> list[tuple[tuple, tuple]]:
     """(the mesh axes RULES asks for, the axes it gets) per dim. Dims are walked in order and
     an axis an earlier dim took is not offered again: an expert weight [E, d, ...] named
-    ("experts", "embed", ...) has E over `expert` and d over `fsdp` alone. Axes of size 1 are
-    not asked for; trailing axes are dropped until the rest divide the dim."""
+    ("experts", "embed", ...) has E over `expert` and d over `fsdp` and `context` alone. Axes
+    of size 1 are not asked for; trailing axes are dropped until the rest divide the dim."""
     names = (None,) * (len(shape) - len(names)) + tuple(names)
     taken, out = set(), []
     for name, dim in zip(names, shape, strict=True):

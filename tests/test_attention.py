@@ -1,5 +1,6 @@
-"""The attention kernels: splash (in Pallas' interpreter) against a NumPy causal attention, the
-TPU program as exported from this CPU host, and the CPU path against jax's own attention."""
+"""The attention kernels: splash (in Pallas' interpreter) against a NumPy causal attention, with
+and without documents, the TPU program as exported from this CPU host, and the CPU path against
+jax's own attention. Context parallelism: tests/test_context.py."""
 
 import jax
 import jax.numpy as jnp
@@ -12,17 +13,20 @@ from moejax.model import kernels
 H, HD = 4, 16
 
 
-def numpy_attention(q, k, v, dy):
+def numpy_attention(q, k, v, dy, segments=None):
     """Causal grouped-query attention and its vjp, one (example, head) at a time:
-    q, dy [B, S, H, hd], k, v [B, S, KV, hd] -> y, dq, dk, dv."""
+    q, dy [B, S, H, hd], k, v [B, S, KV, hd] -> y, dq, dk, dv. With segments [B, S] a query
+    sees only the keys of its own document."""
     q, k, v, dy = (np.asarray(a, np.float64) for a in (q, k, v, dy))
     y, dq, dk, dv = (np.zeros_like(a) for a in (q, q, k, v))
     group, scale = q.shape[2] // k.shape[2], q.shape[3] ** -0.5
     above = np.triu(np.ones((q.shape[1],) * 2, bool), 1)
     for b in range(q.shape[0]):
+        hidden = above if segments is None else above | (
+            segments[b][:, None] != segments[b][None, :])
         for h in range(q.shape[2]):
             g = h // group  # the kv head this query head shares
-            s = np.where(above, -np.inf, q[b, :, h] @ k[b, :, g].T * scale)
+            s = np.where(hidden, -np.inf, q[b, :, h] @ k[b, :, g].T * scale)
             p = np.exp(s - s.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
             y[b, :, h] = p @ v[b, :, g]
@@ -34,6 +38,18 @@ def numpy_attention(q, k, v, dy):
     return y, dq, dk, dv
 
 
+def documents(rows: int, seq: int, seed: int = 0) -> np.ndarray:
+    """[rows, seq] int32: four documents of random lengths per row, 1 .. 4, then 0 to 5
+    positions of padding (0)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((rows, seq), np.int32)
+    for r in range(rows):
+        cuts = np.sort(rng.choice(np.arange(2, seq - 2), 3, replace=False))
+        out[r] = np.searchsorted(cuts, np.arange(seq), side="right") + 1
+        out[r, seq - rng.integers(0, 6):] = 0
+    return out
+
+
 def inputs(batch, seq, kv, dtype=jnp.float32):
     keys = jax.random.split(jax.random.key(seq + kv), 4)
     q, dy = (jax.random.normal(key, (batch, seq, H, HD), dtype) for key in keys[:2])
@@ -41,10 +57,11 @@ def inputs(batch, seq, kv, dtype=jnp.float32):
     return q, k, v, dy
 
 
-def check_against_numpy(fn, q, k, v, dy):
+def check_against_numpy(fn, q, k, v, dy, segments=None):
     y, vjp = jax.vjp(fn, q, k, v)
     got = (y, *vjp(dy))
-    for name, a, b in zip("y dq dk dv".split(), got, numpy_attention(q, k, v, dy), strict=True):
+    want = numpy_attention(q, k, v, dy, segments)
+    for name, a, b in zip("y dq dk dv".split(), got, want, strict=True):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
@@ -62,6 +79,40 @@ def test_sharded_splash_matches_numpy(kv):
     q, k, v, dy = inputs(2, 128, kv)
     fn = jax.jit(lambda q, k, v: kernels.splash(q, k, v, mesh, interpret=True))
     check_against_numpy(fn, q, k, v, dy)
+
+
+def test_splash_with_documents_matches_numpy():
+    # Four documents and padding per row: splash's SegmentIds and its causal mask together.
+    q, k, v, dy = inputs(2, 256, 2)
+    segments = documents(2, 256)
+    check_against_numpy(lambda q, k, v: kernels.splash(q, k, v, interpret=True,
+                                                       segments=jnp.asarray(segments)),
+                        q, k, v, dy, segments)
+
+
+def test_sharded_splash_with_documents_matches_numpy():
+    mesh = parallel.make_mesh({"data": 2, "tensor": 4})
+    q, k, v, dy = inputs(2, 128, 2)
+    segments = documents(2, 128, seed=1)
+    fn = jax.jit(lambda q, k, v: kernels.splash(q, k, v, mesh, interpret=True,
+                                                segments=jnp.asarray(segments)))
+    check_against_numpy(fn, q, k, v, dy, segments)
+
+
+def test_xla_with_documents_matches_numpy():
+    q, k, v, dy = inputs(2, 64, 2)
+    segments = documents(2, 64, seed=2)
+    check_against_numpy(lambda q, k, v: kernels.causal(q, k, v, None,
+                                                       segments=jnp.asarray(segments)),
+                        q, k, v, dy, segments)
+
+
+def test_packed_runs_for_cudnn():
+    # Hand-computed: runs of one id (padding too) with their lengths and start offsets, -1
+    # after the last. (cuDNN itself cannot be traced without a GPU: untested here.)
+    lengths, offsets = kernels.packed_runs(jnp.array([[1, 1, 2, 2, 2, 0], [1] * 6]))
+    np.testing.assert_array_equal(lengths, [[2, 3, 1, -1, -1, -1], [6, -1, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(offsets, [[0, 2, 5, -1, -1, -1, -1], [0] + [-1] * 6])
 
 
 def exported(fn, platform, *args):
@@ -86,6 +137,19 @@ def test_tpu_export_runs_splash_per_device():
     for platform in ("cuda", "cpu"):
         assert "tpu_custom_call" not in exported(fn, platform, q, k, v)
         assert "tpu_custom_call" not in exported(grad, platform, q, k, v)
+
+
+def test_tpu_export_with_documents_runs_splash_per_device():
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    q, k, v, _ = inputs(4, 256, 2, jnp.bfloat16)
+    segments = jnp.asarray(documents(4, 256))
+
+    def fn(q, k, v):
+        return kernels.causal(q, k, v, mesh, segments=segments)
+
+    assert exported(fn, "tpu", q, k, v).count("tpu_custom_call") == 1
+    for platform in ("cuda", "cpu"):
+        assert "tpu_custom_call" not in exported(fn, platform, q, k, v)
 
 
 def test_short_sequence_exports_xla_attention_for_tpu():

@@ -74,6 +74,7 @@ EXPECT = {
     "mesh.data": {-1: ("doc", "-1: all remaining devices")},
     "mesh.fsdp": {-1: ("doc", "-1: all remaining devices")},
     "mesh.expert": {-1: ("doc", "-1: all remaining devices")},
+    "mesh.context": {-1: ("doc", "-1: all remaining devices")},
     "mesh.tensor": {-1: ("doc", "-1: all remaining devices")},
     "data.shuffle_buffer": {0: ("doc", "0: in order")},
     "data.eval_fraction": {0: ("doc", "0: none")},
@@ -328,7 +329,7 @@ def test_plan_mesh_is_spelled_as_trains(argv, monkeypatch):
     argv(f"--config={SPEC}", "--mesh=data=1,fsdp=2,expert=-1")
     with pytest.raises(SystemExit, match="^error: planned$"):
         plan_main()
-    assert seen == {"data": 1, "fsdp": 2, "expert": 1, "tensor": 1}
+    assert seen == {"data": 1, "fsdp": 2, "expert": 1, "context": 1, "tensor": 1}
 
 
 # ---------------------------------------------------------------------------------------------

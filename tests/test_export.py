@@ -179,3 +179,33 @@ def test_latent_attention_step_and_decode_export(platform):
     # [repeats, period, B, L, kv_lora_rank] and [.., qk_rope_head_dim] of the 3-layer MoE stack
     assert "tensor<3x1x8x256x32xf32>" in decode and "tensor<3x1x8x256x8xf32>" in decode
     assert "x256x4x" not in decode  # no per-head [B, L, heads, ...] cache
+
+
+@functools.cache
+def exported_context(platform: str) -> str:
+    """tiny:smoke's train step with the sequence split over context = 2 and packed documents
+    (the batch dict of tokens, segments, loss_mask): 512 positions make halves of 128 rows,
+    what splash needs per device."""
+    config = tiny.get_config("smoke")
+    config.model.update(vocab_size=257, dispatch="dropless")
+    mesh = {"data": 2, "context": 2, "expert": 2}
+    config.mesh.update(mesh)
+    config.data.update(seq_len=512, batch_size=8)
+    config_lib.validate(config, jax.device_count())
+    s = state.setup(config, parallel.make_mesh(mesh))
+    row = jax.ShapeDtypeStruct((8, 513), jnp.int32, sharding=parallel.token_sharding(s.mesh))
+    batch = {"tokens": row, "segments": row, "loss_mask": row}
+    unstable = [jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")]
+    return jax.export.export(state.train_step_fn(s), platforms=(platform,),
+                             disabled_checks=unstable)(s.abstract, batch,
+                                                       jnp.int32(0)).mlir_module()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_context_parallel_step_exports(platform):
+    """Attention balanced over context (moejax/model/context.py): its ppermutes and
+    all-gathers, and splash per device on TPU only."""
+    module = exported_context(platform)
+    assert "moejax/model/context.py" in module and CPU_CODE not in module
+    assert "stablehlo.collective_permute" in module and "stablehlo.all_gather" in module
+    assert ("splash_attention_kernel.py" in module) == (platform == "tpu")

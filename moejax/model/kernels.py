@@ -1,9 +1,28 @@
-"""Causal self-attention, the kernel chosen by backend in this one place.
+"""Causal self-attention with documents, the kernel chosen by backend in this one place.
+
+A query attends to the keys at its position and before; given `segments` [B, S] (each token's
+document, 1, 2, ... in row order, 0 = padding), only to those of its own document. Padding
+attends to padding, so no row of the softmax is empty.
 
   TPU    the splash attention Pallas kernel that ships in jax (a flash-attention that skips
-         the blocks above the diagonal), one shard_map'd call per device.
-  GPU    cuDNN flash attention through jax.nn.dot_product_attention (bf16/f16 only).
-  other  jax.nn.dot_product_attention's XLA implementation.
+         the blocks above the diagonal), one shard_map'd call per device; documents are its
+         SegmentIds(q=, kv=), and-ed with its CausalMask inside the kernel.
+  GPU    cuDNN flash attention (bf16/f16 only) through jax.nn.dot_product_attention. Documents:
+         cuDNN's packed (THD) layout, which jax 0.10.2 offers only in
+         jax._src.cudnn.fused_attention_stablehlo.dot_product_attention: each row's runs of one
+         segment id become q_seqlen / kv_seqlen [B, M] and q_offsets / kv_offsets [B, M + 1]
+         (-1 past the last run) with mask PADDING_CAUSAL, so every document is its own causal
+         sequence and no [S, S] mask exists (kv heads repeated to the query's: jax strides
+         both offsets by the query's). cuDNN takes the packed layout on Hopper or newer;
+         older GPUs take the XLA path. (The public jax.nn.dot_product_attention passes a dense
+         mask to cuDNN as a bias [B, 1, S, S], and returns its gradient too.)
+  other  jax.nn.dot_product_attention's XLA implementation, the document mask explicit.
+
+With mesh.context > 1 the sequence is split over devices and the causal work balanced
+(context.py); per device TPU runs splash (block-sparse over the balanced rows), GPU cuDNN with
+the mask as a bias [b, 1, S / context, S], others `blockwise`, a flash attention in XLA whose
+logits are [b, S / context, h, 512] at a time, so long-context plans on XLA:CPU are not
+dominated by [S, S] score buffers no accelerator holds.
 """
 
 import functools
@@ -11,39 +30,104 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_kernel as splash_kernel,
     splash_attention_mask as splash_mask,
 )
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moejax import parallel
+from moejax.model import context
 
 
-def xla(q, k, v, scale: float | None = None):
+def document_mask(q_segments, kv_segments, q_index, kv_index) -> jax.Array:
+    """[B, 1, Sq, Skv] bool: same document (both None: one per row) and key at or before the
+    query. q_index [Sq], kv_index [Skv]: positions in the sequence."""
+    mask = (q_index[:, None] >= kv_index[None, :])[None, None]
+    if q_segments is None:
+        return mask
+    return mask & (q_segments[:, None, :, None] == kv_segments[:, None, None, :])
+
+
+def xla(q, k, v, scale: float | None = None, segments=None):
     """jax's own attention, XLA's einsums and softmax: what runs on CPU."""
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if segments is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    index = jnp.arange(q.shape[1])
+    mask = document_mask(segments, segments, index, index)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 
 def causal(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None,
-           scale: float | None = None) -> jax.Array:
+           scale: float | None = None, segments: jax.Array | None = None,
+           positions: jax.Array | None = None) -> jax.Array:
     """q: [B, S, H, hd], k and v: [B, S, KV, hd] (H % KV == 0) -> [B, S, H, hd], each query
-    attending to the keys at its position and before, the logits scaled by `scale` (None:
-    1/sqrt(hd); YaRN's mscale changes it, layers.Rope.softmax_scale)."""
+    attending to the keys at its position and before, of its own segment when `segments`
+    [B, S] int32 is given; the logits scaled by `scale` (None: 1/sqrt(hd); YaRN's mscale
+    changes it, layers.Rope.softmax_scale). `positions` [B, S] (restarting in each document)
+    is accepted but not needed: documents are contiguous, so within one, position order is
+    sequence order, which the kernels use."""
+    del positions
+    if context.size(mesh) > 1:
+        return context_parallel(q, k, v, mesh, scale, segments)
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         # cuDNN checks for itself when traced, so it cannot hide in a platform_dependent
-        # branch exported from a CPU host; the GPU benchmark script covers this path.
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                            implementation="cudnn")
+        # branch exported from a CPU host; the GPU benchmark script covers the plain causal
+        # call, nothing on this CPU host the packed one (documents).
+        if segments is None:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                implementation="cudnn")
+        if _hopper():
+            return _sharded(functools.partial(cudnn_packed, scale=scale), q, k, v, segments,
+                            mesh)
+        return xla(q, k, v, scale, segments)
     if q.shape[1] % 128:
         # Splash tiles the sequence in blocks of a multiple of 128 (the TPU lane width):
         # shorter or ragged sequences (the smoke configs' 32) take the XLA path on TPU too.
-        return xla(q, k, v, scale)
+        return xla(q, k, v, scale, segments)
     # Both branches are traced, but only the target platform's is lowered: a CPU program
     # never holds the TPU kernel, and a TPU program can be exported from a CPU host.
-    return jax.lax.platform_dependent(q, k, v, tpu=functools.partial(splash, mesh=mesh,
-                                                                      scale=scale),
-                                      default=functools.partial(xla, scale=scale))
+    return jax.lax.platform_dependent(
+        q, k, v, segments, tpu=functools.partial(_splash_args, mesh=mesh, scale=scale),
+        default=lambda q, k, v, segments: xla(q, k, v, scale, segments))
+
+
+def _splash_args(q, k, v, segments, *, mesh, scale):
+    return splash(q, k, v, mesh, scale=scale, segments=segments)
+
+
+def _hopper() -> bool:
+    capability = getattr(jax.devices()[0], "compute_capability", "0")
+    return int(str(capability).split(".")[0]) >= 9
+
+
+def packed_runs(segments: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """segments [b, S] -> the runs of equal ids as cuDNN's packed layout wants them: lengths
+    [b, S] and start offsets [b, S + 1], -1 past each row's last run (S: the most runs a row
+    can have, so no bound has to be known when tracing)."""
+    b, seq = segments.shape
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segments[:, 1:] != segments[:, :-1]], 1)
+    run = jnp.cumsum(starts, axis=1) - 1  # [b, S]: the run each token is in
+    lengths = jnp.zeros((b, seq), jnp.int32).at[jnp.arange(b)[:, None], run].add(1)
+    offsets = jnp.cumsum(lengths, axis=1) - lengths
+    lengths, offsets = (jnp.where(lengths > 0, a, -1).astype(jnp.int32)
+                        for a in (lengths, offsets))
+    return lengths, jnp.concatenate([offsets, jnp.full((b, 1), -1, jnp.int32)], 1)
+
+
+def cudnn_packed(q, k, v, segments, *, scale=None):
+    """cuDNN's packed layout on one device: [b, S, h, hd] with segments [b, S]; each run of
+    equal segment ids (padding included) is one causal sequence. jax 0.10.2 steps the kv
+    offsets by the query's heads x hd per token, so kv heads are repeated to the query's."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    if k.shape[2] != q.shape[2]:
+        k, v = (jnp.repeat(a, q.shape[2] // k.shape[2], axis=2) for a in (k, v))
+    lengths, offsets = packed_runs(segments)
+    return cudnn.dot_product_attention(
+        q, k, v, None, None, lengths, lengths, offsets, offsets,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
 
 
 def block_size(seq: int) -> int:
@@ -52,36 +136,200 @@ def block_size(seq: int) -> int:
     return next(b for b in (512, 256, 128) if seq % b == 0)
 
 
-def _per_device(q, k, v, *, interpret: bool, scale: float | None = None):
-    """[b, S, h, hd], [b, S, kv, hd] -> [b, S, h, hd]: the kernel vmapped over examples."""
-    b = block_size(q.shape[1])
+def _make_splash(heads: int, seq: int, block: int, *, interpret: bool, q_index=None,
+                 q_shards: int = 1):
+    """The splash kernel for `heads` heads over [seq, seq], causal in sequence order; with
+    q_index [seq] the query rows are those positions (context parallelism's balanced order)
+    and the kernel's mask info splits over q_shards devices by rows."""
     # The backward blocks must be set too: the kernel's VJP runs its own dq and dkv kernels.
+    b = block
     blocks = splash_kernel.BlockSizes(block_q=b, block_kv=b, block_q_dkv=b, block_kv_dkv=b,
                                       block_q_dq=b, block_kv_dq=b)
-    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((q.shape[1],) * 2)] * q.shape[2])
-    kernel = splash_kernel.make_splash_mha(mask, block_sizes=blocks, head_shards=1,
-                                           q_seq_shards=1, interpret=interpret)
+    mask = splash_mask.CausalMask((seq, seq))
+    if q_index is not None:
+        # The mask function compares q_sequence (loaded per query block) with key indices.
+        mask.q_sequence = np.asarray(q_index, np.int32)
+    return splash_kernel.make_splash_mha(splash_mask.MultiHeadMask([mask] * heads),
+                                         block_sizes=blocks, head_shards=1,
+                                         q_seq_shards=q_shards, interpret=interpret)
+
+
+def _run_splash(kernel, q, k, v, q_segments, kv_segments, scale):
+    """[b, Sq, h, hd], [b, Skv, kv, hd], segments [b, Sq] / [b, Skv] or None -> [b, Sq, h, hd]:
+    the kernel vmapped over examples."""
     q = q * (q.shape[-1] ** -0.5 if scale is None else scale)  # splash does not scale logits
     heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
-    return heads_first(jax.vmap(kernel)(*map(heads_first, (q, k, v))))
+    q, k, v = map(heads_first, (q, k, v))
+    if q_segments is None:
+        y = jax.vmap(kernel)(q, k, v)
+    else:
+        y = jax.vmap(lambda q, k, v, qs, ks: kernel(
+            q, k, v, segment_ids=splash_kernel.SegmentIds(q=qs, kv=ks)))(
+                q, k, v, q_segments, kv_segments)
+    return heads_first(y)
+
+
+def _per_device(q, k, v, segments=None, *, interpret: bool, scale: float | None = None):
+    """[b, S, h, hd], [b, S, kv, hd], [b, S] or None -> [b, S, h, hd]."""
+    kernel = _make_splash(q.shape[2], q.shape[1], block_size(q.shape[1]), interpret=interpret)
+    return _run_splash(kernel, q, k, v, segments, segments, scale)
+
+
+def _sharded(kernel, q, k, v, segments, mesh: Mesh | None):
+    """kernel(q, k, v[, segments]) per device under shard_map over rows and heads: a
+    pallas_call (or cuDNN's packed call) is opaque to XLA's SPMD partitioner."""
+    args = (q, k, v) + (() if segments is None else (segments,))
+    if mesh is None:
+        return kernel(*args)
+    spec, head_shards = context.specs(q.shape, mesh)
+    k, v = context.repeat_kv(k, v, head_shards)
+    specs = (spec, spec, spec) + (() if segments is None else (P(spec[0], spec[1]),))
+    # check_vma=False: the kernel's pallas_calls declare no per-axis variance of their outputs.
+    return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=spec,
+                         check_vma=False)(q, k, v, *args[3:])
 
 
 def splash(q, k, v, mesh: Mesh | None = None, *, interpret: bool = False,
-           scale: float | None = None) -> jax.Array:
+           scale: float | None = None, segments: jax.Array | None = None) -> jax.Array:
     """The splash kernel on [B, S, H, hd] / [B, S, KV, hd] (S a multiple of 128), run per
-    device under shard_map: a pallas_call is opaque to XLA's SPMD partitioner. `interpret`
-    runs the kernel in Pallas' interpreter, so tests can check it on CPU. `scale`: the
-    logits' (None: 1/sqrt(hd))."""
+    device under shard_map. `interpret` runs the kernel in Pallas' interpreter, so tests can
+    check it on CPU. `scale`: the logits' (None: 1/sqrt(hd)). `segments` [B, S]: documents."""
     kernel = functools.partial(_per_device, interpret=interpret, scale=scale)
-    if mesh is None:
-        return kernel(q, k, v)
-    spec = parallel.spec(("batch", None, "heads", None), q.shape, mesh)
-    shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(spec[2]))
-    if k.shape[2] % shards:
-        # Query heads are split but too few kv heads to split alike: repeat each kv head
-        # so every device holds the ones its query heads read, and no more.
-        k, v = (jnp.repeat(a, math.lcm(k.shape[2], shards) // k.shape[2], axis=2)
-                for a in (k, v))
-    # check_vma=False: the kernel's pallas_calls declare no per-axis variance of their outputs.
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                         check_vma=False)(q, k, v)
+    return _sharded(kernel, q, k, v, segments, mesh)
+
+
+def context_parallel(q, k, v, mesh: Mesh, scale: float | None = None, segments=None, *,
+                     interpret: bool = False) -> jax.Array:
+    """`causal` with the sequence split over mesh axis context (context.py): per device XLA's
+    masked attention, cuDNN with the mask as a bias on GPU, or splash on TPU where the
+    halves are multiples of 128 rows (`interpret`: splash in Pallas' interpreter, for tests)."""
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        return context.attend(functools.partial(_xla_rows, scale=scale, cudnn=True),
+                              q, k, v, segments, mesh)
+    splash_path = functools.partial(_splash_rows, mesh=mesh, scale=scale, interpret=interpret)
+    if interpret:
+        return splash_path(q, k, v, segments)
+
+    def xla_path(q, k, v, segments):
+        return context.attend(functools.partial(_xla_rows, scale=scale), q, k, v, segments,
+                              mesh)
+
+    if (q.shape[1] // (2 * context.size(mesh))) % 128:
+        return xla_path(q, k, v, segments)
+    return jax.lax.platform_dependent(q, k, v, segments, tpu=splash_path, default=xla_path)
+
+
+def _xla_rows(q, k, v, q_segments, kv_segments, q_index, kernel, *, scale, cudnn=False):
+    """Balanced query rows against all keys: cuDNN with the mask as a bias, or XLA's
+    blockwise attention (`blockwise`), keys a block at a time."""
+    del kernel
+    if cudnn:
+        mask = document_mask(q_segments, kv_segments, q_index, jnp.arange(k.shape[1]))
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                            implementation="cudnn")
+    if q_segments is None:
+        q_segments = jnp.zeros(q.shape[:2], jnp.int32)
+        kv_segments = jnp.zeros(k.shape[:2], jnp.int32)
+    block = math.gcd(q.shape[1], 512)  # a chunk of the sequence or a part of one
+    return blockwise(q, k, v, q_segments, kv_segments, q_index,
+                     q.shape[-1] ** -0.5 if scale is None else scale, block)
+
+
+def _key_blocks(x, block: int):
+    """[b, S, ...] -> [S / block, b, block, ...]: what lax.scan walks."""
+    return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
+
+
+def _block_scores(qg, kb, q_segments, kv_segments, q_index, kv_index):
+    """Scaled logits of one key block, [b, Sq, kv, group, block] f32, -inf where masked."""
+    s = jnp.einsum("bqkgd,bskd->bqkgs", qg, kb.astype(jnp.float32))
+    seen = (q_index[:, None] >= kv_index[None, :])[None] & (
+        q_segments[:, :, None] == kv_segments[:, None, :])
+    return jnp.where(seen[:, :, None, None, :], s, -jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def blockwise(q, k, v, q_segments, kv_segments, q_index, scale: float, block: int):
+    """Flash attention in XLA: q [b, Sq, h, hd] at positions q_index [Sq] against k, v
+    [b, S, kv, hd] at 0 .. S-1, within documents, keys `block` at a time with an online
+    softmax; the backward recomputes each block's probabilities from the saved log-sum-exp.
+    The logits held at once are [b, Sq, h, block], not [b, Sq, h, S]: the CPU path (and the
+    planner) of context parallelism, where S is long."""
+    return _blockwise_fwd(q, k, v, q_segments, kv_segments, q_index, scale, block)[0]
+
+
+def _grouped(q, kv: int):
+    return q.reshape(*q.shape[:2], kv, q.shape[2] // kv, q.shape[3]).astype(jnp.float32)
+
+
+def _blockwise_fwd(q, k, v, q_segments, kv_segments, q_index, scale, block):
+    qg = _grouped(q, k.shape[2]) * scale
+    kv_index = jnp.arange(k.shape[1]).reshape(-1, block)
+
+    def step(carry, xs):
+        out, top, total = carry
+        kb, vb, segments, index = xs
+        s = _block_scores(qg, kb, q_segments, segments, q_index, index)
+        new_top = jnp.maximum(top, s.max(-1))
+        safe = jnp.where(jnp.isfinite(new_top), new_top, 0.0)  # no key seen yet
+        p = jnp.exp(s - safe[..., None])
+        fade = jnp.exp(top - safe)
+        out = out * fade[..., None] + jnp.einsum("bqkgs,bskd->bqkgd", p,
+                                                 vb.astype(jnp.float32))
+        return (out, new_top, total * fade + p.sum(-1)), None
+
+    init = (jnp.zeros(qg.shape, jnp.float32), jnp.full(qg.shape[:-1], -jnp.inf),
+            jnp.zeros(qg.shape[:-1], jnp.float32))
+    xs = (_key_blocks(k, block), _key_blocks(v, block), _key_blocks(kv_segments, block),
+          kv_index)
+    (out, top, total), _ = jax.lax.scan(step, init, xs)
+    # Every query sees at least itself (padding sees padding): total > 0.
+    y = (out / total[..., None]).reshape(q.shape).astype(q.dtype)
+    return y, (q, k, v, q_segments, kv_segments, q_index, y, top + jnp.log(total))
+
+
+def _blockwise_bwd(scale, block, residuals, dy):
+    q, k, v, q_segments, kv_segments, q_index, y, lse = residuals
+    kv = k.shape[2]
+    qg, dyg = _grouped(q, kv) * scale, _grouped(dy, kv)
+    rowdot = (dyg * _grouped(y, kv)).sum(-1)  # [b, Sq, kv, group]: sum_j p_ij dp_ij
+
+    def step(dq, xs):
+        kb, vb, segments, index = xs
+        p = jnp.exp(_block_scores(qg, kb, q_segments, segments, q_index, index)
+                    - lse[..., None])
+        dp = jnp.einsum("bqkgd,bskd->bqkgs", dyg, vb.astype(jnp.float32))
+        ds = p * (dp - rowdot[..., None])
+        dq = dq + jnp.einsum("bqkgs,bskd->bqkgd", ds, kb.astype(jnp.float32))
+        return dq, (jnp.einsum("bqkgs,bqkgd->bskd", ds, qg),
+                    jnp.einsum("bqkgs,bqkgd->bskd", p, dyg))
+
+    xs = (_key_blocks(k, block), _key_blocks(v, block), _key_blocks(kv_segments, block),
+          jnp.arange(k.shape[1]).reshape(-1, block))
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(qg.shape, jnp.float32), xs)
+
+    def unblock(x, like):  # [S / block, b, block, kv, hd] -> [b, S, kv, hd]
+        return jnp.moveaxis(x, 0, 1).reshape(like.shape).astype(like.dtype)
+
+    return ((dq * scale).reshape(q.shape).astype(q.dtype), unblock(dk, k), unblock(dv, v),
+            None, None, None)
+
+
+blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def _splash_rows(q, k, v, segments, *, mesh, scale, interpret):
+    """Splash per device on the balanced rows: a CausalMask whose q_sequence is each row's
+    position, its mask info split over context by rows, so every device skips the blocks
+    above its own rows' diagonal."""
+    c, seq = context.size(mesh), q.shape[1]
+    heads = q.shape[2] // context.specs(q.shape, mesh)[1]  # this device's
+    kernel = _make_splash(heads, seq, block_size(seq // (2 * c)), interpret=interpret,
+                          q_index=context.query_index(seq, c), q_shards=c)
+    kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, P(None, context.AXIS)))
+
+    def rows(q, k, v, q_segments, kv_segments, q_index, kernel):
+        del q_index  # the kernel's mask info holds it
+        return _run_splash(kernel, q, k, v, q_segments, kv_segments, scale)
+
+    return context.attend(rows, q, k, v, segments, mesh, kernel, kernel_spec)

@@ -244,10 +244,11 @@ class MoE(nnx.Module):
             def grouped(a):  # [B_local, S, d] -> [groups here, tokens per group, d]
                 return None if a is None else a.reshape(num_groups // shards, -1, a.shape[-1])
 
-            # ZeRO-3: this device holds 1/fsdp of its experts' weights; gather the rest now
-            # (the transpose, in the backward pass, reduce-scatters their gradients).
+            # ZeRO-3: this device holds 1/(fsdp x context) of its experts' weights; gather the
+            # rest now (the transpose, in the backward pass, reduce-scatters their gradients).
             if sharded:
-                experts = {name: jax.tree.map(partial(_gather, axis_name="fsdp"), w, specs[name])
+                gather = partial(_gather, axis_names=("fsdp", SEQ_AXIS))
+                experts = {name: jax.tree.map(gather, w, specs[name])
                            for name, w in experts.items()}
             experts = {name: qwix.dequantize(w) if isinstance(w, qwix.QArray) else w
                        for name, w in experts.items()}
@@ -281,9 +282,10 @@ class MoE(nnx.Module):
         return y, aux
 
 
-def _gather(w: jax.Array, spec: P, axis_name: str) -> jax.Array:
-    """All-gather the dims of a shard_map operand that `spec` splits over `axis_name`."""
+def _gather(w: jax.Array, spec: P, axis_names: tuple[str, ...]) -> jax.Array:
+    """All-gather the dims of a shard_map operand that `spec` splits over `axis_names` only."""
     for dim, entry in enumerate(spec):
-        if entry == axis_name:
-            w = jax.lax.all_gather(w, axis_name, axis=dim, tiled=True)
+        names = entry if isinstance(entry, tuple) else (entry,)
+        if entry and all(name in axis_names for name in names):
+            w = jax.lax.all_gather(w, entry, axis=dim, tiled=True)
     return w

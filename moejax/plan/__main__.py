@@ -6,9 +6,9 @@
 Nothing is allocated and nothing runs. The state comes from `state.setup` (abstract arrays
 with the trainer's shardings), the train step is `state.train_step_fn`, compiled by XLA:CPU
 for exactly the mesh's number of host devices (`--xla_force_host_platform_device_count`), and
-the report is read off the executable. `--mesh` sets any of data, fsdp, expert, tensor, each
-at most once, sized as the config's mesh.* are (>= 1, or one -1: "the remaining devices", which
-is 1 here); the others keep the config's sizes.
+the report is read off the executable. `--mesh` sets any of data, fsdp, expert, context,
+tensor, each at most once, sized as the config's mesh.* are (>= 1, or one -1: "the remaining
+devices", which is 1 here); the others keep the config's sizes.
 
 Conventions (docs/memory.md checks them against a real run):
 - Memory per device = arguments + outputs - outputs aliased to donated arguments + temporaries,
@@ -39,8 +39,8 @@ def main() -> None:
 
     config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:variant]",
                                     lock_config=True)
-    flags.DEFINE_string("mesh", None, "fsdp=8,expert=8: sizes of data, fsdp, expert, tensor, "
-                        "as the config's mesh.* (axes left out keep the config's)")
+    flags.DEFINE_string("mesh", None, "fsdp=8,expert=8: sizes of data, fsdp, expert, context, "
+                        "tensor, as the config's mesh.* (axes left out keep the config's)")
     flags.DEFINE_float("hbm_gib", 80.0, "device memory for the verdict, GiB")
     flags.mark_flags_as_required(["config"])
     with cli.one_line_errors():

@@ -15,7 +15,7 @@ def alltoall_minimum(config, sizes: dict) -> dict:
     module docstring); `sizes` is {mesh axis: size}.
 
     Groups and capacity follow the layer: `model.num_groups` groups per micro-batch (0 = one per
-    token shard, data x fsdp x expert devices), C = router.capacity(tokens per group);
+    token shard, data x fsdp x expert x context devices), C = router.capacity(tokens per group);
     `grad_accum` micro-batches per step. The exchange runs within the expert axis. Expert
     choice fills the same [E*C, d] buffers, so the same bound holds. With remat (full or
     matmuls, which saves the combined output, not the buffers) the backward pass recomputes
@@ -25,11 +25,12 @@ def alltoall_minimum(config, sizes: dict) -> dict:
     from moejax.model.layers import DTYPES
     from moejax.model.transformer import moe_layer_ids
     from moejax.moe.router import capacity
-    from moejax.parallel import TOKEN_AXES
+    from moejax.parallel import TOKEN_SHARD_AXES
 
     mc, tc = config.model, config.train
     tokens = config.data.batch_size * config.data.seq_len
-    token_shards = math.prod(sizes.get(a, 1) for a in TOKEN_AXES)
+    # Rows over data x fsdp x expert, each row's positions over context.
+    token_shards = math.prod(sizes.get(a, 1) for a in TOKEN_SHARD_AXES)
     groups = mc.num_groups or token_shards
     per_group = tokens // tc.grad_accum // groups
     # As moe_ffn sizes its buffers: capped at the group. Dropless has no buffers and no
@@ -109,8 +110,13 @@ def plan(config, mesh: dict | None = None) -> dict:
     counts = param_counts(setup.model, mc.top_k, mc.num_experts)
     # XLA:CPU's attention materializes the scores, [B, heads, S, S] in f32, on each device
     # (a few at once); fused attention on GPU/TPU never does. Shown beside the temporaries.
-    rows = config.data.batch_size // config.train.grad_accum // parallel.num_token_shards(mesh)
+    # With the sequence split over context, a device's queries are S / context rows against
+    # all S keys, 512 at a time on XLA:CPU (kernels.blockwise, moejax/model/context.py).
+    rows = (config.data.batch_size // config.train.grad_accum
+            // math.prod(sizes[a] for a in parallel.TOKEN_AXES))
     heads = mc.num_heads // (sizes["tensor"] if mc.num_heads % sizes["tensor"] == 0 else 1)
+    query_rows = seq_len // sizes[parallel.SEQ_AXIS]
+    keys = seq_len if sizes[parallel.SEQ_AXIS] == 1 else math.gcd(query_rows, 512)
 
     def whole(tree):  # bytes of the arrays, not of one device's shards
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -126,7 +132,7 @@ def plan(config, mesh: dict | None = None) -> dict:
         "state": {k: bytes_per_device(setup.abstract[k]) for k in ("params", "opt_state")},
         "state_global": whole(setup.abstract), "params_global": whole(setup.abstract["params"]),
         "precision": precision_table(config, setup),
-        "memory": memory(compiled), "attention_scores": rows * heads * seq_len**2 * 4,
+        "memory": memory(compiled), "attention_scores": rows * heads * query_rows * keys * 4,
         "collectives": collective_bytes(compiled.as_text(), mesh.size),
         "alltoall_min": alltoall_minimum(config, sizes) if mc.num_experts else None,
     }

@@ -24,7 +24,8 @@ def report(p: dict, title: str = "", hbm_gib: float = 80.0) -> str:
         f"  outputs not aliased to donated   {(mem['outputs'] - mem['aliased']) / scale:12,.2f}",
         f"  activations and temporaries      {mem['temp'] / scale:12,.2f}",
         f"    one attention-score buffer     {p['attention_scores'] / scale:12,.2f}"
-        "  ([B, heads, S, S] f32: XLA:CPU's, not flash attention's)",
+        "  ([B, heads, S, S] f32 on XLA:CPU; with context > 1 [B, heads, S / context, 512],"
+        " blockwise: not flash attention's)",
         f"  peak                             {mem['peak'] / scale:12,.2f}",
     ]
     lines += precision_lines(p, hbm_gib)
