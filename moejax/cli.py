@@ -26,6 +26,8 @@ def run(main) -> None:
                         "on Cloud TPU pods or under SLURM, where it is detected)")
     flags.DEFINE_integer("num_processes", None, "processes in the job (with --coordinator)")
     flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator)")
+    flags.DEFINE_integer("heartbeat_timeout_s", 100, "multi-host: a process silent this long "
+                         "is taken for dead and the others stop (jax's default: 100)")
     flags.mark_flags_as_required(["config", "workdir"])
     f = flags.FLAGS
     with one_line_errors():
@@ -35,7 +37,8 @@ def run(main) -> None:
         if f.process_id is not None:
             check_number("--process_id", f.process_id, f"in [0, {f.num_processes})"
                          if f.num_processes else ">= 0")
-    init_distributed(f.coordinator, f.num_processes, f.process_id)
+        check_number("--heartbeat_timeout_s", f.heartbeat_timeout_s, ">= 1")
+    init_distributed(f.coordinator, f.num_processes, f.process_id, f.heartbeat_timeout_s)
     with one_line_errors():
         main(argv)
 
@@ -217,15 +220,18 @@ def flat_keys(config, prefix: str = "") -> list[str]:
 
 
 def init_distributed(coordinator: str | None, num_processes: int | None,
-                     process_id: int | None) -> None:
-    """Join the multi-host job, if this is one; a single process needs nothing."""
+                     process_id: int | None, heartbeat_timeout_s: int = 100) -> None:
+    """Join the multi-host job, if this is one; a single process needs nothing. A peer that
+    sends no heartbeat for `heartbeat_timeout_s` is dead: the others stop (non-zero)."""
     import jax
 
     if coordinator:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":
             # CPU processes exchange collectives over TCP with gloo (tests, launch/local.sh).
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+        jax.distributed.initialize(coordinator, num_processes, process_id,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_s)
     elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1
           or os.environ.get("MOEJAX_DISTRIBUTED") == "1"):  # set by launch/tpu_pod.sh
-        jax.distributed.initialize()  # detects the coordinator from SLURM / the TPU metadata
+        # The coordinator from SLURM / the TPU metadata.
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
