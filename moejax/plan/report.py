@@ -53,7 +53,7 @@ def verdict(p: dict, hbm_gib: float) -> list[str]:
     whole = (p["state_global"] + p["params_global"]) / GiB
     if f["devices"]:
         out.append(f"  {f['devices']} devices, state and gradients split over all (fsdp x "
-                   f"expert), tokens per device as now: {whole:,.1f} / ({hbm_gib:g} - "
+                   f"expert x context), tokens per device as now: {whole:,.1f} / ({hbm_gib:g} - "
                    f"{f['rest'] / GiB:,.1f}) GiB")
     else:
         out.append(f"  no device count: the rest alone is {f['rest'] / GiB:,.1f} GiB; "
