@@ -42,12 +42,12 @@ def measuring(name: str):
     a layer's input exists only inside the scan over layers."""
     call = MoE.__call__
 
-    def both(self, x, *, train, rng=None):
-        y, aux = call(self, x, train=train, rng=rng)
+    def both(self, x, *, train, rng=None, real=None):
+        y, aux = call(self, x, train=train, rng=rng, real=real)
         floats = {n: getattr(self, n).get_value() for n in ("w_in", "w_out")}
         for n, axis in (("w_in", -3), ("w_out", -2)):
             getattr(self, n).set_value(quant.quantize_weight(floats[n], name, axis))
-        y_q, _ = call(self, x, train=train, rng=rng)
+        y_q, _ = call(self, x, train=train, rng=rng, real=real)
         for n, w in floats.items():
             getattr(self, n).set_value(w)
         error = jnp.linalg.norm((y_q - y).astype(jnp.float32)) / jnp.linalg.norm(

@@ -50,21 +50,21 @@ INVALID = [  # overrides, the whole message
     ({"data.seq_len": 0}, "data.seq_len=0: must be in 1..model.max_seq_len=2048"),
     ({"data.eval_fraction": 1.0}, "data.eval_fraction=1.0: must be in [0, 1)"),
     ({"model.num_groups": 6},
-     "model.num_groups=6: must be a multiple of the 8 token shards (data x fsdp x expert) that "
-     "divides the 512 tokens of a micro-batch (data.batch_size / train.grad_accum x "
+     "model.num_groups=6: must be a multiple of the 8 token shards (data x fsdp x expert x "
+     "context) that divides the 512 tokens of a micro-batch (data.batch_size / train.grad_accum x "
      "data.seq_len); 0 = one per token shard"),
     ({"model.num_groups": 1024},
-     "model.num_groups=1024: must be a multiple of the 8 token shards (data x fsdp x expert) "
-     "that divides the 512 tokens of a micro-batch (data.batch_size / train.grad_accum x "
-     "data.seq_len); 0 = one per token shard"),
+     "model.num_groups=1024: must be a multiple of the 8 token shards (data x fsdp x expert "
+     "x context) that divides the 512 tokens of a micro-batch (data.batch_size / "
+     "train.grad_accum x data.seq_len); 0 = one per token shard"),
     ({"model.num_groups": 512, "train.grad_accum": 2},
-     "model.num_groups=512: must be a multiple of the 8 token shards (data x fsdp x expert) "
-     "that divides the 256 tokens of a micro-batch (data.batch_size / train.grad_accum x "
-     "data.seq_len); 0 = one per token shard"),
+     "model.num_groups=512: must be a multiple of the 8 token shards (data x fsdp x expert "
+     "x context) that divides the 256 tokens of a micro-batch (data.batch_size / "
+     "train.grad_accum x data.seq_len); 0 = one per token shard"),
     ({"model.num_groups": -8},
-     "model.num_groups=-8: must be a multiple of the 8 token shards (data x fsdp x expert) "
-     "that divides the 512 tokens of a micro-batch (data.batch_size / train.grad_accum x "
-     "data.seq_len); 0 = one per token shard"),
+     "model.num_groups=-8: must be a multiple of the 8 token shards (data x fsdp x expert "
+     "x context) that divides the 512 tokens of a micro-batch (data.batch_size / "
+     "train.grad_accum x data.seq_len); 0 = one per token shard"),
 ]
 
 VALID = [  # edge values that are allowed
@@ -163,7 +163,8 @@ def test_plan_flags_fail_in_one_line(argv, config_files, args, error):
 
 
 @pytest.mark.parametrize("entry,allowed", [
-    ("train", "--config, --workdir, --coordinator, --num_processes, --process_id"),
+    ("train", "--config, --workdir, --coordinator, --num_processes, --process_id, "
+              "--heartbeat_timeout_s"),
     ("plan", "--config, --mesh, --hbm_gib")])
 def test_an_unknown_flag_names_the_entry_points_own(argv, entry, allowed):
     argv("--config=configs/tiny.py", "--workdr=w")

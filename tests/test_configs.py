@@ -174,18 +174,27 @@ def test_validate_names_the_key():
         config_lib.validate(config, 8)
 
 
-def train_smoke(name, workdir):
+def train_smoke(name, workdir, one_device=False):
     from moejax.train import train_and_evaluate
 
     config = load(name).get_config("smoke")
+    if one_device:
+        config.mesh.data = 1
+    # Evaluated at the first and last step and saved at the last: the losses compared, and a
+    # checkpoint of the architecture (the loop's periodic ones: tests/test_train.py).
+    config.train.update(eval_every=100, ckpt_every=100)
     out = train_and_evaluate(config, workdir)
     first, last = out["eval_loss"][0], out["eval_loss"][config.train.steps]
     assert math.isfinite(last) and last < first, out["eval_loss"]
 
 
+# tiny:smoke on its own mesh (all 8 devices: the program tests/test_train.py's runs compile);
+# the other files' on one device: that an architecture trains does not depend on the layout
+# (data parallelism and the MoE layer on every mesh: test_train.py, test_layer.py), and the
+# steps, evaluations and saves of a run on the 8 simulated devices take longer.
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in SLOW_SMOKE])
 def test_smoke_variants_train(name, tmp_path):
-    train_smoke(name, str(tmp_path))
+    train_smoke(name, str(tmp_path), one_device=name != "tiny")
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ zero in, and the layer never reads their output or sends them a gradient, so the
 is zero there too.
 """
 
+import functools
 import itertools
 
 import jax
@@ -64,7 +65,8 @@ def test_capacity_experts_match_running_every_row(filled, cap, activation, kerne
             y = batched_experts(x, w_in, w_out, activation)
         return jnp.sum(y * ct), y
 
-    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(*f32)
+    # Jitted: one program per case, not one per eager op.
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*f32)
 
     y_ref = np.stack([np_ffn(x[e], w_in[e], w_out[e], activation) for e in range(len(x))])
     np.testing.assert_allclose(y, y_ref, atol=1e-5)
@@ -78,7 +80,7 @@ def test_capacity_experts_match_running_every_row(filled, cap, activation, kerne
             else:
                 a = jnp.maximum(h, 0)
             return jnp.sum(jnp.einsum("etf,efd->etd", a, w_out) * ct)
-        ref = jax.grad(ref_loss, argnums=(0, 1, 2))(x, w_in, w_out)
+        ref = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2)))(x, w_in, w_out)
     for got, want, name in zip(grads, ref, ("x", "w_in", "w_out"), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-4, err_msg=name)
 
@@ -118,6 +120,19 @@ GROUPS = [  # uneven, empty (first, middle, last), all in one, fewer rows than t
 ]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def grouped_value_and_grads(kernel, x, w, group_sizes, ct):
+    """y = kernel(x, w, group_sizes) and the gradients of sum(y * ct); one program per kernel,
+    whatever the group sizes (an input, not a constant)."""
+    f = (lambda *a: megablox_gmm(*a, interpret=True)) if kernel == "megablox" else grouped_matmul
+
+    def loss(x, w):
+        y = f(x, w, group_sizes)
+        return jnp.sum(y * ct), y
+
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
+
+
 @pytest.mark.parametrize("kernel", ["megablox", "ragged_dot"])
 @pytest.mark.parametrize("sizes", GROUPS, ids=str)
 def test_grouped_matmul_and_its_gradients_match_numpy(kernel, sizes):
@@ -125,15 +140,9 @@ def test_grouped_matmul_and_its_gradients_match_numpy(kernel, sizes):
     m, k, n = 200, 16, 24
     x, ct = rng.standard_normal((m, k)), rng.standard_normal((m, n))
     w = rng.standard_normal((len(sizes), k, n))
-    f = (lambda *a: megablox_gmm(*a, interpret=True)) if kernel == "megablox" else grouped_matmul
-    gs = jnp.asarray(sizes, jnp.int32)
-
-    def loss(x, w):
-        y = f(x, w, gs)
-        return jnp.sum(y * ct), y
-
-    (_, y), (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-        jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    (_, y), (dx, dw) = grouped_value_and_grads(
+        kernel, x.astype(np.float32), w.astype(np.float32), np.asarray(sizes, np.int32),
+        ct.astype(np.float32))
     np.testing.assert_allclose(y, np_grouped(x, w, sizes), atol=1e-4)
     # d/dx = ct @ w[g].T on group g's rows; d/dw[g] = x[rows of g].T @ ct[rows of g].
     np.testing.assert_allclose(dx, np_grouped(ct, w.transpose(0, 2, 1), sizes), atol=1e-4)

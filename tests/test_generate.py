@@ -52,11 +52,10 @@ def test_decode_matches_full_forward(which, moe):
     np.testing.assert_allclose(jnp.concatenate(got, 1), want, atol=1e-5, rtol=0)
 
 
-def reference(model, prompt, max_new_tokens):
+def reference(model, prompt, max_new_tokens, length):
     """Greedy decoding the obvious way: the whole sequence through the full forward each step.
-    The sequence is right-padded to a fixed length, so the forward compiles once; a causal
-    model's logits at the last real token cannot see the padding."""
-    length = len(prompt) + max_new_tokens
+    The sequence is right-padded to `length` (the same for every prompt), so the forward
+    compiles once; a causal model's logits at the last real token cannot see the padding."""
     forward = nnx.jit(lambda m, t: m(t, train=False)[0])
     ids = list(prompt)
     for _ in range(max_new_tokens):
@@ -68,7 +67,8 @@ def reference(model, prompt, max_new_tokens):
 def test_greedy_matches_naive_loop_batched_and_alone(moe):
     model, _ = moe
     batched = gen.generate(model, PROMPTS, 8)
-    assert batched == [reference(model, p, 8) for p in PROMPTS]
+    length = max(map(len, PROMPTS)) + 8
+    assert batched == [reference(model, p, 8, length) for p in PROMPTS]
     assert batched == [gen.generate(model, [p], 8)[0] for p in PROMPTS]
 
 

@@ -4,6 +4,7 @@ checkpoint onto another layout."""
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,9 +16,10 @@ from flax import nnx
 
 from configs import tiny
 from moejax import parallel
+from moejax.data.loader import first_batches
 from moejax.run import state
 from moejax.run.checkpoint import path_name
-from moejax.train import train_and_evaluate
+from moejax.train import open_data, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -153,14 +155,28 @@ def test_fsdp_holds_an_eighth_of_the_state_on_each_device(width):
         assert abs(device_bytes - total / 8) <= 0.05 * total / 8
 
 
+def ckpt_run():
+    """The checkpoint test's run; the step test steps the same program (FSDP x EP), so the
+    suite compiles that train step and init once (the persistent cache)."""
+    config = small(num_layers=1)
+    config.model.vocab_size = 260  # real byte-tokenized data: its 257 ids, a multiple of tensor
+    # Checkpoints at the stops only (and step 3 of the uninterrupted run), and no evaluation
+    # after step 0 (train.steps past the last stop): the moved layouts compile and save nothing
+    # the restore does not need.
+    config.train.update(steps=7, ckpt_every=100, eval_every=100)
+    return config
+
+
 def test_step_compiles_once_and_keeps_the_layout():
-    config = on(small(), (1, 4, 2, 1))
+    config = on(ckpt_run(), (1, 4, 2, 1))
     s = state.setup(config, parallel.make_mesh(parallel.mesh_sizes(config.mesh, 8)))
     train_state = state.init(s)
     layout = jax.tree.map(lambda x: x.sharding, train_state)
     held = state_bytes(train_state)
     step_fn = state.train_step_fn(s)
-    tokens = jax.device_put(batch(config), parallel.token_sharding(s.mesh))
+    # The training data's first batch ({"tokens", "segments", "loss_mask"}), as a run reads it.
+    shape = (config.data.batch_size, config.data.seq_len + 1)
+    tokens = first_batches(open_data(config)[0], parallel.token_sharding(s.mesh), shape, 1)[0]
     for step in range(3):
         train_state, metrics = step_fn(train_state, tokens, jnp.int32(step))
         assert np.isfinite(float(metrics["loss"]))
@@ -170,17 +186,14 @@ def test_step_compiles_once_and_keeps_the_layout():
 
 
 def test_checkpoint_restores_onto_other_layouts(tmp_path):
-    config = small(num_layers=1)
-    config.model.vocab_size = 260  # real byte-tokenized data: its 257 ids, a multiple of tensor
-    # Checkpoints at the stops only, and no evaluation after step 0 (train.steps past the last
-    # stop): the moved layouts compile and save nothing the restore does not need.
-    config.train.update(steps=7, ckpt_every=100, eval_every=100)
+    config = ckpt_run()
     straight = on(config, (1, 4, 2, 1))
-    straight.train.stop_at = 6
+    straight.train.update(stop_at=6, ckpt_every=3)
     straight = train_and_evaluate(straight, str(tmp_path / "straight"))
-    first = on(config, (1, 4, 2, 1))
-    first.train.stop_at = 3
-    train_and_evaluate(first, str(tmp_path / "moved"))
+    # The moved run starts from the uninterrupted run's step-3 checkpoint, its newest once the
+    # later one is gone: what a run stopped at step 3 on that layout leaves.
+    shutil.copytree(tmp_path / "straight", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "moved" / "checkpoints" / "6")
     for layout, steps in (((1, 2, 4, 1), [4]), ((2, 1, 2, 2), [5, 6])):
         moved = on(config, layout)
         moved.train.stop_at = steps[-1]
@@ -228,12 +241,14 @@ def test_weight_decay_spares_norm_scales_and_biases():
     config = small(qk_norm="all", qkv_bias=True, num_shared_experts=1, shared_gate=True)
     config.train.warmup_steps = 0  # the first step's learning rate is not 0
     s = state.setup(config, parallel.make_mesh({}))
-    params = state.init(s)["params"]
+    # Every weight 1 (the initializer is beside the point, and compiles for longer than this),
+    # as NumPy arrays: jnp would compile a program for each shape.
+    params = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), s.abstract["params"])
     tx, _ = state.make_optimizer(config.train)
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(np.zeros_like, params)
     updates, _ = jax.jit(tx.update)(zeros, jax.jit(tx.init)(params), params)
     moved = {path_name(p) for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]
-             if float(jnp.abs(u).max()) > 0}
+             if np.abs(np.asarray(u)).max() > 0}
     names = {path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     spared = {n for n in names if n.endswith(("scale", "bias"))}
     assert spared and not spared & moved

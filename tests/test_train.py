@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -37,21 +38,28 @@ def straight(tmp_path_factory):
 
 
 def test_resume_is_exact(straight, tmp_path):
-    straight = straight[1]["train_loss"]
-    first = train_and_evaluate(smoke(**PEAK, **{"train.stop_at": 3}),
-                               str(tmp_path / "b"))["train_loss"]
+    workdir, straight = straight[0], straight[1]["train_loss"]
+    # The uninterrupted run's workdir with its step-6 checkpoint gone: what a run stopped after
+    # step 3 leaves (train.stop_at saves as the periodic checkpoint did).
+    shutil.copytree(workdir, tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
     second = train_and_evaluate(smoke(**PEAK), str(tmp_path / "b"))["train_loss"]
-    assert sorted(first) == [1, 2, 3] and sorted(second) == [4, 5, 6]
-    resumed = {**first, **second}
+    assert sorted(second) == [4, 5, 6]
+    resumed = {**{step: straight[step] for step in (1, 2, 3)}, **second}
     assert resumed == straight  # to the bit
+
+
+# Evaluated at the first and last step, saved at the last: the runs below compare losses (the
+# periodic evaluations and saves: the runs above).
+ENDS = {"train.eval_every": 100, "train.ckpt_every": 100}
 
 
 def test_same_losses_on_8_devices_and_on_1(tmp_path):
     # num_groups = 8 fixes the capacity groups, so both runs drop the same tokens.
-    one = train_and_evaluate(smoke(**{"mesh.data": 1, "mesh.expert": 1, "model.num_groups": 8}),
-                             str(tmp_path / "one"))
-    eight = train_and_evaluate(smoke(**{"mesh.data": 2, "mesh.expert": 4, "model.num_groups": 8}),
-                               str(tmp_path / "eight"))
+    one = train_and_evaluate(smoke(**ENDS, **{"mesh.data": 1, "mesh.expert": 1,
+                                              "model.num_groups": 8}), str(tmp_path / "one"))
+    eight = train_and_evaluate(smoke(**ENDS, **{"mesh.data": 2, "mesh.expert": 4,
+                                                "model.num_groups": 8}), str(tmp_path / "eight"))
     assert jax.device_count() == 8
     steps = sorted(one["train_loss"])
     np.testing.assert_allclose([eight["train_loss"][s] for s in steps],
@@ -62,7 +70,8 @@ def test_same_losses_on_8_devices_and_on_1(tmp_path):
 def test_dense_variant_has_no_experts(tmp_path):
     # One device: that a model without experts trains does not depend on the layout (data
     # parallelism: the other tests here).
-    out = train_and_evaluate(smoke(**{"model.num_experts": 0, "mesh.data": 1}), str(tmp_path))
+    out = train_and_evaluate(smoke(**ENDS, **{"model.num_experts": 0, "mesh.data": 1}),
+                             str(tmp_path))
     assert out["eval_loss"][6] < out["eval_loss"][0]
 
 

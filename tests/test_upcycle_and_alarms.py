@@ -25,8 +25,10 @@ def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch):
     restore = ocp.CheckpointManager.restore
     monkeypatch.setattr(ocp.CheckpointManager, "restore",
                         lambda *a, **k: restored.append(restore(*a, **k)) or restored[-1])
-    # Dense source: top_k=1, so its FFN is exactly one expert wide (d_ff = 64).
-    dense = train_and_evaluate(smoke(**ONE, **{"model.num_experts": 0, "model.top_k": 1}),
+    # Dense source: top_k=1, so its FFN is exactly one expert wide (d_ff = 64); evaluated and
+    # saved at its first and last steps only (the losses and the checkpoint used below).
+    dense = train_and_evaluate(smoke(**ONE, **{"model.num_experts": 0, "model.top_k": 1,
+                                               "train.eval_every": 100, "train.ckpt_every": 100}),
                                str(tmp_path / "dense"))
     dense_loss = dense["eval_loss"][6]
     # Gates that sum to 1 and nothing dropped: every token gets k copies of the same FFN.
@@ -38,9 +40,9 @@ def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch):
     # Only the dense weights are read, not its optimizer state.
     assert [list(r.state) for r in restored] == [["params"]]
     np.testing.assert_allclose(moe["eval_loss"][0], dense_loss, rtol=1e-5)
-    # A fresh MoE starts near log(vocab), far from the trained dense model.
-    fresh = train_and_evaluate(smoke(**ONE, **{"train.stop_at": 1}), str(tmp_path / "fresh"))
-    assert fresh["eval_loss"][0] > dense_loss + 0.5
+    # A fresh model starts near log(vocab), far from the trained dense one: the MoE's step-0
+    # loss is the trained weights', not an init's (the dense run's own step 0 is that init's).
+    assert dense["eval_loss"][0] > dense_loss + 0.5
     # Resuming the upcycled run reads its own checkpoint, not the dense one again: it runs
     # with the dense run gone.
     shutil.rmtree(tmp_path / "dense")
@@ -119,7 +121,7 @@ def test_collapse_alarm_fires_on_a_collapsed_router(tmp_path, capsys):
     # Router weights at zero (lr 0, so they stay there) give every expert the same score; top_k
     # breaks ties by the lower index, so experts 0 and 1 take every token and 2..7 starve.
     config = smoke(**ONE, **{"train.lr": 0.0, "train.log_every": 1, "train.collapse_checks": 3,
-                      "model.capacity_factor": 8.0})
+                      "model.capacity_factor": 8.0, "train.stop_at": 3})
     from moejax.moe.layer import MoE
 
     real = MoE.__init__
