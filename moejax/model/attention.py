@@ -70,8 +70,7 @@ class Attention(nnx.Module):
         """x: [B, S, d] at positions [B, S]; a token attends to the tokens of its own
         document (segments [B, S]; None: the row is one) at its position and before."""
         q, k, v = self.project(x, positions)
-        y = checkpoint_name(kernels.causal(q, k, v, self.mesh, self.scale, segments, positions),
-                            "attn_ctx")
+        y = checkpoint_name(kernels.causal(q, k, v, self.mesh, self.scale, segments), "attn_ctx")
         return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype)
 
     def decode(self, x, positions, cache, layer):

@@ -49,6 +49,12 @@ def document_mask(q_segments, kv_segments, q_index, kv_index) -> jax.Array:
     return mask & (q_segments[:, None, :, None] == kv_segments[:, None, None, :])
 
 
+def document_starts(segments: jax.Array) -> jax.Array:
+    """[B, S] bool: where each row's runs of one segment id (its documents, padding) begin."""
+    return jnp.concatenate([jnp.ones_like(segments[:, :1], bool),
+                            segments[:, 1:] != segments[:, :-1]], axis=1)
+
+
 def xla(q, k, v, scale: float | None = None, segments=None):
     """jax's own attention, XLA's einsums and softmax: what runs on CPU."""
     if segments is None:
@@ -59,15 +65,12 @@ def xla(q, k, v, scale: float | None = None, segments=None):
 
 
 def causal(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None,
-           scale: float | None = None, segments: jax.Array | None = None,
-           positions: jax.Array | None = None) -> jax.Array:
+           scale: float | None = None, segments: jax.Array | None = None) -> jax.Array:
     """q: [B, S, H, hd], k and v: [B, S, KV, hd] (H % KV == 0) -> [B, S, H, hd], each query
     attending to the keys at its position and before, of its own segment when `segments`
-    [B, S] int32 is given; the logits scaled by `scale` (None: 1/sqrt(hd); YaRN's mscale
-    changes it, layers.Rope.softmax_scale). `positions` [B, S] (restarting in each document)
-    is accepted but not needed: documents are contiguous, so within one, position order is
-    sequence order, which the kernels use."""
-    del positions
+    [B, S] int32 is given (documents are contiguous, so sequence order is each one's position
+    order); the logits scaled by `scale` (None: 1/sqrt(hd); YaRN's mscale changes it,
+    layers.Rope.softmax_scale)."""
     if context.size(mesh) > 1:
         return context_parallel(q, k, v, mesh, scale, segments)
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
@@ -106,8 +109,7 @@ def packed_runs(segments: jax.Array) -> tuple[jax.Array, jax.Array]:
     [b, S] and start offsets [b, S + 1], -1 past each row's last run (S: the most runs a row
     can have, so no bound has to be known when tracing)."""
     b, seq = segments.shape
-    starts = jnp.concatenate([jnp.ones((b, 1), bool), segments[:, 1:] != segments[:, :-1]], 1)
-    run = jnp.cumsum(starts, axis=1) - 1  # [b, S]: the run each token is in
+    run = jnp.cumsum(document_starts(segments), axis=1) - 1  # [b, S]: the run each token is in
     lengths = jnp.zeros((b, seq), jnp.int32).at[jnp.arange(b)[:, None], run].add(1)
     offsets = jnp.cumsum(lengths, axis=1) - lengths
     lengths, offsets = (jnp.where(lengths > 0, a, -1).astype(jnp.int32)

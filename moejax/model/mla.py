@@ -79,7 +79,7 @@ class LatentAttention(nnx.Module):
         # no output, so the narrower side is padded and the padding cut off after.
         width = max(q.shape[-1], v.shape[-1])
         q, k, v = (jnp.pad(a, ((0, 0),) * 3 + ((0, width - a.shape[-1]),)) for a in (q, k, v))
-        y = kernels.causal(q, k, v, self.mesh, self.scale, segments, positions)[..., :self.v_dim]
+        y = kernels.causal(q, k, v, self.mesh, self.scale, segments)[..., :self.v_dim]
         y = checkpoint_name(y, "attn_ctx")
         return einsum("bshe,hed->bsd", y, self.w("out"), self.qtype)
 

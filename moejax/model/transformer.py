@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from moejax.model import kernels
 from moejax.model.attention import Attention
 from moejax.model.layers import DTYPES, MLP, RMSNorm, dense_qtype, param
 from moejax.model.mla import LatentAttention
@@ -255,8 +256,7 @@ def document_positions(tokens, segments=None):
     index = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     if segments is None:
         return index
-    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool),
-                              segments[:, 1:] != segments[:, :-1]], axis=1)
+    starts = kernels.document_starts(segments)
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
