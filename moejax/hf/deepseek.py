@@ -4,7 +4,16 @@ correction bias, dense first layers, shared experts, multi-token prediction. Its
 maps.py's."""
 
 from moejax.config_lib import ConfigError
-from moejax.hf.fields import DEEPSEEK, REQUIRED, flag, integer, needs, real, rope_of
+from moejax.hf.fields import (
+    DEEPSEEK,
+    REQUIRED,
+    flag,
+    integer,
+    needs,
+    real,
+    rope_of,
+    rope_theta,
+)
 
 
 def deepseek_config(hf: dict) -> dict:
@@ -28,12 +37,7 @@ def deepseek_config(hf: dict) -> dict:
     kind = rope.get("rope_type", "default")
     if kind not in ("default", "yarn"):
         refuse(f"{rope_key}.rope_type", kind, "default or yarn")
-    theta = real(hf, "rope_theta", None)
-    inner = real(rope, "rope_theta", None, label=f"{rope_key}.rope_theta")
-    if None not in (theta, inner) and theta != inner:
-        raise ConfigError(f"config.json rope_theta={hf['rope_theta']!r}: disagrees with "
-                          f"{rope_key}.rope_theta={rope['rope_theta']!r}; allowed: one of them, "
-                          "or both the same")
+    theta = rope_theta(hf, rope_key, rope)
     if real(rope, "partial_rotary_factor", 1.0, label=f"{rope_key}.partial_rotary_factor") != 1:
         refuse(f"{rope_key}.partial_rotary_factor", rope["partial_rotary_factor"], "1")
     max_len = integer(hf, "max_position_embeddings", 4096)
@@ -83,7 +87,7 @@ def deepseek_config(hf: dict) -> dict:
         qk_rope_head_dim=rope_dim, v_head_dim=integer(hf, "v_head_dim", 128),
         d_ff=integer(hf, "moe_intermediate_size", 2048),
         dense_d_ff=integer(hf, "intermediate_size", 18432), activation="swiglu",
-        rope_theta=theta or inner or 10_000.0, **yarn,
+        rope_theta=theta, **yarn,
         norm_eps=real(hf, "rms_norm_eps", 1e-6), qk_norm="none", max_seq_len=max_len,
         tie_embeddings=flag(hf, "tie_word_embeddings", False),
         num_experts=experts, top_k=top_k, moe_every=1, first_dense_layers=dense,

@@ -109,6 +109,18 @@ def rope_of(hf: dict) -> tuple[str, dict]:
     return key, given.get(key, {})
 
 
+def rope_theta(hf: dict, rope_key: str, rope: dict) -> float:
+    """The rotary base: config.json's rope_theta or the one inside rope_of's parameters (they
+    must agree where both are given), else 10,000 (transformers' default)."""
+    theta = real(hf, "rope_theta", None)
+    inner = real(rope, "rope_theta", None, label=f"{rope_key}.rope_theta")
+    if None not in (theta, inner) and theta != inner:
+        raise ConfigError(f"config.json rope_theta={hf['rope_theta']!r}: disagrees with "
+                          f"{rope_key}.rope_theta={rope['rope_theta']!r}; allowed: one of them, "
+                          "or both the same")
+    return theta or inner or 10_000.0
+
+
 def needs(name: str):
     """need(ok, key, value, allowed): one line saying `name` cannot compute model.key=value."""
     def need(ok, key, value, allowed):

@@ -30,6 +30,7 @@ from moejax.hf.fields import (  # noqa: F401  (FLOAT32: convert.py reads it here
     needs,
     real,
     rope_of,
+    rope_theta,
 )
 from moejax.model.transformer import layer_stacks
 from moejax.run.checkpoint import path_name
@@ -51,12 +52,7 @@ def model_config(hf: dict) -> dict:
     rope_key, rope = rope_of(hf)
     if rope.get("rope_type") not in (None, "default"):
         refuse(rope_key, "rope_type default (no scaling)")
-    theta = real(hf, "rope_theta", None)
-    inner = real(rope, "rope_theta", None, label=f"{rope_key}.rope_theta")
-    if None not in (theta, inner) and theta != inner:
-        raise ConfigError(f"config.json rope_theta={hf['rope_theta']!r}: disagrees with "
-                          f"{rope_key}.rope_theta={rope['rope_theta']!r}; allowed: one of them, "
-                          "or both the same")
+    theta = rope_theta(hf, rope_key, rope)
     if hf.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "silu")
     for key in ("attention_bias", "clip_qkv"):
@@ -87,7 +83,7 @@ def model_config(hf: dict) -> dict:
         num_layers=integer(hf, "num_hidden_layers"), num_heads=heads,
         num_kv_heads=integer(hf, "num_key_value_heads", None) or heads, head_dim=head_dim,
         d_ff=d_ff, dense_d_ff=intermediate if moe_d_ff else 0, activation="swiglu",
-        rope_theta=theta or inner or 10_000.0,
+        rope_theta=theta,
         norm_eps=real(hf, "rms_norm_eps", 1e-6), qk_norm=arch.qk_norm,
         max_seq_len=min(max_len, window or max_len),
         tie_embeddings=flag(hf, "tie_word_embeddings", False),
