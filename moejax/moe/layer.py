@@ -153,18 +153,17 @@ def _aux(logits, r, top_k, expert_choice, token_axes, real=None):
 
     num_tokens = jnp.maximum(total(weight.sum()), 1.0)
     tokens_per_expert = total(r.tokens_per_expert.sum(0))
-    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-    probs = r.probs
     aux = {
         "balance_loss": router.balance_loss_from_sums(
-            total((probs * weight[..., None]).sum((0, 1))), tokens_per_expert, num_tokens, top_k),
-        "z_loss": mean(lse ** 2),
+            total((r.probs * weight[..., None]).sum((0, 1))), tokens_per_expert, num_tokens,
+            top_k),
+        "z_loss": mean(router.token_z_loss(logits)),
         "tokens_per_expert": tokens_per_expert,
         # Token choice: assignments past capacity. Expert choice: tokens no expert took.
         "dropped_frac": (mean(~r.keep.any(-1)) if expert_choice else
                          1.0 - total(r.keep.sum()) / (num_tokens * top_k)),
-        "entropy": mean(router.token_entropy(probs)),
-        "top1_prob": mean(probs.max(-1)),
+        "entropy": mean(router.token_entropy(r.probs)),
+        "top1_prob": mean(r.probs.max(-1)),
     }
     return aux
 

@@ -144,9 +144,14 @@ def bias_update(bias: jax.Array, tokens_per_expert: jax.Array, rate: float) -> j
     return bias + rate * jnp.sign(load.mean(-1, keepdims=True) - load)
 
 
+def token_z_loss(logits: jax.Array) -> jax.Array:
+    """logsumexp(logits)^2 per token; logits: [..., E]."""
+    return jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2
+
+
 def z_loss(logits: jax.Array) -> jax.Array:
     """mean over tokens of logsumexp(logits)^2; logits: [..., E]."""
-    return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)
+    return jnp.mean(token_z_loss(logits))
 
 
 def balance_loss_from_sums(prob_sum: jax.Array, tokens_per_expert: jax.Array, num_tokens,
