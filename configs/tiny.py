@@ -136,6 +136,11 @@ def get_config(arg=None):
             max_nonfinite_steps=5,  # stop after this many skipped (NaN / inf) steps in a row
             collapse_threshold=0.1,  # warn if an expert gets < this x 1/E of the load; 0 = off
             collapse_checks=4,  # ... at this many log points in a row
+            # Training health (docs/reliability.md): warn when an expert's gradient or update
+            # has been 0 for this many steps in a row; 0 = off
+            frozen_expert_steps=100,
+            watchdog_factor=10.0,  # warn when a step takes this x the median step; 0 = off
+            watchdog_timeout_s=1800.0,  # end the run (exit 3) if a step waits this long; 0 = never
             init_from="",  # a dense run's workdir: start from its newest checkpoint (upcycling)
             # Every checkpoint of the workdir is damaged (checkpoints/ and best/): False = stop
             # with an error; True = start over at step 0 (the damaged ones stay set aside).

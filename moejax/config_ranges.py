@@ -80,6 +80,9 @@ RANGES = {
     "train.max_nonfinite_steps": (">= 1", ""),
     "train.collapse_threshold": ("in [0, 1)", "a fraction of the uniform load 1/E; 0 = off"),
     "train.collapse_checks": (">= 1", ""),
+    "train.frozen_expert_steps": (">= 0", "0 = off"),
+    "train.watchdog_factor": (">= 0", "0 = off"),
+    "train.watchdog_timeout_s": (">= 0", "0 = never"),
 }
 
 

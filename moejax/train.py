@@ -20,16 +20,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax import cli, config_lib, parallel
 from moejax.data import mixture, text
 from moejax.data.batches import make_batches
 from moejax.data.loader import Loader, first_batches
 from moejax.model.transformer import moe_layer_ids
-from moejax.run import hostmem, state, upcycle, workdir as workdir_lib
+from moejax.run import health, hostmem, state, upcycle, workdir as workdir_lib
 from moejax.run.checkpoint import Checkpoints
 from moejax.run.flops import device_peak_flops, train_flops_per_token
-from moejax.run.metrics import StepLog, Writer
+from moejax.run.metrics import Imbalance, StepLog, Writer
 from moejax.run.params import bytes_per_device, param_counts, precision_line
 
 
@@ -125,14 +126,22 @@ def train(config, workdir: str) -> dict:
 
     if start_step == 0:
         evaluate(0)
-    last, pending = min(tc.steps, tc.stop_at or tc.steps), {}  # pending: losses on device
+    last, pending = min(tc.steps, tc.stop_at or tc.steps), {}  # pending: metrics on device
     count_finite = NonFiniteCount(tc.max_nonfinite_steps, ckpt, workdir, writer, history)
+    frozen = health.FrozenExperts(tc.frozen_expert_steps)
+    # A save's last check; replicated, so every process reads the flags.
+    finite_state = jax.jit(health.finite_flags, out_shardings=NamedSharding(mesh, P()))
     loader = Loader(train_data, tokens, shape, start_step, meta.get("data"))
+    watchdog = health.Watchdog(tc.watchdog_factor, tc.watchdog_timeout_s, writer.print)
     with (preemption_notice() as preempted, contextlib.closing(ckpt),
-          contextlib.closing(writer), contextlib.closing(loader)):
+          contextlib.closing(writer), contextlib.closing(loader), contextlib.closing(watchdog)):
         for step in range(start_step + 1, last + 1):
+            if step > start_step + 1:  # the first step compiles: it is not timed
+                watchdog.begin(step)
+            watchdog.waiting(f"batch {step - 1} from the data loader")
             batch = next(loader)  # global batch step - 1, read while the steps before it ran
             started = time.perf_counter()
+            watchdog.waiting(f"the devices to take step {step}")
             train_state, metrics = step_fn(train_state, batch, jnp.int32(step - 1))
             if step == start_step + 1:
                 # The first call compiles before it returns; rates start once its step ran.
@@ -140,18 +149,32 @@ def train(config, workdir: str) -> dict:
                 jax.block_until_ready(metrics)
                 log.start(step)
                 loader.waited_ms()  # so the data wait counts over the same steps as the rates
-            pending[step] = metrics["loss"], metrics["skipped"]
+            pending[step] = metrics
             logging = step % tc.log_every == 0 or step == last
             stop = preempted(step)
             save = step % tc.ckpt_every == 0 or step == last or stop
             # Read every finished step; this one too when a log or a save waits for it
             # anyway. Otherwise the host stays one step ahead and the device never waits.
             for done in sorted(pending)[:None if logging or save else -1]:
-                count_finite(done, *jax.device_get(pending.pop(done)))
+                watchdog.waiting(f"the devices to finish step {done}")
+                m = pending.pop(done)
+                h = m["health"]
+                loss, skipped, lr, grad_norms, update_norms = jax.device_get(
+                    (m["loss"], m["skipped"], m["lr"], h["expert_grad_norm"],
+                     h["expert_update_norm"]))
+                culprit = health.first_nonfinite(jax.device_get(h["finite"])) if skipped else None
+                count_finite(done, loss, skipped, culprit)
+                for warning in [] if skipped else frozen.update(done, grad_norms, update_norms,
+                                                                lr):
+                    writer.print(warning)
+            watchdog.beat(step)
             if logging:
                 log(step, metrics, loader.waited_ms())
             eval_loss = evaluate(step) if step % tc.eval_every == 0 or step == tc.steps else None
             if save:
+                if (bad := health.first_nonfinite(
+                        {"state": jax.device_get(finite_state(train_state))})) is not None:
+                    raise NonFiniteError(count_finite.refused(step, bad))
                 ckpt.save(step, train_state, {"step": step, "tokens_seen": step * shape[0]
                                               * config.data.seq_len, "num_groups": groups},
                           eval_loss, loader.state())
@@ -159,6 +182,7 @@ def train(config, workdir: str) -> dict:
                 writer.print(f"{stop}: saved step {step} in {workdir}; run the same "
                              "command again to resume")
                 break
+        count_finite.finish()
     return history
 
 
@@ -220,33 +244,59 @@ def report_start(config, setup, train_state, train_data, writer) -> StepLog:
     for line in state.undivided(setup):
         writer.print(f"not split (the mesh axis does not divide it): {line}")
     peak = device_peak_flops(jax.devices()[0].device_kind, config.train.peak_tflops)
+    imbalance = None
+    if mc.num_experts:  # the routed experts' matmuls: 6 FLOPs per active weight
+        expert_share = 6 * counts["expert"] * mc.top_k / mc.num_experts / flops_per_token
+        imbalance = Imbalance(setup.mesh.shape["expert"], config.train.grad_accum,
+                              expert_share, mc.dispatch != "capacity")
     return StepLog(writer, config.train, moe_layers, mc.num_experts, tokens_per_step,
-                   flops_per_token, peak, lambda step: mixture.scalars(mix, batch_size, step))
+                   flops_per_token, peak, lambda step: mixture.scalars(mix, batch_size, step),
+                   imbalance)
 
 
 class NonFiniteCount:
-    """Each finished step's loss into the history; a step with a non-finite loss or gradients
-    (which the step skipped) is reported, and `limit` of them in a row stop the run, naming
-    the last good checkpoint."""
+    """Each finished step's loss into the history; a step with a non-finite loss, gradient or
+    update (which the step skipped) is reported with the first non-finite tensor, and `limit`
+    of them in a row stop the run, as does a run that ends on one, naming the last good
+    checkpoint (each was checked finite before it was saved)."""
 
     def __init__(self, limit: int, ckpt, workdir: str, writer, history: dict):
         self.limit, self.ckpt, self.workdir, self.writer = limit, ckpt, workdir, writer
-        self.history, self.in_a_row = history, 0
+        self.history, self.in_a_row, self.last, self.culprit = history, 0, 0, None
 
-    def __call__(self, step: int, loss, skipped):
+    def __call__(self, step: int, loss, skipped, culprit: str | None = None):
         self.history["train_loss"][step] = float(loss)
-        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        self.in_a_row, self.last = self.in_a_row + 1 if skipped else 0, step
         if skipped:
+            self.culprit = culprit
             self.history["skipped_steps"].append(step)
             self.writer.print(f"step {step}: non-finite loss or gradients, skipped "
-                              f"({self.in_a_row} in a row)")
+                              f"({self.in_a_row} in a row)"
+                              + (f"; first non-finite: {culprit}" if culprit else ""))
         if self.in_a_row >= self.limit:
-            good = self.ckpt.latest_step()
             raise NonFiniteError(
                 f"train.max_nonfinite_steps={self.limit}: steps {step - self.in_a_row + 1}.."
-                f"{step} all had a non-finite loss or gradients; "
-                + (f"the last good state is checkpoint {good} in {self.workdir}"
-                   if good is not None else "no checkpoint was saved"))
+                f"{step} all had a non-finite loss or gradients"
+                + (f" (first non-finite: {self.culprit})" if self.culprit else "") + "; "
+                + self.last_good())
+
+    def finish(self):
+        """A run whose last steps were skipped did not train to its end: it must not exit 0."""
+        if self.in_a_row:
+            raise NonFiniteError(
+                f"the run ended on {self.in_a_row} skipped step(s) ({self.last - self.in_a_row + 1}"
+                f"..{self.last}) with a non-finite loss or gradients"
+                + (f" (first non-finite: {self.culprit})" if self.culprit else "") + "; "
+                + self.last_good())
+
+    def refused(self, step: int, culprit: str) -> str:
+        return (f"step {step}: the state to be saved is not finite (first non-finite: "
+                f"{culprit}): not saved; " + self.last_good())
+
+    def last_good(self) -> str:
+        good = self.ckpt.latest_step()
+        return (f"the last good state is checkpoint {good} in {self.workdir}" if good is not None
+                else "no checkpoint was saved")
 
 
 def main(argv):

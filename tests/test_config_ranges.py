@@ -102,6 +102,9 @@ EXPECT = {
     "train.max_nonfinite_steps": {},
     "train.collapse_threshold": {0: ("doc", "0 = off")},
     "train.collapse_checks": {},
+    "train.frozen_expert_steps": {0: ("doc", "0 = off")},
+    "train.watchdog_factor": {0: ("doc", "0 = off")},
+    "train.watchdog_timeout_s": {0: ("doc", "0 = never")},
 }
 
 

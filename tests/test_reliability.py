@@ -324,10 +324,12 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, ca
     with pytest.raises(train.NonFiniteError) as e:
         train.train_and_evaluate(config, str(tmp_path))
     assert str(e.value) == (
-        "train.max_nonfinite_steps=2: steps 4..5 all had a non-finite loss or gradients; the "
-        f"last good state is checkpoint 3 in {tmp_path}")
+        "train.max_nonfinite_steps=2: steps 4..5 all had a non-finite loss or gradients (first "
+        "non-finite: the loss, with every parameter finite); the last good state is checkpoint "
+        f"3 in {tmp_path}")
     out = capsys.readouterr().out
-    assert "step 2: non-finite loss or gradients, skipped (1 in a row)" in out
+    assert ("step 2: non-finite loss or gradients, skipped (1 in a row); first non-finite: the "
+            "loss, with every parameter finite") in out
     assert "step 5: non-finite loss or gradients, skipped (2 in a row)" in out
     ckpt = Checkpoints(str(tmp_path), 2, False)
     assert ckpt.latest.all_steps() == [3]  # nothing saved after the last good step

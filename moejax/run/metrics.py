@@ -146,6 +146,34 @@ class CollapseAlarm:
                 for row, e in zip(*np.nonzero(self.low == self.patience), strict=True)]
 
 
+class Imbalance:
+    """The imbalance tax of a step, from its expert load ([MoE layers, E] assignments per
+    micro-batch, before dropping, summed over the data-parallel replicas) and dropped
+    fractions: the assignments of each layer's busiest and mean expert-parallel rank (rank r
+    holds experts r*E/ep .. (r+1)*E/ep - 1), the assignments dropped, and the time the
+    imbalance costs. Dropless paths wait for the busiest rank: of
+    the routed experts' share of the step's FLOPs (`expert_share`), a layer spends the part
+    1 - mean/max waiting, if time follows FLOPs. The capacity path's buffers have a fixed size
+    whatever the balance: there the imbalance costs dropped tokens, not time (tax 0)."""
+
+    def __init__(self, ep: int, micro_batches: int, expert_share: float, dropless: bool):
+        self.ep, self.micro, self.share, self.dropless = ep, micro_batches, expert_share, dropless
+
+    def __call__(self, load: np.ndarray, dropped: np.ndarray, step_ms: float | None) -> dict:
+        load = np.asarray(load, np.float64) * self.micro  # the step's, not a micro-batch's
+        layers, experts = load.shape
+        ranks = load.reshape(layers, self.ep, experts // self.ep).sum(-1)
+        busiest, mean = ranks.max(-1), ranks.mean(-1)
+        waiting = float(np.mean(1 - mean / np.maximum(busiest, 1e-9))) if self.dropless else 0.0
+        out = {"moe/ep_rank_max_tokens": float(busiest.mean()),
+               "moe/ep_rank_mean_tokens": float(mean.mean()),
+               "moe/ep_imbalance": float(np.mean(busiest / np.maximum(mean, 1e-9))),
+               "moe/dropped_assignments": float((np.asarray(dropped) * load.sum(-1)).sum())}
+        if step_ms is not None:
+            out["perf/imbalance_tax_ms"] = step_ms * self.share * waiting
+        return out
+
+
 class StepLog:
     """What a log step shows, from the step's metrics (fetched from the devices here): losses,
     learning rate and gradient norm; tokens/s, step time, data wait and MFU since the last log
@@ -154,8 +182,9 @@ class StepLog:
 
     def __init__(self, writer: Writer, tc, moe_layers: list[int], num_experts: int,
                  tokens_per_step: int, flops_per_token: float, peak: float | None,
-                 shares=lambda step: {}):
+                 shares=lambda step: {}, imbalance: "Imbalance | None" = None):
         self.writer, self.steps, self.moe_layers = writer, tc.steps, moe_layers
+        self.imbalance = imbalance
         self.flops_per_token, self.peak, self.shares = flops_per_token, peak, shares
         self.progress = Progress(tc.steps, tokens_per_step)
         self.alarm = (CollapseAlarm(moe_layers, num_experts, tc.collapse_threshold,
@@ -189,6 +218,11 @@ class StepLog:
             values["train/z_loss"] = m["z_loss"]
             load = m["expert_load"] / m["expert_load"].sum(-1, keepdims=True)
             self.writer.expert_load(step, self.moe_layers, load, m["dropped_frac"])
+            if "routing_mismatch" in m:  # training on recorded routing (replay)
+                values["moe/routing_mismatch"] = m["routing_mismatch"]
+            if self.imbalance:
+                values.update(self.imbalance(m["expert_load"], m["dropped_frac"],
+                                             perf["perf/step_ms"] if perf else None))
             for warning in self.alarm.update(step, load) if self.alarm else []:
                 self.writer.print(warning)
         self.writer.scalars(step, values)

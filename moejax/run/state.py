@@ -21,6 +21,7 @@ from moejax import parallel
 from moejax.model.layers import DTYPES
 from moejax.model.transformer import Transformer
 from moejax.moe import router
+from moejax.run import health
 from moejax.run.checkpoint import path_name
 
 
@@ -260,13 +261,21 @@ def train_step(state, batch, step, *, graphdef, tx, lr, config):
     if config.model.bias_rate > 0:
         params = update_router_bias(params, metrics["expert_load"], config.model.bias_rate)
     grad_norm = optax.tree.norm(grads)
-    # One NaN or inf would spread through every weight for good: such a step leaves the state
-    # as it was, and the host counts it.
-    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    # The sentinel's view (run/health.py): which tensors, down to the expert, are finite, and
+    # how far each expert's gradient and update reach.
+    finite = {"parameter": health.finite_flags(state["params"]),
+              "loss": {"loss": jnp.isfinite(metrics["loss"])},
+              "gradient": health.finite_flags(grads), "update": health.finite_flags(updates)}
+    # One NaN or inf would spread through every weight for good: such a step (a non-finite
+    # loss, gradient or update) leaves the state as it was, and the host counts it.
+    ok = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+          & jnp.all(jnp.stack([f.all() for f in jax.tree.leaves(finite["update"])])))
     new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
                              {"params": params, "opt_state": opt_state}, state)
     metrics.update(grad_norm=grad_norm, lr=lr(step), skipped=jnp.logical_not(ok),
-                   scored_frac=counts[0] / batch["segments"][:, 1:].size)
+                   scored_frac=counts[0] / batch["segments"][:, 1:].size,
+                   health={"finite": finite, "expert_grad_norm": health.expert_norms(grads),
+                           "expert_update_norm": health.expert_norms(updates)})
     return new_state, metrics
 
 
