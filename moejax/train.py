@@ -127,10 +127,7 @@ def train(config, workdir: str) -> dict:
     if start_step == 0:
         evaluate(0)
     last, pending = min(tc.steps, tc.stop_at or tc.steps), {}  # pending: metrics on device
-    count_finite = NonFiniteCount(tc.max_nonfinite_steps, ckpt, workdir, writer, history)
-    frozen = health.FrozenExperts(tc.frozen_expert_steps)
-    # A save's last check; replicated, so every process reads the flags.
-    finite_state = jax.jit(health.finite_flags, out_shardings=NamedSharding(mesh, P()))
+    sentinel = Sentinel(tc, mesh, ckpt, workdir, writer, history)
     loader = Loader(train_data, tokens, shape, start_step, meta.get("data"))
     watchdog = health.Watchdog(tc.watchdog_factor, tc.watchdog_timeout_s, writer.print)
     with (preemption_notice() as preempted, contextlib.closing(ckpt),
@@ -157,24 +154,13 @@ def train(config, workdir: str) -> dict:
             # anyway. Otherwise the host stays one step ahead and the device never waits.
             for done in sorted(pending)[:None if logging or save else -1]:
                 watchdog.waiting(f"the devices to finish step {done}")
-                m = pending.pop(done)
-                h = m["health"]
-                loss, skipped, lr, grad_norms, update_norms = jax.device_get(
-                    (m["loss"], m["skipped"], m["lr"], h["expert_grad_norm"],
-                     h["expert_update_norm"]))
-                culprit = health.first_nonfinite(jax.device_get(h["finite"])) if skipped else None
-                count_finite(done, loss, skipped, culprit)
-                for warning in [] if skipped else frozen.update(done, grad_norms, update_norms,
-                                                                lr):
-                    writer.print(warning)
+                sentinel(done, pending.pop(done))
             watchdog.beat(step)
             if logging:
                 log(step, metrics, loader.waited_ms())
             eval_loss = evaluate(step) if step % tc.eval_every == 0 or step == tc.steps else None
             if save:
-                if (bad := health.first_nonfinite(
-                        {"state": jax.device_get(finite_state(train_state))})) is not None:
-                    raise NonFiniteError(count_finite.refused(step, bad))
+                sentinel.check_saveable(step, train_state)
                 ckpt.save(step, train_state, {"step": step, "tokens_seen": step * shape[0]
                                               * config.data.seq_len, "num_groups": groups},
                           eval_loss, loader.state())
@@ -182,7 +168,7 @@ def train(config, workdir: str) -> dict:
                 writer.print(f"{stop}: saved step {step} in {workdir}; run the same "
                              "command again to resume")
                 break
-        count_finite.finish()
+        sentinel.finish()
     return history
 
 
@@ -254,44 +240,55 @@ def report_start(config, setup, train_state, train_data, writer) -> StepLog:
                    imbalance)
 
 
-class NonFiniteCount:
-    """Each finished step's loss into the history; a step with a non-finite loss, gradient or
-    update (which the step skipped) is reported with the first non-finite tensor, and `limit`
-    of them in a row stop the run, as does a run that ends on one, naming the last good
-    checkpoint (each was checked finite before it was saved)."""
+class Sentinel:
+    """Reads each finished step (run/health.py): its loss into the history; a skipped step
+    (non-finite loss, gradients or update) reported with the first non-finite tensor, and
+    `train.max_nonfinite_steps` of them in a row stop the run, as does a run that ends on one;
+    experts that do not move warned about; and a state checked finite before it is saved, so
+    the last good checkpoint the errors name is finite."""
 
-    def __init__(self, limit: int, ckpt, workdir: str, writer, history: dict):
-        self.limit, self.ckpt, self.workdir, self.writer = limit, ckpt, workdir, writer
+    def __init__(self, tc, mesh, ckpt, workdir: str, writer, history: dict):
+        self.limit, self.ckpt, self.workdir, self.writer = (tc.max_nonfinite_steps, ckpt,
+                                                            workdir, writer)
         self.history, self.in_a_row, self.last, self.culprit = history, 0, 0, None
+        self.frozen = health.FrozenExperts(tc.frozen_expert_steps)
+        # Replicated, so every process reads the flags.
+        self.finite_state = jax.jit(health.finite_flags, out_shardings=NamedSharding(mesh, P()))
 
-    def __call__(self, step: int, loss, skipped, culprit: str | None = None):
+    def __call__(self, step: int, metrics: dict):
+        h = metrics["health"]
+        loss, skipped, lr, grad_norms, update_norms = jax.device_get(
+            (metrics["loss"], metrics["skipped"], metrics["lr"], h["expert_grad_norm"],
+             h["expert_update_norm"]))
         self.history["train_loss"][step] = float(loss)
         self.in_a_row, self.last = self.in_a_row + 1 if skipped else 0, step
-        if skipped:
-            self.culprit = culprit
-            self.history["skipped_steps"].append(step)
-            self.writer.print(f"step {step}: non-finite loss or gradients, skipped "
-                              f"({self.in_a_row} in a row)"
-                              + (f"; first non-finite: {culprit}" if culprit else ""))
+        if not skipped:
+            for warning in self.frozen.update(step, grad_norms, update_norms, lr):
+                self.writer.print(warning)
+            return
+        self.culprit = health.first_nonfinite(jax.device_get(h["finite"]))
+        self.history["skipped_steps"].append(step)
+        self.writer.print(f"step {step}: non-finite loss or gradients, skipped "
+                          f"({self.in_a_row} in a row); first non-finite: {self.culprit}")
         if self.in_a_row >= self.limit:
             raise NonFiniteError(
                 f"train.max_nonfinite_steps={self.limit}: steps {step - self.in_a_row + 1}.."
-                f"{step} all had a non-finite loss or gradients"
-                + (f" (first non-finite: {self.culprit})" if self.culprit else "") + "; "
-                + self.last_good())
+                f"{step} all had a non-finite loss or gradients (first non-finite: "
+                f"{self.culprit}); {self.last_good()}")
+
+    def check_saveable(self, step: int, train_state):
+        bad = health.first_nonfinite({"state": jax.device_get(self.finite_state(train_state))})
+        if bad is not None:
+            raise NonFiniteError(f"step {step}: the state to be saved is not finite (first "
+                                 f"non-finite: {bad}): not saved; {self.last_good()}")
 
     def finish(self):
         """A run whose last steps were skipped did not train to its end: it must not exit 0."""
         if self.in_a_row:
             raise NonFiniteError(
                 f"the run ended on {self.in_a_row} skipped step(s) ({self.last - self.in_a_row + 1}"
-                f"..{self.last}) with a non-finite loss or gradients"
-                + (f" (first non-finite: {self.culprit})" if self.culprit else "") + "; "
-                + self.last_good())
-
-    def refused(self, step: int, culprit: str) -> str:
-        return (f"step {step}: the state to be saved is not finite (first non-finite: "
-                f"{culprit}): not saved; " + self.last_good())
+                f"..{self.last}) with a non-finite loss or gradients (first non-finite: "
+                f"{self.culprit}); {self.last_good()}")
 
     def last_good(self) -> str:
         good = self.ckpt.latest_step()
