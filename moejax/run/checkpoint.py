@@ -6,6 +6,10 @@ plus a half-written temporary directory that the next start reports and a new sa
 step replaces. A checkpoint damaged later (a truncated or deleted file) fails to restore: it is
 moved aside with a warning and the next older one is used, then the best one. If damaged ones
 were there but none restores, the run refuses to start over unless train.restart_if_damaged.
+Each save carries a manifest of checksums, one per routed expert and one per other tensor
+(manifest.py); a restore onto any layout checks the arrays it produced against it, so a
+checkpoint with an expert missing, duplicated or altered is refused in one line and the
+fallback above is taken. One saved before manifests existed restores with a warning.
 """
 
 import contextlib
@@ -18,23 +22,25 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from moejax.config_lib import ConfigError, first_line
 from moejax.data.loader import DataState, DataStateRestore, DataStateSave
+from moejax.run import manifest as manifest_lib
 
 log = logging.getLogger(__name__)
 
 
 def handlers():
     return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-            "data": DataState()}
+            "data": DataState(), "manifest": ocp.JsonCheckpointHandler()}
 
 
 def params_handlers():
     """To read another run's parameters: the PyTree handler, not the Standard one, since
     `restore_params` reads part of the state."""
-    return {"state": ocp.PyTreeCheckpointHandler()}
+    return {"state": ocp.PyTreeCheckpointHandler(), "manifest": ocp.JsonCheckpointHandler()}
 
 
 class Checkpoints:
@@ -63,7 +69,8 @@ class Checkpoints:
              data: dict | None = None):
         """`data`: this process's train data iterator state before batch `step`, if any. A
         full disk here (or in the save before, still being written) is one ConfigError line."""
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta),
+                 "manifest": ocp.args.JsonSave(manifest_lib.to_json(checksums(state)))}
         if data is not None:
             items["data"] = DataStateSave(data)
         args = ocp.args.Composite(**items)
@@ -105,7 +112,10 @@ class Checkpoints:
         items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
         if (mgr.directory / str(step) / "data").exists():
             items["data"] = DataStateRestore()
+        if has_manifest(mgr, step):
+            items["manifest"] = ocp.args.JsonRestore()
         out = mgr.restore(step, args=ocp.args.Composite(**items))
+        check_manifest(mgr, step, out.state, out.manifest if "manifest" in items else None)
         return out.state, {**out.meta, **({"data": out.data} if "data" in items else {})}
 
     def restore_latest(self, like, restart_if_damaged: bool = False):
@@ -210,6 +220,28 @@ def write_error(e: BaseException) -> str | None:
                 return words
         e = e.__cause__ or e.__context__
     return None
+
+
+def checksums(tree) -> dict:
+    """manifest.checksums of every array of a state (or part of one), by path name."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return manifest_lib.checksums([(path_name(p), leaf) for p, leaf in flat])
+
+
+def has_manifest(mgr: ocp.CheckpointManager, step: int) -> bool:
+    return (mgr.directory / str(step) / "manifest").exists()
+
+
+def check_manifest(mgr: ocp.CheckpointManager, step: int, restored, manifest: dict | None,
+                   partial: bool = False) -> None:
+    """ManifestError (one line) unless `restored` (the state, or with `partial` part of it)
+    is what the manifest of `step` says was saved; a warning if the step has none."""
+    if manifest is None:
+        log.warning(f"checkpoint {mgr.directory}/{step} has no manifest (saved before moejax "
+                    "wrote them): its experts are restored unverified")
+        return
+    manifest_lib.verify(checksums(restored), manifest, partial)
 
 
 def path_name(path) -> str:
@@ -331,9 +363,14 @@ def restore_params(mgr: ocp.CheckpointManager, step: int, target):
     """The parameters of `step` only, into `target`'s shapes and shardings: not the optimizer
     state, twice their size."""
     target = {"params": target}
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+    items = {"state": ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
+        partial_restore=True)}
+    if has_manifest(mgr, step):
+        items["manifest"] = ocp.args.JsonRestore()
+    out = mgr.restore(step, args=ocp.args.Composite(**items))
+    check_manifest(mgr, step, out.state, out.manifest if "manifest" in items else None,
+                   partial=True)
     return out.state["params"]
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from moejax.run.checkpoint import path_name
+from moejax.run.manifest import expert_dims
 
 KINDS = ("parameter", "loss", "gradient", "update", "state")
 
@@ -36,24 +37,12 @@ def _variables(tree):
         tree, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]
 
 
-def expert_axis(v) -> int | None:
-    """The position of the experts dim in `v`'s value (stacked layers lead), or None."""
-    if not isinstance(v, nnx.Variable):
-        return None
-    names = tuple(v.get_metadata().get("out_sharding") or ())
-    if "experts" not in names:
-        return None
-    return v.ndim - len(names) + names.index("experts")
-
-
 def _reduce(v, fn):
-    """fn(x, axes) over every dim but the stacked layers' and the experts' (an expert tensor),
-    or over all (any other)."""
+    """fn(x, axes) over every dim but the stacked layers' and the experts' (an expert tensor:
+    the dims its manifest checksums keep), or over all (any other)."""
     x = v.get_value() if isinstance(v, nnx.Variable) else v
-    axis = expert_axis(v)
-    if axis is None:
-        return fn(x, None)
-    return fn(x, tuple(range(axis + 1, x.ndim)))
+    keep = expert_dims(v)
+    return fn(x, tuple(range(keep, x.ndim)) if keep else None)
 
 
 def finite_flags(tree) -> dict:
@@ -66,7 +55,7 @@ def expert_norms(tree) -> dict:
     """{name: [layers..., E] float32}: the norm of each expert's slice of each expert tensor."""
     return {path_name(p): _reduce(v, lambda x, axes: jnp.sqrt(
                 jnp.sum(jnp.square(x.astype(jnp.float32)), axes)))
-            for p, v in _variables(tree) if expert_axis(v) is not None}
+            for p, v in _variables(tree) if expert_dims(v)}
 
 
 def first_nonfinite(flags: dict) -> str | None:
