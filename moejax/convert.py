@@ -22,6 +22,10 @@ tensor is fetched from the devices at a time, one file's tensors are held at a t
 files are written into a folder beside OUT and renamed into place whole, readable as
 config.json is: OUT new or empty, or with --overwrite an earlier export, replaced whole
 (never a mix of two models); OUT inside the run, or holding it, is refused.
+Router state the architecture has no tensor for (the selection bias of auxiliary-loss-free
+balancing, bias_rate > 0, in Mixtral, Qwen2/3-MoE, OLMoE) goes to moejax_router.safetensors
+and moejax_router.json beside the model files; from-hf reads them back, so training after a
+round trip goes on the same (docs/checkpoints.md, "Router state").
 --quantize writes the routed experts' weights weight-only int8 / int4 (moejax's own
 quantization, as generate --quantize runs) in compressed-tensors' pack-quantized format, which
 transformers loads with the compressed-tensors package; from-hf reads such a checkpoint back,

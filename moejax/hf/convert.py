@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from moejax import config_lib, parallel
 from moejax.config_lib import ConfigError, first_line
 from moejax.hf import compressed
+from moejax.hf.fields import OWN_BIAS, ROUTER_FILE, ROUTER_JSON
 from moejax.hf.files import (
     FLOATS,
     INDEX,
@@ -35,6 +36,7 @@ from moejax.hf.files import (
     make_aside,
     put_in_place,
     read_json,
+    router_keys,
     tokenizer_of,
     undone_on_failure,
 )
@@ -105,6 +107,7 @@ def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
     check_new_workdir(workdir)
     hf_dir = os.path.join(os.path.abspath(workdir), "hf")
     config = moejax_config(hf, tokenizer_of(folder, hf_dir), mesh)
+    router = router_state(folder, config)
     sizes = parallel.mesh_sizes(config.mesh, jax.device_count())
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     config.data.batch_size = -(-config.data.batch_size // shards) * shards
@@ -181,7 +184,25 @@ def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
                                                                  sort_dicts=False)))
             with open(os.path.join(workdir, "config.json"), "w") as f:  # last: the run is whole
                 f.write(config.to_json_best_effort(indent=2))
+    if router:
+        print(router)
     return config_path
+
+
+def router_state(folder: str, config) -> str | None:
+    """Set the model keys that move the router's bias in training from SRC's ROUTER_JSON, if
+    it has one (a moejax export's); returns the line that says so."""
+    keys = router_keys(folder)
+    if not keys:
+        return None
+    if keys["router_score"] != config.model.router_score:
+        raise ConfigError(f"{os.path.join(folder, ROUTER_JSON)}: router_score="
+                          f"{keys['router_score']!r}: config.json's architecture routes by "
+                          f"{config.model.router_score}; allowed: {config.model.router_score}")
+    config.model.bias_rate = keys["bias_rate"]
+    has_file = os.path.exists(os.path.join(folder, ROUTER_FILE))
+    return (f"router state from {ROUTER_JSON}: bias_rate {keys['bias_rate']:g}"
+            + (f", each MoE layer's selection bias from {ROUTER_FILE}" if has_file else ""))
 
 
 def check_tensors(wmap, abstract, tensors: Tensors, folder: str, copied: dict | None = None):
@@ -296,6 +317,13 @@ def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4
         shutil.rmtree(aside, ignore_errors=True)  # gone if it was renamed into place
     print(f"wrote step {step} of {workdir} to {out}: {len(files)} safetensors file(s), "
           f"{total / 2**20:.1f} MiB ({dtype}), config.json ({hf['architectures'][0]})")
+    if os.path.exists(os.path.join(out, ROUTER_FILE)):
+        print(f"router state: the selection bias in {ROUTER_FILE}, bias_rate in {ROUTER_JSON}; "
+              f"transformers reads neither ({hf['architectures'][0]} has no such tensor) and "
+              "routes without the bias; from-hf reads both back")
+    elif config.model.bias_rate > 0:
+        print(f"router state: bias_rate {config.model.bias_rate:g} in {ROUTER_JSON}, for "
+              "from-hf (the bias itself is in the model's files)")
     if quantizer:
         print(quantizer.line())
     return files
@@ -336,7 +364,7 @@ def write_export(folder: str, workdir: str, config, hf: dict, dtype: str, shard_
                         for c in (k, *copied.get(k, ())):
                             yield c, np.ascontiguousarray(v)
 
-    files, chunk, size, weight_map_ = [], {}, 0, {}
+    files, chunk, size, weight_map_, router = [], {}, 0, {}, {}
     limit = int(shard_gib * 2**30)
 
     def flush():
@@ -349,6 +377,9 @@ def write_export(folder: str, workdir: str, config, hf: dict, dtype: str, shard_
         chunk, size = {}, 0
 
     for n, t in tensors():
+        if n.endswith(OWN_BIAS):  # the architecture has no such tensor: beside the model's
+            router[n] = t
+            continue
         if size and size + t.nbytes > limit:
             flush()
         chunk[n] = t
@@ -366,6 +397,12 @@ def write_export(folder: str, workdir: str, config, hf: dict, dtype: str, shard_
             json.dump({"metadata": {"total_size": total},
                        "weight_map": {n: names[f] for n, f in sorted(weight_map_.items())}},
                       f, indent=2)
+    if router:
+        save_file(router, os.path.join(folder, ROUTER_FILE), metadata={"format": "pt"})
+    if config.model.bias_rate > 0 or router:
+        with open(os.path.join(folder, ROUTER_JSON), "w") as f:
+            json.dump({"bias_rate": config.model.bias_rate,
+                       "router_score": config.model.router_score}, f, indent=2)
     if quantizer:
         hf["quantization_config"] = quantizer.config()
     with open(os.path.join(folder, "config.json"), "w") as f:

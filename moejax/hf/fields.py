@@ -27,9 +27,16 @@ ARCHS = {
                                   "none"),
 }
 DEEPSEEK = "DeepseekV3ForCausalLM"
+# Router state an architecture has no tensor or config.json key for travels beside the model
+# files, in files transformers does not read: the selection bias of auxiliary-loss-free
+# balancing as model.layers.{i}.<moe>.gate.moejax_bias (ROUTER_FILE), and the model keys that
+# move it in training (ROUTER_JSON: bias_rate, router_score) for every architecture.
+ROUTER_FILE = "moejax_router.safetensors"
+ROUTER_JSON = "moejax_router.json"
+OWN_BIAS = ".moejax_bias"
 # Tensors written float32 whatever the export's dtype: DeepSeek's release and transformers
 # (_keep_in_fp32_modules) keep the router's correction bias so, as moejax does.
-FLOAT32 = (".e_score_correction_bias",)
+FLOAT32 = (".e_score_correction_bias", OWN_BIAS)
 
 
 def arch_of(hf: dict) -> str:

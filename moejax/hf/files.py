@@ -19,6 +19,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from moejax.config_lib import ConfigError, first_line
+from moejax.hf.fields import ROUTER_FILE, ROUTER_JSON
 
 INDEX = "model.safetensors.index.json"
 FLOATS = ("F64", "F32", "BF16", "F16")  # safetensors dtypes a weight may have
@@ -46,11 +47,13 @@ class Tensors:
     """The safetensors files of a checkpoint folder, opened lazily: name -> one tensor. Their
     headers are read and checked here: each file whole, each tensor in one file, and where
     model.safetensors.index.json is, exactly the files and tensors it names (another file is
-    a leftover of another export: reading it would mix two models)."""
+    a leftover of another export: reading it would mix two models). ROUTER_FILE, which no
+    index names (transformers does not read it), adds its tensors where it is."""
 
     def __init__(self, folder: str):
         self.files, self.headers = {}, {}  # name -> path; name -> (dtype, shape)
-        paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        router = os.path.join(folder, ROUTER_FILE)
+        paths = sorted(set(glob.glob(os.path.join(folder, "*.safetensors"))) - {router})
         if not paths:
             raise ConfigError(f"{folder}: no *.safetensors files; allowed: a folder that "
                               "save_pretrained wrote (safetensors, not .bin)")
@@ -65,7 +68,7 @@ class Tensors:
                                   f"({len(stale)} such file(s), a leftover of another "
                                   "export?); allowed: the files the index names (move the "
                                   "others away)")
-        for path in paths:
+        for path in paths + ([router] if os.path.exists(router) else []):
             for name, header in read_headers(path).items():
                 if name in self.files:
                     raise ConfigError(f"{folder}: tensor {name} is in both "
@@ -91,6 +94,31 @@ class Tensors:
             return read_raw(self.files[name], name)
         with safe_open(self.files[name], "np") as f:  # memory-mapped: reads this tensor only
             return f.get_tensor(name)
+
+
+def router_keys(folder: str) -> dict:
+    """The model keys ROUTER_JSON in `folder` gives ({} if none): bias_rate (a finite number
+    >= 0) and router_score (a string; the caller checks it against the architecture's)."""
+    path = os.path.join(folder, ROUTER_JSON)
+    if not os.path.exists(path):
+        if os.path.exists(os.path.join(folder, ROUTER_FILE)):
+            raise ConfigError(f"{folder}: {ROUTER_FILE} without {ROUTER_JSON} (the bias_rate "
+                              "that moves its bias); allowed: both, as to-hf writes them, or "
+                              "neither")
+        return {}
+    keys = read_json(path)
+    if unknown := sorted(keys.keys() - {"bias_rate", "router_score"}):
+        raise ConfigError(f"{path}: {unknown[0]}: unknown; allowed: bias_rate, router_score")
+    score = keys.get("router_score")
+    if not isinstance(score, str):
+        raise ConfigError(f"{path}: router_score={score!r}: not a string; allowed: the "
+                          "router_score to-hf wrote (softmax or sigmoid)")
+    rate = keys.get("bias_rate")
+    if (isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate)
+            or rate < 0):
+        raise ConfigError(f"{path}: bias_rate={rate!r}: not a finite number >= 0; allowed: "
+                          "a finite number >= 0")
+    return {"bias_rate": float(rate), "router_score": score}
 
 
 def read_raw(path: str, name: str) -> np.ndarray:

@@ -23,6 +23,7 @@ from moejax.hf.fields import (  # noqa: F401  (FLOAT32: convert.py reads it here
     ARCHS,
     DEEPSEEK,
     FLOAT32,
+    OWN_BIAS,
     Arch,
     arch_of,
     flag,
@@ -177,7 +178,10 @@ def block_tensors(arch: Arch, cfg, layer: int, name: str, expert: int | None,
         "attn.kv_up": ([f"{a}.kv_b_proj.weight"],
                        lambda w: w.reshape(h, n + v, -1).transpose(2, 0, 1),
                        lambda w: [w.transpose(1, 2, 0).reshape(h * (n + v), -1)]),
-        "ffn.router_bias": ([f"{p}.mlp.gate.e_score_correction_bias"], None, None),
+        # DeepSeek-V3's own tensor; the other families have none: moejax's, in ROUTER_FILE
+        "ffn.router_bias": ([f"{p}.mlp.gate.e_score_correction_bias"
+                             if arch.model_type == "deepseek_v3" else
+                             f"{p}.{arch.moe}.gate{OWN_BIAS}"], None, None),
     })
     if cfg.get("attention") == "mla":
         table["attn.q"] = ([f"{a}.q_proj.weight"], query, unquery)
@@ -286,7 +290,6 @@ def hf_config(config, dtype: str, saved: dict | None) -> dict:
     need(m.activation == "swiglu", "activation", m.activation, "swiglu")
     need(m.router_score == "softmax" and m.routing == "tokens", "router_score",
          m.router_score, "softmax with routing=tokens")
-    need(m.bias_rate == 0, "bias_rate", m.bias_rate, "0")
     need(m.get("rope_scaling", "none") == "none", "rope_scaling", m.get("rope_scaling"),
          "none (these architectures' exports carry no scaling yet)")
     need(m.get("n_group", 1) == 1 and m.get("routed_scaling_factor", 1.0) == 1.0, "n_group",
