@@ -69,7 +69,9 @@ def get_config(arg=None):
             # dropless_ring (the same, all-gather and reduce-scatter across devices)
             dispatch="capacity",
             router_score="softmax",  # softmax | sigmoid (DeepSeek-V3)
-            routing="tokens",  # tokens: token choice | experts: expert choice (non-causal!)
+            # tokens: token choice | experts: expert choice (non-causal!) | balanced: token t
+            # gets experts (t*k + j) mod E, equal load by construction (bench train only)
+            routing="tokens",
             bias_rate=0.0,  # auxiliary-loss-free balancing step (DeepSeek-V3: 1e-3); 0 = off
             n_group=1,  # expert groups (DeepSeek-V3: 8); 1 = no group limit
             topk_group=1,  # a token picks its experts from its topk_group best groups

@@ -2,15 +2,19 @@
 
   python -m moejax.bench layer|train|compile [--experts=8,64] [--dispatch=capacity,dropless]
       [--config configs/X.py[:variant]] [--config.model.num_experts=16] [--layers=4,32]
+      [--routing=natural,balanced]
 
 layer: median fwd+bwd time of one MoE FFN against a dense SwiGLU FFN doing the same active
 FLOPs (d_ff_dense = k * d_ff), one device, per expert count and dispatch. For the capacity
 path the `experts` column times the expert FFN alone on its [E, C, d] buffers, so
 moe - experts is what routing, dispatch and combine cost; dropless has no such buffers.
 train: step time, tokens/s, achieved TFLOP/s per device and MFU of whole train steps
-(optimizer included) of a config, once per MoE dispatch asked for, and of its dense twin with
-equal active FLOPs (`num_experts = 0`), on the config's mesh over all local devices (the
-state built, laid out and stepped by moejax.state).
+(optimizer included) of a config, once per MoE dispatch and routing asked for, and of its
+dense twin with equal active FLOPs (`num_experts = 0`), on the config's mesh over all local
+devices (the state built, laid out and stepped by moejax.state). Routing `natural` is the
+config's; `balanced` forces every expert the same load (model.routing=balanced, round-robin
+over the experts; the aim of Megatron's --moe-router-force-load-balancing): natural /
+balanced is what the imbalance costs.
 
 Every timed function runs once per round, round-robin, so load from anything else on the
 machine hits all columns alike; the ratios are medians of the per-round ratios.
@@ -35,6 +39,9 @@ from moejax.moe.layer import DISPATCHES, MoE, MoEConfig
 from moejax.moe.router import capacity
 from moejax.run import flops, hostmem, state
 from moejax.run.params import param_counts
+
+# bench train's routings: the config's own, and forced-balanced (every expert T * k / E)
+ROUTINGS = ("natural", "balanced")
 
 
 def round_robin(fns: dict, repeats: int) -> dict:
@@ -183,19 +190,26 @@ def train_numbers(config, model, step_s: float, num_devices: int, device_kind: s
             "mfu": None if peak is None else flops_per_s / (num_devices * peak)}
 
 
-def bench_train(config, steps: int, dispatches: list[str] | None = None) -> dict:
-    """{'moe:<dispatch>' for each of `dispatches` (default: the config's own), 'dense': the
-    train_numbers of its median step, plus `vs_dense`, the median per-round step-time ratio}."""
+def bench_train(config, steps: int, dispatches: list[str] | None = None,
+                routings: list[str] | None = None) -> dict:
+    """{'moe:<dispatch>/<routing>' for each of `dispatches` (default: the config's own) and
+    `routings` (default: both ROUTINGS), 'dense': the train_numbers of its median step, plus
+    `routing` (None for dense), `vs_dense`, the median per-round step-time ratio, and for a
+    natural row beside a balanced one `vs_balanced`, the imbalance's cost as that ratio}."""
     config = resolve(config)
     mesh = parallel.make_mesh(parallel.mesh_sizes(config.mesh, jax.device_count()))
     seq_len, batch = config.data.seq_len, config.data.batch_size
     tokens = jax.random.randint(jax.random.key(0), (batch, seq_len + 1), 0,
                                 config.model.vocab_size)
     tokens = jax.device_put(tokens, parallel.token_sharding(mesh))
-    configs = {}
+    configs, routing_of = {}, {}
     for dispatch in dispatches or [config.model.dispatch]:
-        configs[f"moe:{dispatch}"] = config.copy_and_resolve_references()
-        configs[f"moe:{dispatch}"].model.dispatch = dispatch
+        for routing in routings or ROUTINGS:
+            name = f"moe:{dispatch}/{routing}"
+            configs[name], routing_of[name] = config.copy_and_resolve_references(), routing
+            configs[name].model.dispatch = dispatch
+            if routing == "balanced":
+                configs[name].model.routing = "balanced"
     configs["dense"] = config.copy_and_resolve_references()
     configs["dense"].model.num_experts = 0
     fns, models = {}, {}
@@ -205,10 +219,15 @@ def bench_train(config, steps: int, dispatches: list[str] | None = None) -> dict
         fns[name], models[name] = (stepping(s), (tokens, jnp.int32(0))), s.model
     t = round_robin(fns, steps)
     kind = jax.devices()[0].device_kind
-    return {name: {**train_numbers(configs[name], models[name], statistics.median(v),
+    rows = {name: {**train_numbers(configs[name], models[name], statistics.median(v),
                                    jax.device_count(), kind),
-                   "vs_dense": median_ratio(v, t["dense"])}
+                   "routing": routing_of.get(name), "vs_dense": median_ratio(v, t["dense"])}
             for name, v in t.items()}
+    for name, row in rows.items():
+        balanced = name.replace("/natural", "/balanced")
+        if row["routing"] == "natural" and balanced in t:
+            row["vs_balanced"] = median_ratio(t[name], t[balanced])
+    return rows
 
 
 def bench_compile(config, layers: list[int]) -> dict:
@@ -242,13 +261,18 @@ def print_train(r: dict, spec: str, config, repeats: int, device: str) -> None:
     peak = flops.device_peak_flops(jax.devices()[0].device_kind, config.train.peak_tflops)
     print(f"MFU against a peak of {peak / 1e12:,.4g} TFLOP/s per device" if peak else
           "MFU n/a: no peak known for this device (flops.PEAK_FLOPS; train.peak_tflops)")
-    print(f"{'model':>14} {'active M':>9} {'step ms':>9} {'tokens/s':>10} {'TFLOP/s/dev':>12} "
-          f"{'MFU':>6} {'/ dense':>8}")
+    print(f"{'model':>14} {'routing':>9} {'active M':>9} {'step ms':>9} {'tokens/s':>10} "
+          f"{'TFLOP/s/dev':>12} {'MFU':>6} {'/ dense':>8}")
     for name, row in r.items():
         mfu = "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}"
-        print(f"{name:>14} {row['active_params'] / 1e6:>9.4g} {row['step_ms']:>9.1f} "
+        print(f"{name.split('/')[0]:>14} {row['routing'] or '-':>9} "
+              f"{row['active_params'] / 1e6:>9.4g} {row['step_ms']:>9.1f} "
               f"{row['tokens_per_s']:>10,.0f} {row['tflops_per_device']:>12.3g} {mfu:>6} "
               f"{row['vs_dense']:>8.2f}")
+    for name, row in r.items():
+        if "vs_balanced" in row:
+            print(f"imbalance tax, {name.split('/')[0]}: natural routing's step takes "
+                  f"{row['vs_balanced']:.2f}x the forced-balanced one's")
 
 
 def print_layer(args, experts: list[int], dispatches: list[str], device: str) -> None:
@@ -272,7 +296,8 @@ def print_layer(args, experts: list[int], dispatches: list[str], device: str) ->
 MODES = {  # mode: the flags it reads
     "layer": ("experts", "tokens", "d_model", "d_ff", "top_k", "capacity_factor", "dtype",
               "dispatch", "repeats"),
-    "train": ("config", "vocab_size", "batch_size", "seq_len", "dispatch", "repeats"),
+    "train": ("config", "vocab_size", "batch_size", "seq_len", "dispatch", "routing",
+              "repeats"),
     "compile": ("config", "vocab_size", "batch_size", "seq_len", "layers"),
 }
 
@@ -298,10 +323,13 @@ def define_flags(fv, argv: list[str]) -> None:
             raise ValueError(x)
         return int(x)
 
-    def dispatch(x: str) -> str:
-        if x not in DISPATCHES:
-            raise ValueError(x)
-        return x
+    def one_of(allowed):
+        def item(x: str) -> str:
+            if x not in allowed:
+                raise ValueError(x)
+            return x
+
+        return item
 
     def ints(name, default, help):
         flags.DEFINE(Items("comma-separated integers >= 1, e.g. 8,64", natural), name, default,
@@ -317,9 +345,14 @@ def define_flags(fv, argv: list[str]) -> None:
                        flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "layer: weights and "
                       "activations", flag_values=fv)
-    flags.DEFINE(Items(f"comma-separated of {', '.join(DISPATCHES)}", dispatch), "dispatch",
+    flags.DEFINE(Items(f"comma-separated of {', '.join(DISPATCHES)}", one_of(DISPATCHES)),
+                 "dispatch",
                  None, "layer: one row per dispatch and E (default: capacity); train: one MoE "
                  "row each, and the dense twin (default: the config's model.dispatch)",
+                 flag_values=fv, serializer=flags.CsvListSerializer(","))
+    flags.DEFINE(Items(f"comma-separated of {', '.join(ROUTINGS)}", one_of(ROUTINGS)),
+                 "routing", list(ROUTINGS), "train: one MoE row each per dispatch: the "
+                 "config's routing, and forced-balanced (every expert T x k / E assignments)",
                  flag_values=fv, serializer=flags.CsvListSerializer(","))
     flags.DEFINE_integer("repeats", 10, "layer, train: timed rounds (train: steps of each "
                          "model)", lower_bound=1, flag_values=fv)
@@ -363,7 +396,7 @@ def main(argv=None):
         if mode == "compile":
             times = bench_compile(config, fv.layers)
         else:
-            r = bench_train(config, fv.repeats, fv.dispatch)
+            r = bench_train(config, fv.repeats, fv.dispatch, fv.routing)
     except ConfigError as e:
         sys.exit(f"error: {spec}: {e}")
     if mode == "compile":

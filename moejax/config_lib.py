@@ -163,7 +163,7 @@ def validate(config, num_devices: int) -> None:
         one_of("model.dispatch", m.dispatch, DISPATCHES)
         check(not m.shared_gate or m.num_shared_experts > 0, "model.shared_gate", m.shared_gate,
               "needs model.num_shared_experts >= 1 (it gates their output)")
-        check(m.dispatch == "capacity" or m.routing == "tokens", "model.dispatch", m.dispatch,
+        check(m.dispatch == "capacity" or m.routing != "experts", "model.dispatch", m.dispatch,
               "allowed with model.routing=experts: capacity (expert choice never drops)")
         check_groups(m)
     else:  # a dense model's FFN is top_k x d_ff wide (the MoE's active width)

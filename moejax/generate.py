@@ -2,11 +2,19 @@
 
   python -m moejax.generate --workdir runs/tiny --prompt "def main(" [--prompt ...] [--tokens 200]
       [--quantize int8|int4]   (the routed experts weight-only: moejax/moe/quant.py)
+      [--routing_out FILE.npy] (each token's experts, for replay in training)
 
 Prompts of any lengths go as one batch: right-padded, prefilled in one call, then decoded one
 token per step for every row at its own position, the whole loop one compiled `while_loop`.
 Shapes are rounded up to buckets of BUCKET positions, so a run compiles once per bucket, not
 once per token or per max_new_tokens.
+
+With return_routing (--routing_out) it also records which experts each MoE layer chose for
+every token it processed: per row int32 [tokens, moe_layers, top_k], the prompt's tokens
+first, then each generated token fed back (the last generated token is never fed, so it has
+none), the layout of vLLM's `routed_experts`. The choice is the training forward's for the
+same tokens (tests/test_replay.py counts the mismatches: 0), so a batch of these sequences
+can carry it as batch["routing"] to train on the experts inference used (replay).
 """
 
 import collections
@@ -25,6 +33,7 @@ from moejax.config_lib import ConfigError
 from moejax.data.text import make_tokenizer
 from moejax.model.layers import DTYPES
 from moejax.model.transformer import ATTENTIONS, moe_layer_ids
+from moejax.moe.layer import MoE
 from moejax.run import state
 from moejax.run.checkpoint import read_params
 from moejax.run.params import quantize_experts
@@ -104,44 +113,59 @@ def next_token(logits, key, temperature, top_p, greedy: bool):
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "greedy"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "greedy", "routing"))
 def _generate(params, prompts, lengths, max_new, temperature, top_p, eos_id, seed, *,
-              graphdef, cache_len: int, greedy: bool):
+              graphdef, cache_len: int, greedy: bool, routing: bool = False):
     """prompts: [B, P] right-padded, lengths: [B]. Returns new tokens [B, cache_len] (the first
-    `steps` columns are valid) and steps. Rows past eos keep computing; the host cuts them."""
+    `steps` columns are valid), steps and, with `routing`, the expert ids of the prompts
+    [B, P, L, k] and of each new token fed [B, cache_len, L, k] (else None for both). Rows
+    past eos keep computing; the host cuts them."""
     TRACES["generate"] += 1  # runs only when tracing
     model, key = nnx.merge(graphdef, params), jax.random.key(seed)
     batch = prompts.shape[0]
     cache = model.init_cache(batch, cache_len)
-    logits, cache = model.decode(prompts, jnp.zeros(batch, jnp.int32), cache, last=lengths - 1)
+
+    def decode(tokens, start, cache, **kw):  # (logits, cache, ids or None)
+        out = model.decode(tokens, start, cache, return_routing=routing, **kw)
+        return out if routing else (*out, None)
+
+    logits, cache, prompt_ids = decode(prompts, jnp.zeros(batch, jnp.int32), cache,
+                                       last=lengths - 1)
     token = next_token(logits[:, 0], jax.random.fold_in(key, 0), temperature, top_p, greedy)
     out = jnp.zeros((batch, cache_len), jnp.int32).at[:, 0].set(token)
+    new_ids = (None if prompt_ids is None else
+               jnp.zeros((batch, cache_len, *prompt_ids.shape[2:]), jnp.int32))
 
     def running(carry):
-        step, _, _, _, done = carry
+        step, _, _, _, _, done = carry
         return (step < max_new) & ~done.all()
 
     def one_token(carry):  # feeds token `step - 1` of each row, at its position
-        step, token, cache, out, done = carry
-        logits, cache = model.decode(token[:, None], lengths + step - 1, cache)
+        step, token, cache, out, new_ids, done = carry
+        logits, cache, ids = decode(token[:, None], lengths + step - 1, cache)
+        if ids is not None:
+            new_ids = new_ids.at[:, step - 1].set(ids[:, 0])
         token = next_token(logits[:, 0], jax.random.fold_in(key, step), temperature, top_p,
                            greedy)
-        return step + 1, token, cache, out.at[:, step].set(token), done | (token == eos_id)
+        return (step + 1, token, cache, out.at[:, step].set(token), new_ids,
+                done | (token == eos_id))
 
-    carry = (jnp.int32(1), token, cache, out, token == eos_id)
-    steps, _, _, out, _ = jax.lax.while_loop(running, one_token, carry)
-    return out, steps
+    carry = (jnp.int32(1), token, cache, out, new_ids, token == eos_id)
+    steps, _, _, out, new_ids, _ = jax.lax.while_loop(running, one_token, carry)
+    return out, steps, prompt_ids, new_ids
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-             cache_len: int | None = None) -> list[list[int]]:
+             cache_len: int | None = None, return_routing: bool = False):
     """Each prompt's new tokens: max_new_tokens of them, or fewer ending in eos_id.
 
     temperature 0 is greedy (argmax); otherwise sampling at that temperature from the top_p
     nucleus (top_p = 1: every token), keyed by seed. The whole batch stops once every row
     has stopped. cache_len: positions the cache holds; default: the bucket of the longest
-    prompt + max_new_tokens."""
+    prompt + max_new_tokens. return_routing: returns (rows, routing), routing[b] the int32
+    [len(prompt) + len(rows[b]) - 1, moe_layers, top_k] experts of each token row b fed
+    through the model (the module docstring)."""
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
     if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1):
@@ -150,6 +174,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     vocab = model.embed.shape[0]
     if any(not 0 <= t < vocab for p in prompts for t in p):
         raise ValueError(f"prompt token outside the model's vocabulary of {vocab}")
+    if return_routing:
+        check_routing(model)
+        if max_new_tokens <= 0:  # nothing would be fed through the model
+            raise ValueError(f"return_routing: max_new_tokens={max_new_tokens}; allowed: >= 1")
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     longest = max(map(len, prompts))
@@ -163,15 +191,32 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         row[: len(p)] = p
     graphdef, params = nnx.split(model)
     # Host values go in as numpy: jnp would compile a conversion for each of them.
-    out, steps = _generate(params, padded, np.asarray([len(p) for p in prompts], np.int32),
-                           np.int32(max_new_tokens), np.float32(temperature),
-                           np.float32(top_p), np.int32(-1 if eos_id is None else eos_id),
-                           np.int32(seed), graphdef=graphdef, cache_len=cache_len,
-                           greedy=temperature <= 0)
+    out, steps, prompt_ids, new_ids = _generate(
+        params, padded, np.asarray([len(p) for p in prompts], np.int32),
+        np.int32(max_new_tokens), np.float32(temperature), np.float32(top_p),
+        np.int32(-1 if eos_id is None else eos_id), np.int32(seed), graphdef=graphdef,
+        cache_len=cache_len, greedy=temperature <= 0, routing=return_routing)
     rows = np.asarray(out)[:, : int(steps)].tolist()
     if eos_id is not None:
         rows = [r[: r.index(eos_id) + 1] if eos_id in r else r for r in rows]
-    return rows
+    if not return_routing:
+        return rows
+    prompt_ids, new_ids = np.asarray(prompt_ids), np.asarray(new_ids)
+    routing = [np.concatenate([prompt_ids[b, : len(p)], new_ids[b, : len(r) - 1]])
+               for b, (p, r) in enumerate(zip(prompts, rows, strict=True))]
+    return rows, routing
+
+
+def check_routing(model) -> None:
+    """Recording routing needs MoE layers that choose per token, causally."""
+    cfgs = [m.cfg for _, m in nnx.iter_graph(model) if isinstance(m, MoE)]
+    if not cfgs:
+        raise ValueError("return_routing: a dense model (no MoE layer) routes nothing; allowed: "
+                         "a model with model.num_experts > 0")
+    if cfgs[0].routing != "tokens":
+        raise ValueError(f"return_routing: model.routing={cfgs[0].routing!r} is not a token's "
+                         "own choice (experts: non-causal, a token's experts depend on later "
+                         "tokens); allowed: tokens")
 
 
 def main(argv=None):
@@ -199,11 +244,22 @@ def main(argv=None):
     flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4"], "the routed experts' "
                       "weights: as trained, or weight-only int8 (a scale per output channel) / "
                       "int4 (a scale per 128 inputs)", flag_values=fv)
+    flags.DEFINE_string("routing_out", "", "write each prompt's routing, int32 [tokens, "
+                        "moe_layers, top_k] (vLLM's routed_experts), to this .npy (several "
+                        "prompts: FILE-0.npy, FILE-1.npy, ...)", flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)
     with cli.one_line_errors():
         cli.positional(cli.parse_flags(argv, __doc__, fv, "workdir"), {})
     config, model, step = load(fv.workdir)
     with cli.one_line_errors():
+        if fv.routing_out:
+            if not fv.routing_out.endswith(".npy"):
+                raise ConfigError(f"--routing_out={fv.routing_out!r}: allowed: a path ending "
+                                  "in .npy")
+            try:
+                check_routing(model)
+            except ValueError as e:
+                raise ConfigError(f"--routing_out: {str(e).split(': ', 1)[1]}") from None
         if fv.quantize != "none":
             check_experts(config, fv.workdir, f"--quantize={fv.quantize}", "none")
             print(f"# {quantize_experts(model, fv.quantize)}")
@@ -218,13 +274,20 @@ def main(argv=None):
         sys.exit(f"error: --tokens={fv.tokens}: {e}; allowed: "
                  + (f"at most {room} with these prompts" if room > 0 else "shorter prompts"))
     kwargs = dict(temperature=fv.temperature, top_p=fv.top_p, seed=fv.seed,
-                  eos_id=tokenizer.eos_id, cache_len=cache_len)
+                  eos_id=tokenizer.eos_id, cache_len=cache_len,
+                  return_routing=bool(fv.routing_out))
     start = time.perf_counter()
     generate(model, prompts, 1, **kwargs)  # compiles the very program the timed call runs
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     outs = generate(model, prompts, fv.tokens, **kwargs)
     seconds = time.perf_counter() - start
+    if fv.routing_out:
+        outs, routing = outs
+        for path, ids in zip(routing_paths(fv.routing_out, len(outs)), routing, strict=True):
+            np.save(path, ids)
+            print(f"# routing: {path}: {ids.shape[0]} tokens x {ids.shape[1]} MoE layers x "
+                  f"top-{ids.shape[2]}")
     print(f"# step {step} of {fv.workdir}")
     for text, prompt, new in zip(texts, prompts, outs, strict=True):
         print(tokenizer.decode((prompt if text else []) + new))
@@ -232,6 +295,11 @@ def main(argv=None):
     print(f"# {n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s (batch {len(prompts)}; "
           f"excludes {compile_s:.1f} s of compilation and a 1-token warm-up)")
     print(f"# {cache_line(config.model)}")
+
+
+def routing_paths(path: str, rows: int) -> list[str]:
+    """--routing_out's files: the path itself for one prompt, else path-0.npy, path-1.npy..."""
+    return [path] if rows == 1 else [f"{path[:-4]}-{b}.npy" for b in range(rows)]
 
 
 def cache_line(mc) -> str:

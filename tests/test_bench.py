@@ -1,14 +1,20 @@
 """The benchmarks: the layer one times whole forward + backward passes; the train one runs
 every MoE path asked for beside the dense twin and reports MFU against the model's FLOPs."""
 
+import re
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 from configs import moe_1b, tiny
 from moejax import bench, parallel
 from moejax.config_lib import ConfigError
+from moejax.moe import router
 from moejax.moe.ffn import ffn
+from moejax.moe.layer import MoE, MoEConfig
 from moejax.run import state
 
 # tiny.py:smoke by hand: d_model 32, 2 layers of 2 heads x 16, d_ff 64, 8 experts, top-2,
@@ -74,16 +80,27 @@ def fake_steps(monkeypatch):
     return seen
 
 
-def test_bench_train_has_one_row_per_dispatch_and_the_dense_twin(monkeypatch):
+def test_bench_train_has_one_row_per_dispatch_and_routing_and_the_dense_twin(monkeypatch):
     seen = fake_steps(monkeypatch)
     r = bench.bench_train(tiny.get_config("smoke"), 2, ["capacity", "dropless"])
-    assert list(r) == ["moe:capacity", "moe:dropless", "dense"]
-    assert [(c.model.num_experts, c.model.dispatch) for c in seen] == [
-        (8, "capacity"), (8, "dropless"), (0, "capacity")]
-    assert [row["active_params"] for row in r.values()] == [SMOKE_ACTIVE] * 2 + [SMOKE_DENSE]
+    assert list(r) == ["moe:capacity/natural", "moe:capacity/balanced", "moe:dropless/natural",
+                       "moe:dropless/balanced", "dense"]
+    assert [(c.model.num_experts, c.model.dispatch, c.model.routing) for c in seen] == [
+        (8, "capacity", "tokens"), (8, "capacity", "balanced"), (8, "dropless", "tokens"),
+        (8, "dropless", "balanced"), (0, "capacity", "tokens")]
+    assert [row["active_params"] for row in r.values()] == [SMOKE_ACTIVE] * 4 + [SMOKE_DENSE]
     assert r["dense"]["vs_dense"] == 1.0 and all(row["mfu"] is None for row in r.values())
-    # The default: the config's own dispatch.
-    assert list(bench.bench_train(tiny.get_config("smoke"), 1)) == ["moe:capacity", "dense"]
+    assert [row["routing"] for row in r.values()] == ["natural", "balanced"] * 2 + [None]
+    # The imbalance tax: natural's median per-round step time over balanced's, where both ran.
+    assert [name for name, row in r.items() if "vs_balanced" in row] == [
+        "moe:capacity/natural", "moe:dropless/natural"]
+    assert all(row["vs_balanced"] > 0 for row in r.values() if "vs_balanced" in row)
+    # The default: the config's own dispatch, both routings; or one routing asked for.
+    assert list(bench.bench_train(tiny.get_config("smoke"), 1)) == [
+        "moe:capacity/natural", "moe:capacity/balanced", "dense"]
+    only = bench.bench_train(tiny.get_config("smoke"), 1, routings=["balanced"])
+    assert list(only) == ["moe:capacity/balanced", "dense"]
+    assert "vs_balanced" not in only["moe:capacity/balanced"]
 
 
 def run_main(monkeypatch, capsys, *argv) -> str:
@@ -102,13 +119,20 @@ def test_bench_train_prints_mfu_na_without_a_peak_and_takes_overrides(monkeypatc
     assert lines[0].startswith("device: cpu x8;")
     assert "batch 8 x 16 tokens, vocab 300, median of 2 steps" in lines[0]
     assert lines[1].startswith("MFU n/a")
-    assert lines[2].split() == ["model", "active", "M", "step", "ms", "tokens/s", "TFLOP/s/dev",
-                                "MFU", "/", "dense"]
-    rows = [line.split() for line in lines[3:]]
-    assert [row[0] for row in rows] == ["moe:capacity", "moe:dropless", "dense"]
-    assert all(row[5] == "n/a" for row in rows)
+    assert lines[2].split() == ["model", "routing", "active", "M", "step", "ms", "tokens/s",
+                                "TFLOP/s/dev", "MFU", "/", "dense"]
+    rows = [line.split() for line in lines[3:8]]
+    assert [row[:2] for row in rows] == [
+        ["moe:capacity", "natural"], ["moe:capacity", "balanced"], ["moe:dropless", "natural"],
+        ["moe:dropless", "balanced"], ["dense", "-"]]
+    assert all(row[6] == "n/a" for row in rows)
     # 300 x 32 more embedding weights than the byte vocabulary's 257.
-    assert float(rows[0][1]) == pytest.approx((SMOKE_ACTIVE + 43 * 32) / 1e6, abs=5e-6)
+    assert float(rows[0][2]) == pytest.approx((SMOKE_ACTIVE + 43 * 32) / 1e6, abs=5e-6)
+    tax = lines[8:]
+    assert [line.split(": natural")[0] for line in tax] == [
+        "imbalance tax, moe:capacity", "imbalance tax, moe:dropless"]
+    assert all(re.fullmatch(r"imbalance tax, moe:\w+: natural routing's step takes "
+                            r"\d+\.\d\dx the forced-balanced one's", line) for line in tax)
 
 
 def test_bench_train_reads_the_default_config_with_config_overrides(monkeypatch, capsys):
@@ -116,7 +140,7 @@ def test_bench_train_reads_the_default_config_with_config_overrides(monkeypatch,
     out = run_main(monkeypatch, capsys, "train", "--config.model.num_experts=4",
                    "--config.model.num_layers=2", "--repeats=1")
     assert "; configs/tiny.py: batch" in out.splitlines()[0]  # the default, overridden
-    assert [(c.model.num_experts, c.model.num_layers) for c in seen] == [(4, 2), (0, 2)]
+    assert [(c.model.num_experts, c.model.num_layers) for c in seen] == [(4, 2)] * 2 + [(0, 2)]
 
 
 def test_vocab_is_the_byte_tokenizers_or_given():
@@ -188,7 +212,8 @@ def test_bench_train_steps_each_moe_path_and_its_dense_twin():
     # The states come from moejax.state, born in the config's layout over the 8 test devices;
     # the step donates its state, so each call must get the one the previous call returned.
     r = bench.bench_train(tiny.get_config("smoke"), steps=2, dispatches=["capacity", "dropless"])
-    assert list(r) == ["moe:capacity", "moe:dropless", "dense"]
+    assert list(r) == ["moe:capacity/natural", "moe:capacity/balanced", "moe:dropless/natural",
+                       "moe:dropless/balanced", "dense"]
     for row in r.values():
         assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and row["tflops_per_device"] > 0
         assert row["vs_dense"] > 0
@@ -198,3 +223,54 @@ def test_compile_bench_compiles_each_depth():
     config = tiny.get_config("smoke")
     times = bench.bench_compile(config, [1, 3])
     assert list(times) == [1, 3] and all(t > 0 for t in times.values())
+
+
+def test_bench_train_routing_flag_takes_one_and_refuses_others_in_one_line(monkeypatch,
+                                                                          capsys):
+    seen = fake_steps(monkeypatch)
+    out = run_main(monkeypatch, capsys, "train", "--config", "configs/tiny.py:smoke",
+                   "--routing=balanced", "--repeats=1")
+    assert [line.split()[:2] for line in out.splitlines()[3:]] == [
+        ["moe:capacity", "balanced"], ["dense", "-"]]  # no natural row, so no tax line
+    assert [c.model.routing for c in seen] == ["balanced", "tokens"]
+    with pytest.raises(SystemExit) as e:
+        run_main(monkeypatch, capsys, "train", "--routing=natural,even")
+    message = str(e.value.code)
+    assert "\n" not in message and "--routing" in message
+    assert "allowed: comma-separated of natural, balanced" in message
+
+
+@pytest.mark.parametrize("num_tokens, k, num_experts", [(16, 2, 8), (12, 3, 6), (8, 1, 8),
+                                                        (64, 8, 256)])
+def test_balanced_ids_give_every_expert_the_same_load(num_tokens, k, num_experts):
+    ids = np.asarray(router.balanced_ids(num_tokens, k, num_experts))
+    # Token t: (t * k + j) mod E, by hand for the first tokens of (16, 2, 8): [0 1] [2 3] ...
+    assert ids[:, 0].tolist() == [t * k % num_experts for t in range(num_tokens)]
+    assert all(len(set(row)) == k for row in ids.tolist())  # k distinct experts per token
+    counts = np.bincount(ids.reshape(-1), minlength=num_experts)
+    want = num_tokens * k // num_experts if num_tokens * k >= num_experts else None
+    if want:  # 64 tokens x 8 over 256 experts: 2 each; fewer assignments than experts: 0 or 1
+        assert counts.tolist() == [want] * num_experts
+    else:
+        assert set(counts.tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_balanced_routing_loads_every_expert_equally_and_drops_nothing(dispatch):
+    """model.routing=balanced in the MoE layer: 4 groups of 32 tokens, top-2 of 8 experts, so
+    each expert gets exactly 4 x 32 x 2 / 8 = 32 assignments, and none is past capacity (1.0
+    x 32 x 2 / 8 = 8 slots per group); gates are still the router's scores (a gradient)."""
+    cfg = MoEConfig(num_experts=8, top_k=2, capacity_factor=1.0, min_capacity=1, num_groups=4,
+                    dispatch=dispatch, routing="balanced")
+    layer = MoE(16, 32, cfg, "swiglu", mesh=None, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16))
+
+    def loss(m, x):
+        y, aux = m(x, train=True)
+        return jnp.sum(y**2), aux
+
+    (_, aux), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(layer, x)
+    assert np.asarray(aux["tokens_per_expert"]).tolist() == [32] * 8
+    assert float(aux["dropped_frac"]) == 0.0
+    assert float(aux["balance_loss"]) == pytest.approx(1.0, abs=1e-5)  # E x sum_e P_e / E
+    assert float(jnp.abs(grads.router[...]).sum()) > 0

@@ -74,20 +74,28 @@ class Block(nnx.Module):
             self.ffn = MLP(cfg.d_model, d_ff, cfg.activation, dtype, param_dtype, rngs,
                            dense_qtype(cfg))
 
-    def __call__(self, x, positions, segments, *, train, rng):
+    def __call__(self, x, positions, segments, *, train, rng, forced=None,
+                 return_ids: bool = False):
         """segments: [B, S] documents (0: padding, which the MoE layer neither routes nor
-        counts) or None (every row one document, no padding)."""
+        counts) or None (every row one document, no padding). forced, return_ids: the MoE
+        layer's (moe/layer.py), for an MoE block."""
         y = self.attn(self.attn_norm(x), positions, segments)
-        return self.feed_forward(x + y, train, rng, None if segments is None else segments != 0)
+        return self.feed_forward(x + y, train, rng, None if segments is None else segments != 0,
+                                 forced, return_ids)
 
-    def decode(self, x, positions, cache, layer):
+    def decode(self, x, positions, cache, layer, return_ids: bool = False):
+        """-> x, cache and, with return_ids, an MoE block's expert ids [B, S, k] (else None)."""
         y, cache = self.attn.decode(self.attn_norm(x), positions, cache, layer)
-        return self.feed_forward(x + y, train=False, rng=None)[0], cache
+        x, aux = self.feed_forward(x + y, train=False, rng=None, return_ids=return_ids)
+        return x, cache, aux["expert_ids"] if return_ids and aux else None
 
-    def feed_forward(self, x, train, rng, real=None):
+    def feed_forward(self, x, train, rng, real=None, forced=None, return_ids=False):
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
-            y, aux = self.ffn(h, train=train, rng=rng, real=real)
+            # Only what is asked for: quant_check wraps MoE.__call__ with its original arguments.
+            asked = {"forced": forced} if forced is not None else {}
+            asked.update({"return_ids": True} if return_ids else {})
+            y, aux = self.ffn(h, train=train, rng=rng, real=real, **asked)
         else:
             y, aux = self.ffn(h), None
         return constrain(x + y, self.mesh, ("batch", "seq", None)), aux
@@ -106,38 +114,46 @@ class Stack(nnx.Module):
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: one(keys[0])))
         self.blocks = nnx.merge(graphdef, jax.vmap(lambda k: nnx.state(one(k)))(keys))
         self.layers = tuple(range(first, first + repeats * period, period))  # static
+        # A period holds one MoE block at most (layer_stacks): its MoE layers, static.
+        self.moe_layers = repeats * any(is_moe_layer(cfg, first + j) for j in range(period))
 
-    def __call__(self, x, positions, segments, *, train, rng, remat: str):
+    def __call__(self, x, positions, segments, *, train, rng, remat: str, forced=None,
+                 return_ids: bool = False):
+        """forced: [moe_layers, B, S, k] expert ids for its MoE layers in order, or None."""
         graphdef, state = nnx.split(self.blocks)
 
         def body(x, inputs):
-            state, layer = inputs
+            state, layer, ids = inputs
             aux = None
             for j, block in enumerate(nnx.merge(graphdef, state)):
                 x, a = block(x, positions, segments, train=train,
-                             rng=None if rng is None else jax.random.fold_in(rng, layer + j))
+                             rng=None if rng is None else jax.random.fold_in(rng, layer + j),
+                             forced=ids, return_ids=return_ids)
                 aux = a if a is not None else aux
             return x, aux
 
         if REMAT[remat] is not None:
             body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
-        return jax.lax.scan(body, x, (state, jnp.asarray(self.layers)))
+        return jax.lax.scan(body, x, (state, jnp.asarray(self.layers), forced))
 
-    def decode(self, x, positions, cache):
+    def decode(self, x, positions, cache, return_ids: bool = False):
         """x: [B, S, d] at positions [B, S]; cache: the attention's (`empty_cache`), each
         array [repeats, period, B, L, ...], carried through the scan so each layer writes its
-        new rows in place."""
+        new rows in place. Returns x, cache and, with return_ids and MoE blocks here, their
+        expert ids [moe_layers, B, S, k] (else None)."""
         graphdef, state = nnx.split(self.blocks)
 
         def body(carry, inputs):
             x, cache = carry
             state, repeat = inputs
+            ids = None
             for j, block in enumerate(nnx.merge(graphdef, state)):
-                x, cache = block.decode(x, positions, cache, (repeat, j))
-            return (x, cache), None
+                x, cache, block_ids = block.decode(x, positions, cache, (repeat, j), return_ids)
+                ids = block_ids if block_ids is not None else ids
+            return (x, cache), ids
 
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(len(self.layers))))
-        return x, cache
+        (x, cache), ids = jax.lax.scan(body, (x, cache), (state, jnp.arange(len(self.layers))))
+        return x, cache, ids
 
     def empty_cache(self, batch: int, cache_len: int, dtype):
         return self.blocks[0].attn.empty_cache(len(self.layers), len(self.blocks), batch,
@@ -165,21 +181,30 @@ class Transformer(nnx.Module):
                              for k in range(cfg.mtp_layers)])
         self.num_layers = cfg.num_layers
 
-    def __call__(self, tokens, *, train: bool, rng=None, segments=None):
+    def __call__(self, tokens, *, train: bool, rng=None, segments=None, routing=None,
+                 return_routing: bool = False):
         """tokens: [B, S] int -> float32 logits [B, S, V] and the MoE layers' aux dict, each
         value stacked over MoE layers in layer order ({} for a dense model). segments: [B, S]
         int, the document of each token (1, 2, ... along a row; 0 = padding), or None: each
-        row one document. A document sees only itself, its positions starting at 0."""
-        x, aux = self.hidden(tokens, train=train, rng=rng, segments=segments)
+        row one document. A document sees only itself, its positions starting at 0.
+        routing: [B, S, moe_layers, k] int expert ids each MoE layer routes by instead of its
+        router's choice (a recorded routing replayed; aux gains "routing_mismatch"), or None.
+        return_routing: aux gains "expert_ids" [moe_layers, B, S, k], each token's experts
+        before capacity drops; off, nothing of it is computed."""
+        x, aux = self.hidden(tokens, train=train, rng=rng, segments=segments, routing=routing,
+                             return_routing=return_routing)
         return self.logits(x), stacked(aux)
 
-    def with_mtp(self, tokens, *, train: bool, rng=None, segments=None):
+    def with_mtp(self, tokens, *, train: bool, rng=None, segments=None, routing=None):
         """tokens: [B, S + 1], the inputs and the last target -> the logits for tokens[:, :-1]
         as __call__'s, aux over the MoE layers and then the MTP modules', and the MTP logits
         [D, B, S, V]: depth k's at position i score tokens[:, i + k + 1], those past the end
-        scoring nothing (the loss masks them)."""
+        scoring nothing (the loss masks them). routing: as __call__'s, for the main model's
+        MoE layers; the MTP modules route by their own routers, so "routing_mismatch" is
+        [main MoE layers]."""
         inputs = tokens[:, :-1]
-        x, aux = self.hidden(inputs, train=train, rng=rng, segments=segments)
+        x, aux = self.hidden(inputs, train=train, rng=rng, segments=segments, routing=routing)
+        mismatch = [a.pop("routing_mismatch") for a in aux if "routing_mismatch" in a]
         positions = document_positions(inputs, segments)
         padded = jnp.pad(tokens, ((0, 0), (0, len(self.mtp))))
         # Depth 1 reads the main model's final-normed state, as transformers' and vLLM's
@@ -194,34 +219,54 @@ class Transformer(nnx.Module):
             if a is not None:  # one layer: the leading axis the scanned stacks' aux have
                 aux.append(jax.tree.map(lambda v: v[None], a))
             logits.append(self.head(normed_k))
-        return self.head(normed), stacked(aux), jnp.stack(logits)
+        aux = stacked(aux)
+        if mismatch:
+            aux["routing_mismatch"] = jnp.concatenate(mismatch)
+        return self.head(normed), aux, jnp.stack(logits)
 
-    def hidden(self, tokens, *, train: bool, rng=None, segments=None):
-        """tokens: [B, S] -> the last block's output [B, S, d] and the stacks' aux dicts."""
+    def hidden(self, tokens, *, train: bool, rng=None, segments=None, routing=None,
+               return_routing: bool = False):
+        """tokens: [B, S] -> the last block's output [B, S, d] and the stacks' aux dicts.
+        routing, return_routing: as __call__'s."""
+        moe_layers = sum(stack.moe_layers for stack in self.stacks)
+        if routing is not None and (routing.ndim != 4 or routing.shape[2] != moe_layers):
+            raise ValueError(f"routing: shape {routing.shape}; allowed: [B, S, {moe_layers}, "
+                             f"top_k] expert ids ({moe_layers} MoE layers)")
         positions = document_positions(tokens, segments)
         x = self.embed_tokens(tokens)
-        aux = []
+        aux, first = [], 0
         for stack in self.stacks:
-            x, a = stack(x, positions, segments, train=train, rng=rng, remat=self.remat)
+            forced = None
+            if routing is not None and stack.moe_layers:  # [B, S, L, k] -> [L_here, B, S, k]
+                forced = jnp.moveaxis(routing[:, :, first:first + stack.moe_layers], 2, 0)
+                first += stack.moe_layers
+            x, a = stack(x, positions, segments, train=train, rng=rng, remat=self.remat,
+                         forced=forced, return_ids=return_routing)
             if a is not None:
                 aux.append(a)
         return x, aux
 
-    def decode(self, tokens, start, cache, *, last=None):
+    def decode(self, tokens, start, cache, *, last=None, return_routing: bool = False):
         """Inference with a key-value cache. tokens: [B, S] int, row b at positions start[b] ..
         start[b] + S - 1; start: [B] int32; cache: from `init_cache`, holding every earlier
         position of each row. Returns float32 logits [B, S, V] and the cache with these
         tokens' keys and values written. MoE layers run as in evaluation (train=False).
-        last: [B] int or None; given, only the logits of tokens[b, last[b]]: [B, 1, V]."""
+        last: [B] int or None; given, only the logits of tokens[b, last[b]]: [B, 1, V].
+        return_routing: a third result, the expert ids of every token here [B, S, moe_layers,
+        k] (generate's routing record), chosen as the training forward chooses them."""
         positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=start.dtype)
         x = self.embed_tokens(tokens)
-        new_cache = []
+        new_cache, ids = [], []
         for stack, c in zip(self.stacks, cache, strict=True):
-            x, c = stack.decode(x, positions, c)
+            x, c, stack_ids = stack.decode(x, positions, c, return_routing)
             new_cache.append(c)
+            if stack_ids is not None:
+                ids.append(stack_ids)
         if last is not None:  # a prefill needs one row's logits, not S x V of them
             x = jnp.take_along_axis(x, last[:, None, None], axis=1)
-        return self.logits(x), new_cache
+        if not return_routing:
+            return self.logits(x), new_cache
+        return self.logits(x), new_cache, jnp.moveaxis(jnp.concatenate(ids), 0, 2)
 
     def init_cache(self, batch: int, cache_len: int) -> list[dict]:
         """An empty cache for `batch` rows of up to `cache_len` positions, in the activation

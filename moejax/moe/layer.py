@@ -31,7 +31,12 @@ from moejax.parallel import EXPERT_AXIS, SEQ_AXIS, TOKEN_AXES, TOKEN_SHARD_AXES,
 #   dropless       rows sorted by expert, a grouped matmul, ragged all-to-all across devices
 #   dropless_ring  the same, across devices by all-gather and reduce-scatter
 DISPATCHES = ("capacity", "dropless", "dropless_ring")
-ROUTINGS = ("tokens", "experts")
+# Who picks the experts (`model.routing`):
+#   tokens    each token its k best (token choice)
+#   experts   each expert its C best tokens of the group (expert choice; non-causal)
+#   balanced  token t of a group (t * k + j) mod E, j < k, gated by the router's scores: equal
+#             load by construction, for benchmarks (`bench train`'s imbalance tax), not training
+ROUTINGS = ("tokens", "experts", "balanced")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +53,7 @@ class MoEConfig:
     num_groups: int = 0  # capacity groups in the global batch; 0 = one per token shard
     dispatch: str = "capacity"  # see DISPATCHES
     router_score: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
-    routing: str = "tokens"  # tokens: each token picks k experts | experts: expert choice
+    routing: str = "tokens"  # see ROUTINGS
     bias_rate: float = 0.0  # auxiliary-loss-free balancing: bias step per train step; 0 = off
     n_group: int = 1  # expert groups (DeepSeek-V3: 8); a token picks from its topk_group best
     topk_group: int = 1
@@ -63,15 +68,18 @@ class MoEConfig:
 
 
 def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=None, noise=None,
-            expert_axis=None, token_axes=(), real=None):
+            expert_axis=None, token_axes=(), real=None, forced=None):
     """One MoE FFN over this device's groups.
 
     x: [G, T, d] groups held here; noise: like x or None; router_w: [d, E]; bias: [E] or None;
     real: [G, T] bool, False for padding (routed nowhere, its output 0, in no statistic);
-    experts: dict of w_in, w_out with this device's experts [E_local, ...].
+    experts: dict of w_in, w_out with this device's experts [E_local, ...];
+    forced: [G, T, k] int expert ids to use instead of the router's choice (replay), or None.
     Inside shard_map, `expert_axis` names the axis experts are split over and `token_axes`
     the axes the groups are split over; outside, both are empty and everything is local.
-    Returns y: [G, T, d] and a dict of aux losses and routing statistics over all groups.
+    Returns y: [G, T, d], a dict of aux losses and routing statistics over all groups (with
+    `forced`, "routing_mismatch": the share of real assignments the router would not have
+    chosen), and the expert ids used, [G, T, k] (E for padding) before capacity drops.
     """
     num_groups, group_size, d = x.shape
     cf = cfg.capacity_factor if train else cfg.eval_capacity_factor
@@ -81,14 +89,28 @@ def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=Non
 
     router_in = x.astype(jnp.float32) if noise is None else x.astype(jnp.float32) * noise
     logits = jnp.einsum("gtd,de->gte", router_in, router_w.astype(jnp.float32))
+    mismatch = None
     if cfg.routing == "experts":
         r = jax.vmap(partial(router.expert_choice, capacity=cap, score=cfg.router_score))(
             logits, real=real)
-    else:
+    elif forced is None and cfg.routing == "tokens":
         r = jax.vmap(partial(router.route, k=cfg.top_k, capacity=cap,
                              renormalize=cfg.renormalize, score=cfg.router_score,
                              bias=bias, n_group=cfg.n_group, topk_group=cfg.topk_group,
                              routed_scaling_factor=cfg.routed_scaling_factor))(logits, real=real)
+    else:
+        if forced is None:  # balanced
+            forced = jnp.broadcast_to(router.balanced_ids(group_size, cfg.top_k,
+                                                          cfg.num_experts),
+                                      (num_groups, group_size, cfg.top_k))
+        else:  # replay: measure how far the router's own choice is from the recorded one
+            own = router.select(router.scores(logits, cfg.router_score), cfg.top_k, bias,
+                                cfg.n_group, cfg.topk_group)
+            mismatch = router.mismatched(forced, own).mean(-1)
+        r = jax.vmap(partial(router.forced, capacity=cap, renormalize=cfg.renormalize,
+                             score=cfg.router_score,
+                             routed_scaling_factor=cfg.routed_scaling_factor))(
+            logits, forced, real=real)
     qtype = QTYPES[cfg.quantization]
     if cfg.dispatch == "capacity":
         y = _capacity_ffn(x, r, experts, cap, activation, expert_axis, qtype)
@@ -96,7 +118,8 @@ def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=Non
         y = _dropless_ffn(x.reshape(-1, d), r.gates.reshape(-1, cfg.top_k),
                           r.expert_ids.reshape(-1, cfg.top_k), experts, activation,
                           expert_axis, cfg.dispatch, qtype).reshape(x.shape)
-    return y, _aux(logits, r, cfg.top_k, cfg.routing == "experts", token_axes, real)
+    aux = _aux(logits, r, cfg.top_k, cfg.routing == "experts", token_axes, real, mismatch)
+    return y, aux, r.expert_ids
 
 
 def _dropless_ffn(x, gates, expert_ids, experts, activation, expert_axis, how, qtype):
@@ -138,9 +161,10 @@ def _capacity_ffn(x, r, experts, cap, activation, expert_axis, qtype):
     return jax.vmap(combine)(ye.reshape(num_groups, num_experts * cap, d), r.gates, slot, source)
 
 
-def _aux(logits, r, top_k, expert_choice, token_axes, real=None):
+def _aux(logits, r, top_k, expert_choice, token_axes, real=None, mismatch=None):
     """Aux losses and routing statistics over the real tokens of every token shard's groups:
-    sums, added over the shards, then divided by their count."""
+    sums, added over the shards, then divided by their count. mismatch: [G, T] each token's
+    share of forced choices its router would not have made, or None (not forced)."""
     if real is None:
         real = jnp.ones(logits.shape[:-1], bool)
     weight = real.astype(jnp.float32)
@@ -165,6 +189,8 @@ def _aux(logits, r, top_k, expert_choice, token_axes, real=None):
         "entropy": mean(router.token_entropy(r.probs)),
         "top1_prob": mean(r.probs.max(-1)),
     }
+    if mismatch is not None:
+        aux["routing_mismatch"] = mean(mismatch)
     return aux
 
 
@@ -212,10 +238,18 @@ class MoE(nnx.Module):
                                          out_sharding=("embed", None), eager_sharding=False)
 
     def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None,
-                 real: jax.Array | None = None):
+                 real: jax.Array | None = None, forced: jax.Array | None = None,
+                 return_ids: bool = False):
         """x: [B, S, d] -> ([B, S, d], aux). `rng` drives router jitter when training;
-        real: [B, S] bool, False for padding, or None."""
+        real: [B, S] bool, False for padding, or None; forced: [B, S, k] int expert ids to
+        route by (a recorded routing replayed; aux gains "routing_mismatch"), or None.
+        return_ids: aux gains "expert_ids", [B, S, k] int32, each token's experts before
+        capacity drops (E for padding); off, the program computes nothing for it."""
         cfg, mesh = self.cfg, self.mesh
+        if (forced is not None or return_ids) and cfg.routing == "experts":
+            raise ValueError("model.routing='experts': expert choice is non-causal, a token's "
+                             "experts depend on later tokens; recording or replaying routing "
+                             "allowed with: tokens, balanced")
         shards = num_token_shards(mesh)
         num_groups = cfg.num_groups or shards
         if num_groups % shards or x.shape[0] * x.shape[1] % num_groups:
@@ -239,7 +273,7 @@ class MoE(nnx.Module):
         tensor_split = sharded and "tensor" in jax.tree.leaves(specs["w_out"])[0]
         x = x.astype(self.dtype)
 
-        def local(x, noise, router_w, bias, experts, real):
+        def local(x, noise, router_w, bias, experts, real, forced):
             def grouped(a):  # [B_local, S, d] -> [groups here, tokens per group, d]
                 return None if a is None else a.reshape(num_groups // shards, -1, a.shape[-1])
 
@@ -252,14 +286,16 @@ class MoE(nnx.Module):
             experts = {name: qwix.dequantize(w) if isinstance(w, qwix.QArray) else w
                        for name, w in experts.items()}
             experts["w_in"] = flat_in(experts["w_in"])
-            y, aux = moe_ffn(grouped(x), router_w, experts, cfg, train=train,
-                             activation=self.activation, bias=bias, noise=grouped(noise),
-                             expert_axis=EXPERT_AXIS if sharded else None,
-                             token_axes=TOKEN_SHARD_AXES if sharded else (),
-                             real=None if real is None else real.reshape(num_groups // shards, -1))
+            y, aux, ids = moe_ffn(
+                grouped(x), router_w, experts, cfg, train=train, activation=self.activation,
+                bias=bias, noise=grouped(noise), expert_axis=EXPERT_AXIS if sharded else None,
+                token_axes=TOKEN_SHARD_AXES if sharded else (),
+                real=None if real is None else real.reshape(num_groups // shards, -1),
+                forced=grouped(forced))
             if tensor_split:  # each holds part of every hidden layer
                 y = jax.lax.psum(y, "tensor")
-            return y.reshape(x.shape), aux
+            ids = ids.reshape(*x.shape[:-1], -1) if return_ids else None
+            return y.reshape(x.shape), aux, ids
 
         if sharded:  # rows over the token axes, positions over context
             tokens = P(TOKEN_AXES, SEQ_AXIS)
@@ -267,9 +303,12 @@ class MoE(nnx.Module):
                 local, mesh=mesh,
                 in_specs=(tokens, None if noise is None else tokens, P(),
                           None if bias is None else P(), specs,
-                          None if real is None else tokens),
-                out_specs=(tokens, P()))
-        y, aux = local(x, noise, self.router[...], bias, experts, real)
+                          None if real is None else tokens,
+                          None if forced is None else tokens),
+                out_specs=(tokens, P(), tokens if return_ids else None))
+        y, aux, ids = local(x, noise, self.router[...], bias, experts, real, forced)
+        if return_ids:
+            aux["expert_ids"] = ids
         y = checkpoint_name(y, "moe_out")
         if cfg.num_shared_experts:  # experts too: quantized with the routed ones
             w_in, w_out = self.shared_in[...].astype(self.dtype), self.shared_out[...]

@@ -1,7 +1,9 @@
 """Routers: pure functions on arrays, float32 inside.
 
 Token choice (Switch, GShard, Mixtral, DeepSeek-V3) in `route`, expert choice in
-`expert_choice`. Conventions (docs/architecture.md repeats them):
+`expert_choice`; `forced` takes the experts from outside (a recorded routing replayed, or
+`balanced_ids` for benchmarks) and gates them with the router's own scores.
+Conventions (docs/architecture.md repeats them):
 - Scores are a softmax over experts, or independent sigmoids (DeepSeek-V3). `probs`, used by
   the balance loss and the statistics, are the scores normalized to sum 1 per token.
 - `k` choices per token from `lax.top_k` of scores + bias (the bias of auxiliary-loss-free
@@ -85,20 +87,36 @@ def group_limit(choice: jax.Array, n_group: int, topk_group: int) -> jax.Array:
     return jnp.where(kept[..., None], grouped, 0.0).reshape(choice.shape)
 
 
+def select(s: jax.Array, k: int, bias: jax.Array | None = None, n_group: int = 1,
+           topk_group: int = 1) -> jax.Array:
+    """A token's own k experts: top_k of scores s [T, E] + bias under the group limit ->
+    [T, k] int32, best first. `route` uses it; so does a forced layer to measure its mismatch."""
+    choice = group_limit(s if bias is None else s + bias, n_group, topk_group)
+    return jax.lax.top_k(choice, k)[1].astype(jnp.int32)
+
+
 def route(logits: jax.Array, k: int, capacity: int, renormalize: bool, score: str = "softmax",
           bias: jax.Array | None = None, n_group: int = 1, topk_group: int = 1,
           routed_scaling_factor: float = 1.0, real: jax.Array | None = None) -> Routing:
     """Token choice. logits: [T, E] for one capacity group; bias: [E] for selection only;
     real: [T] bool, False for padding, or None (all real)."""
+    expert_ids = select(scores(logits, score), k, bias, n_group, topk_group)
+    return forced(logits, expert_ids, capacity, renormalize, score, routed_scaling_factor, real)
+
+
+def forced(logits: jax.Array, expert_ids: jax.Array, capacity: int, renormalize: bool,
+           score: str = "softmax", routed_scaling_factor: float = 1.0,
+           real: jax.Array | None = None) -> Routing:
+    """Token choice with the experts given: expert_ids [T, k] (recorded routing replayed, or
+    `balanced_ids`). Gates are the router's own scores at those ids, renormalized and scaled as
+    `route`'s, so the router still learns from the loss; capacity is granted as `route` does."""
     num_experts = logits.shape[-1]
     s = scores(logits, score)
-    choice = group_limit(s if bias is None else s + bias, n_group, topk_group)
-    _, expert_ids = jax.lax.top_k(choice, k)
+    expert_ids = expert_ids.astype(jnp.int32)
     gates = jnp.take_along_axis(s, expert_ids, axis=-1)
     if renormalize:  # + 1e-20 as transformers: 0, not NaN, if every chosen sigmoid underflows
         gates = gates / (gates.sum(axis=-1, keepdims=True) + 1e-20)
     gates = gates * routed_scaling_factor
-    expert_ids = expert_ids.astype(jnp.int32)
     keep = jnp.ones(expert_ids.shape, bool)
     if real is not None:
         keep = jnp.broadcast_to(real[:, None], expert_ids.shape)
@@ -106,6 +124,21 @@ def route(logits: jax.Array, k: int, capacity: int, renormalize: bool, score: st
     positions, counts = expert_positions(expert_ids, num_experts)
     probs = s / s.sum(-1, keepdims=True)
     return Routing(probs, gates, expert_ids, positions, keep & (positions < capacity), counts)
+
+
+def balanced_ids(num_tokens: int, k: int, num_experts: int) -> jax.Array:
+    """Forced-balanced routing for benchmarks, round-robin (as torchtitan's
+    debug_moe_force_load_balance; Megatron's --moe-router-force-load-balancing draws random
+    logits, balanced on average only): token t of a group gets experts (t * k + j) mod E,
+    j < k. [T, k] int32; every expert gets T * k / E assignments where E divides T * k, and
+    a token k distinct experts where k <= E."""
+    t = jnp.arange(num_tokens, dtype=jnp.int32)[:, None]
+    return (t * k + jnp.arange(k, dtype=jnp.int32)) % num_experts
+
+
+def mismatched(expert_ids: jax.Array, own_ids: jax.Array) -> jax.Array:
+    """[..., k] bool: the forced id is not among the router's own k choices own_ids [..., k]."""
+    return ~jnp.any(expert_ids[..., :, None] == own_ids[..., None, :], axis=-1)
 
 
 def expert_choice(logits: jax.Array, capacity: int, score: str = "softmax",

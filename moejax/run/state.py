@@ -187,16 +187,23 @@ def loss_fn(params, graphdef, batch, rng, tc, counts=None, share: float = 1.0):
     multi-token prediction loss), and metrics. The cross-entropies are sums over this batch's
     scored targets divided by `counts` (scored_counts; None: this batch's own), so that the
     micro-batches of a step add up to the mean over the whole batch; the router's losses and
-    statistics are this batch's, times `share` (1 / micro-batches)."""
+    statistics are this batch's, times `share` (1 / micro-batches). A batch["routing"],
+    int [B, S + 1 or S, MoE layers, top_k] expert ids (generate's record), is replayed: the
+    MoE layers route the inputs by it, and "routing_mismatch" is the share of its real
+    assignments their routers would not have chosen."""
     batch = as_batch(batch)
     tokens, segments = batch["tokens"], batch["segments"][:, :-1]
+    routing = batch.get("routing")  # optional: replay
+    routing = None if routing is None else routing[:, :tokens.shape[1] - 1]
     model = nnx.merge(graphdef, params)
     depths = len(model.mtp)
     counts = scored_counts(batch, depths) if counts is None else counts
     if depths:
-        logits, aux, mtp_logits = model.with_mtp(tokens, train=True, rng=rng, segments=segments)
+        logits, aux, mtp_logits = model.with_mtp(tokens, train=True, rng=rng, segments=segments,
+                                                 routing=routing)
     else:
-        logits, aux = model(tokens[:, :-1], train=True, rng=rng, segments=segments)
+        logits, aux = model(tokens[:, :-1], train=True, rng=rng, segments=segments,
+                            routing=routing)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     ce = (ce * target_weights(batch)).sum() / counts[0]
     metrics = {"ce_loss": ce}
@@ -206,6 +213,8 @@ def loss_fn(params, graphdef, batch, rng, tc, counts=None, share: float = 1.0):
         metrics["z_loss"] = share * aux["z_loss"].mean()
         metrics["expert_load"] = share * aux["tokens_per_expert"]
         metrics["dropped_frac"] = share * aux["dropped_frac"]
+        if routing is not None:
+            metrics["routing_mismatch"] = share * aux["routing_mismatch"].mean()
         loss = ce + tc.balance_coef * metrics["balance_loss"] + tc.z_coef * metrics["z_loss"]
     if depths:
         metrics["mtp_loss"] = mtp_loss(mtp_logits, batch, counts[1:])
@@ -237,8 +246,8 @@ def train_step(state, batch, step, *, graphdef, tx, lr, config):
     tc = config.train
     batch = as_batch(batch)
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
-    # [B, S+1] -> [A, B/A, S+1], taking every A-th row so each device keeps its own rows.
-    micro = jax.tree.map(lambda a: a.reshape(-1, tc.grad_accum, a.shape[-1]).swapaxes(0, 1),
+    # [B, ...] -> [A, B/A, ...], taking every A-th row so each device keeps its own rows.
+    micro = jax.tree.map(lambda a: a.reshape(-1, tc.grad_accum, *a.shape[1:]).swapaxes(0, 1),
                          batch)
     counts = scored_counts(batch, config.model.mtp_layers)
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef, tc=tc,
