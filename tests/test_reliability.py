@@ -88,7 +88,7 @@ INVALID = [  # overrides, then the start of the one-line error
     ({"train.warmup_steps": 6}, "train.warmup_steps=6: must be in 0..train.steps-1=5"),
     ({"model.router_score": "tanh"},
      "model.router_score='tanh': unknown; allowed: softmax, sigmoid"),
-    ({"model.routing": "hash"}, "model.routing='hash': unknown; allowed: tokens, experts"),
+    ({"model.routing": "hash"}, "model.routing='hash': unknown; allowed: tokens, experts, balanced"),
     ({"model.bias_rate": -0.1}, "model.bias_rate=-0.1: must be >= 0"),
     ({"model.dispatch": "dropless", "model.routing": "experts"},
      "model.dispatch='dropless': allowed with model.routing=experts: capacity"),
