@@ -94,7 +94,9 @@ def get_config(arg=None):
             # Weighted prepared stores instead of data.path (with source=prepared, path=""):
             # "DIR_A:0.3,DIR_B:0.7", weights normalised; "" = one source (moejax/data/mixture.py)
             mixture="",
-            format="text",  # files: text | json | parquet | chat (JSONL conversations)
+            # files: text | json | parquet | chat (JSONL conversations) | replay (JSONL token
+            # sequences with their recorded experts: moejax/data/replay.py)
+            format="text",
             hub_config="",  # hub: the dataset's config name
             split="train",
             streaming=False,  # hub: stream instead of downloading the whole set

@@ -288,11 +288,12 @@ def check_data(d) -> None:
     one_of("data.source", d.source, ("stdlib", "files", "hub", "prepared"))
     one_of("data.on_error", d.on_error, ("skip", "fail"))
     if d.source == "files":
-        one_of("data.format", d.format, ("text", "json", "parquet", "chat"))
-    if d.format == "chat" and (d.source != "files" or d.streaming):
-        raise ConfigError(f"data.format='chat': not with data.source={d.source!r}, "
+        one_of("data.format", d.format, ("text", "json", "parquet", "chat", "replay"))
+    if d.format in ("chat", "replay") and (d.source != "files" or d.streaming):
+        raise ConfigError(f"data.format={d.format!r}: not with data.source={d.source!r}, "
                           f"data.streaming={d.streaming}; allowed: data.source='files' (JSONL "
-                          "conversations, moejax/data/chat.py) and data.streaming=False")
+                          f"{'conversations' if d.format == 'chat' else 'routing records'}, "
+                          f"moejax/data/{d.format}.py) and data.streaming=False")
     if d.get("mixture", ""):
         if d.source != "prepared":
             raise ConfigError(f"data.mixture={d.mixture!r}: needs data.source='prepared' (its "

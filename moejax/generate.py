@@ -19,6 +19,7 @@ can carry it as batch["routing"] to train on the experts inference used (replay)
 
 import collections
 import functools
+import json
 import math
 import sys
 import time
@@ -246,16 +247,18 @@ def main(argv=None):
                       "int4 (a scale per 128 inputs)", flag_values=fv)
     flags.DEFINE_string("routing_out", "", "write each prompt's routing, int32 [tokens, "
                         "moe_layers, top_k] (vLLM's routed_experts), to this .npy (several "
-                        "prompts: FILE-0.npy, FILE-1.npy, ...)", flag_values=fv)
+                        "prompts: FILE-0.npy, FILE-1.npy, ...), or to this .jsonl as records "
+                        "to train on (data.format=replay: tokens, routing, loss_mask on the "
+                        "new tokens)", flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)
     with cli.one_line_errors():
         cli.positional(cli.parse_flags(argv, __doc__, fv, "workdir"), {})
     config, model, step = load(fv.workdir)
     with cli.one_line_errors():
         if fv.routing_out:
-            if not fv.routing_out.endswith(".npy"):
+            if not fv.routing_out.endswith((".npy", ".jsonl")):
                 raise ConfigError(f"--routing_out={fv.routing_out!r}: allowed: a path ending "
-                                  "in .npy")
+                                  "in .npy or .jsonl")
             try:
                 check_routing(model)
             except ValueError as e:
@@ -284,10 +287,7 @@ def main(argv=None):
     seconds = time.perf_counter() - start
     if fv.routing_out:
         outs, routing = outs
-        for path, ids in zip(routing_paths(fv.routing_out, len(outs)), routing, strict=True):
-            np.save(path, ids)
-            print(f"# routing: {path}: {ids.shape[0]} tokens x {ids.shape[1]} MoE layers x "
-                  f"top-{ids.shape[2]}")
+        write_routing(fv.routing_out, prompts, outs, routing)
     print(f"# step {step} of {fv.workdir}")
     for text, prompt, new in zip(texts, prompts, outs, strict=True):
         print(tokenizer.decode((prompt if text else []) + new))
@@ -295,6 +295,22 @@ def main(argv=None):
     print(f"# {n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s (batch {len(prompts)}; "
           f"excludes {compile_s:.1f} s of compilation and a 1-token warm-up)")
     print(f"# {cache_line(config.model)}")
+
+
+def write_routing(path: str, prompts, outs, routing) -> None:
+    """Each prompt's routing record: .npy arrays (routing_paths), or one .jsonl line per prompt
+    that data.format=replay trains on (moejax/data/replay.py), the loss on the new tokens."""
+    if path.endswith(".jsonl"):
+        with open(path, "w") as f:
+            for prompt, new, ids in zip(prompts, outs, routing, strict=True):
+                f.write(json.dumps({"tokens": prompt + new, "routing": ids.tolist(),
+                                    "loss_mask": [0] * len(prompt) + [1] * len(new)}) + "\n")
+        print(f"# routing: {path}: {len(outs)} records to train on (data.format=replay)")
+        return
+    for one, ids in zip(routing_paths(path, len(outs)), routing, strict=True):
+        np.save(one, ids)
+        print(f"# routing: {one}: {ids.shape[0]} tokens x {ids.shape[1]} MoE layers x "
+              f"top-{ids.shape[2]}")
 
 
 def routing_paths(path: str, rows: int) -> list[str]:

@@ -13,6 +13,7 @@ experts' FFNs (tests/reference.py).
 """
 
 import functools
+import json
 import sys
 
 import jax
@@ -335,7 +336,7 @@ def test_cli_writes_the_routing_of_each_prompt(base, tmp_path, monkeypatch, caps
         assert f"routing-{i}.npy: {tokens} tokens x 2 MoE layers x top-2" in printed
     monkeypatch.setattr(sys, "argv", [*argv[:-1], str(tmp_path / "routing.txt")])
     with pytest.raises(SystemExit, match="^error: --routing_out='.*routing.txt': allowed: a "
-                       "path ending in .npy$"):
+                       "path ending in .npy or .jsonl$"):
         gen.main()
     # The same weights as an expert-choice run (its parameters have the same names): refused.
     c.model.update(routing="experts", dispatch="capacity")
@@ -344,3 +345,73 @@ def test_cli_writes_the_routing_of_each_prompt(base, tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit, match="^error: --routing_out: model.routing='experts' is not "
                        "a token's own choice .*non-causal.*; allowed: tokens$"):
         gen.main()
+
+
+def test_records_from_generate_train_through_the_data_path(base, tmp_path):
+    """generate's records as a file (--routing_out FILE.jsonl) -> data.format=replay rows ->
+    the train step: the recorded experts replayed change nothing (mismatch 0, the same loss),
+    the loss only on the new tokens; a record altered in its last MoE layer reports exactly
+    the share altered; a record that does not fit the model is one line."""
+    from moejax import config_lib
+    from moejax.data import replay, text
+
+    params, rows, routing = base
+    path = tmp_path / "records.jsonl"
+    gen.write_routing(str(path), PROMPTS, rows, routing)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [len(r["tokens"]) for r in lines] == [len(p) + NEW for p in PROMPTS]
+    c = config()
+    c.data.update(source="files", path=str(path), format="replay", seq_len=80, eval_fraction=0.0)
+    config_lib.validate(c, 1)
+    packed = replay.rows(c.data, "train", c.model)
+    assert packed.shape == (16, 3 + 2 * K, 81)  # one record a row: the next does not fit
+    for row, prompt, new, record in zip(packed, PROMPTS, rows, routing, strict=True):
+        n = len(prompt) + len(new)
+        np.testing.assert_array_equal(row[3:, : n - 1].T.reshape(-1, 2, K), record)
+        assert (row[3:, n - 1:] == -1).all()  # the last token (never fed) and the padding
+        assert row[2, : len(prompt)].sum() == 0 and row[2, len(prompt):n].all()
+    batch = text.batch_arrays(packed, None, True)
+    s = setup(c)
+    step = state.train_step_fn(s)
+    init = jax.jit(lambda p: {"params": p, "opt_state": s.tx.init(p)}, out_shardings=s.shardings)
+    natural = {k: v for k, v in batch.items() if k != "routing"}
+    _, m0 = step(init(laid_out(s, params)), natural, jnp.int32(0))
+    _, m1 = step(init(laid_out(s, params)), batch, jnp.int32(0))
+    assert float(m1["routing_mismatch"]) == 0.0
+    np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-6)
+    wrong = [altered(r, 0.2, seed=i, last_layer_only=True)[0] for i, r in enumerate(routing)]
+    gen.write_routing(str(path), PROMPTS, rows, wrong)
+    moved = sum(int((w != r).sum()) for w, r in zip(wrong, routing, strict=True))
+    real = sum(len(p) + NEW for p in PROMPTS) * 2 * K  # every real token's assignments
+    batch = text.batch_arrays(replay.rows(c.data, "train", c.model), None, True)
+    _, m2 = step(init(laid_out(s, params)), batch, jnp.int32(0))
+    assert float(m2["routing_mismatch"]) == pytest.approx(moved / real, abs=1e-6)
+    c.model.top_k = 1
+    with pytest.raises(config_lib.ConfigError, match=r"records.jsonl:1: not a routing record "
+                       r"\(routing: shape \[63, 2, 2\]; allowed: \[64 or 63, 2 MoE layers, "
+                       r"top_k=1\] ints\); allowed: one JSON object a line"):
+        replay.rows(c.data, "train", c.model)
+
+
+@pytest.mark.slow
+def test_train_cli_replays_records(base, tmp_path):
+    """python -m moejax.train's data path end to end on data=2 x expert=4: records written by
+    generate from the run's initial weights, replayed at step 1 with 0 mismatches."""
+    from moejax import train
+
+    params, rows, routing = base
+    path = tmp_path / "records.jsonl"
+    gen.write_routing(str(path), PROMPTS * 2, rows * 2, routing * 2)  # 32: train and eval
+    c = config()
+    c.mesh.update(data=2, expert=4)
+    c.data.update(source="files", path=str(path), format="replay", seq_len=80, batch_size=8,
+                  eval_fraction=0.5)
+    c.train.update(steps=3, warmup_steps=1, log_every=1, eval_every=3, eval_batches=1,
+                   keep_best=False)
+    history = train.train_and_evaluate(c, str(tmp_path / "run"))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    mismatch = {r["step"]: r["moe/routing_mismatch"] for r in logged
+                if "moe/routing_mismatch" in r}
+    # Warm-up's first step moves nothing (learning rate 0); the second does.
+    assert mismatch[1] == mismatch[2] == 0.0 and 0.0 < mismatch[3] < 1.0
+    assert np.isfinite(history["eval_loss"][3])

@@ -58,9 +58,10 @@ class Batches:
         return {"next_index": step}
 
 
-def make_batches(cfg, tokenizer, split: str, seed: int) -> Batches | StreamBatches:
+def make_batches(cfg, tokenizer, split: str, seed: int, model=None) -> Batches | StreamBatches:
     """Training batches are shuffled; eval batches are the first ones of the held-out split.
-    A data.mixture gives weighted batches of several prepared stores (mixture.py)."""
+    A data.mixture gives weighted batches of several prepared stores (mixture.py). `model`:
+    the model group, which data.format=replay's records must fit."""
     if cfg.get("mixture", ""):
         mixture = mixture_lib.make(cfg, tokenizer, split, seed)
         return Batches(mixture.rows, cfg.batch_size, mixture, tokenizer.eos_id, cfg.documents)
@@ -76,6 +77,10 @@ def make_batches(cfg, tokenizer, split: str, seed: int) -> Batches | StreamBatch
             from moejax.data import chat
 
             sequences = chat.rows(cfg, tokenizer, split)
+        elif cfg.format == "replay":  # [n, 3 + L * k, S + 1]: and each token's experts
+            from moejax.data import replay
+
+            sequences = replay.rows(cfg, split, model)
         else:
             sequences = text.pack(text.load_documents(cfg, split), tokenizer, cfg.seq_len)
     if len(sequences) < cfg.batch_size:

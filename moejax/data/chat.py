@@ -131,22 +131,27 @@ def render_and_mask(messages: list[dict], template: Template, tokenizer):
     return ids, mask
 
 
-def pack(conversations, seq_len: int) -> np.ndarray:
-    """[n, 3, seq_len + 1] int32 (tokens, segments, loss_mask) of (tokens, loss_mask) pairs of
-    at most seq_len + 1 tokens each: greedily in order, a new row when the next does not fit."""
+def pack(conversations, seq_len: int, extra: int = 0) -> np.ndarray:
+    """[n, 3 + extra, seq_len + 1] int32 (tokens, segments, loss_mask, then `extra` rows of
+    per-token values, -1 where there are none) of (tokens, loss_mask) pairs, or (tokens,
+    loss_mask, values [T, extra]) triples, of at most seq_len + 1 tokens each: greedily in
+    order, a new row when the next does not fit."""
     width, placed, row, used = seq_len + 1, [], 0, 0
-    for tokens, _ in conversations:
+    for tokens, *_ in conversations:
         assert len(tokens) <= width, (len(tokens), width)
         if used + len(tokens) > width:
             row, used = row + 1, 0
         placed.append((row, used))
         used += len(tokens)
-    out = np.zeros((row + 1 if placed else 0, 3, width), np.int32)
+    out = np.zeros((row + 1 if placed else 0, 3 + extra, width), np.int32)
+    out[:, 3:] = -1
     segment = 0
-    for (tokens, mask), (r, at) in zip(conversations, placed, strict=True):
+    for (tokens, mask, *values), (r, at) in zip(conversations, placed, strict=True):
         segment = 1 if at == 0 else segment + 1
         span = slice(at, at + len(tokens))
         out[r, 0, span], out[r, 1, span], out[r, 2, span] = tokens, segment, mask
+        if values:
+            out[r, 3:, at:at + len(values[0])] = np.asarray(values[0]).T
     return out
 
 

@@ -38,8 +38,9 @@ def host_rows(sharding, shape: tuple[int, int]) -> slice:
 
 def global_batch(batches, sharding, rows, shape: tuple[int, int]) -> dict:
     """This host's `rows` of a batch -> the global batch: {"tokens", "segments", "loss_mask"}
-    (text.batch_arrays), each a jax.Array of `shape` laid out by `sharding`."""
-    return {name: jax.make_array_from_process_local_data(sharding, a, shape)
+    (and "routing"; text.batch_arrays), each a jax.Array of `shape` (and its trailing dims)
+    laid out by `sharding`."""
+    return {name: jax.make_array_from_process_local_data(sharding, a, (*shape, *a.shape[2:]))
             for name, a in batches.arrays(rows).items()}
 
 

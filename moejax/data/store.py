@@ -247,9 +247,11 @@ def prepare(cfg, out: str, num_proc: int, print_fn=print) -> dict:
         raise ConfigError("data.source='prepared': already a store; allowed for prepare: "
                           "stdlib, files, hub")
     check_data(cfg)
-    if cfg.format == "chat":
-        raise ConfigError("data.format='chat': conversations are rendered and packed as a run "
-                          "opens them, not stored; allowed for prepare: text, json, parquet")
+    if cfg.format in ("chat", "replay"):
+        what = ("conversations are rendered" if cfg.format == "chat" else "routing records are"
+                " read")
+        raise ConfigError(f"data.format={cfg.format!r}: {what} and packed as a run opens them, "
+                          "not stored; allowed for prepare: text, json, parquet")
     if cfg.source == "files":
         text.check_path(cfg)
     tokenizer = text.make_tokenizer(cfg.tokenizer)

@@ -232,18 +232,22 @@ def batch_arrays(rows: np.ndarray, eos_id: int | None, documents: bool) -> dict:
     int32 [rows, seq_len + 1]. `rows`: token rows [n, seq_len + 1] of documents joined by EOS
     (a token after an EOS starts the next document: segments 1, 2, ... along the row, every
     token scored), or [n, 3, seq_len + 1] rows that say so themselves (chat.py: tokens,
-    segments with 0 for padding, loss_mask). documents=False: one document per row, as
+    segments with 0 for padding, loss_mask; replay.py's add "routing", [n, seq_len + 1,
+    layers x top_k] recorded experts). documents=False: one document per row, as
     before data.documents existed (attention and positions run across documents)."""
     rows = np.asarray(rows, np.int32)
+    routing = {}
     if rows.ndim == 3:
         tokens, segments, loss_mask = rows[:, 0], rows[:, 1], rows[:, 2]
+        if rows.shape[1] > 3:  # replay.py's: each token's recorded experts, [n, S + 1, L * k]
+            routing = {"routing": np.ascontiguousarray(rows[:, 3:].transpose(0, 2, 1))}
     else:
         tokens, loss_mask = rows, np.ones_like(rows)
         ends = np.zeros_like(rows) if eos_id is None else (rows == eos_id).astype(np.int32)
         segments = 1 + np.cumsum(ends, axis=1) - ends  # the EOS ends its own document
     if not documents:
         segments = (segments != 0).astype(np.int32)
-    return {"tokens": tokens, "segments": segments, "loss_mask": loss_mask}
+    return {"tokens": tokens, "segments": segments, "loss_mask": loss_mask, **routing}
 
 
 def pack(texts, tokenizer, seq_len: int) -> np.ndarray:

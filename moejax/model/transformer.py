@@ -229,6 +229,8 @@ class Transformer(nnx.Module):
         """tokens: [B, S] -> the last block's output [B, S, d] and the stacks' aux dicts.
         routing, return_routing: as __call__'s."""
         moe_layers = sum(stack.moe_layers for stack in self.stacks)
+        if routing is not None and routing.ndim == 3:  # [B, S, L * k], as data rows hold it
+            routing = routing.reshape(*routing.shape[:2], moe_layers, -1)
         if routing is not None and (routing.ndim != 4 or routing.shape[2] != moe_layers):
             raise ValueError(f"routing: shape {routing.shape}; allowed: [B, S, {moe_layers}, "
                              f"top_k] expert ids ({moe_layers} MoE layers)")

@@ -106,6 +106,8 @@ def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=Non
         else:  # replay: measure how far the router's own choice is from the recorded one
             own = router.select(router.scores(logits, cfg.router_score), cfg.top_k, bias,
                                 cfg.n_group, cfg.topk_group)
+            # A token without a record (-1: one a recording never fed) routes itself.
+            forced = jnp.where(forced < 0, own, forced)
             mismatch = router.mismatched(forced, own).mean(-1)
         r = jax.vmap(partial(router.forced, capacity=cap, renormalize=cfg.renormalize,
                              score=cfg.router_score,
