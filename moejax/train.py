@@ -178,7 +178,7 @@ def open_data(config):
     text.check_vocab(config.model.vocab_size, tokenizer)
     with config.unlocked():
         config.model.vocab_size = config.model.vocab_size or tokenizer.vocab_size
-    return tuple(make_batches(config.data, tokenizer, split, config.seed)
+    return tuple(make_batches(config.data, tokenizer, split, config.seed, config.model)
                  for split in ("train", "eval"))
 
 
