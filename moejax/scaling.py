@@ -84,9 +84,10 @@ def routing_stats(rows: list[dict], num_experts: int, since_step: int) -> list[d
     the busiest and idlest expert's share of assignments, in units of the uniform share 1/E."""
     latest = {}
     for r in rows:
-        if r["step"] >= since_step and any(k.startswith("moe/") for k in r):
+        if r["step"] >= since_step and any(k.startswith("moe/layer_") for k in r):
             latest[r["step"]] = r
-    layers = sorted({k.split("/")[1] for r in latest.values() for k in r if k.startswith("moe/")})
+    layers = sorted({k.split("/")[1] for r in latest.values() for k in r
+                     if k.startswith("moe/layer_")})
     stats = []
     for layer in layers:
         load = np.array([[r[f"moe/{layer}/load/expert_{e:02d}"] for e in range(num_experts)]

@@ -241,7 +241,7 @@ def test_help_prints_the_usage_and_exits_0(module, flag, listed, capsys):
 
 
 ALLOWED_GENERATE = ("--workdir, --prompt, --tokens, --temperature, --top_p, --seed, "
-                    "--hf_tokenizer, --quantize")
+                    "--hf_tokenizer, --quantize, --routing_out")
 ALLOWED_LAYER = ("--experts, --tokens, --d_model, --d_ff, --top_k, --capacity_factor, --dtype, "
                  "--dispatch, --repeats")
 BAD_INPUTS = [  # module, arguments, the whole message (what stderr shows); {tmp}: tmp_path
@@ -288,13 +288,13 @@ BAD_INPUTS = [  # module, arguments, the whole message (what stderr shows); {tmp
     ("bench", ["layer", "--dispatch=capacity,sorted"], "flag --dispatch=capacity,sorted: "
      "allowed: comma-separated of capacity, dropless, dropless_ring"),
     ("bench", ["layer", "--repeats=0"], "flag --repeats=0: 0 is not a positive integer"),
-    ("bench", ["layer", "--bogus=1"], f"unknown flag --bogus; allowed: "
-     f"{ALLOWED_LAYER}, --config, --vocab_size, --batch_size, --seq_len, --layers, "
-     "--config.KEY=VALUE"),
+    ("bench", ["layer", "--bogus=1"], "unknown flag --bogus; allowed: --experts, --tokens, "
+     "--d_model, --d_ff, --top_k, --capacity_factor, --dtype, --dispatch, --routing, --repeats, "
+     "--config, --vocab_size, --batch_size, --seq_len, --layers, --config.KEY=VALUE"),
     ("bench", ["layer", "--config.model.num_experts=4"],
      f"--config.model.num_experts: not a flag of layer; allowed: {ALLOWED_LAYER}"),
     ("bench", ["train", "--layers=4"], "--layers: not a flag of train; allowed: --config, "
-     "--vocab_size, --batch_size, --seq_len, --dispatch, --repeats"),
+     "--vocab_size, --batch_size, --seq_len, --dispatch, --routing, --repeats"),
     ("bench", ["train", "--config=configs/nosuch.py"],
      "--config=configs/nosuch.py: no such file; allowed: a configs/<name>.py file"),
     ("bench", ["compile", "--config.model.num_expert=4"],  # on the default configs/tiny.py

@@ -419,8 +419,10 @@ def test_a_data8_checkpoint_resumed_on_one_device_gives_the_same_loss(tmp_path, 
     abstract = state.setup(c, parallel.make_mesh({"data": 8})).abstract
     rng = np.random.default_rng(0)
     ckpt = Checkpoints(str(tmp_path / "data8"), 2, False)
-    ckpt.save(1, jax.tree.map(lambda a: (0.02 * rng.standard_normal(a.shape)).astype(a.dtype),
-                              abstract), {"step": 1, "num_groups": 8})
+    # Positive: AdamW's second moment under a square root (a negative one made every update
+    # NaN, which the step now refuses).
+    ckpt.save(1, jax.tree.map(lambda a: np.abs(0.02 * rng.standard_normal(a.shape)).astype(
+        a.dtype), abstract), {"step": 1, "num_groups": 8})
     ckpt.close()
     shutil.copytree(tmp_path / "data8", tmp_path / "one")
     on8 = train.train_and_evaluate(c, str(tmp_path / "data8"))["train_loss"]

@@ -127,7 +127,7 @@ def test_step_does_not_wait_on_a_slow_loader(tmp_path, monkeypatch):
             return np.random.default_rng(p).integers(0, 256, 65, np.int32)
 
     rows = Slow(sleep_s=sleep_s / 64, fails_at=10 * 64)
-    monkeypatch.setattr(train, "make_batches", lambda cfg, tok, split, seed: Batches(
+    monkeypatch.setattr(train, "make_batches", lambda cfg, tok, split, seed, model: Batches(
         grain.MapDataset.source(rows if split == "train" else Slow()), 64))
     with pytest.raises(ValueError, match="the train stream ran out at row 640"):
         train.train_and_evaluate(config, str(tmp_path))  # step 11 needs batch 10

@@ -307,8 +307,8 @@ def test_nonfinite_step_changes_nothing(monkeypatch):
 
 def poison(monkeypatch, steps):
     """Make training steps `steps` (1-based) read token ids past the vocabulary."""
-    def poisoned(cfg, tokenizer, split, seed):
-        batches = make_batches(cfg, tokenizer, split, seed)
+    def poisoned(cfg, tokenizer, split, seed, model=None):
+        batches = make_batches(cfg, tokenizer, split, seed, model)
         if split == "train":  # row p is in batch p // batch_size, which step p // B + 1 takes
             batches.rows = batches.rows.map_with_index(
                 lambda p, row: row + (1000 if p // cfg.batch_size + 1 in steps else 0))

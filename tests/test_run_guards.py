@@ -201,8 +201,8 @@ def run(config, workdir):
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("resumed")
-    def interrupting(cfg, tokenizer, split, seed):
-        batches = make_batches(cfg, tokenizer, split, seed)
+    def interrupting(cfg, tokenizer, split, seed, model=None):
+        batches = make_batches(cfg, tokenizer, split, seed, model)
         if split == "train":  # Ctrl-C while step 2's batch (its first row) is read
             batches.rows = batches.rows.map_with_index(lambda p, row: (
                 p == cfg.batch_size and os.kill(os.getpid(), signal.SIGINT), row)[1])

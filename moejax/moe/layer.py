@@ -2,9 +2,12 @@
 
 A capacity group is a set of tokens routed together: each expert accepts at most C of a
 group's assignments. Groups are contiguous, equal slices of the flattened global batch,
-`num_groups` of them; by default one per token shard (data x fsdp x expert devices). Fixing
-`num_groups` fixes which tokens are dropped, whatever the mesh, so the layer gives the same
-numbers on any layout of the mesh.
+`num_groups` of them; by default one per token shard (data x fsdp x expert x context
+devices). Fixing `num_groups` fixes which tokens are dropped on any layout of data, fsdp,
+expert and tensor, so the layer gives the same numbers there. With mesh.context > 1 a device
+holds a sequence shard of its rows, and its groups are slices of that shard: the capacity
+path then drops other tokens than on one device (the dropless paths, which drop none, are
+exact on every layout; tests/test_fuzz.py, test_capacity_groups_with_context).
 """
 
 import dataclasses
