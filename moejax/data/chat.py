@@ -196,15 +196,21 @@ def rows(cfg, tokenizer, split: str) -> np.ndarray:
             raise ConfigError(f"data.tokenizer={tokenizer.name!r}: its chat template fails on "
                               f"{where} ({first_line(e)}); allowed: conversations it renders"
                               ) from None
+    return pack(whole(encoded, cfg, split, "conversation"), cfg.seq_len)
+
+
+def whole(sequences: list, cfg, split: str, noun: str) -> list:
+    """The `sequences` (tuples, tokens first) that fit a row of data.seq_len + 1 tokens: one
+    longer is dropped, never split, and counted in a warning; if all are, a ConfigError."""
     width = cfg.seq_len + 1
-    fits = [c for c in encoded if len(c[0]) <= width]
-    if len(fits) < len(encoded):
-        longest = max(len(c[0]) for c in encoded)
-        where = (f"{split} conversations of data.path={cfg.path!r} longer than data.seq_len + 1 "
+    fits = [c for c in sequences if len(c[0]) <= width]
+    if len(fits) < len(sequences):
+        longest = max(len(c[0]) for c in sequences)
+        where = (f"{split} {noun}s of data.path={cfg.path!r} longer than data.seq_len + 1 "
                  f"= {width} tokens (the longest: {longest})")
         if not fits:
-            raise ConfigError(f"data.seq_len={cfg.seq_len}: all {len(encoded)} {where}; allowed:"
-                              f" data.seq_len >= {longest - 1}, or shorter conversations")
-        log.warning(f"data: dropped {len(encoded) - len(fits)} of {len(encoded)} {where}: a "
-                    "conversation is never split")
-    return pack(fits, cfg.seq_len)
+            raise ConfigError(f"data.seq_len={cfg.seq_len}: all {len(sequences)} {where}; "
+                              f"allowed: data.seq_len >= {longest - 1}, or shorter {noun}s")
+        log.warning(f"data: dropped {len(sequences) - len(fits)} of {len(sequences)} {where}: "
+                    f"a {noun} is never split")
+    return fits

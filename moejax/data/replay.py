@@ -14,15 +14,12 @@ recorded assignments the routers would not have chosen.
 """
 
 import json
-import logging
 
 import numpy as np
 
 from moejax.config_lib import ConfigError
 from moejax.data import chat, text
 from moejax.model.transformer import moe_layer_ids
-
-log = logging.getLogger(__name__)
 
 FORM = ('one JSON object a line, {"tokens": [int, ...], "routing": [[[int] * top_k] * MoE '
         'layers] * len(tokens) (or len(tokens) - 1), "loss_mask": [0 | 1, ...] (optional)}')
@@ -71,15 +68,4 @@ def rows(cfg, split: str, model) -> np.ndarray:
                 if text.is_eval_doc(str(i), cfg.eval_fraction) == (split == "eval"):
                     records.append(one)
                 i += 1
-    width = cfg.seq_len + 1
-    fits = [r for r in records if len(r[0]) <= width]
-    if len(fits) < len(records):
-        longest = max(len(r[0]) for r in records)
-        where = (f"{split} records of data.path={cfg.path!r} longer than data.seq_len + 1 = "
-                 f"{width} tokens (the longest: {longest})")
-        if not fits:
-            raise ConfigError(f"data.seq_len={cfg.seq_len}: all {len(records)} {where}; "
-                              f"allowed: data.seq_len >= {longest - 1}, or shorter records")
-        log.warning(f"data: dropped {len(records) - len(fits)} of {len(records)} {where}: a "
-                    "record is never split")
-    return chat.pack(fits, cfg.seq_len, layers * k)
+    return chat.pack(chat.whole(records, cfg, split, "record"), cfg.seq_len, layers * k)
