@@ -55,6 +55,7 @@ def get_config(arg=None):
             qk_rope_head_dim=64,
             v_head_dim=128,
             max_seq_len=131_072,
+            sliding_window=0,
             tie_embeddings=False,
             dtype="bfloat16",
             param_dtype="float32",

@@ -46,6 +46,7 @@ def get_config(arg=None):
             qk_rope_head_dim=0,
             v_head_dim=0,
             max_seq_len=32_768,
+            sliding_window=0,
             tie_embeddings=False,
             dtype="bfloat16",
             param_dtype="float32",

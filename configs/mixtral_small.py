@@ -39,6 +39,7 @@ def get_config(arg=None):
             qk_rope_head_dim=0,
             v_head_dim=0,
             max_seq_len=4096,
+            sliding_window=0,
             tie_embeddings=False,
             dtype="bfloat16",
             param_dtype="float32",

@@ -43,6 +43,8 @@ def get_config(arg=None):
             qk_rope_head_dim=0,  # mla: ... with rotation (one rotary key for all heads)
             v_head_dim=0,  # mla: per head, the value dims
             max_seq_len=2048,  # longest sequence the positions are meant for
+            # attend to the last this many positions (itself included); 0 = all (causal)
+            sliding_window=0,
             tie_embeddings=True,
             # Compute: float32 | bfloat16 (attention, FFN, experts). Router, norm statistics,
             # logits and loss are float32 whatever this says.

@@ -226,6 +226,9 @@ def check_latent(m) -> None:
                           f"{', '.join(ATTENTIONS)}")
     if m.attention != "mla":
         return
+    if m.sliding_window:
+        raise ConfigError(f"model.sliding_window={m.sliding_window!r}: not with "
+                          "model.attention=mla (latent attention has no window); allowed: 0")
     for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
         if m[key] < 1:
             raise ConfigError(f"model.{key}={m[key]!r}: must be >= 1 with model.attention=mla")

@@ -37,6 +37,7 @@ RANGES = {
     "model.rope_mscale_all_dim": (">= 0", "0 = off"),
     "model.norm_eps": ("> 0", ""),
     "model.max_seq_len": (">= 1", ""),
+    "model.sliding_window": (">= 0", "0 = all (causal)"),
     "model.num_experts": (">= 0", "0 = dense"),
     "model.moe_every": (">= 1", ""),
     "model.first_dense_layers": (">= 0", ""),

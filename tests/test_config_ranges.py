@@ -50,6 +50,7 @@ EXPECT = {
     "model.rope_mscale_all_dim": {0: ("doc", "0 = off")},
     "model.norm_eps": {},
     "model.max_seq_len": {},
+    "model.sliding_window": {0: ("doc", "0 = all (causal)")},
     "model.num_experts": {0: ("doc", "0 = dense")},
     "model.top_k": {},
     "model.moe_every": {},

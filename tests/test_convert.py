@@ -20,7 +20,8 @@ from moejax.run import state
 from moejax.run.checkpoint import restore_params, run_checkpoints
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-NAMES = ("mixtral", "qwen3_moe_top2", "qwen3_moe_top4", "olmoe", "qwen2_moe")
+NAMES = ("mixtral", "qwen3_moe_top2", "qwen3_moe_top4", "olmoe", "qwen2_moe", "mixtral_window",
+         "qwen3_moe_window")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

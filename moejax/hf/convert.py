@@ -62,7 +62,10 @@ HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenize
 def moejax_config(hf: dict, tokenizer: str, mesh: dict):
     config = config_lib.defaults()
     config.model.update(model_config(hf))
-    config.data.update(tokenizer=tokenizer)
+    # The default sequence length, unless the model's positions end before it (a window does
+    # not shorten them: longer sequences attend within it).
+    config.data.update(tokenizer=tokenizer,
+                       seq_len=min(config.data.seq_len, config.model.max_seq_len))
     # Fine-tuning defaults: a small constant-ish learning rate, no decay of released weights.
     config.train.update(lr=1e-5, warmup_steps=10, weight_decay=0.0, steps=1000,
                         balance_coef=real(hf, "router_aux_loss_coef", 0.0, positive=False),

@@ -66,9 +66,7 @@ def model_config(hf: dict) -> dict:
     if arch.qk_norm == "all" and head_dim * heads != hidden:
         refuse("head_dim", "hidden_size / num_attention_heads")
     max_len = integer(hf, "max_position_embeddings", 4096)
-    # A sliding window no sequence can exceed is plain causal attention: cap the length there.
-    window = (integer(hf, "sliding_window", None, low=0) if flag(hf, "use_sliding_window", True)
-              else None)  # 0: none
+    window = sliding_window(hf, name, refuse)
     experts_key = next((k for k in ("num_local_experts", "num_experts") if hf.get(k) is not None),
                        "num_local_experts" if name == "MixtralForCausalLM" else "num_experts")
     num_experts, top_k = integer(hf, experts_key), integer(hf, "num_experts_per_tok")
@@ -86,7 +84,7 @@ def model_config(hf: dict) -> dict:
         d_ff=d_ff, dense_d_ff=intermediate if moe_d_ff else 0, activation="swiglu",
         rope_theta=theta,
         norm_eps=real(hf, "rms_norm_eps", 1e-6), qk_norm=arch.qk_norm,
-        max_seq_len=min(max_len, window or max_len),
+        max_seq_len=max_len, sliding_window=window if window < max_len else 0,
         tie_embeddings=flag(hf, "tie_word_embeddings", False),
         num_experts=num_experts, top_k=top_k,
         moe_every=integer(hf, "decoder_sparse_step", 1), first_dense_layers=0,
@@ -98,6 +96,27 @@ def model_config(hf: dict) -> dict:
         num_shared_experts=shared // d_ff, shared_gate=bool(shared),
         qkv_bias=name == "Qwen2MoeForCausalLM" and flag(hf, "qkv_bias", True), jitter_eps=0.0,
     )
+
+
+def sliding_window(hf: dict, name: str, refuse) -> int:
+    """The window every layer attends within (0: none), as transformers 5 reads config.json:
+    Mixtral's `sliding_window` for every layer; Qwen3-MoE's for every layer with
+    `use_sliding_window`; Qwen2-MoE's for the layers `layer_types` (by default every other one
+    below `max_window_layers`) marks sliding_attention, with `use_sliding_window`. Some layers
+    windowed and others not is refused; OLMoE has none."""
+    window = integer(hf, "sliding_window", None, low=0) or 0
+    if name != "MixtralForCausalLM" and not flag(hf, "use_sliding_window", False):
+        return 0
+    if name == "Qwen2MoeForCausalLM":
+        layers, first = integer(hf, "num_hidden_layers"), integer(hf, "max_window_layers", 28)
+        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 and i < first
+                                          else "full_attention" for i in range(layers)]
+        if window and set(types) != {"sliding_attention"}:
+            if set(types) == {"full_attention"}:
+                return 0
+            refuse("layer_types", "every layer sliding_attention, or every layer "
+                   "full_attention (one window for all layers)")
+    return window if name != "OlmoeForCausalLM" else 0
 
 
 def interleave_perm(r: int) -> np.ndarray:
@@ -307,6 +326,9 @@ def hf_config(config, dtype: str, saved: dict | None) -> dict:
          "True for Mixtral (a model without qk_norm)")
     need(m.get("mtp_layers", 0) == 0, "mtp_layers", m.get("mtp_layers"),
          "0 (multi-token prediction: attention=mla, DeepseekV3ForCausalLM)")
+    window = m.get("sliding_window", 0)
+    need(not window or name != "OlmoeForCausalLM", "sliding_window", window,
+         "0 for OLMoE (qk_norm=all), which has no window")
     out = dict(saved or {})
     out.update(architectures=[name], model_type=ARCHS[name].model_type,
                vocab_size=m.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.num_layers,
@@ -317,6 +339,11 @@ def hf_config(config, dtype: str, saved: dict | None) -> dict:
     out.setdefault("max_position_embeddings", m.max_seq_len)
     out["rope_parameters"] = {"rope_type": "default", "rope_theta": m.rope_theta}
     out.pop("rope_scaling", None)
+    out["sliding_window"] = window or None
+    if name.startswith("Qwen"):
+        out["use_sliding_window"] = bool(window)
+    if name == "Qwen2MoeForCausalLM":  # its default layer_types would window every other one
+        out["layer_types"] = [("sliding" if window else "full") + "_attention"] * m.num_layers
     if name == "MixtralForCausalLM":
         out.update(num_local_experts=m.num_experts, intermediate_size=m.d_ff)
     elif name.startswith("Qwen"):

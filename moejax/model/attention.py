@@ -49,6 +49,10 @@ class Attention(nnx.Module):
             self.kv_bias = nnx.Param(jnp.zeros((2, kv, hd), param_dtype),
                                      out_sharding=(None, "kv_heads", None), eager_sharding=False)
         self.qkv_bias = cfg.qkv_bias
+        # model.sliding_window: 0 full causal attention, W > 0 the W most recent positions
+        # (itself included); kernels.causal refuses W < 0. Runs written before the key have
+        # none in their config.json.
+        self.window = cfg.get("sliding_window", 0)
 
     def project(self, x, positions):
         """x: [B, S, d] -> q [B, S, h, hd], k and v [B, S, kv, hd]; q, k rotated to positions."""
@@ -68,16 +72,20 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, segments=None):
         """x: [B, S, d] at positions [B, S]; a token attends to the tokens of its own
-        document (segments [B, S]; None: the row is one) at its position and before."""
+        document (segments [B, S]; None: the row is one) at its position and before (the
+        `window` most recent of them where one is set)."""
         q, k, v = self.project(x, positions)
-        y = checkpoint_name(kernels.causal(q, k, v, self.mesh, self.scale, segments), "attn_ctx")
+        y = checkpoint_name(kernels.causal(q, k, v, self.mesh, self.scale, segments,
+                                           self.window), "attn_ctx")
         return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype)
 
     def decode(self, x, positions, cache, layer):
         """Attention of x [B, S, d] at positions [B, S] over the cache of its stack, {"k", "v"}:
         [repeats, period, B, L, kv, hd], whose slot `layer` = (repeat, j) is this layer's.
         The new keys and values are written at their positions first; a query sees the keys
-        at positions <= its own, so what lies past a row's end (padding, stale) is never read.
+        at positions <= its own, so what lies past a row's end (padding, stale) is never read,
+        and with a sliding window W only the last W of them: the cache stays full length, the
+        older keys masked.
         """
         q, k, v = self.project(x, positions)
         rows = jnp.arange(x.shape[0])[:, None]
@@ -86,7 +94,8 @@ class Attention(nnx.Module):
         cache = {"k": cache["k"].at[(*layer, rows, positions)].set(k),
                  "v": cache["v"].at[(*layer, rows, positions)].set(v)}
         keys, values = cache["k"][layer], cache["v"][layer]  # [B, L, kv, hd]
-        mask = jnp.arange(keys.shape[1]) <= positions[:, None, :, None]  # [B, 1, S, L]
+        behind = positions[:, None, :, None] - jnp.arange(keys.shape[1])  # [B, 1, S, L]
+        mask = (behind >= 0) & (behind < self.window) if self.window else behind >= 0
         y = jax.nn.dot_product_attention(q, keys, values, mask=mask, scale=self.scale)
         return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype), cache
 

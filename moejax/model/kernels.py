@@ -40,10 +40,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moejax.model import context
 
 
-def document_mask(q_segments, kv_segments, q_index, kv_index) -> jax.Array:
+def seen(q_index, kv_index, window: int = 0) -> jax.Array:
+    """[Sq, Skv] bool: the key at or before the query and, with a sliding window W > 0, fewer
+    than W positions back (transformers' sliding_window: kv > q - W), itself included."""
+    behind = q_index[:, None] - kv_index[None, :]
+    return (behind >= 0) & (behind < window) if window else behind >= 0
+
+
+def document_mask(q_segments, kv_segments, q_index, kv_index, window: int = 0) -> jax.Array:
     """[B, 1, Sq, Skv] bool: same document (both None: one per row) and key at or before the
-    query. q_index [Sq], kv_index [Skv]: positions in the sequence."""
-    mask = (q_index[:, None] >= kv_index[None, :])[None, None]
+    query, within `window` (`seen`). q_index [Sq], kv_index [Skv]: positions in the sequence.
+    Documents are contiguous runs, so sequence distance within one is its positions'."""
+    mask = seen(q_index, kv_index, window)[None, None]
     if q_segments is None:
         return mask
     return mask & (q_segments[:, None, :, None] == kv_segments[:, None, None, :])
@@ -55,48 +63,55 @@ def document_starts(segments: jax.Array) -> jax.Array:
                             segments[:, 1:] != segments[:, :-1]], axis=1)
 
 
-def xla(q, k, v, scale: float | None = None, segments=None):
+def xla(q, k, v, scale: float | None = None, segments=None, window: int = 0):
     """jax's own attention, XLA's einsums and softmax: what runs on CPU."""
-    if segments is None:
+    if segments is None and not window:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
     index = jnp.arange(q.shape[1])
-    mask = document_mask(segments, segments, index, index)
+    mask = document_mask(segments, segments, index, index, window)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 
 def causal(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None,
-           scale: float | None = None, segments: jax.Array | None = None) -> jax.Array:
+           scale: float | None = None, segments: jax.Array | None = None,
+           window: int = 0) -> jax.Array:
     """q: [B, S, H, hd], k and v: [B, S, KV, hd] (H % KV == 0) -> [B, S, H, hd], each query
     attending to the keys at its position and before, of its own segment when `segments`
     [B, S] int32 is given (documents are contiguous, so sequence order is each one's position
-    order); the logits scaled by `scale` (None: 1/sqrt(hd); YaRN's mscale changes it,
-    layers.Rope.softmax_scale)."""
+    order), and with `window` W > 0 only to the W most recent of them, itself included
+    (model.sliding_window); the logits scaled by `scale` (None: 1/sqrt(hd); YaRN's mscale
+    changes it, layers.Rope.softmax_scale)."""
+    if window < 0:
+        raise ValueError(f"sliding window {window}; allowed: 0 (off) or a positive int")
     if context.size(mesh) > 1:
-        return context_parallel(q, k, v, mesh, scale, segments)
+        return context_parallel(q, k, v, mesh, scale, segments, window=window)
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         # cuDNN checks for itself when traced, so it cannot hide in a platform_dependent
         # branch exported from a CPU host; the GPU benchmark script covers the plain causal
-        # call, nothing on this CPU host the packed one (documents).
+        # call, nothing on this CPU host the packed one (documents) or the windowed ones.
         if segments is None:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                implementation="cudnn")
+            # jax's (left, right) window: keys q - left .. q + right, so W - 1 back.
+            return jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, implementation="cudnn",
+                local_window_size=(window - 1, 0) if window else None)
         if _hopper():
-            return _sharded(functools.partial(cudnn_packed, scale=scale), q, k, v, segments,
-                            mesh)
-        return xla(q, k, v, scale, segments)
+            return _sharded(functools.partial(cudnn_packed, scale=scale, window=window),
+                            q, k, v, segments, mesh)
+        return xla(q, k, v, scale, segments, window)
     if q.shape[1] % 128:
         # Splash tiles the sequence in blocks of a multiple of 128 (the TPU lane width):
         # shorter or ragged sequences (the smoke configs' 32) take the XLA path on TPU too.
-        return xla(q, k, v, scale, segments)
+        return xla(q, k, v, scale, segments, window)
     # Both branches are traced, but only the target platform's is lowered: a CPU program
     # never holds the TPU kernel, and a TPU program can be exported from a CPU host.
     return jax.lax.platform_dependent(
-        q, k, v, segments, tpu=functools.partial(_splash_args, mesh=mesh, scale=scale),
-        default=lambda q, k, v, segments: xla(q, k, v, scale, segments))
+        q, k, v, segments,
+        tpu=functools.partial(_splash_args, mesh=mesh, scale=scale, window=window),
+        default=lambda q, k, v, segments: xla(q, k, v, scale, segments, window))
 
 
-def _splash_args(q, k, v, segments, *, mesh, scale):
-    return splash(q, k, v, mesh, scale=scale, segments=segments)
+def _splash_args(q, k, v, segments, *, mesh, scale, window):
+    return splash(q, k, v, mesh, scale=scale, segments=segments, window=window)
 
 
 def _hopper() -> bool:
@@ -117,10 +132,11 @@ def packed_runs(segments: jax.Array) -> tuple[jax.Array, jax.Array]:
     return lengths, jnp.concatenate([offsets, jnp.full((b, 1), -1, jnp.int32)], 1)
 
 
-def cudnn_packed(q, k, v, segments, *, scale=None):
+def cudnn_packed(q, k, v, segments, *, scale=None, window: int = 0):
     """cuDNN's packed layout on one device: [b, S, h, hd] with segments [b, S]; each run of
-    equal segment ids (padding included) is one causal sequence. jax 0.10.2 steps the kv
-    offsets by the query's heads x hd per token, so kv heads are repeated to the query's."""
+    equal segment ids (padding included) is one causal sequence, with `window` (> 0) cuDNN's
+    sliding_window_length (keys in (q - W, q]) inside it. jax 0.10.2 steps the kv offsets by
+    the query's heads x hd per token, so kv heads are repeated to the query's."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
     if k.shape[2] != q.shape[2]:
@@ -129,7 +145,8 @@ def cudnn_packed(q, k, v, segments, *, scale=None):
     return cudnn.dot_product_attention(
         q, k, v, None, None, lengths, lengths, offsets, offsets,
         scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+        mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
+        sliding_window_length=window or None)
 
 
 def block_size(seq: int) -> int:
@@ -139,15 +156,20 @@ def block_size(seq: int) -> int:
 
 
 def _make_splash(heads: int, seq: int, block: int, *, interpret: bool, q_index=None,
-                 q_shards: int = 1):
-    """The splash kernel for `heads` heads over [seq, seq], causal in sequence order; with
-    q_index [seq] the query rows are those positions (context parallelism's balanced order)
-    and the kernel's mask info splits over q_shards devices by rows."""
+                 q_shards: int = 1, window: int = 0):
+    """The splash kernel for `heads` heads over [seq, seq], causal in sequence order (with
+    `window` W > 0 a LocalMask of the W - 1 keys before and none after, whose blocks wholly
+    outside the band are skipped as those above the diagonal are); with q_index [seq] the
+    query rows are those positions (context parallelism's balanced order) and the kernel's
+    mask info splits over q_shards devices by rows."""
     # The backward blocks must be set too: the kernel's VJP runs its own dq and dkv kernels.
     b = block
     blocks = splash_kernel.BlockSizes(block_q=b, block_kv=b, block_q_dkv=b, block_kv_dkv=b,
                                       block_q_dq=b, block_kv_dq=b)
-    mask = splash_mask.CausalMask((seq, seq))
+    if window:
+        mask = splash_mask.LocalMask((seq, seq), window_size=(window - 1, 0), offset=0)
+    else:
+        mask = splash_mask.CausalMask((seq, seq))
     if q_index is not None:
         # The mask function compares q_sequence (loaded per query block) with key indices.
         mask.q_sequence = np.asarray(q_index, np.int32)
@@ -171,9 +193,11 @@ def _run_splash(kernel, q, k, v, q_segments, kv_segments, scale):
     return heads_first(y)
 
 
-def _per_device(q, k, v, segments=None, *, interpret: bool, scale: float | None = None):
+def _per_device(q, k, v, segments=None, *, interpret: bool, scale: float | None = None,
+                window: int = 0):
     """[b, S, h, hd], [b, S, kv, hd], [b, S] or None -> [b, S, h, hd]."""
-    kernel = _make_splash(q.shape[2], q.shape[1], block_size(q.shape[1]), interpret=interpret)
+    kernel = _make_splash(q.shape[2], q.shape[1], block_size(q.shape[1]), interpret=interpret,
+                          window=window)
     return _run_splash(kernel, q, k, v, segments, segments, scale)
 
 
@@ -192,41 +216,47 @@ def _sharded(kernel, q, k, v, segments, mesh: Mesh | None):
 
 
 def splash(q, k, v, mesh: Mesh | None = None, *, interpret: bool = False,
-           scale: float | None = None, segments: jax.Array | None = None) -> jax.Array:
+           scale: float | None = None, segments: jax.Array | None = None,
+           window: int = 0) -> jax.Array:
     """The splash kernel on [B, S, H, hd] / [B, S, KV, hd] (S a multiple of 128), run per
     device under shard_map. `interpret` runs the kernel in Pallas' interpreter, so tests can
-    check it on CPU. `scale`: the logits' (None: 1/sqrt(hd)). `segments` [B, S]: documents."""
-    kernel = functools.partial(_per_device, interpret=interpret, scale=scale)
+    check it on CPU. `scale`: the logits' (None: 1/sqrt(hd)). `segments` [B, S]: documents.
+    `window`: `causal`'s sliding window (0: off)."""
+    kernel = functools.partial(_per_device, interpret=interpret, scale=scale, window=window)
     return _sharded(kernel, q, k, v, segments, mesh)
 
 
 def context_parallel(q, k, v, mesh: Mesh, scale: float | None = None, segments=None, *,
-                     interpret: bool = False) -> jax.Array:
+                     interpret: bool = False, window: int = 0) -> jax.Array:
     """`causal` with the sequence split over mesh axis context (context.py): per device XLA's
     masked attention, cuDNN with the mask as a bias on GPU, or splash on TPU where the
-    halves are multiples of 128 rows (`interpret`: splash in Pallas' interpreter, for tests)."""
+    halves are multiples of 128 rows (`interpret`: splash in Pallas' interpreter, for tests).
+    `window`: `causal`'s; the rows' positions are global (context.query_index), so every
+    path masks by them as the one-device kernels do."""
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        return context.attend(functools.partial(_xla_rows, scale=scale, cudnn=True),
-                              q, k, v, segments, mesh)
-    splash_path = functools.partial(_splash_rows, mesh=mesh, scale=scale, interpret=interpret)
+        return context.attend(functools.partial(_xla_rows, scale=scale, cudnn=True,
+                                                window=window), q, k, v, segments, mesh)
+    splash_path = functools.partial(_splash_rows, mesh=mesh, scale=scale, interpret=interpret,
+                                    window=window)
     if interpret:
         return splash_path(q, k, v, segments)
 
     def xla_path(q, k, v, segments):
-        return context.attend(functools.partial(_xla_rows, scale=scale), q, k, v, segments,
-                              mesh)
+        return context.attend(functools.partial(_xla_rows, scale=scale, window=window),
+                              q, k, v, segments, mesh)
 
     if (q.shape[1] // (2 * context.size(mesh))) % 128:
         return xla_path(q, k, v, segments)
     return jax.lax.platform_dependent(q, k, v, segments, tpu=splash_path, default=xla_path)
 
 
-def _xla_rows(q, k, v, q_segments, kv_segments, q_index, kernel, *, scale, cudnn=False):
+def _xla_rows(q, k, v, q_segments, kv_segments, q_index, kernel, *, scale, cudnn=False,
+              window=0):
     """Balanced query rows against all keys: cuDNN with the mask as a bias, or XLA's
     blockwise attention (`blockwise`), keys a block at a time."""
     del kernel
     if cudnn:
-        mask = document_mask(q_segments, kv_segments, q_index, jnp.arange(k.shape[1]))
+        mask = document_mask(q_segments, kv_segments, q_index, jnp.arange(k.shape[1]), window)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                             implementation="cudnn")
     if q_segments is None:
@@ -234,7 +264,7 @@ def _xla_rows(q, k, v, q_segments, kv_segments, q_index, kernel, *, scale, cudnn
         kv_segments = jnp.zeros(k.shape[:2], jnp.int32)
     block = math.gcd(q.shape[1], 512)  # a chunk of the sequence or a part of one
     return blockwise(q, k, v, q_segments, kv_segments, q_index,
-                     q.shape[-1] ** -0.5 if scale is None else scale, block)
+                     q.shape[-1] ** -0.5 if scale is None else scale, block, window)
 
 
 def _key_blocks(x, block: int):
@@ -242,36 +272,36 @@ def _key_blocks(x, block: int):
     return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
 
 
-def _block_scores(qg, kb, q_segments, kv_segments, q_index, kv_index):
+def _block_scores(qg, kb, q_segments, kv_segments, q_index, kv_index, window):
     """Scaled logits of one key block, [b, Sq, kv, group, block] f32, -inf where masked."""
     s = jnp.einsum("bqkgd,bskd->bqkgs", qg, kb.astype(jnp.float32))
-    seen = (q_index[:, None] >= kv_index[None, :])[None] & (
-        q_segments[:, :, None] == kv_segments[:, None, :])
-    return jnp.where(seen[:, :, None, None, :], s, -jnp.inf)
+    mask = document_mask(q_segments, kv_segments, q_index, kv_index, window)[:, 0]
+    return jnp.where(mask[:, :, None, None, :], s, -jnp.inf)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def blockwise(q, k, v, q_segments, kv_segments, q_index, scale: float, block: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def blockwise(q, k, v, q_segments, kv_segments, q_index, scale: float, block: int,
+              window: int):
     """Flash attention in XLA: q [b, Sq, h, hd] at positions q_index [Sq] against k, v
-    [b, S, kv, hd] at 0 .. S-1, within documents, keys `block` at a time with an online
-    softmax; the backward recomputes each block's probabilities from the saved log-sum-exp.
-    The logits held at once are [b, Sq, h, block], not [b, Sq, h, S]: the CPU path (and the
-    planner) of context parallelism, where S is long."""
-    return _blockwise_fwd(q, k, v, q_segments, kv_segments, q_index, scale, block)[0]
+    [b, S, kv, hd] at 0 .. S-1, within documents (and `causal`'s window), keys `block` at a
+    time with an online softmax; the backward recomputes each block's probabilities from the
+    saved log-sum-exp. The logits held at once are [b, Sq, h, block], not [b, Sq, h, S]: the
+    CPU path (and the planner) of context parallelism, where S is long."""
+    return _blockwise_fwd(q, k, v, q_segments, kv_segments, q_index, scale, block, window)[0]
 
 
 def _grouped(q, kv: int):
     return q.reshape(*q.shape[:2], kv, q.shape[2] // kv, q.shape[3]).astype(jnp.float32)
 
 
-def _blockwise_fwd(q, k, v, q_segments, kv_segments, q_index, scale, block):
+def _blockwise_fwd(q, k, v, q_segments, kv_segments, q_index, scale, block, window):
     qg = _grouped(q, k.shape[2]) * scale
     kv_index = jnp.arange(k.shape[1]).reshape(-1, block)
 
     def step(carry, xs):
         out, top, total = carry
         kb, vb, segments, index = xs
-        s = _block_scores(qg, kb, q_segments, segments, q_index, index)
+        s = _block_scores(qg, kb, q_segments, segments, q_index, index, window)
         new_top = jnp.maximum(top, s.max(-1))
         safe = jnp.where(jnp.isfinite(new_top), new_top, 0.0)  # no key seen yet
         p = jnp.exp(s - safe[..., None])
@@ -290,7 +320,7 @@ def _blockwise_fwd(q, k, v, q_segments, kv_segments, q_index, scale, block):
     return y, (q, k, v, q_segments, kv_segments, q_index, y, top + jnp.log(total))
 
 
-def _blockwise_bwd(scale, block, residuals, dy):
+def _blockwise_bwd(scale, block, window, residuals, dy):
     q, k, v, q_segments, kv_segments, q_index, y, lse = residuals
     kv = k.shape[2]
     qg, dyg = _grouped(q, kv) * scale, _grouped(dy, kv)
@@ -298,7 +328,7 @@ def _blockwise_bwd(scale, block, residuals, dy):
 
     def step(dq, xs):
         kb, vb, segments, index = xs
-        p = jnp.exp(_block_scores(qg, kb, q_segments, segments, q_index, index)
+        p = jnp.exp(_block_scores(qg, kb, q_segments, segments, q_index, index, window)
                     - lse[..., None])
         dp = jnp.einsum("bqkgd,bskd->bqkgs", dyg, vb.astype(jnp.float32))
         ds = p * (dp - rowdot[..., None])
@@ -320,14 +350,14 @@ def _blockwise_bwd(scale, block, residuals, dy):
 blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def _splash_rows(q, k, v, segments, *, mesh, scale, interpret):
+def _splash_rows(q, k, v, segments, *, mesh, scale, interpret, window=0):
     """Splash per device on the balanced rows: a CausalMask whose q_sequence is each row's
     position, its mask info split over context by rows, so every device skips the blocks
     above its own rows' diagonal."""
     c, seq = context.size(mesh), q.shape[1]
     heads = q.shape[2] // context.specs(q.shape, mesh)[1]  # this device's
     kernel = _make_splash(heads, seq, block_size(seq // (2 * c)), interpret=interpret,
-                          q_index=context.query_index(seq, c), q_shards=c)
+                          q_index=context.query_index(seq, c), q_shards=c, window=window)
     kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, P(None, context.AXIS)))
 
     def rows(q, k, v, q_segments, kv_segments, q_index, kernel):
