@@ -14,7 +14,7 @@ from flax import nnx
 from configs import tiny
 from moejax import config_lib, parallel
 from moejax.config_lib import ConfigError
-from moejax.model import context, kernels
+from moejax.model import context, kernels, xla_attention
 from moejax.run import state
 from tests.test_attention import documents
 
@@ -77,7 +77,7 @@ def test_reference_window_is_transformers_convention():
         [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
     assert not visible(5, 3, [1, 1, 1, 2, 2])[3, 2]
     np.testing.assert_array_equal(
-        np.asarray(kernels.seen(jnp.arange(5), jnp.arange(5), 3)), visible(5, 3))
+        np.asarray(xla_attention.seen(jnp.arange(5), jnp.arange(5), 3)), visible(5, 3))
 
 
 @pytest.mark.parametrize("docs", [False, True], ids=["row", "documents"])

@@ -1,12 +1,11 @@
 """Grouped-query causal self-attention: projections, optional q/k norm and biases, rotary
 positions, the kernel per backend (kernels.py), and decoding with a key-value cache."""
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from moejax.model import kernels
+from moejax.model import kernels, xla_attention
 from moejax.model.layers import RMSNorm, Rope, dense_qtype, param, rotary
 from moejax.moe.quant import einsum
 from moejax.parallel import constrain
@@ -25,7 +24,7 @@ class Attention(nnx.Module):
     qk_norm RMS-normalizes queries and keys before the rotation: over each head (Qwen3-MoE)
     or over all heads of the projection together (OLMoE)."""
 
-    def __init__(self, cfg, mesh, dtype, param_dtype, rngs):
+    def __init__(self, cfg, mesh, dtype, param_dtype, rngs, window: int = 0):
         d, h, kv, hd = cfg.d_model, cfg.num_heads, kv_heads(cfg), cfg.head_dim
         self.q = param(rngs, (d, h, hd), ("embed", "heads", None), param_dtype, d)
         self.kv = param(rngs, (d, 2, kv, hd), ("embed", None, "kv_heads", None), param_dtype, d)
@@ -49,10 +48,15 @@ class Attention(nnx.Module):
             self.kv_bias = nnx.Param(jnp.zeros((2, kv, hd), param_dtype),
                                      out_sharding=(None, "kv_heads", None), eager_sharding=False)
         self.qkv_bias = cfg.qkv_bias
-        # model.sliding_window: 0 full causal attention, W > 0 the W most recent positions
-        # (itself included); kernels.causal refuses W < 0. Runs written before the key have
-        # none in their config.json.
-        self.window = cfg.get("sliding_window", 0)
+        # 0 full causal attention, W > 0 the W most recent positions (itself included):
+        # this layer's (transformer.layer_window); kernels.causal refuses W < 0.
+        self.window = window
+        # gpt-oss: a learned logit per head that every softmax row adds to its normalizer
+        # (kernels.causal's sinks), and a bias on the output projection.
+        self.sinks = (nnx.Param(jnp.zeros((h,), jnp.float32), out_sharding=("heads",),
+                                eager_sharding=False) if cfg.get("attention_sinks") else None)
+        self.out_bias = (nnx.Param(jnp.zeros((d,), param_dtype), out_sharding=("embed",),
+                                   eager_sharding=False) if cfg.get("out_bias") else None)
 
     def project(self, x, positions):
         """x: [B, S, d] -> q [B, S, h, hd], k and v [B, S, kv, hd]; q, k rotated to positions."""
@@ -76,8 +80,16 @@ class Attention(nnx.Module):
         `window` most recent of them where one is set)."""
         q, k, v = self.project(x, positions)
         y = checkpoint_name(kernels.causal(q, k, v, self.mesh, self.scale, segments,
-                                           self.window), "attn_ctx")
-        return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype)
+                                           self.window, self.sink()), "attn_ctx")
+        return self.output(y)
+
+    def sink(self):
+        return None if self.sinks is None else self.sinks[...]
+
+    def output(self, y):
+        """The heads' contexts [B, S, h, hd] -> [B, S, d] (plus gpt-oss's output bias)."""
+        y = einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype)
+        return y if self.out_bias is None else y + self.out_bias[...].astype(self.dtype)
 
     def decode(self, x, positions, cache, layer):
         """Attention of x [B, S, d] at positions [B, S] over the cache of its stack, {"k", "v"}:
@@ -96,8 +108,8 @@ class Attention(nnx.Module):
         keys, values = cache["k"][layer], cache["v"][layer]  # [B, L, kv, hd]
         behind = positions[:, None, :, None] - jnp.arange(keys.shape[1])  # [B, 1, S, L]
         mask = (behind >= 0) & (behind < self.window) if self.window else behind >= 0
-        y = jax.nn.dot_product_attention(q, keys, values, mask=mask, scale=self.scale)
-        return einsum("bshe,hed->bsd", y, self.out[...].astype(self.dtype), self.qtype), cache
+        y = xla_attention.masked(q, keys, values, mask, self.scale, self.sink())
+        return self.output(y), cache
 
     def empty_cache(self, repeats: int, period: int, batch: int, cache_len: int, dtype):
         """{"k", "v"}: [repeats, period, batch, cache_len, kv_heads, head_dim] each."""

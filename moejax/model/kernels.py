@@ -20,9 +20,16 @@ attends to padding, so no row of the softmax is empty.
 
 With mesh.context > 1 the sequence is split over devices and the causal work balanced
 (context.py); per device TPU runs splash (block-sparse over the balanced rows), GPU cuDNN with
-the mask as a bias [b, 1, S / context, S], others `blockwise`, a flash attention in XLA whose
-logits are [b, S / context, h, 512] at a time, so long-context plans on XLA:CPU are not
-dominated by [S, S] score buffers no accelerator holds.
+the mask as a bias [b, 1, S / context, S], others `blockwise` (xla_attention.py), a flash
+attention in XLA whose logits are [b, S / context, h, 512] at a time, so long-context plans on
+XLA:CPU are not dominated by [S, S] score buffers no accelerator holds.
+
+Sinks (gpt-oss): `sinks` [H] gives each query head h one more logit s_h in every softmax row,
+unscaled, that takes probability mass and carries no value: p_j = exp(l_j) / (exp(s_h) +
+sum_k exp(l_k)). Splash takes them in its kernel (forward and gradient, per device and over
+context); XLA, `blockwise` and `masked` (xla_attention.py) add the term to the normalizer;
+cuDNN has no such input, so with sinks GPUs take the XLA paths. sinks=None leaves every path
+as it was.
 """
 
 import functools
@@ -38,54 +45,35 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax.model import context
+from moejax.model.xla_attention import blockwise, document_mask, document_starts, masked
 
 
-def seen(q_index, kv_index, window: int = 0) -> jax.Array:
-    """[Sq, Skv] bool: the key at or before the query and, with a sliding window W > 0, fewer
-    than W positions back (transformers' sliding_window: kv > q - W), itself included."""
-    behind = q_index[:, None] - kv_index[None, :]
-    return (behind >= 0) & (behind < window) if window else behind >= 0
-
-
-def document_mask(q_segments, kv_segments, q_index, kv_index, window: int = 0) -> jax.Array:
-    """[B, 1, Sq, Skv] bool: same document (both None: one per row) and key at or before the
-    query, within `window` (`seen`). q_index [Sq], kv_index [Skv]: positions in the sequence.
-    Documents are contiguous runs, so sequence distance within one is its positions'."""
-    mask = seen(q_index, kv_index, window)[None, None]
-    if q_segments is None:
-        return mask
-    return mask & (q_segments[:, None, :, None] == kv_segments[:, None, None, :])
-
-
-def document_starts(segments: jax.Array) -> jax.Array:
-    """[B, S] bool: where each row's runs of one segment id (its documents, padding) begin."""
-    return jnp.concatenate([jnp.ones_like(segments[:, :1], bool),
-                            segments[:, 1:] != segments[:, :-1]], axis=1)
-
-
-def xla(q, k, v, scale: float | None = None, segments=None, window: int = 0):
+def xla(q, k, v, scale: float | None = None, segments=None, window: int = 0, sinks=None):
     """jax's own attention, XLA's einsums and softmax: what runs on CPU."""
-    if segments is None and not window:
+    if segments is None and not window and sinks is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
     index = jnp.arange(q.shape[1])
     mask = document_mask(segments, segments, index, index, window)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    return masked(q, k, v, mask, scale, sinks)
 
 
 def causal(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None,
            scale: float | None = None, segments: jax.Array | None = None,
-           window: int = 0) -> jax.Array:
+           window: int = 0, sinks: jax.Array | None = None) -> jax.Array:
     """q: [B, S, H, hd], k and v: [B, S, KV, hd] (H % KV == 0) -> [B, S, H, hd], each query
     attending to the keys at its position and before, of its own segment when `segments`
     [B, S] int32 is given (documents are contiguous, so sequence order is each one's position
     order), and with `window` W > 0 only to the W most recent of them, itself included
     (model.sliding_window); the logits scaled by `scale` (None: 1/sqrt(hd); YaRN's mscale
-    changes it, layers.Rope.softmax_scale)."""
+    changes it, layers.Rope.softmax_scale). `sinks` [H] float (sharded as the heads): each
+    head's learned sink logit (gpt-oss; None: none)."""
     if window < 0:
         raise ValueError(f"sliding window {window}; allowed: 0 (off) or a positive int")
     if context.size(mesh) > 1:
-        return context_parallel(q, k, v, mesh, scale, segments, window=window)
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        return context_parallel(q, k, v, mesh, scale, segments, window=window, sinks=sinks)
+    # cuDNN (jax 0.10.2) has no sink logit: with sinks, GPUs take the XLA path below.
+    if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and sinks is None):
         # cuDNN checks for itself when traced, so it cannot hide in a platform_dependent
         # branch exported from a CPU host; the GPU benchmark script covers the plain causal
         # call, nothing on this CPU host the packed one (documents) or the windowed ones.
@@ -101,17 +89,17 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None,
     if q.shape[1] % 128:
         # Splash tiles the sequence in blocks of a multiple of 128 (the TPU lane width):
         # shorter or ragged sequences (the smoke configs' 32) take the XLA path on TPU too.
-        return xla(q, k, v, scale, segments, window)
+        return xla(q, k, v, scale, segments, window, sinks)
     # Both branches are traced, but only the target platform's is lowered: a CPU program
     # never holds the TPU kernel, and a TPU program can be exported from a CPU host.
     return jax.lax.platform_dependent(
-        q, k, v, segments,
+        q, k, v, segments, sinks,
         tpu=functools.partial(_splash_args, mesh=mesh, scale=scale, window=window),
-        default=lambda q, k, v, segments: xla(q, k, v, scale, segments, window))
+        default=lambda q, k, v, segments, sinks: xla(q, k, v, scale, segments, window, sinks))
 
 
-def _splash_args(q, k, v, segments, *, mesh, scale, window):
-    return splash(q, k, v, mesh, scale=scale, segments=segments, window=window)
+def _splash_args(q, k, v, segments, sinks, *, mesh, scale, window):
+    return splash(q, k, v, mesh, scale=scale, segments=segments, window=window, sinks=sinks)
 
 
 def _hopper() -> bool:
@@ -178,83 +166,101 @@ def _make_splash(heads: int, seq: int, block: int, *, interpret: bool, q_index=N
                                          q_seq_shards=q_shards, interpret=interpret)
 
 
-def _run_splash(kernel, q, k, v, q_segments, kv_segments, scale):
-    """[b, Sq, h, hd], [b, Skv, kv, hd], segments [b, Sq] / [b, Skv] or None -> [b, Sq, h, hd]:
-    the kernel vmapped over examples."""
+def _run_splash(kernel, q, k, v, q_segments, kv_segments, scale, sinks=None):
+    """[b, Sq, h, hd], [b, Skv, kv, hd], segments [b, Sq] / [b, Skv] or None, sinks [h] or
+    None -> [b, Sq, h, hd]: the kernel vmapped over examples."""
     q = q * (q.shape[-1] ** -0.5 if scale is None else scale)  # splash does not scale logits
+    if sinks is not None:
+        # The kernel adds them unscaled (as gpt-oss does) in float32, but returns their
+        # gradient in the activations' dtype whatever theirs: passed in that dtype, the
+        # gradient's dtype is the one autodiff expects (bfloat16 sinks, as gpt-oss stores).
+        sinks = sinks.astype(q.dtype)
     heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
     q, k, v = map(heads_first, (q, k, v))
     if q_segments is None:
-        y = jax.vmap(kernel)(q, k, v)
+        y = jax.vmap(lambda q, k, v: kernel(q, k, v, sinks=sinks))(q, k, v)
     else:
         y = jax.vmap(lambda q, k, v, qs, ks: kernel(
-            q, k, v, segment_ids=splash_kernel.SegmentIds(q=qs, kv=ks)))(
+            q, k, v, segment_ids=splash_kernel.SegmentIds(q=qs, kv=ks), sinks=sinks))(
                 q, k, v, q_segments, kv_segments)
     return heads_first(y)
 
 
-def _per_device(q, k, v, segments=None, *, interpret: bool, scale: float | None = None,
-                window: int = 0):
-    """[b, S, h, hd], [b, S, kv, hd], [b, S] or None -> [b, S, h, hd]."""
+def _per_device(q, k, v, segments=None, sinks=None, *, interpret: bool,
+                scale: float | None = None, window: int = 0):
+    """[b, S, h, hd], [b, S, kv, hd], [b, S] or None, [h] or None -> [b, S, h, hd]."""
     kernel = _make_splash(q.shape[2], q.shape[1], block_size(q.shape[1]), interpret=interpret,
                           window=window)
-    return _run_splash(kernel, q, k, v, segments, segments, scale)
+    return _run_splash(kernel, q, k, v, segments, segments, scale, sinks)
 
 
-def _sharded(kernel, q, k, v, segments, mesh: Mesh | None):
-    """kernel(q, k, v[, segments]) per device under shard_map over rows and heads: a
-    pallas_call (or cuDNN's packed call) is opaque to XLA's SPMD partitioner."""
-    args = (q, k, v) + (() if segments is None else (segments,))
+def _sharded(kernel, q, k, v, segments, mesh: Mesh | None, sinks=None):
+    """kernel(q, k, v[, segments=][, sinks=]) per device under shard_map over rows and heads
+    (the sinks [H] split as the heads): a pallas_call (or cuDNN's packed call) is opaque to
+    XLA's SPMD partitioner."""
+    extra = {name: a for name, a in (("segments", segments), ("sinks", sinks)) if a is not None}
     if mesh is None:
-        return kernel(*args)
+        return kernel(q, k, v, **extra)
     spec, head_shards = context.specs(q.shape, mesh)
     k, v = context.repeat_kv(k, v, head_shards)
-    specs = (spec, spec, spec) + (() if segments is None else (P(spec[0], spec[1]),))
+    extra_specs = {"segments": P(spec[0], spec[1]), "sinks": P(spec[2])}
     # check_vma=False: the kernel's pallas_calls declare no per-axis variance of their outputs.
-    return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=spec,
-                         check_vma=False)(q, k, v, *args[3:])
+    return jax.shard_map(lambda q, k, v, extra: kernel(q, k, v, **extra), mesh=mesh,
+                         in_specs=(spec, spec, spec, {n: extra_specs[n] for n in extra}),
+                         out_specs=spec, check_vma=False)(q, k, v, extra)
 
 
 def splash(q, k, v, mesh: Mesh | None = None, *, interpret: bool = False,
            scale: float | None = None, segments: jax.Array | None = None,
-           window: int = 0) -> jax.Array:
+           window: int = 0, sinks: jax.Array | None = None) -> jax.Array:
     """The splash kernel on [B, S, H, hd] / [B, S, KV, hd] (S a multiple of 128), run per
     device under shard_map. `interpret` runs the kernel in Pallas' interpreter, so tests can
     check it on CPU. `scale`: the logits' (None: 1/sqrt(hd)). `segments` [B, S]: documents.
-    `window`: `causal`'s sliding window (0: off)."""
+    `window`: `causal`'s sliding window (0: off). `sinks` [H]: `causal`'s."""
     kernel = functools.partial(_per_device, interpret=interpret, scale=scale, window=window)
-    return _sharded(kernel, q, k, v, segments, mesh)
+    return _sharded(kernel, q, k, v, segments, mesh, sinks)
 
 
 def context_parallel(q, k, v, mesh: Mesh, scale: float | None = None, segments=None, *,
-                     interpret: bool = False, window: int = 0) -> jax.Array:
+                     interpret: bool = False, window: int = 0, sinks=None) -> jax.Array:
     """`causal` with the sequence split over mesh axis context (context.py): per device XLA's
     masked attention, cuDNN with the mask as a bias on GPU, or splash on TPU where the
     halves are multiples of 128 rows (`interpret`: splash in Pallas' interpreter, for tests).
     `window`: `causal`'s; the rows' positions are global (context.query_index), so every
-    path masks by them as the one-device kernels do."""
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    path masks by them as the one-device kernels do. `sinks` [H]: `causal`'s (not on cuDNN,
+    which has none: GPUs take the XLA rows)."""
+    if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and sinks is None):
         return context.attend(functools.partial(_xla_rows, scale=scale, cudnn=True,
                                                 window=window), q, k, v, segments, mesh)
     splash_path = functools.partial(_splash_rows, mesh=mesh, scale=scale, interpret=interpret,
                                     window=window)
     if interpret:
-        return splash_path(q, k, v, segments)
+        return splash_path(q, k, v, segments, sinks)
 
-    def xla_path(q, k, v, segments):
+    def xla_path(q, k, v, segments, sinks):
+        extra, extra_spec = _head_extra(sinks, q.shape, mesh)
         return context.attend(functools.partial(_xla_rows, scale=scale, window=window),
-                              q, k, v, segments, mesh)
+                              q, k, v, segments, mesh, extra, extra_spec)
 
     if (q.shape[1] // (2 * context.size(mesh))) % 128:
-        return xla_path(q, k, v, segments)
-    return jax.lax.platform_dependent(q, k, v, segments, tpu=splash_path, default=xla_path)
+        return xla_path(q, k, v, segments, sinks)
+    return jax.lax.platform_dependent(q, k, v, segments, sinks, tpu=splash_path,
+                                      default=xla_path)
 
 
-def _xla_rows(q, k, v, q_segments, kv_segments, q_index, kernel, *, scale, cudnn=False,
+def _head_extra(sinks, q_shape, mesh: Mesh) -> tuple[dict, dict]:
+    """What context.attend carries to every device beside the rows, and its shard_map spec:
+    the sinks (if any), split as the heads."""
+    if sinks is None:
+        return {}, {}
+    return {"sinks": sinks}, {"sinks": P(context.specs(q_shape, mesh)[0][2])}
+
+
+def _xla_rows(q, k, v, q_segments, kv_segments, q_index, extra, *, scale, cudnn=False,
               window=0):
     """Balanced query rows against all keys: cuDNN with the mask as a bias, or XLA's
-    blockwise attention (`blockwise`), keys a block at a time."""
-    del kernel
+    blockwise attention (`blockwise`), keys a block at a time. extra: `_head_extra`'s."""
     if cudnn:
         mask = document_mask(q_segments, kv_segments, q_index, jnp.arange(k.shape[1]), window)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
@@ -263,94 +269,11 @@ def _xla_rows(q, k, v, q_segments, kv_segments, q_index, kernel, *, scale, cudnn
         q_segments = jnp.zeros(q.shape[:2], jnp.int32)
         kv_segments = jnp.zeros(k.shape[:2], jnp.int32)
     block = math.gcd(q.shape[1], 512)  # a chunk of the sequence or a part of one
-    return blockwise(q, k, v, q_segments, kv_segments, q_index,
+    return blockwise(q, k, v, q_segments, kv_segments, q_index, extra.get("sinks"),
                      q.shape[-1] ** -0.5 if scale is None else scale, block, window)
 
 
-def _key_blocks(x, block: int):
-    """[b, S, ...] -> [S / block, b, block, ...]: what lax.scan walks."""
-    return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
-
-
-def _block_scores(qg, kb, q_segments, kv_segments, q_index, kv_index, window):
-    """Scaled logits of one key block, [b, Sq, kv, group, block] f32, -inf where masked."""
-    s = jnp.einsum("bqkgd,bskd->bqkgs", qg, kb.astype(jnp.float32))
-    mask = document_mask(q_segments, kv_segments, q_index, kv_index, window)[:, 0]
-    return jnp.where(mask[:, :, None, None, :], s, -jnp.inf)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def blockwise(q, k, v, q_segments, kv_segments, q_index, scale: float, block: int,
-              window: int):
-    """Flash attention in XLA: q [b, Sq, h, hd] at positions q_index [Sq] against k, v
-    [b, S, kv, hd] at 0 .. S-1, within documents (and `causal`'s window), keys `block` at a
-    time with an online softmax; the backward recomputes each block's probabilities from the
-    saved log-sum-exp. The logits held at once are [b, Sq, h, block], not [b, Sq, h, S]: the
-    CPU path (and the planner) of context parallelism, where S is long."""
-    return _blockwise_fwd(q, k, v, q_segments, kv_segments, q_index, scale, block, window)[0]
-
-
-def _grouped(q, kv: int):
-    return q.reshape(*q.shape[:2], kv, q.shape[2] // kv, q.shape[3]).astype(jnp.float32)
-
-
-def _blockwise_fwd(q, k, v, q_segments, kv_segments, q_index, scale, block, window):
-    qg = _grouped(q, k.shape[2]) * scale
-    kv_index = jnp.arange(k.shape[1]).reshape(-1, block)
-
-    def step(carry, xs):
-        out, top, total = carry
-        kb, vb, segments, index = xs
-        s = _block_scores(qg, kb, q_segments, segments, q_index, index, window)
-        new_top = jnp.maximum(top, s.max(-1))
-        safe = jnp.where(jnp.isfinite(new_top), new_top, 0.0)  # no key seen yet
-        p = jnp.exp(s - safe[..., None])
-        fade = jnp.exp(top - safe)
-        out = out * fade[..., None] + jnp.einsum("bqkgs,bskd->bqkgd", p,
-                                                 vb.astype(jnp.float32))
-        return (out, new_top, total * fade + p.sum(-1)), None
-
-    init = (jnp.zeros(qg.shape, jnp.float32), jnp.full(qg.shape[:-1], -jnp.inf),
-            jnp.zeros(qg.shape[:-1], jnp.float32))
-    xs = (_key_blocks(k, block), _key_blocks(v, block), _key_blocks(kv_segments, block),
-          kv_index)
-    (out, top, total), _ = jax.lax.scan(step, init, xs)
-    # Every query sees at least itself (padding sees padding): total > 0.
-    y = (out / total[..., None]).reshape(q.shape).astype(q.dtype)
-    return y, (q, k, v, q_segments, kv_segments, q_index, y, top + jnp.log(total))
-
-
-def _blockwise_bwd(scale, block, window, residuals, dy):
-    q, k, v, q_segments, kv_segments, q_index, y, lse = residuals
-    kv = k.shape[2]
-    qg, dyg = _grouped(q, kv) * scale, _grouped(dy, kv)
-    rowdot = (dyg * _grouped(y, kv)).sum(-1)  # [b, Sq, kv, group]: sum_j p_ij dp_ij
-
-    def step(dq, xs):
-        kb, vb, segments, index = xs
-        p = jnp.exp(_block_scores(qg, kb, q_segments, segments, q_index, index, window)
-                    - lse[..., None])
-        dp = jnp.einsum("bqkgd,bskd->bqkgs", dyg, vb.astype(jnp.float32))
-        ds = p * (dp - rowdot[..., None])
-        dq = dq + jnp.einsum("bqkgs,bskd->bqkgd", ds, kb.astype(jnp.float32))
-        return dq, (jnp.einsum("bqkgs,bqkgd->bskd", ds, qg),
-                    jnp.einsum("bqkgs,bqkgd->bskd", p, dyg))
-
-    xs = (_key_blocks(k, block), _key_blocks(v, block), _key_blocks(kv_segments, block),
-          jnp.arange(k.shape[1]).reshape(-1, block))
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(qg.shape, jnp.float32), xs)
-
-    def unblock(x, like):  # [S / block, b, block, kv, hd] -> [b, S, kv, hd]
-        return jnp.moveaxis(x, 0, 1).reshape(like.shape).astype(like.dtype)
-
-    return ((dq * scale).reshape(q.shape).astype(q.dtype), unblock(dk, k), unblock(dv, v),
-            None, None, None)
-
-
-blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
-
-
-def _splash_rows(q, k, v, segments, *, mesh, scale, interpret, window=0):
+def _splash_rows(q, k, v, segments, sinks=None, *, mesh, scale, interpret, window=0):
     """Splash per device on the balanced rows: a CausalMask whose q_sequence is each row's
     position, its mask info split over context by rows, so every device skips the blocks
     above its own rows' diagonal."""
@@ -359,9 +282,12 @@ def _splash_rows(q, k, v, segments, *, mesh, scale, interpret, window=0):
     kernel = _make_splash(heads, seq, block_size(seq // (2 * c)), interpret=interpret,
                           q_index=context.query_index(seq, c), q_shards=c, window=window)
     kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, P(None, context.AXIS)))
+    extra, extra_spec = _head_extra(sinks, q.shape, mesh)
 
-    def rows(q, k, v, q_segments, kv_segments, q_index, kernel):
+    def rows(q, k, v, q_segments, kv_segments, q_index, extra):
         del q_index  # the kernel's mask info holds it
-        return _run_splash(kernel, q, k, v, q_segments, kv_segments, scale)
+        return _run_splash(extra["kernel"], q, k, v, q_segments, kv_segments, scale,
+                           extra.get("sinks"))
 
-    return context.attend(rows, q, k, v, segments, mesh, kernel, kernel_spec)
+    return context.attend(rows, q, k, v, segments, mesh, {"kernel": kernel, **extra},
+                          {"kernel": kernel_spec, **extra_spec})

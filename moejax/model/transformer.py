@@ -7,12 +7,14 @@ them in that layout. The blocks are stacks of periods (`layer_stacks`) whose par
 a leading layer axis, each run by one `lax.scan`: compile time stays flat in depth.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from moejax.model import kernels
+from moejax.model import xla_attention
 from moejax.model.attention import Attention
 from moejax.model.layers import DTYPES, MLP, RMSNorm, dense_qtype, param
 from moejax.model.mla import LatentAttention
@@ -47,14 +49,31 @@ def moe_layer_ids(cfg, mtp: bool = False) -> list[int]:
             if is_moe_layer(cfg, i)]
 
 
+def layer_window(cfg, layer: int) -> int:
+    """The sliding window of `layer`'s attention (0: full causal): model.sliding_window, but
+    every `full_attention_every`-th layer attends in full (gpt-oss: 2, the odd layers)."""
+    every = cfg.get("full_attention_every", 0)
+    return 0 if every and layer % every == every - 1 else cfg.get("sliding_window", 0)
+
+
 def layer_stacks(cfg) -> list[tuple[int, int]]:
     """The layers as scanned stacks, in order: (repeats, period), a period being the blocks
     one scan step runs. The first dense layers, then periods of moe_every blocks that end in
     the MoE slot, then dense layers left over. A dense model (num_experts = 0) has the same
-    stacks, so a dense run's checkpoint names match its MoE twin's (upcycling)."""
+    stacks, so a dense run's checkpoint names match its MoE twin's (upcycling).
+
+    Windowed and full attention alternating (full_attention_every = a) make each period a
+    multiple of a, so that every scan step meets the same pattern; the layers left over
+    form one stack of a single period."""
     first, every = cfg.first_dense_layers, cfg.moe_every
-    periods, tail = divmod(cfg.num_layers - first, every)
-    return [(n, p) for n, p in ((first, 1), (periods, every), (tail, 1)) if n]
+    a = cfg.get("full_attention_every", 0) if cfg.get("sliding_window", 0) else 0
+    if a <= 1:
+        periods, tail = divmod(cfg.num_layers - first, every)
+        return [(n, p) for n, p in ((first, 1), (periods, every), (tail, 1)) if n]
+    stacks = []
+    for n, p in ((first, a), (cfg.num_layers - first, math.lcm(every, a))):
+        stacks += [(n // p, p), (1, n % p)]
+    return [(n, p) for n, p in stacks if n and p]
 
 
 class Block(nnx.Module):
@@ -62,7 +81,8 @@ class Block(nnx.Module):
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         self.mesh = mesh
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
-        self.attn = ATTENTIONS[cfg.attention](cfg, mesh, dtype, param_dtype, rngs)
+        window = {"window": layer_window(cfg, layer)} if cfg.attention == "gqa" else {}
+        self.attn = ATTENTIONS[cfg.attention](cfg, mesh, dtype, param_dtype, rngs, **window)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
         if is_moe_layer(cfg, layer):
             self.ffn = MoE(cfg.d_model, cfg.d_ff, MoEConfig.from_config(cfg), cfg.activation,
@@ -114,27 +134,34 @@ class Stack(nnx.Module):
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: one(keys[0])))
         self.blocks = nnx.merge(graphdef, jax.vmap(lambda k: nnx.state(one(k)))(keys))
         self.layers = tuple(range(first, first + repeats * period, period))  # static
-        # A period holds one MoE block at most (layer_stacks): its MoE layers, static.
-        self.moe_layers = repeats * any(is_moe_layer(cfg, first + j) for j in range(period))
+        # The MoE blocks of a period, in order, and the stack's MoE layers: static.
+        self.per_period = sum(is_moe_layer(cfg, first + j) for j in range(period))
+        self.moe_layers = repeats * self.per_period
 
     def __call__(self, x, positions, segments, *, train, rng, remat: str, forced=None,
                  return_ids: bool = False):
-        """forced: [moe_layers, B, S, k] expert ids for its MoE layers in order, or None."""
+        """forced: [moe_layers, B, S, k] expert ids for its MoE layers in order, or None.
+        Returns x and the MoE blocks' aux, each value [moe_layers, ...] in layer order."""
         graphdef, state = nnx.split(self.blocks)
+        if forced is not None:  # [repeats, MoE blocks of a period, B, S, k]
+            forced = forced.reshape(len(self.layers), self.per_period, *forced.shape[1:])
 
         def body(x, inputs):
             state, layer, ids = inputs
-            aux = None
+            aux = []
             for j, block in enumerate(nnx.merge(graphdef, state)):
+                moe = isinstance(block.ffn, MoE)
                 x, a = block(x, positions, segments, train=train,
                              rng=None if rng is None else jax.random.fold_in(rng, layer + j),
-                             forced=ids, return_ids=return_ids)
-                aux = a if a is not None else aux
-            return x, aux
+                             forced=ids[len(aux)] if moe and ids is not None else None,
+                             return_ids=return_ids)
+                aux += [a] if moe else []
+            return x, jax.tree.map(lambda *a: jnp.stack(a), *aux) if aux else None
 
         if REMAT[remat] is not None:
             body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
-        return jax.lax.scan(body, x, (state, jnp.asarray(self.layers), forced))
+        x, aux = jax.lax.scan(body, x, (state, jnp.asarray(self.layers), forced))
+        return x, jax.tree.map(merge_periods, aux)
 
     def decode(self, x, positions, cache, return_ids: bool = False):
         """x: [B, S, d] at positions [B, S]; cache: the attention's (`empty_cache`), each
@@ -146,14 +173,14 @@ class Stack(nnx.Module):
         def body(carry, inputs):
             x, cache = carry
             state, repeat = inputs
-            ids = None
+            ids = []
             for j, block in enumerate(nnx.merge(graphdef, state)):
                 x, cache, block_ids = block.decode(x, positions, cache, (repeat, j), return_ids)
-                ids = block_ids if block_ids is not None else ids
-            return (x, cache), ids
+                ids += [] if block_ids is None else [block_ids]
+            return (x, cache), jnp.stack(ids) if ids else None
 
         (x, cache), ids = jax.lax.scan(body, (x, cache), (state, jnp.arange(len(self.layers))))
-        return x, cache, ids
+        return x, cache, None if ids is None else merge_periods(ids)
 
     def empty_cache(self, batch: int, cache_len: int, dtype):
         return self.blocks[0].attn.empty_cache(len(self.layers), len(self.blocks), batch,
@@ -303,7 +330,7 @@ def document_positions(tokens, segments=None):
     index = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     if segments is None:
         return index
-    starts = kernels.document_starts(segments)
+    starts = xla_attention.document_starts(segments)
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
@@ -318,6 +345,11 @@ def remat(module: nnx.Module, policy: str, **static):
     if REMAT[policy] is not None:
         call = jax.checkpoint(call, policy=REMAT[policy], prevent_cse=False)
     return lambda *arrays: call(state, *arrays)
+
+
+def merge_periods(a):
+    """[repeats, MoE blocks of a period, ...] -> [moe_layers, ...], in layer order."""
+    return a.reshape(-1, *a.shape[2:])
 
 
 def stacked(aux: list) -> dict:

@@ -111,7 +111,7 @@ def plan(config, mesh: dict | None = None) -> dict:
     # XLA:CPU's attention materializes the scores, [B, heads, S, S] in f32, on each device
     # (a few at once); fused attention on GPU/TPU never does. Shown beside the temporaries.
     # With the sequence split over context, a device's queries are S / context rows against
-    # all S keys, 512 at a time on XLA:CPU (kernels.blockwise, moejax/model/context.py).
+    # all S keys, 512 at a time on XLA:CPU (xla_attention.blockwise, moejax/model/context.py).
     rows = (config.data.batch_size // config.train.grad_accum
             // math.prod(sizes[a] for a in parallel.TOKEN_AXES))
     heads = mc.num_heads // (sizes["tensor"] if mc.num_heads % sizes["tensor"] == 0 else 1)
