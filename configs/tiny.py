@@ -21,8 +21,10 @@ def get_config(arg=None):
             head_dim=32,
             d_ff=256,  # per expert; a dense model uses top_k * d_ff
             dense_d_ff=0,  # dense FFN layers of an MoE model (first_dense_layers...); 0 = d_ff
-            activation="swiglu",  # swiglu | geglu | gelu | relu
+            activation="swiglu",  # swiglu | geglu | gelu | relu | clamped_swiglu (gpt-oss)
+            swiglu_limit=7.0,  # clamped_swiglu (gpt-oss): gate <= this, |linear half| <= this
             rope_theta=10_000.0,
+            rope_fraction=1.0,  # the share of each head\'s dims that rotate (GLM-4.5: 0.5)
             # Rotary scaling: none | yarn (DeepSeek-V3, Kimi K2), set by the rope_* keys below
             rope_scaling="none",
             rope_factor=1.0,  # yarn: the context extension; 1 = none
@@ -31,6 +33,7 @@ def get_config(arg=None):
             rope_beta_slow=1.0,  # yarn: pairs turning less often are divided by rope_factor
             rope_mscale=0.0,  # yarn: cos, sin x mscale(this) / mscale(all_dim); 0 = not given
             rope_mscale_all_dim=0.0,  # yarn: softmax scale x mscale(this)**2; 0 = off
+            rope_truncate=True,  # yarn: the ramp ends rounded to whole pairs (gpt-oss: False)
             norm_eps=1e-6,  # RMSNorm epsilon
             qk_norm="none",  # RMSNorm on queries and keys: none | head (Qwen3) | all (OLMoE)
             qkv_bias=False,  # biases on the query, key and value projections (Qwen2-MoE)
@@ -45,6 +48,9 @@ def get_config(arg=None):
             max_seq_len=2048,  # longest sequence the positions are meant for
             # attend to the last this many positions (itself included); 0 = all (causal)
             sliding_window=0,
+            full_attention_every=0,  # with a window: each n-th layer full (gpt-oss 2); 0 = none
+            attention_sinks=False,  # a learned per-head logit in every softmax row (gpt-oss)
+            out_bias=False,  # a bias on the attention's output projection (gpt-oss)
             tie_embeddings=True,
             # Compute: float32 | bfloat16 (attention, FFN, experts). Router, norm statistics,
             # logits and loss are float32 whatever this says.
@@ -80,6 +86,7 @@ def get_config(arg=None):
             routed_scaling_factor=1.0,  # routed gates times this, after renormalize
             num_shared_experts=0,  # always-on experts added to the routed ones
             shared_gate=False,  # scale the shared experts' output by sigmoid(x @ w) (Qwen2-MoE)
+            moe_bias=False,  # learned biases: router logits, both expert projections (gpt-oss)
             # Multi-token prediction (DeepSeek-V3): modules predicting one token further each
             mtp_layers=0,  # 0 = none
         ),

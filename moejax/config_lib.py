@@ -218,12 +218,17 @@ def validate(config, num_devices: int) -> None:
 
 
 def check_latent(m) -> None:
-    """Multi-head latent attention's dims (moejax/model/mla.py), when model.attention=mla."""
+    """The attention keys: the window's, and multi-head latent attention's dims
+    (moejax/model/mla.py) when model.attention=mla."""
     from moejax.model.transformer import ATTENTIONS
 
     if m.attention not in ATTENTIONS:
         raise ConfigError(f"model.attention={m.attention!r}: unknown; allowed: "
                           f"{', '.join(ATTENTIONS)}")
+    if m.full_attention_every and not m.sliding_window:
+        raise ConfigError(f"model.full_attention_every={m.full_attention_every!r}: needs "
+                          "model.sliding_window > 0 (the layers between are windowed); "
+                          "allowed: 0")
     if m.attention != "mla":
         return
     if m.sliding_window:

@@ -70,7 +70,7 @@ INVALID = [  # overrides, then the start of the one-line error
     ({"train.grad_accum": 4}, "data.batch_size=16: must be a multiple of data x fsdp x expert x "
      "grad_accum = 8 x 4"),
     ({"model.activation": "swish"},
-     "model.activation='swish': unknown; allowed: swiglu, geglu, gelu, relu"),
+     "model.activation='swish': unknown; allowed: swiglu, geglu, clamped_swiglu, gelu, relu"),
     ({"model.dtype": "float16"}, "model.dtype='float16': unknown; allowed: float32, bfloat16"),
     ({"model.head_dim": 15}, "model.head_dim=15: must be even (rotary pairs)"),
     ({"data.seq_len": 4096}, "data.seq_len=4096: must be in 1..model.max_seq_len=2048"),

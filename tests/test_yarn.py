@@ -27,7 +27,7 @@ V2_LITE_STYLE = dict(DEEPSEEK_V3, mscale=0.707)  # mscale != mscale_all_dim: a f
 
 
 def reference_yarn(dim, theta, factor, original_max_len, beta_fast, beta_slow, mscale,
-                   mscale_all_dim):
+                   mscale_all_dim, truncate=True):
     """(inverse frequencies [dim / 2], cos/sin factor), one pair at a time in float64, from
     YaRN's formulas as transformers' _compute_yarn_parameters states them."""
 
@@ -37,8 +37,10 @@ def reference_yarn(dim, theta, factor, original_max_len, beta_fast, beta_slow, m
     def pair_turning(rotations):  # the pair index d with original_max_len / wavelength_d = r
         return dim * math.log(original_max_len / (2 * math.pi * rotations)) / (2 * math.log(theta))
 
-    low = max(math.floor(pair_turning(beta_fast)), 0)
-    high = min(math.ceil(pair_turning(beta_slow)), dim - 1)
+    low, high = pair_turning(beta_fast), pair_turning(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     width = (high - low) or 0.001
     freqs = []
     for i in range(dim // 2):
@@ -52,8 +54,12 @@ def reference_yarn(dim, theta, factor, original_max_len, beta_fast, beta_slow, m
     return np.array(freqs), attention_factor
 
 
+# gpt-oss (head_dim 64, rope_theta 150000 in its release; 10000 here as for the others):
+# no mscale keys, and the ramp's ends not rounded to whole pairs (truncate false).
+GPT_OSS = dict(QWEN_STYLE, factor=32.0, original_max_len=4096, truncate=False)
 CASES = {"deepseek_v3(factor=40)": DEEPSEEK_V3, "kimi_k2(factor=32)": KIMI_K2,
-         "qwen_style(no mscale)": QWEN_STYLE, "mscale=0.707,all_dim=1": V2_LITE_STYLE}
+         "qwen_style(no mscale)": QWEN_STYLE, "mscale=0.707,all_dim=1": V2_LITE_STYLE,
+         "gpt_oss(truncate=false)": GPT_OSS}
 
 
 class TestFrequencies:
@@ -65,6 +71,19 @@ class TestFrequencies:
         np.testing.assert_allclose(rope.frequencies(dim), freqs, rtol=1e-6)
         assert rope.frequencies(dim).dtype == np.float32
         assert rope.attention_factor() == pytest.approx(factor, rel=1e-12)
+
+    def test_truncate_false_keeps_the_ramp_ends_fractional(self):
+        # Over 4096 positions pair d of 32 turns more than 32 times up to d = 10.47 and fewer
+        # than once from d = 22.5. Truncated, the ramp runs from 10 to 23 (pair 11 at 1/13 of
+        # the way to division by 32); not, from 10.47 to 22.5 (pair 11 at 0.53/12.03).
+        plain = 10_000.0 ** (-np.arange(32) * 2 / 64)
+        cut = Rope(10_000.0, "yarn", **dict(GPT_OSS, truncate=True)).frequencies(64)
+        smooth = Rope(10_000.0, "yarn", **GPT_OSS).frequencies(64)
+        for freqs, ramp in ((cut, 1 / 13), (smooth, 0.0440)):
+            np.testing.assert_allclose(freqs[:11], plain[:11], rtol=1e-6)
+            np.testing.assert_allclose(freqs[23:], plain[23:] / 32, rtol=1e-6)
+            want = plain[11] * (1 - ramp) + plain[11] / 32 * ramp
+            assert freqs[11] == pytest.approx(want, rel=2e-3)
 
     def test_deepseek_v3_by_hand(self):
         # Pair d turns 4096 * 10000**(-2d/64) / (2 pi) times over 4096 positions: more than
@@ -84,6 +103,7 @@ class TestFrequencies:
         (KIMI_K2, 1.0, (0.1 * math.log(32) + 1) ** 2 / 192**0.5),
         (QWEN_STYLE, 1.1386294361, None),  # 0.1 ln 4 + 1; the kernels' own 1/sqrt(192)
         (V2_LITE_STYLE, 1.2608037774 / 1.3688879454, 1.8738542071 / 192**0.5),
+        (GPT_OSS, 1.3465735903, None),  # 0.1 ln 32 + 1
     ], ids=CASES.keys())
     def test_attention_factor_and_softmax_scale(self, case, factor, scale):
         rope = Rope(10_000.0, "yarn", **case)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.config_ranges import ConfigError
 from moejax.moe.ffn import IN_NAMES, OUT_NAMES, ffn, in_shape
 from moejax.moe.quant import QTYPES
 
@@ -53,12 +54,20 @@ class Rope:
     beta_slow: float = 1.0  # ... and below which it interpolates (divided by factor)
     mscale: float = 0.0
     mscale_all_dim: float = 0.0
+    truncate: bool = True  # the ramp's ends rounded out to whole pairs (gpt-oss: not)
+    fraction: float = 1.0  # of each head's dims that rotate, the first ones (GLM-4.5: 0.5)
 
     @classmethod
     def from_config(cls, cfg) -> "Rope":
         return cls(cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
                    cfg.rope_original_max_len or cfg.max_seq_len, cfg.rope_beta_fast,
-                   cfg.rope_beta_slow, cfg.rope_mscale, cfg.rope_mscale_all_dim)
+                   cfg.rope_beta_slow, cfg.rope_mscale, cfg.rope_mscale_all_dim,
+                   cfg.get("rope_truncate", True), fraction=rope_fraction(cfg))
+
+    def rotary_dims(self, head_dim: int) -> int:
+        """How many of a head's dims rotate: int(head_dim * fraction), as transformers
+        computes it (partial_rotary_factor)."""
+        return int(head_dim * self.fraction)
 
     def attention_factor(self) -> float:
         """What cos and sin are multiplied by: YaRN's temperature, as a ratio of two
@@ -89,13 +98,36 @@ class Rope:
             return dim * math.log(self.original_max_len / (rotations * 2 * math.pi)) / (
                 2 * math.log(self.theta))
 
-        low = max(math.floor(pair_of(self.beta_fast)), 0)
-        high = min(math.ceil(pair_of(self.beta_slow)), dim - 1)
+        low, high = pair_of(self.beta_fast), pair_of(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001  # transformers' guard against a zero-width ramp
         interpolated = np.clip((np.arange(half, dtype=np.float64) - low) / (high - low), 0, 1)
         freqs = (1 - interpolated) / base + interpolated / (self.factor * base)
         return freqs.astype(np.float32)
+
+
+def rope_fraction(cfg) -> float:
+    """model.rope_fraction (runs from before the key: 1.0), checked: in (0, 1], leaving an
+    even number >= 2 of each head's dims to rotate; 1 with attention=mla, whose heads keep
+    their rotary dims apart (qk_rope_head_dim)."""
+    fraction = cfg.get("rope_fraction", 1.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not (
+            0 < fraction <= 1):
+        raise ConfigError(f"model.rope_fraction={fraction!r}: allowed: a number in (0, 1]")
+    if fraction == 1:
+        return 1.0
+    if cfg.get("attention", "gqa") == "mla":
+        raise ConfigError(f"model.rope_fraction={fraction!r}: allowed with attention=mla: 1.0 "
+                          "(its rotary width is qk_rope_head_dim)")
+    dims = int(cfg.head_dim * fraction)
+    if dims < 2 or dims % 2:
+        raise ConfigError(f"model.rope_fraction={fraction!r}: rotates int(head_dim="
+                          f"{cfg.head_dim} x {fraction}) = {dims} dims; allowed: a fraction "
+                          "leaving an even number >= 2 of them")
+    return float(fraction)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -104,8 +136,14 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def rotary(x, positions, theta: float, rope: Rope | None = None):
-    """x: [B, S, heads, head_dim], positions: [B, S]. Rotates pairs (i, i + head_dim/2).
-    With a YaRN `rope`, its frequencies, and cos and sin times its attention factor."""
+    """x: [B, S, heads, head_dim], positions: [B, S]. Rotates pairs (i, i + r/2) of a head's
+    first r = rope.rotary_dims(head_dim) dims (all of them unless rope.fraction < 1) and
+    passes the others through, as transformers' partial rotary does (GLM-4.5). With a YaRN
+    `rope`, its frequencies over those r dims, and cos and sin times its attention factor."""
+    dims = x.shape[-1] if rope is None else rope.rotary_dims(x.shape[-1])
+    if dims < x.shape[-1]:
+        turned = rotary(x[..., :dims], positions, theta, dataclasses.replace(rope, fraction=1.0))
+        return jnp.concatenate([turned, x[..., dims:]], -1)
     half = x.shape[-1] // 2
     if rope is None or rope.scaling == "none":
         freqs, factor = theta ** (-jnp.arange(half, dtype=jnp.float32) / half), None

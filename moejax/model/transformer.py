@@ -19,6 +19,7 @@ from moejax.model.attention import Attention
 from moejax.model.layers import DTYPES, MLP, RMSNorm, dense_qtype, param
 from moejax.model.mla import LatentAttention
 from moejax.model.mtp import MTP
+from moejax.moe.ffn import activation_of
 from moejax.moe.layer import MoE, MoEConfig
 from moejax.parallel import constrain
 
@@ -91,7 +92,7 @@ class Block(nnx.Module):
             # A dense model (num_experts = 0) widens its FFNs to k * d_ff so it does the same
             # FLOPs per token as the MoE it is compared to; dense_d_ff, if set, wins.
             d_ff = cfg.dense_d_ff or cfg.d_ff * (cfg.top_k if cfg.num_experts == 0 else 1)
-            self.ffn = MLP(cfg.d_model, d_ff, cfg.activation, dtype, param_dtype, rngs,
+            self.ffn = MLP(cfg.d_model, d_ff, activation_of(cfg), dtype, param_dtype, rngs,
                            dense_qtype(cfg))
 
     def __call__(self, x, positions, segments, *, train, rng, forced=None,

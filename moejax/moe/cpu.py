@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 
 from moejax.moe.dispatch import take_rows
-from moejax.moe.ffn import activate, is_gated, same_varying_axes
+from moejax.moe.ffn import activate, same_varying_axes, zero_at_zero
 
 
-def experts_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
-                filled: jax.Array | None, segments: int) -> jax.Array:
-    """x: [E, S * C, d] -> [E, S * C, d]: expert e's FFN on its S segments of C slots.
+def experts_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation,
+                filled: jax.Array | None, segments: int, b_in: jax.Array | None = None,
+                b_out: jax.Array | None = None) -> jax.Array:
+    """x: [E, S * C, d] -> [E, S * C, d]: expert e's FFN on its S segments of C slots, with
+    the biases b_in [E, g*f] and b_out [E, d] where given (zero elsewhere).
 
     A segment is the slots one capacity group sent to expert e: its first filled[e, s] rows
     are tokens, the rest is padding (zero in, zero out). filled: [E, S] int, or None to find
@@ -26,24 +28,27 @@ def experts_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str
     `_prefix_lengths`). With S > 1 each expert's filled rows are first gathered to the front.
     """
     if filled is None:
-        filled = trailing_filled(x, segments, activation)
+        filled = trailing_filled(x, segments, activation, biased=b_in is not None)
+    # One program for both: a zero bias adds nothing, and its gradient is dropped.
+    b_in = jnp.zeros((w_in.shape[0], w_in.shape[-1]), w_in.dtype) if b_in is None else b_in
+    b_out = jnp.zeros((w_out.shape[0], w_out.shape[-1]), w_out.dtype) if b_out is None else b_out
     # Inside shard_map the weights are invariant over the token axes and x is not; mark them
     # varying here so that autodiff, not the custom VJP, sums their gradients over those axes.
-    x, w_in, w_out, filled = same_varying_axes(x, w_in, w_out, filled)
-    return _experts(x, w_in, w_out, filled.astype(jnp.int32), activation)
+    x, w_in, w_out, b_in, b_out, filled = same_varying_axes(x, w_in, w_out, b_in, b_out, filled)
+    return _experts(x, w_in, w_out, b_in, b_out, filled.astype(jnp.int32), activation)
 
 
-def trailing_filled(x: jax.Array, segments: int, activation: str) -> jax.Array:
+def trailing_filled(x: jax.Array, segments: int, activation, biased: bool = False) -> jax.Array:
     """[E, S * C, d] -> filled [E, S]: each segment's rows up to its last nonzero one.
 
     Padding slots are zero, so this finds the filled rows without being told. A token whose
-    input is exactly zero, last in its queue, counts as padding: the same numbers for gated
-    activations and relu, where a zero row gives zero output and passes back no gradient.
-    Plain gelu passes back gelu'(0) = 0.5 there, so it runs every row.
+    input is exactly zero, last in its queue, counts as padding: the same numbers where a
+    zero row gives zero output and passes back no gradient (ffn.ZERO_AT_ZERO). Elsewhere
+    (plain gelu: gelu'(0) = 0.5; clamped_swiglu; any expert with biases) every row runs.
     """
     num_experts, rows, _ = x.shape
     cap = rows // segments
-    if not (is_gated(activation) or activation == "relu"):
+    if biased or not zero_at_zero(activation):
         return jnp.full((num_experts, segments), cap, jnp.int32)
     nonzero = jnp.any(x != 0, axis=-1).reshape(num_experts, segments, cap)
     return jnp.max(jnp.where(nonzero, jnp.arange(1, cap + 1), 0), axis=-1).astype(jnp.int32)
@@ -91,25 +96,27 @@ def _on_filled_rows(filled, rows):
     return (lambda a: take_rows(a, src)), (lambda a: take_rows(a, back)), index, lengths
 
 
-def _one_expert_fwd(x, w_in, w_out, filled, activation):
-    """x: [S*C, d] -> y [S*C, d] and the pre-activation h [S*C, in_width] (packed rows)."""
+def _one_expert_fwd(x, w_in, w_out, b_in, b_out, filled, activation):
+    """x: [S*C, d] -> y [S*C, d] and the pre-activation h [S*C, in_width] (packed rows);
+    rows past the filled ones stay zero, biases and all."""
     rows = x.shape[0]
     pack, unpack, index, lengths = _on_filled_rows(filled, rows)
 
     def branch(length):
-        def run(x, w_in, w_out):
-            h = x[:length] @ w_in
-            y = activate(h, activation) @ w_out
+        def run(x, w_in, w_out, b_in, b_out):
+            h = x[:length] @ w_in + b_in
+            y = activate(h, activation) @ w_out + b_out
             return _pad_rows(y, rows), _pad_rows(h, rows)
         return run
 
-    y, h = jax.lax.switch(index, [branch(m) for m in lengths], pack(x), w_in, w_out)
+    y, h = jax.lax.switch(index, [branch(m) for m in lengths], pack(x), w_in, w_out, b_in, b_out)
     return unpack(y), h
 
 
 def _one_expert_bwd(x, w_in, w_out, filled, h, dy, activation, grads_in_scan):
-    """-> dx and expert e's weight gradients, or with grads_in_scan=False the inputs of those
-    gradients' matmuls in slot order: dh [S*C, in_width] and a [S*C, d_ff]."""
+    """-> dx, expert e's weight gradients and its bias gradients (the filled rows' dh and dy
+    summed); with grads_in_scan=False, in place of the weight gradients the inputs of their
+    matmuls in slot order: dh [S*C, in_width] and a [S*C, d_ff]."""
     rows = x.shape[0]
     pack, unpack, index, lengths = _on_filled_rows(filled, rows)
 
@@ -119,38 +126,40 @@ def _one_expert_bwd(x, w_in, w_out, filled, h, dy, activation, grads_in_scan):
             a, act_vjp = jax.vjp(lambda h: activate(h, activation), h)
             dh, = act_vjp(dy @ w_out.T)
             dx = _pad_rows(dh @ w_in.T, rows)
+            biases = dh.sum(0), dy.sum(0)
             if grads_in_scan:
-                return dx, x.T @ dh, a.T @ dy
-            return dx, _pad_rows(dh, rows), _pad_rows(a, rows)
+                return dx, x.T @ dh, a.T @ dy, *biases
+            return dx, _pad_rows(dh, rows), _pad_rows(a, rows), *biases
         return run
 
-    dx, g_in, g_out = jax.lax.switch(index, [branch(m) for m in lengths],
-                                     pack(x), w_in, w_out, h, pack(dy))
+    dx, g_in, g_out, db_in, db_out = jax.lax.switch(index, [branch(m) for m in lengths],
+                                                    pack(x), w_in, w_out, h, pack(dy))
     if grads_in_scan:
-        return unpack(dx), g_in, g_out
-    return unpack(dx), unpack(g_in), unpack(g_out)
+        return unpack(dx), g_in, g_out, db_in, db_out
+    return unpack(dx), unpack(g_in), unpack(g_out), db_in, db_out
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _experts(x, w_in, w_out, filled, activation):
-    return _experts_fwd(x, w_in, w_out, filled, activation)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _experts(x, w_in, w_out, b_in, b_out, filled, activation):
+    return _experts_fwd(x, w_in, w_out, b_in, b_out, filled, activation)[0]
 
 
-def _experts_fwd(x, w_in, w_out, filled, activation):
-    y, h = _scan_fwd(x, w_in, w_out, filled, activation)
+def _experts_fwd(x, w_in, w_out, b_in, b_out, filled, activation):
+    y, h = _scan_fwd(x, w_in, w_out, b_in, b_out, filled, activation)
     return y, (x, w_in, w_out, filled, h)
 
 
-def _scan_fwd(x, w_in, w_out, filled, activation):
+def _scan_fwd(x, w_in, w_out, b_in, b_out, filled, activation):
     def body(_, args):
         return None, _one_expert_fwd(*args, activation)
 
-    _, (y, h) = jax.lax.scan(body, None, (x, w_in, w_out, filled))
+    _, (y, h) = jax.lax.scan(body, None, (x, w_in, w_out, b_in, b_out, filled))
     return y, h
 
 
 def _experts_bwd(activation, res, dy):
-    return *_scan_bwd(*res, dy, activation), None
+    dx, g_in, g_out, db_in, db_out = _scan_bwd(*res, dy, activation)
+    return dx, g_in, g_out, db_in, db_out, None
 
 
 def _scan_bwd(x, w_in, w_out, filled, h, dy, activation):
@@ -164,10 +173,12 @@ def _scan_bwd(x, w_in, w_out, filled, h, dy, activation):
     def body(_, args):
         return None, _one_expert_bwd(*args, activation, grads_in_scan)
 
-    _, (dx, g_in, g_out) = jax.lax.scan(body, None, (x, w_in, w_out, filled, h, dy))
+    _, (dx, g_in, g_out, db_in, db_out) = jax.lax.scan(body, None,
+                                                       (x, w_in, w_out, filled, h, dy))
     if grads_in_scan:
-        return dx, g_in, g_out
-    return dx, jnp.einsum("erd,erf->edf", x, g_in), jnp.einsum("erf,erd->efd", g_out, dy)
+        return dx, g_in, g_out, db_in, db_out
+    return (dx, jnp.einsum("erd,erf->edf", x, g_in), jnp.einsum("erf,erd->efd", g_out, dy),
+            db_in, db_out)
 
 
 _experts.defvjp(_experts_fwd, _experts_bwd)

@@ -23,12 +23,18 @@ from moejax.moe.experts import grouped_ffn
 from moejax.moe.ffn import same_varying_axes
 
 
+def _experts_ffn(rows, experts, group_sizes, activation, qtype):
+    """experts.grouped_ffn with the experts dict's weights and biases (if any)."""
+    return grouped_ffn(rows, experts["w_in"], experts["w_out"], group_sizes, activation, qtype,
+                       experts.get("in_bias"), experts.get("out_bias"))
+
+
 def sorted_ffn(x, gates, expert_ids, experts, activation, qtype=None):
-    """x: [N, d], gates and expert_ids: [N, k] -> [N, d], all experts here. qtype: the
-    matmuls' quantization (moejax/moe/quant.py), None = float, as in the two below."""
+    """x: [N, d], gates and expert_ids: [N, k] -> [N, d], all experts here. experts: w_in,
+    w_out and optionally in_bias, out_bias (moe/layer.py). qtype: the matmuls' quantization
+    (moejax/moe/quant.py), None = float, as in the two below."""
     slot, source, sizes = sorted_slots(expert_ids, experts["w_in"].shape[0])
-    ys = grouped_ffn(dispatch(x, slot, source), experts["w_in"], experts["w_out"], sizes,
-                     activation, qtype)
+    ys = _experts_ffn(dispatch(x, slot, source), experts, sizes, activation, qtype)
     return combine(ys, gates, slot, source)
 
 
@@ -46,8 +52,7 @@ def ring_ffn(x, gates, expert_ids, experts, activation, expert_axis, qtype=None)
     mine = (ids >= 0) & (ids < local)
     slot, source, sizes = sorted_slots(jnp.where(mine, ids, local), local + 1)
     slot = jnp.where(mine, slot, slot.size)
-    ys = grouped_ffn(dispatch(x, slot, source), experts["w_in"], experts["w_out"], sizes[:local],
-                     activation, qtype)
+    ys = _experts_ffn(dispatch(x, slot, source), experts, sizes[:local], activation, qtype)
     y = combine(ys, jnp.where(mine, gates, 0), slot, source)
     return jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
 
@@ -88,7 +93,7 @@ def ragged_ffn(x, gates, expert_ids, experts, activation, expert_axis, qtype=Non
                                 group_start + before_me, to_me.reshape(-1),
                                 axis_name=expert_axis)
 
-    ys = grouped_ffn(arrived, experts["w_in"], experts["w_out"], group_sizes, activation, qtype)
+    ys = _experts_ffn(arrived, experts, group_sizes, activation, qtype)
 
     # Back: slice (source s, local e) of ys starts at e's group plus the rows of sources
     # before s, and lands where s sorted expert me * local + e.

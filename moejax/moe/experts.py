@@ -4,6 +4,12 @@ and grouped matmuls (rows sorted by expert, ragged groups).
 `qtype` (moejax/moe/quant.py; None = float) quantizes a block's matmuls for training. Neither
 megablox nor cpu.py's scan has a quantized form, so a quantized run takes Qwix's ragged dot
 (dropless) or batched dot_general (capacity) on every backend: one switch, `qtype`.
+
+Biases (model.moe_bias, gpt-oss; the layer's in_bias and out_bias): b_in [E, g*f] on the
+input projection, b_out [E, d] on the output, each expert its own, never quantized. Added to
+the rows an expert runs: the empty slots of a capacity buffer may hold bias-only outputs, but
+combine reads only the slots of kept assignments (and passes the others no gradient); the
+dropless rows past the last group get none.
 """
 
 from functools import partial
@@ -14,13 +20,16 @@ from jax.experimental.pallas.ops.tpu.megablox.ops import backend as megablox
 from jax.sharding import PartitionSpec as P
 
 from moejax.moe import cpu, quant
+from moejax.moe.dispatch import take_rows
 from moejax.moe.ffn import activate, same_varying_axes, varying
 
 
-def capacity_experts(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
+def capacity_experts(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation,
                      filled: jax.Array | None = None, segments: int = 1,
-                     qtype=None) -> jax.Array:
-    """x: [E, S * C, d] capacity buffers, S segments of C slots per expert -> [E, S * C, d].
+                     qtype=None, b_in: jax.Array | None = None,
+                     b_out: jax.Array | None = None) -> jax.Array:
+    """x: [E, S * C, d] capacity buffers, S segments of C slots per expert -> [E, S * C, d];
+    b_in [E, g*f], b_out [E, d]: the experts' biases, or None.
 
     GPU and TPU: one batched matmul per projection, XLA's own kernel for equal groups. CPU:
     `cpu.experts_ffn`, which computes only the filled rows (filled: [E, S] tokens at the
@@ -28,19 +37,22 @@ def capacity_experts(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation
     matmul everywhere (an empty slot is a zero row: its scale is 1 and its output zero).
     """
     if qtype is not None:
-        return batched_experts(x, w_in, w_out, activation, qtype)
+        return batched_experts(x, w_in, w_out, activation, qtype, b_in, b_out)
     # cpu.py's scan is traced for every platform but lowered only for the CPU.
     return jax.lax.platform_dependent(
-        cpu=lambda: cpu.experts_ffn(x, w_in, w_out, activation, filled, segments),
-        default=lambda: batched_experts(x, w_in, w_out, activation))
+        cpu=lambda: cpu.experts_ffn(x, w_in, w_out, activation, filled, segments, b_in, b_out),
+        default=lambda: batched_experts(x, w_in, w_out, activation, None, b_in, b_out))
 
 
-def batched_experts(x, w_in, w_out, activation, qtype=None):
+def batched_experts(x, w_in, w_out, activation, qtype=None, b_in=None, b_out=None):
     """[E, R, d] -> [E, R, d], every row of every expert's buffer."""
     if qtype is not None:  # Qwix's custom VJPs want the weights as varying as the tokens
         x, w_in, w_out = same_varying_axes(x, w_in, w_out)
-    h = activate(quant.einsum("erd,edf->erf", x, w_in, qtype), activation)
-    return quant.einsum("erf,efd->erd", h, w_out, qtype)
+    h = quant.einsum("erd,edf->erf", x, w_in, qtype)
+    if b_in is not None:
+        h = h + b_in[:, None]
+    y = quant.einsum("erf,efd->erd", activate(h, activation), w_out, qtype)
+    return y if b_out is None else y + b_out[:, None]
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
@@ -131,8 +143,22 @@ def _varying_like(a, like):
 
 
 def grouped_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, group_sizes: jax.Array,
-                activation: str, qtype=None) -> jax.Array:
+                activation, qtype=None, b_in: jax.Array | None = None,
+                b_out: jax.Array | None = None) -> jax.Array:
     """x: [N, d] rows sorted by expert, group_sizes: [E] rows per expert -> [N, d]: no
-    padding, nothing dropped; rows past the last group give zero."""
-    h = activate(grouped_matmul(x, w_in, group_sizes, qtype), activation)
-    return grouped_matmul(h, w_out, group_sizes, qtype)
+    padding, nothing dropped; rows past the last group give zero. b_in [E, g*f], b_out
+    [E, d]: the experts' biases (both or neither), or None."""
+    h = grouped_matmul(x, w_in, group_sizes, qtype)
+    if b_in is None:
+        return grouped_matmul(activate(h, activation), w_out, group_sizes, qtype)
+    group = row_groups(group_sizes, x.shape[0])
+    y = grouped_matmul(activate(h + take_rows(b_in, group), activation), w_out, group_sizes,
+                       qtype)
+    return y + take_rows(b_out, group)
+
+
+def row_groups(group_sizes: jax.Array, rows: int) -> jax.Array:
+    """[rows] the group of each row of a buffer sorted by group; G for the rows past the
+    last group (take_rows gives them zeros)."""
+    ends = jnp.cumsum(group_sizes)
+    return jnp.searchsorted(ends, jnp.arange(rows, dtype=ends.dtype), side="right")

@@ -25,7 +25,7 @@ from moejax.moe import router
 from moejax.moe.dispatch import combine, dispatch, slots
 from moejax.moe.dropless import ragged_ffn, ring_ffn, sorted_ffn
 from moejax.moe.experts import capacity_experts
-from moejax.moe.ffn import IN_NAMES, OUT_NAMES, ffn, flat_in, in_shape
+from moejax.moe.ffn import IN_NAMES, OUT_NAMES, Activation, ffn, flat_in, in_shape
 from moejax.moe.quant import QTYPES
 from moejax.parallel import EXPERT_AXIS, SEQ_AXIS, TOKEN_AXES, TOKEN_SHARD_AXES, num_token_shards
 
@@ -64,19 +64,30 @@ class MoEConfig:
     num_shared_experts: int = 0  # always-on shared experts (DeepSeek), each d_ff wide
     shared_gate: bool = False  # shared output scaled by sigmoid(x @ w) per token (Qwen2-MoE)
     quantization: str = "none"  # the expert matmuls' forward operands: none | int8 | fp8
+    # gpt-oss: a learned bias on the router's logits and on each expert's two projections
+    moe_bias: bool = False
+    swiglu_limit: float = 7.0  # activation clamped_swiglu: gate <= limit, |linear| <= limit
 
     @classmethod
     def from_config(cls, model_config) -> "MoEConfig":
-        return cls(**{f.name: model_config[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: model_config.get(f.name, f.default) if f.name in _NEWER
+                      else model_config[f.name] for f in dataclasses.fields(cls)})
+
+
+# Keys older configs lack: read with their defaults.
+_NEWER = ("moe_bias", "swiglu_limit")
 
 
 def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=None, noise=None,
-            expert_axis=None, token_axes=(), real=None, forced=None):
+            expert_axis=None, token_axes=(), real=None, forced=None, logit_bias=None):
     """One MoE FFN over this device's groups.
 
-    x: [G, T, d] groups held here; noise: like x or None; router_w: [d, E]; bias: [E] or None;
+    x: [G, T, d] groups held here; noise: like x or None; router_w: [d, E]; bias: [E] or None,
+    the selection bias of auxiliary-loss-free balancing; logit_bias: [E] or None, a learned
+    bias added to the router's logits (gpt-oss);
     real: [G, T] bool, False for padding (routed nowhere, its output 0, in no statistic);
-    experts: dict of w_in, w_out with this device's experts [E_local, ...];
+    experts: dict of w_in [E_local, d, g*f], w_out [E_local, f, d] with this device's
+    experts and, with moe_bias, their biases in_bias [E_local, g*f], out_bias [E_local, d];
     forced: [G, T, k] int expert ids to use instead of the router's choice (replay), or None.
     Inside shard_map, `expert_axis` names the axis experts are split over and `token_axes`
     the axes the groups are split over; outside, both are empty and everything is local.
@@ -92,6 +103,8 @@ def moe_ffn(x, router_w, experts, cfg: MoEConfig, *, train, activation, bias=Non
 
     router_in = x.astype(jnp.float32) if noise is None else x.astype(jnp.float32) * noise
     logits = jnp.einsum("gtd,de->gte", router_in, router_w.astype(jnp.float32))
+    if logit_bias is not None:
+        logits = logits + logit_bias.astype(jnp.float32)
     mismatch = None
     if cfg.routing == "experts":
         r = jax.vmap(partial(router.expert_choice, capacity=cap, score=cfg.router_score))(
@@ -159,7 +172,7 @@ def _capacity_ffn(x, r, experts, cap, activation, expert_axis, qtype):
     # Across devices counts would cost an all-to-all of their own; the zero padding tells.
     filled = jnp.minimum(r.tokens_per_expert, cap).T if ep == 1 else None
     ye = capacity_experts(xe, experts["w_in"], experts["w_out"], activation, filled, segments,
-                          qtype)
+                          qtype, experts.get("in_bias"), experts.get("out_bias"))
     ye = ye.reshape(experts_here, ep, num_groups, cap, d).transpose(2, 1, 0, 3, 4)
     if expert_axis:
         ye = jax.lax.all_to_all(ye, expert_axis, 1, 1, tiled=True)
@@ -199,8 +212,17 @@ def _aux(logits, r, top_k, expert_choice, token_axes, real=None, mismatch=None):
     return aux
 
 
+# The routed experts' arrays, each [E, ...]: weights, and with moe_bias their biases.
+EXPERT_ARRAYS = ("w_in", "w_out", "in_bias", "out_bias")
+
+
 class ExpertParam(nnx.Param):
     """A parameter with a leading expert axis: counted as active only k/E of the time."""
+
+
+class ExpertBias(ExpertParam):
+    """An expert's bias (model.moe_bias): active k/E of the time as its weights are, but no
+    weight to quantize (weight-only quantization leaves it in float)."""
 
 
 class RouterBias(nnx.Variable):
@@ -211,8 +233,9 @@ class RouterBias(nnx.Variable):
 class MoE(nnx.Module):
     """Router, expert and shared-expert weights with their logical dims; the math is `moe_ffn`."""
 
-    def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, activation: str, *,
-                 mesh: Mesh | None, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, activation: str | Activation,
+                 *, mesh: Mesh | None, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
         self.cfg, self.activation, self.mesh, self.dtype = cfg, activation, mesh, dtype
         e = cfg.num_experts
         init = nnx.initializers.lecun_normal()
@@ -231,6 +254,16 @@ class MoE(nnx.Module):
 
         self.w_in = expert_weight(init_in, in_shape(d_model, d_ff, activation), IN_NAMES)
         self.w_out = expert_weight(init, (d_ff, d_model), OUT_NAMES)
+        if cfg.moe_bias:  # gpt-oss; zero at init, as transformers' _init_weights makes them
+            self.router_logit_bias = nnx.Param(jnp.zeros((e,), jnp.float32),
+                                               out_sharding=(None,), eager_sharding=False)
+            # Laid out as the weight dims they add to: w_in's [g, f] and w_out's d.
+            self.in_bias = ExpertBias(
+                jnp.zeros((e, *in_shape(d_model, d_ff, activation)[1:]), param_dtype),
+                out_sharding=("experts", *IN_NAMES[1:]), eager_sharding=False)
+            self.out_bias = ExpertBias(jnp.zeros((e, d_model), param_dtype),
+                                       out_sharding=("experts", OUT_NAMES[-1]),
+                                       eager_sharding=False)
         if cfg.num_shared_experts:  # one FFN as wide as all shared experts together
             shared_ff = cfg.num_shared_experts * d_ff
             self.shared_in = nnx.Param(
@@ -251,6 +284,9 @@ class MoE(nnx.Module):
         return_ids: aux gains "expert_ids", [B, S, k] int32, each token's experts before
         capacity drops (E for padding); off, the program computes nothing for it."""
         cfg, mesh = self.cfg, self.mesh
+        # A bare name takes its parameter from the config (clamped_swiglu: swiglu_limit).
+        activation = (self.activation if isinstance(self.activation, Activation) else
+                      Activation(self.activation, cfg.swiglu_limit))
         if (forced is not None or return_ids) and cfg.routing == "experts":
             raise ValueError("model.routing='experts': expert choice is non-causal, a token's "
                              "experts depend on later tokens; recording or replaying routing "
@@ -268,7 +304,8 @@ class MoE(nnx.Module):
         # Weight-only quantized (generate, params.quantize_experts): a QArray, int8 / int4 values
         # and scales, each laid out by the weight's dims and dequantized once gathered.
         experts = {name: getattr(self, name).get_value().astype(self.dtype)
-                   for name in ("w_in", "w_out")}
+                   for name in EXPERT_ARRAYS if hasattr(self, name)}
+        logit_bias = self.router_logit_bias[...] if cfg.moe_bias else None
         sharded = mesh is not None
         def layout(name, w):  # a PartitionSpec per array of the weight (values, scales)
             names = parallel.names_of(getattr(self, name))
@@ -278,7 +315,7 @@ class MoE(nnx.Module):
         tensor_split = sharded and "tensor" in jax.tree.leaves(specs["w_out"])[0]
         x = x.astype(self.dtype)
 
-        def local(x, noise, router_w, bias, experts, real, forced):
+        def local(x, noise, router_w, bias, logit_bias, experts, real, forced):
             def grouped(a):  # [B_local, S, d] -> [groups here, tokens per group, d]
                 return None if a is None else a.reshape(num_groups // shards, -1, a.shape[-1])
 
@@ -291,12 +328,20 @@ class MoE(nnx.Module):
             experts = {name: qwix.dequantize(w) if isinstance(w, qwix.QArray) else w
                        for name, w in experts.items()}
             experts["w_in"] = flat_in(experts["w_in"])
+            if "in_bias" in experts:
+                experts["in_bias"] = flat_in(experts["in_bias"])
+            if tensor_split and "out_bias" in experts:
+                # Each tensor rank's expert outputs are partial sums over its columns of w_out,
+                # added up below: one rank adds the bias, so the sum holds it once (added on
+                # every rank it would count `tensor` times: torchtitan #4245).
+                experts["out_bias"] = jnp.where(jax.lax.axis_index("tensor") == 0,
+                                                experts["out_bias"], 0)
             y, aux, ids = moe_ffn(
-                grouped(x), router_w, experts, cfg, train=train, activation=self.activation,
+                grouped(x), router_w, experts, cfg, train=train, activation=activation,
                 bias=bias, noise=grouped(noise), expert_axis=EXPERT_AXIS if sharded else None,
                 token_axes=TOKEN_SHARD_AXES if sharded else (),
                 real=None if real is None else real.reshape(num_groups // shards, -1),
-                forced=grouped(forced))
+                forced=grouped(forced), logit_bias=logit_bias)
             if tensor_split:  # each holds part of every hidden layer
                 y = jax.lax.psum(y, "tensor")
             ids = ids.reshape(*x.shape[:-1], -1) if return_ids else None
@@ -307,18 +352,19 @@ class MoE(nnx.Module):
             local = jax.shard_map(
                 local, mesh=mesh,
                 in_specs=(tokens, None if noise is None else tokens, P(),
-                          None if bias is None else P(), specs,
+                          None if bias is None else P(), None if logit_bias is None else P(),
+                          specs,
                           None if real is None else tokens,
                           None if forced is None else tokens),
                 out_specs=(tokens, P(), tokens if return_ids else None))
-        y, aux, ids = local(x, noise, self.router[...], bias, experts, real, forced)
+        y, aux, ids = local(x, noise, self.router[...], bias, logit_bias, experts, real, forced)
         if return_ids:
             aux["expert_ids"] = ids
         y = checkpoint_name(y, "moe_out")
         if cfg.num_shared_experts:  # experts too: quantized with the routed ones
             w_in, w_out = self.shared_in[...].astype(self.dtype), self.shared_out[...]
             shared = ffn(x.reshape(-1, x.shape[-1]), w_in, w_out.astype(self.dtype),
-                         self.activation, QTYPES[cfg.quantization]).reshape(x.shape)
+                         activation, QTYPES[cfg.quantization]).reshape(x.shape)
             if cfg.shared_gate:
                 shared = shared * jax.nn.sigmoid(x @ self.shared_gate[...].astype(self.dtype))
             y = y + shared

@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 from moejax.moe import quant
-from moejax.moe.layer import ExpertParam
+from moejax.moe.layer import ExpertBias, ExpertParam
 from moejax.run import state
 
 
@@ -85,11 +85,12 @@ def adam_moments(opt_state) -> tuple:
 
 def split_experts(params) -> tuple[list, list]:
     """(routed expert weights as (value, index of the input dim), every other leaf). An
-    ExpertParam's dims end in ('experts', input, ...), stacked layer dims ahead of them."""
+    ExpertParam's dims end in ('experts', input, ...), stacked layer dims ahead of them; an
+    ExpertBias is no weight (never quantized)."""
     experts, other = [], []
     for v in jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable)):
         value = v.get_value() if isinstance(v, nnx.Variable) else v
-        if isinstance(v, ExpertParam):
+        if isinstance(v, ExpertParam) and not isinstance(v, ExpertBias):
             names = v.get_metadata().get("out_sharding")
             experts.append((value, len(value.shape) - len(names) + 1))
         else:
@@ -173,6 +174,8 @@ def quantize_experts(model, name: str) -> str:
     before = total(), experts()
     # Along each weight's input dim; the MoE layer dequantizes them after gathering its shards.
     for _, v in nnx.to_flat_state(nnx.state(model, ExpertParam)):
+        if isinstance(v, ExpertBias):  # biases stay in float
+            continue
         names = v.get_metadata()["out_sharding"]
         v.set_value(quant.quantize_weight(v.get_value(), name, -(len(names) - 1)))
     after = total(), experts()

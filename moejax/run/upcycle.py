@@ -15,7 +15,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moejax.config_lib import ConfigError
 from moejax.run.checkpoint import path_name, restore_params, run_checkpoints, shapes
 
-FRESH = ("router", "router_bias", "shared_in", "shared_out", "shared_gate")
+# The MoE layer's own weights (a dense FFN has none), fresh; attn.out_bias is the dense run's.
+FRESH = ("router", "router_bias", "shared_in", "shared_out", "shared_gate",
+         "router_logit_bias", "ffn.in_bias", "ffn.out_bias")
 KEY = "train.init_from"
 
 
@@ -27,7 +29,7 @@ def plan(dense: dict, moe: dict) -> dict:
     how = {}
     for name, shape in moe.items():
         last = name.rsplit(".", 1)[-1]
-        if last in FRESH:
+        if last in FRESH or ".".join(name.rsplit(".", 2)[-2:]) in FRESH:
             how[name] = "fresh"
         elif name not in dense:
             raise ConfigError(f"{KEY}: the dense checkpoint has no {name}; allowed: a run of "
