@@ -19,11 +19,14 @@ NAMES = sorted(p.stem for p in CONFIGS.glob("*.py"))
 # Variants a file accepts beyond those its unknown-variant error lists.
 COMBINED = {"switch_scaling": ["dense,smoke", "e2,smoke", "e4,smoke", "e8,smoke", "e16,smoke"]}
 # Smoke variants trained by the slow test; every other file's trains in the fast suite.
-SLOW_SMOKE = ["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3", "kimi_k2"]
+SLOW_SMOKE = ["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3", "kimi_k2", "glm45_air",
+              "gpt_oss_20b", "gpt_oss_120b"]
 # Architecture features a smoke variant keeps from its file's default (only sizes change).
 FEATURES = ("activation", "qk_norm", "qkv_bias", "tie_embeddings", "moe_every", "renormalize",
             "jitter_eps", "dispatch", "router_score", "routing", "bias_rate",
-            "num_shared_experts", "shared_gate", "attention", "mtp_layers", "rope_scaling")
+            "num_shared_experts", "shared_gate", "attention", "mtp_layers", "rope_scaling",
+            "rope_fraction", "rope_truncate", "full_attention_every", "attention_sinks",
+            "out_bias", "moe_bias", "swiglu_limit")
 
 
 @functools.cache
@@ -201,3 +204,14 @@ def test_smoke_variants_train(name, tmp_path):
 @pytest.mark.parametrize("name", SLOW_SMOKE)
 def test_real_model_smoke_variants_train(name, tmp_path):
     train_smoke(name, str(tmp_path))
+
+
+@pytest.mark.parametrize("name,total,active", [
+    ("gpt_oss_20b", 20.91e9, 3.61e9), ("gpt_oss_120b", 116.83e9, 5.13e9)])
+def test_gpt_oss_sizes_are_the_model_cards(name, total, active):
+    """OpenAI's gpt-oss model card (its table to 0.01B): total parameters, and active ones
+    counting the unembedding but not the embedding lookup; ours counts both tables as
+    active, 201,088 x 2,880 = 0.58B more."""
+    c = counts(load(name).get_config(), 201088)
+    assert abs(c["total"] - total) < 0.006e9, c
+    assert abs(c["active"] - 201088 * 2880 - active) < 0.006e9, c

@@ -21,7 +21,7 @@ from moejax.run.checkpoint import restore_params, run_checkpoints
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 NAMES = ("mixtral", "qwen3_moe_top2", "qwen3_moe_top4", "olmoe", "qwen2_moe", "mixtral_window",
-         "qwen3_moe_window")
+         "qwen3_moe_window", "glm4_moe", "gpt_oss", "gpt_oss_mxfp4")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -79,12 +79,16 @@ def tensors(folder):
     return out
 
 
-@pytest.mark.parametrize("name", ["mixtral", "olmoe", "qwen2_moe"])
-def test_round_trip_is_byte_identical(converted, name, tmp_path):
+# gpt_oss_mxfp4: its experts' MXFP4 values are bfloat16 values, and the fixture holds the
+# model of gpt_oss, so its bfloat16 export is gpt_oss's files tensor for tensor.
+@pytest.mark.parametrize("name,ref", [("mixtral", "mixtral"), ("olmoe", "olmoe"),
+                                      ("qwen2_moe", "qwen2_moe"), ("glm4_moe", "glm4_moe"),
+                                      ("gpt_oss", "gpt_oss"), ("gpt_oss_mxfp4", "gpt_oss")])
+def test_round_trip_is_byte_identical(converted, name, ref, tmp_path):
     out = str(tmp_path / "out")
     files = convert.to_hf(converted[name], out, shard_gib=60_000 / 2**30)  # ~60 kB files
     assert len(files) > 1 and os.path.exists(os.path.join(out, "model.safetensors.index.json"))
-    ref, got = tensors(os.path.join(FIXTURES, name)), tensors(out)
+    ref, got = tensors(os.path.join(FIXTURES, ref)), tensors(out)
     assert got.keys() == ref.keys()
     for k in ref:
         assert (got[k].dtype, got[k].shape) == (ref[k].dtype, ref[k].shape), k

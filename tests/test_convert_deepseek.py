@@ -199,8 +199,6 @@ def test_released_and_kimi_configs_read():
     (dict(topk_method="greedy"), "topk_method='greedy'.*allowed: noaux_tc"),
     (dict(rope_scaling={"type": "longrope", "factor": 4.0}),
      "rope_scaling.rope_type='longrope'.*allowed: default or yarn"),
-    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
-                        "truncate": False}), "truncate=False.*allowed: true"),
     (dict(attention_bias=True), "attention_bias=True.*allowed: false"),
     (dict(num_key_value_heads=2), "num_key_value_heads=2.*allowed: 4"),
     (dict(moe_layer_freq=2), "moe_layer_freq=2"),

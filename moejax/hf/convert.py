@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 from moejax import config_lib, parallel
 from moejax.config_lib import ConfigError, first_line
-from moejax.hf import compressed
+from moejax.hf import compressed, mxfp4
 from moejax.hf.fields import OWN_BIAS, ROUTER_FILE, ROUTER_JSON
 from moejax.hf.files import (
     FLOATS,
@@ -119,6 +119,8 @@ def from_hf(src: str, workdir: str, mesh: dict | None = None) -> str:
     qc = hf.get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") == "fp8":  # DeepSeek's block FP8
         tensors = BlockFP8(tensors, qc)
+    elif isinstance(qc, dict) and qc.get("quant_method") == "mxfp4":  # gpt-oss's experts
+        tensors = mxfp4.Dequantized(tensors, qc)
     elif "quantization_config" in hf:  # compressed-tensors: dequantized as it is read
         tensors = compressed.Dequantized(tensors, qc)
     mesh = parallel.make_mesh(sizes)
@@ -300,7 +302,11 @@ def to_hf(workdir: str, out: str, dtype: str | None = None, shard_gib: float = 4
     config = config_lib.run_config(workdir)
     saved_path = os.path.join(workdir, "hf", "config.json")
     saved = read_json(saved_path) if os.path.exists(saved_path) else None
-    dtype = dtype or (saved or {}).get("dtype") or (saved or {}).get("torch_dtype") or "float32"
+    # A quantized release without a dtype (gpt-oss's MXFP4) keeps its other weights in
+    # bfloat16, which holds its dequantized experts exactly.
+    given = (saved or {}).get("dtype") or (saved or {}).get("torch_dtype")
+    dtype = dtype or given or ("bfloat16" if "quantization_config" in (saved or {}) else
+                               "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"{saved_path}: dtype={dtype!r}: unknown; allowed: --dtype float32, "
                           "bfloat16 or float16")

@@ -6,13 +6,14 @@ maps.py's."""
 from moejax.config_lib import ConfigError
 from moejax.hf.fields import (
     DEEPSEEK,
-    REQUIRED,
     flag,
     integer,
     needs,
     real,
     rope_of,
+    rope_parameters,
     rope_theta,
+    yarn_keys,
 )
 
 
@@ -41,31 +42,7 @@ def deepseek_config(hf: dict) -> dict:
     if real(rope, "partial_rotary_factor", 1.0, label=f"{rope_key}.partial_rotary_factor") != 1:
         refuse(f"{rope_key}.partial_rotary_factor", rope["partial_rotary_factor"], "1")
     max_len = integer(hf, "max_position_embeddings", 4096)
-    yarn = {}
-    if kind == "yarn":
-        original = integer(rope, "original_max_position_embeddings", REQUIRED)
-        factor = real(rope, "factor", max_len / original, label=f"{rope_key}.factor")
-        if factor < 1:
-            refuse(f"{rope_key}.factor", rope.get("factor"), ">= 1")
-        if rope.get("truncate", True) is not True:
-            refuse(f"{rope_key}.truncate", rope["truncate"], "true (the default)")
-        # transformers reads `beta_fast or 32`, `beta_slow or 1`: a 0 is the default
-        fast = real(rope, "beta_fast", 0.0, positive=False, label=f"{rope_key}.beta_fast") or 32.0
-        slow = real(rope, "beta_slow", 0.0, positive=False, label=f"{rope_key}.beta_slow") or 1.0
-        mscale = real(rope, "mscale", 0.0, positive=False, label=f"{rope_key}.mscale")
-        all_dim = real(rope, "mscale_all_dim", 0.0, positive=False,
-                       label=f"{rope_key}.mscale_all_dim")
-        if rope.get("attention_factor") is not None:
-            from moejax.model.layers import Rope
-
-            ours = Rope(1.0, "yarn", factor, original, fast, slow, mscale,
-                        all_dim).attention_factor()
-            if real(rope, "attention_factor", None, label=f"{rope_key}.attention_factor") != ours:
-                refuse(f"{rope_key}.attention_factor", rope["attention_factor"],
-                       f"null or {ours!r} (what factor, mscale and mscale_all_dim give)")
-        yarn = dict(rope_scaling="yarn", rope_factor=factor, rope_original_max_len=original,
-                    rope_beta_fast=fast, rope_beta_slow=slow, rope_mscale=mscale,
-                    rope_mscale_all_dim=all_dim)
+    yarn = yarn_keys(rope_key, rope, max_len, refuse) if kind == "yarn" else {}
     flag(hf, "rope_interleave", True)  # read by weight_map: checked here
     hidden, heads = integer(hf, "hidden_size", 7168), integer(hf, "num_attention_heads", 128)
     if integer(hf, "num_key_value_heads", heads) != heads:  # transformers' MLA needs as many
@@ -122,13 +99,7 @@ def deepseek_hf_config(m, dtype: str, saved: dict | None) -> dict:
     for key in ("auto_map", "rope_scaling", "quantization_config", "num_experts",
                 "num_local_experts"):
         out.pop(key, None)
-    rope = {"rope_type": "default", "rope_theta": m.rope_theta}
-    if m.rope_scaling == "yarn":
-        rope.update(rope_type="yarn", factor=m.rope_factor,
-                    original_max_position_embeddings=m.rope_original_max_len or m.max_seq_len,
-                    beta_fast=m.rope_beta_fast, beta_slow=m.rope_beta_slow)
-        rope.update({k: v for k, v in (("mscale", m.rope_mscale),
-                                       ("mscale_all_dim", m.rope_mscale_all_dim)) if v})
+    rope = rope_parameters(m)
     nope, rope_dim = m.qk_nope_head_dim, m.qk_rope_head_dim
     out.update(
         architectures=[name], model_type="deepseek_v3", vocab_size=m.vocab_size,

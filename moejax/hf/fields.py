@@ -25,8 +25,16 @@ ARCHS = {
                                 "none"),
     "DeepseekV3ForCausalLM": Arch("deepseek_v3", "mlp", ("gate_proj", "up_proj", "down_proj"),
                                   "none"),
+    # GLM-4.5 / 4.5-Air; qk_norm is config.json's use_qk_norm (glm.py), "head" where true
+    "Glm4MoeForCausalLM": Arch("glm4_moe", "mlp", ("gate_proj", "up_proj", "down_proj"),
+                               "none"),
+    # gpt-oss: its experts fused, all of a layer's in one tensor (gpt_oss.py names them)
+    "GptOssForCausalLM": Arch("gpt_oss", "mlp", ("gate_up_proj", "gate_up_proj", "down_proj"),
+                              "none"),
 }
 DEEPSEEK = "DeepseekV3ForCausalLM"
+GPT_OSS = "GptOssForCausalLM"
+GLM = "Glm4MoeForCausalLM"
 # Router state an architecture has no tensor or config.json key for travels beside the model
 # files, in files transformers does not read: the selection bias of auxiliary-loss-free
 # balancing as model.layers.{i}.<moe>.gate.moejax_bias (ROUTER_FILE), and the model keys that
@@ -126,6 +134,47 @@ def rope_theta(hf: dict, rope_key: str, rope: dict) -> float:
                           f"{rope_key}.rope_theta={rope['rope_theta']!r}; allowed: one of them, "
                           "or both the same")
     return theta or inner or 10_000.0
+
+
+def yarn_keys(rope_key: str, rope: dict, max_len: int, refuse) -> dict:
+    """The model's rope_* keys for YaRN parameters `rope` (rope_of's, from `rope_key`), read
+    as transformers' _compute_yarn_parameters reads them; refuse(key, value, allowed)."""
+    def number(key, default):
+        return real(rope, key, default, positive=False, label=f"{rope_key}.{key}")
+
+    original = integer(rope, "original_max_position_embeddings", REQUIRED)
+    factor = real(rope, "factor", max_len / original, label=f"{rope_key}.factor")
+    if factor < 1:
+        refuse(f"{rope_key}.factor", rope.get("factor"), ">= 1")
+    # transformers reads `beta_fast or 32`, `beta_slow or 1`: a 0 is the default
+    fast, slow = number("beta_fast", 0.0) or 32.0, number("beta_slow", 0.0) or 1.0
+    mscale, all_dim = number("mscale", 0.0), number("mscale_all_dim", 0.0)
+    truncate = flag(rope, "truncate", True)
+    if rope.get("attention_factor") is not None:
+        from moejax.model.layers import Rope
+
+        ours = Rope(1.0, "yarn", factor, original, fast, slow, mscale, all_dim,
+                    truncate).attention_factor()
+        if real(rope, "attention_factor", None, label=f"{rope_key}.attention_factor") != ours:
+            refuse(f"{rope_key}.attention_factor", rope["attention_factor"],
+                   f"null or {ours!r} (what factor, mscale and mscale_all_dim give)")
+    return dict(rope_scaling="yarn", rope_factor=factor, rope_original_max_len=original,
+                rope_beta_fast=fast, rope_beta_slow=slow, rope_mscale=mscale,
+                rope_mscale_all_dim=all_dim, rope_truncate=truncate)
+
+
+def rope_parameters(m) -> dict:
+    """config.json's rope_parameters for model config `m`: yarn_keys read back."""
+    rope = {"rope_type": "default", "rope_theta": m.rope_theta}
+    if m.get("rope_scaling", "none") == "yarn":
+        rope.update(rope_type="yarn", factor=m.rope_factor,
+                    original_max_position_embeddings=m.rope_original_max_len or m.max_seq_len,
+                    beta_fast=m.rope_beta_fast, beta_slow=m.rope_beta_slow)
+        rope.update({k: v for k, v in (("mscale", m.rope_mscale),
+                                       ("mscale_all_dim", m.rope_mscale_all_dim)) if v})
+        if not m.get("rope_truncate", True):
+            rope["truncate"] = False
+    return rope
 
 
 def needs(name: str):

@@ -12,6 +12,10 @@ to moejax's halves (i, i + r/2) where rope_interleave is true, which changes no 
 routing with the correction bias, groups, dense first layers, shared experts, and the
 multi-token prediction layers model.layers.{L + k}.* <-> mtp.k.* (their embed_tokens and
 shared_head.head are copies of the model's: COPIES).
+
+Glm4MoeForCausalLM (GLM-4.5, GLM-4.5-Air): grouped-query attention with partial rotary
+(glm.py reads its config.json), DeepSeek-V3's names for the router bias, shared experts and
+MTP layers.
 """
 
 import jax
@@ -23,6 +27,8 @@ from moejax.hf.fields import (  # noqa: F401  (FLOAT32: convert.py reads it here
     ARCHS,
     DEEPSEEK,
     FLOAT32,
+    GLM,
+    GPT_OSS,
     OWN_BIAS,
     Arch,
     arch_of,
@@ -33,6 +39,8 @@ from moejax.hf.fields import (  # noqa: F401  (FLOAT32: convert.py reads it here
     rope_of,
     rope_theta,
 )
+from moejax.hf.glm import glm_config, glm_hf_config
+from moejax.hf.gpt_oss import gpt_oss_config, gpt_oss_hf_config, tensors as gpt_oss_tensors
 from moejax.model.transformer import layer_stacks
 from moejax.run.checkpoint import path_name
 
@@ -45,6 +53,10 @@ def model_config(hf: dict) -> dict:
     arch = ARCHS[name]
     if name == DEEPSEEK:
         return deepseek_config(hf)
+    if name == GLM:
+        return glm_config(hf)
+    if name == GPT_OSS:
+        return gpt_oss_config(hf)
 
     def refuse(key, allowed):
         raise ConfigError(f"config.json {key}={hf.get(key)!r}: not supported for {name}; "
@@ -117,6 +129,11 @@ def sliding_window(hf: dict, name: str, refuse) -> int:
             refuse("layer_types", "every layer sliding_attention, or every layer "
                    "full_attention (one window for all layers)")
     return window if name != "OlmoeForCausalLM" else 0
+
+
+# Model types naming DeepSeek-V3's router bias and shared experts (mlp.gate.
+# e_score_correction_bias, mlp.shared_experts.*)
+SIGMOID_FAMILIES = ("deepseek_v3", "glm4_moe")
 
 
 def interleave_perm(r: int) -> np.ndarray:
@@ -197,19 +214,21 @@ def block_tensors(arch: Arch, cfg, layer: int, name: str, expert: int | None,
         "attn.kv_up": ([f"{a}.kv_b_proj.weight"],
                        lambda w: w.reshape(h, n + v, -1).transpose(2, 0, 1),
                        lambda w: [w.transpose(1, 2, 0).reshape(h * (n + v), -1)]),
-        # DeepSeek-V3's own tensor; the other families have none: moejax's, in ROUTER_FILE
+        # DeepSeek-V3's and GLM's own tensor; the others have none: moejax's, in ROUTER_FILE
         "ffn.router_bias": ([f"{p}.mlp.gate.e_score_correction_bias"
-                             if arch.model_type == "deepseek_v3" else
+                             if arch.model_type in SIGMOID_FAMILIES else
                              f"{p}.{arch.moe}.gate{OWN_BIAS}"], None, None),
     })
     if cfg.get("attention") == "mla":
         table["attn.q"] = ([f"{a}.q_proj.weight"], query, unquery)
         table["attn.out"] = ([f"{a}.o_proj.weight"], lambda w: w.T.reshape(h, v, d),
                              lambda w: [w.reshape(h * v, d).T])
-    shared = ffn(f"{p}.mlp.shared_experts" if arch.model_type == "deepseek_v3" else
+    shared = ffn(f"{p}.mlp.shared_experts" if arch.model_type in SIGMOID_FAMILIES else
                  f"{p}.mlp.shared_expert")
     table.update({"ffn.shared_in": shared["ffn.w_in"], "ffn.shared_out": shared["ffn.w_out"]})
     table.update(ffn(f"{p}.{arch.moe}.experts.{expert}" if expert is not None else f"{p}.mlp"))
+    if arch.model_type == "gpt_oss":
+        table.update(gpt_oss_tensors(p, cfg.d_ff))
     names, ours, theirs = table[name]
     return names, ours or (lambda w: w), theirs or (lambda w: [w])
 
@@ -280,7 +299,9 @@ def weight_map(arch: Arch, cfg, abstract_params, hf: dict | None = None):
         _, s, _, j, local = name.split(".", 4)  # stacks.S.blocks.J.local
         start, period = firsts[int(s)]
         # [L, E, d, 2, f] and [L, E, f, d] are experts; a dense FFN's lack the E axis.
-        expert = a.ndim == {"ffn.w_in": 5, "ffn.w_out": 4}.get(local)
+        # gpt-oss's come whole: a layer's experts in one tensor.
+        expert = a.ndim == {"ffn.w_in": 5, "ffn.w_out": 4}.get(local) and arch.model_type != (
+            "gpt_oss")
         lead = a.shape[:2] if expert else a.shape[:1]
 
         def part(r, e=None, start=start, period=period, j=int(j), local=local):
@@ -296,6 +317,10 @@ def hf_config(config, dtype: str, saved: dict | None) -> dict:
     m = config.model
     if m.get("attention", "gqa") == "mla":
         return deepseek_hf_config(m, dtype, saved)
+    if (m.router_score == "sigmoid" and m.num_shared_experts) or m.get("rope_fraction", 1) != 1:
+        return glm_hf_config(m, dtype, saved)
+    if m.get("attention_sinks") or m.get("moe_bias") or m.get("full_attention_every"):
+        return gpt_oss_hf_config(m, dtype, saved)
     if m.num_shared_experts:
         name = "Qwen2MoeForCausalLM"
     elif m.qk_norm == "head":
@@ -325,7 +350,7 @@ def hf_config(config, dtype: str, saved: dict | None) -> dict:
     need(m.renormalize or name != "MixtralForCausalLM", "renormalize", m.renormalize,
          "True for Mixtral (a model without qk_norm)")
     need(m.get("mtp_layers", 0) == 0, "mtp_layers", m.get("mtp_layers"),
-         "0 (multi-token prediction: attention=mla, DeepseekV3ForCausalLM)")
+         "0 (multi-token prediction: DeepseekV3ForCausalLM or Glm4MoeForCausalLM)")
     window = m.get("sliding_window", 0)
     need(not window or name != "OlmoeForCausalLM", "sliding_window", window,
          "0 for OLMoE (qk_norm=all), which has no window")
