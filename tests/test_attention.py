@@ -13,17 +13,26 @@ from moejax.model import kernels
 H, HD = 4, 16
 
 
-def numpy_attention(q, k, v, dy, segments=None):
+def visible(seq: int, window: int = 0, segments=None) -> np.ndarray:
+    """[S, S] bool, written from the definition (transformers' sliding_window_causal_mask:
+    kv <= q and kv > q - W; W = 0: no window), one pair at a time, within documents."""
+    out = np.zeros((seq, seq), bool)
+    for i in range(seq):
+        for j in range(seq):
+            out[i, j] = j <= i and (window == 0 or j > i - window) and (
+                segments is None or segments[i] == segments[j])
+    return out
+
+
+def numpy_attention(q, k, v, dy, segments=None, window=0):
     """Causal grouped-query attention and its vjp, one (example, head) at a time:
     q, dy [B, S, H, hd], k, v [B, S, KV, hd] -> y, dq, dk, dv. With segments [B, S] a query
-    sees only the keys of its own document."""
+    sees only the keys of its own document, with `window` W only the W most recent."""
     q, k, v, dy = (np.asarray(a, np.float64) for a in (q, k, v, dy))
     y, dq, dk, dv = (np.zeros_like(a) for a in (q, q, k, v))
     group, scale = q.shape[2] // k.shape[2], q.shape[3] ** -0.5
-    above = np.triu(np.ones((q.shape[1],) * 2, bool), 1)
     for b in range(q.shape[0]):
-        hidden = above if segments is None else above | (
-            segments[b][:, None] != segments[b][None, :])
+        hidden = ~visible(q.shape[1], window, None if segments is None else segments[b])
         for h in range(q.shape[2]):
             g = h // group  # the kv head this query head shares
             s = np.where(hidden, -np.inf, q[b, :, h] @ k[b, :, g].T * scale)

@@ -15,6 +15,7 @@ from configs import tiny
 from moejax import parallel
 from moejax.model.transformer import layer_stacks, layer_window
 from moejax.run import state
+from tests.test_window import decoded
 
 SEQ = 12
 
@@ -113,14 +114,7 @@ def test_sinks_biases_and_alternating_windows_decode_as_the_forward():
     model = nnx.merge(setup.graphdef, params)
     tokens = jax.random.randint(jax.random.key(4), (2, SEQ), 0, 97)
     want = np.asarray(nnx.jit(lambda m, t: m(t, train=False)[0])(model, tokens))
-    decode = nnx.jit(lambda m, t, s, cache: m.decode(t, s, cache))
-    cache = model.init_cache(2, 16)
-    logits, cache = decode(model, tokens[:, :4], jnp.zeros(2, jnp.int32), cache)
-    got = [logits]
-    for i in range(4, SEQ):
-        logits, cache = decode(model, tokens[:, i:i + 1], jnp.full(2, i, jnp.int32), cache)
-        got.append(logits)
-    np.testing.assert_allclose(np.concatenate(got, 1), want, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(decoded(model, tokens, 4, 16), want, atol=2e-5, rtol=0)
     for name in ("sinks", "out_bias"):
         moved = jax.tree.map(lambda x: x, params)
         for block in moved["stacks"][0]["blocks"].values():

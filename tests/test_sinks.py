@@ -11,8 +11,8 @@ import pytest
 
 from moejax import parallel
 from moejax.model import kernels, xla_attention
-from tests.test_attention import documents
-from tests.test_window import H, inputs, visible
+from tests.test_attention import documents, visible
+from tests.test_window import H, inputs
 
 
 def numpy_sinks(q, k, v, sinks, dy, seen):

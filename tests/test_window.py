@@ -16,42 +16,9 @@ from moejax import config_lib, parallel
 from moejax.config_lib import ConfigError
 from moejax.model import context, kernels, xla_attention
 from moejax.run import state
-from tests.test_attention import documents
+from tests.test_attention import documents, numpy_attention, visible
 
 H, HD = 4, 8
-
-
-def visible(seq: int, window: int, segments=None) -> np.ndarray:
-    """[S, S] bool, written from the definition (transformers' sliding_window_causal_mask:
-    kv <= q and kv > q - W), one pair at a time."""
-    out = np.zeros((seq, seq), bool)
-    for i in range(seq):
-        for j in range(seq):
-            out[i, j] = j <= i and (window == 0 or j > i - window) and (
-                segments is None or segments[i] == segments[j])
-    return out
-
-
-def numpy_attention(q, k, v, dy, window, segments=None):
-    """Grouped-query attention under `visible` and its vjp, one (example, head) at a time:
-    q, dy [B, S, H, hd], k, v [B, S, KV, hd] -> y, dq, dk, dv in float64."""
-    q, k, v, dy = (np.asarray(a, np.float64) for a in (q, k, v, dy))
-    y, dq, dk, dv = (np.zeros_like(a) for a in (q, q, k, v))
-    group, scale = q.shape[2] // k.shape[2], q.shape[3] ** -0.5
-    for b in range(q.shape[0]):
-        seen = visible(q.shape[1], window, None if segments is None else segments[b])
-        for h in range(q.shape[2]):
-            g = h // group
-            s = np.where(seen, q[b, :, h] @ k[b, :, g].T * scale, -np.inf)
-            p = np.exp(s - s.max(-1, keepdims=True))
-            p /= p.sum(-1, keepdims=True)
-            y[b, :, h] = p @ v[b, :, g]
-            dp = dy[b, :, h] @ v[b, :, g].T
-            ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-            dq[b, :, h] = ds @ k[b, :, g] * scale
-            dk[b, :, g] += ds.T @ q[b, :, h] * scale
-            dv[b, :, g] += p.T @ dy[b, :, h]
-    return y, dq, dk, dv
 
 
 def inputs(batch, seq, kv=2, dtype=jnp.float32):
@@ -66,7 +33,7 @@ def check(fn, window, segments=None, batch=2, seq=40, tol=1e-5):
     q, k, v, dy = inputs(batch, seq)
     seg = None if segments is None else jnp.asarray(segments)
     y, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, seg), q, k, v)
-    want = numpy_attention(q, k, v, dy, window, segments)
+    want = numpy_attention(q, k, v, dy, segments, window)
     for name, a, b in zip("y dq dk dv".split(), (y, *vjp(dy)), want, strict=True):
         np.testing.assert_allclose(np.asarray(a), b, rtol=tol, atol=tol, err_msg=name)
 
@@ -199,20 +166,26 @@ def test_model_sees_only_its_receptive_field():
     assert (np.abs(full[0] - full[1]).max(-1)[:, 8:] > 1e-3).all()
 
 
+def decoded(m, t, prefill: int, cache_len: int) -> np.ndarray:
+    """The logits of tokens t [B, S] from m's cache: a prefill of `prefill`, then one token
+    at a time."""
+    decode = nnx.jit(lambda m, t, s, c: m.decode(t, s, c))
+    cache = m.init_cache(t.shape[0], cache_len)
+    logits, cache = decode(m, t[:, :prefill], jnp.zeros(t.shape[0], jnp.int32), cache)
+    got = [logits]
+    for i in range(prefill, t.shape[1]):
+        logits, cache = decode(m, t[:, i:i + 1], jnp.full(t.shape[0], i, jnp.int32), cache)
+        got.append(logits)
+    return np.concatenate(got, 1)
+
+
 def test_decode_matches_full_forward_past_the_window():
     """A prefill of 6 (> W) and then one token at a time to 24 positions, into a cache of 32
     that stays full length: every logit as the full windowed forward's, which differ from the
     unwindowed model's (so a decode that ignored the window would fail here)."""
     m, t = model(WINDOW), tokens(1)
     want = np.asarray(forward()(m, t))
-    decode = nnx.jit(lambda m, t, s, c: m.decode(t, s, c))
-    cache = m.init_cache(2, 32)
-    logits, cache = decode(m, t[:, :6], jnp.zeros(2, jnp.int32), cache)
-    got = [logits]
-    for i in range(6, SEQ):
-        logits, cache = decode(m, t[:, i:i + 1], jnp.full(2, i, jnp.int32), cache)
-        got.append(logits)
-    np.testing.assert_allclose(np.concatenate(got, 1), want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(decoded(m, t, 6, 32), want, atol=1e-5, rtol=0)
     assert np.abs(want[:, 8:] - np.asarray(forward()(model(0), t))[:, 8:]).max() > 1e-3
 
 
