@@ -160,16 +160,18 @@ def on_device(path, monkeypatch):
     return {"capacity_portable": "capacity", "dropless_ragged": "dropless"}.get(path, path)
 
 
-LAYOUTS = [  # (path, quantization, (data, fsdp, expert, tensor))
-    ("capacity", "none", (2, 1, 4, 1)),  # expert
+SLOW = pytest.mark.slow
+LAYOUTS = [  # (path, quantization, (data, fsdp, expert, tensor)); the fast suite runs two
+    pytest.param("capacity", "none", (2, 1, 4, 1), marks=SLOW),  # expert
     ("capacity", "none", (1, 2, 2, 2)),  # fsdp x expert x tensor
-    ("capacity_portable", "none", (1, 4, 2, 1)),  # fsdp x expert
-    ("dropless", "none", (1, 2, 1, 4)),  # fsdp x tensor (sorted rows, all experts here)
-    ("dropless_ring", "none", (1, 1, 8, 1)),  # expert
+    pytest.param("capacity_portable", "none", (1, 4, 2, 1), marks=SLOW),  # fsdp x expert
+    # fsdp x tensor (sorted rows, all experts here)
+    pytest.param("dropless", "none", (1, 2, 1, 4), marks=SLOW),
+    pytest.param("dropless_ring", "none", (1, 1, 8, 1), marks=SLOW),  # expert
     ("dropless_ragged", "none", (2, 1, 2, 2)),  # data x expert x tensor
     # Qwix QAT, where `tensor` would scale each rank's hidden units alone (test_quant.py)
-    ("dropless_ragged", "int8", (2, 1, 4, 1)),  # data x expert
-    ("capacity", "int8", (1, 2, 4, 1)),  # fsdp x expert
+    pytest.param("dropless_ragged", "int8", (2, 1, 4, 1), marks=SLOW),  # data x expert
+    pytest.param("capacity", "int8", (1, 2, 4, 1), marks=SLOW),  # fsdp x expert
 ]
 _ONE_DEVICE = {}
 
