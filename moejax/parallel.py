@@ -115,6 +115,8 @@ def variable_shardings(tree, mesh: Mesh):
     def layout(x):
         if not isinstance(x, nnx.Variable):
             return NamedSharding(mesh, P())
+        if not hasattr(x.get_value(), "shape"):  # optax.MaskedNode: another partition's leaf
+            return x
         return x.replace(NamedSharding(mesh, spec(names_of(x), x.shape, mesh)))
 
     return jax.tree.map(layout, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

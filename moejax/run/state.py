@@ -18,39 +18,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax import parallel
-from moejax.model.layers import DTYPES
 from moejax.model.transformer import Transformer
 from moejax.moe import router
 from moejax.run import health
 from moejax.run.checkpoint import path_name
-
-
-def make_optimizer(tc):
-    if tc.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup_steps, tc.steps,
-                                                tc.lr * tc.min_lr_ratio)
-    else:  # rsqrt: linear warmup, then lr * sqrt(warmup / step)
-        def lr(step):
-            step = jnp.maximum(step, 1)
-            return tc.lr * jnp.minimum(step / tc.warmup_steps,
-                                       jnp.sqrt(tc.warmup_steps / step))
-    def decay_mask(params):  # weight matrices only: no decay on norm scales and biases
-        def decays(path, v):
-            last = path_name(path).rsplit(".", 1)[-1]
-            return v.replace(len(parallel.names_of(v)) >= 2
-                             and not last.endswith(("scale", "bias")))
-
-        return jax.tree_util.tree_map_with_path(decays, params,
-                                                is_leaf=lambda v: isinstance(v, nnx.Variable))
-
-    # optax.adamw can store the first moment in another dtype (mu_dtype), not the second:
-    # nu stays in the parameters' dtype (float32 by default). That is where it must be: a
-    # step moves nu by about (1 - b2) of itself, which bfloat16's 8 significant bits round
-    # away for b2 near 1, while mu moves by (1 - b1) = 0.1.
-    tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                     optax.adamw(lr, tc.b1, tc.b2, mu_dtype=DTYPES[tc.moment_dtype],
-                                 weight_decay=tc.weight_decay, mask=decay_mask))
-    return tx, lr
+from moejax.run.optim import make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
