@@ -119,6 +119,10 @@ def get_config(arg=None):
             b1=0.9,
             b2=0.95,
             moment_dtype="float32",
+            optimizer="adamw",  # adamw | muon
+            muon_lr_scale="consistent_rms",
+            qk_clip=0.0,  # MuonClip's logit threshold; 0 = off
+            offload_optimizer=False,
             grad_clip=1.0,
             grad_accum=1,
             balance_coef=1e-4,  # small: the bias does the balancing (DeepSeek-V3: 1e-4)

@@ -130,10 +130,24 @@ def get_config(arg=None):
             schedule="cosine",  # cosine | rsqrt
             warmup_steps=50,  # 0 = none (cosine only: rsqrt divides by it)
             min_lr_ratio=0.1,
-            weight_decay=0.1,  # AdamW's, decoupled; 0 = off
+            weight_decay=0.1,  # decoupled (AdamW's, Muon's alike); 0 = off
             b1=0.9,
             b2=0.95,
-            moment_dtype="float32",  # AdamW's first moment: float32 | bfloat16
+            moment_dtype="float32",  # the first moment (AdamW's, Muon's): float32 | bfloat16
+            # adamw | muon: Muon on the hidden matrices (attention, FFN, experts), AdamW on
+            # embeddings, unembedding, norms, routers, sinks and biases (moejax/run/optim.py)
+            optimizer="adamw",
+            # Muon's update x: consistent_rms (0.2 sqrt(max(fan_in, fan_out)), AdamW's RMS:
+            # the same lr and weight_decay serve both) | width (sqrt(max(1, fan_out/fan_in)))
+            # | none
+            muon_lr_scale="consistent_rms",
+            # MuonClip: after each step, the query and key weights of every head whose largest
+            # attention logit in the step passed this are scaled back to it (Kimi K2: 100);
+            # 0 = off
+            qk_clip=0.0,
+            # the optimizer's moments in host memory, brought to the device for the update
+            # (memory kind pinned_host on TPU and GPU; no effect on CPU)
+            offload_optimizer=False,
             grad_clip=1.0,
             grad_accum=1,  # micro-batches per step
             balance_coef=1e-2,  # the load-balancing loss's weight; 0 = off

@@ -180,6 +180,9 @@ def validate(config, num_devices: int) -> None:
           m.quantize_dense, "needs model.quantization=int8 or fp8 (it quantizes the dense "
           "matmuls too)")
     one_of("train.moment_dtype", t.moment_dtype, ("float32", "bfloat16"))
+    # run/optim.py's OPTIMIZERS and MUON_LR_SCALES (a layer above this one)
+    one_of("train.optimizer", t.optimizer, ("adamw", "muon"))
+    one_of("train.muon_lr_scale", t.muon_lr_scale, ("consistent_rms", "width", "none"))
     check(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even (rotary pairs)")
     check_latent(m)
     check_rope(m)

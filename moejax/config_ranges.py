@@ -69,6 +69,7 @@ RANGES = {
     "train.weight_decay": (">= 0", ""),
     "train.b1": ("in [0, 1)", ""),
     "train.b2": ("in [0, 1)", ""),
+    "train.qk_clip": (">= 0", "0 = off"),
     # optax.clip_by_global_norm(0) scales every gradient to zero: there is no "off" value.
     "train.grad_clip": ("> 0", "a global-norm bound; 0 would zero every update"),
     "train.grad_accum": (">= 1", ""),

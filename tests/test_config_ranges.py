@@ -92,6 +92,7 @@ EXPECT = {
     "train.weight_decay": {0: ("doc", "0 = off")},
     "train.b1": {0: ("plain", "AdamW without momentum")},
     "train.b2": {0: ("plain", "no average of squared gradients")},
+    "train.qk_clip": {0: ("doc", "0 = off")},
     "train.grad_clip": {},  # 0 would zero every update
     "train.grad_accum": {},
     "train.balance_coef": {0: ("doc", "0 = off")},

@@ -222,11 +222,19 @@ def write_error(e: BaseException) -> str | None:
     return None
 
 
-def checksums(tree) -> dict:
-    """manifest.checksums of every array of a state (or part of one), by path name."""
+def variables(tree) -> list:
+    """(path, leaf) of every array of a state, Variables whole; a Variable holding no array
+    (the optax.MaskedNode standing for a leaf the other optimizer of train.optimizer=muon
+    owns) left out."""
     flat, _ = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    return manifest_lib.checksums([(path_name(p), leaf) for p, leaf in flat])
+    return [(p, v) for p, v in flat
+            if hasattr(v.get_value() if isinstance(v, nnx.Variable) else v, "shape")]
+
+
+def checksums(tree) -> dict:
+    """manifest.checksums of every array of a state (or part of one), by path name."""
+    return manifest_lib.checksums([(path_name(p), leaf) for p, leaf in variables(tree)])
 
 
 def has_manifest(mgr: ocp.CheckpointManager, step: int) -> bool:

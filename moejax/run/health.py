@@ -21,20 +21,14 @@ import sys
 import threading
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.run.checkpoint import path_name
+from moejax.run.checkpoint import path_name, variables
 from moejax.run.manifest import expert_dims
 
 KINDS = ("parameter", "loss", "gradient", "update", "state")
-
-
-def _variables(tree):
-    return jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]
 
 
 def _reduce(v, fn):
@@ -48,14 +42,14 @@ def _reduce(v, fn):
 def finite_flags(tree) -> dict:
     """{name: bool array}: scalar per tensor, [layers..., E] per expert tensor."""
     return {path_name(p): _reduce(v, lambda x, axes: jnp.isfinite(x).all(axes))
-            for p, v in _variables(tree)}
+            for p, v in variables(tree)}
 
 
 def expert_norms(tree) -> dict:
     """{name: [layers..., E] float32}: the norm of each expert's slice of each expert tensor."""
     return {path_name(p): _reduce(v, lambda x, axes: jnp.sqrt(
                 jnp.sum(jnp.square(x.astype(jnp.float32)), axes)))
-            for p, v in _variables(tree) if expert_dims(v)}
+            for p, v in variables(tree) if expert_dims(v)}
 
 
 def first_nonfinite(flags: dict) -> str | None:

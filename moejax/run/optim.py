@@ -183,12 +183,12 @@ def make_optimizer(tc):
     # away for b2 near 1, while mu moves by (1 - b1) = 0.1.
     adamw = optax.adamw(lr, tc.b1, tc.b2, mu_dtype=DTYPES[tc.moment_dtype],
                         weight_decay=tc.weight_decay, mask=decay_mask)
-    optimizer = tc.get("optimizer", "adamw")
+    optimizer = tc.optimizer
     if optimizer == "adamw":
         return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw), lr
     if optimizer != "muon":
         raise ValueError(f"train.optimizer={optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
-    scale = tc.get("muon_lr_scale", "consistent_rms")
+    scale = tc.muon_lr_scale
     if scale not in MUON_LR_SCALES:
         raise ValueError(f"train.muon_lr_scale={scale!r}; allowed: {', '.join(MUON_LR_SCALES)}")
     # optax.contrib.muon itself would give its AdamW part Nesterov momentum and decay every

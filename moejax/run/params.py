@@ -11,25 +11,27 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from optax.contrib import MuonState
 
 from moejax.moe import quant
 from moejax.moe.layer import ExpertBias, ExpertParam
-from moejax.run import state
+from moejax.run import optim, state
 
 
 def precision(config) -> dict:
-    """The dtypes `config` trains with: the one place that reads the keys. AdamW's second
-    moment follows the parameters (optax keeps nu in their dtype); quantization (QAT) changes
-    the expert matmuls, not what is stored."""
+    """The dtypes `config` trains with: the one place that reads the keys. The first moments
+    (AdamW's, Muon's) are in the moment dtype; AdamW's second moment follows the parameters
+    (optax keeps nu in their dtype); quantization (QAT) changes the expert matmuls, not what
+    is stored."""
     mc, tc = config.model, config.train
     return {"params": mc.param_dtype, "mu": tc.moment_dtype, "nu": mc.param_dtype,
-            "compute": mc.dtype, "quantization": mc.quantization}
+            "compute": mc.dtype, "quantization": mc.quantization, "optimizer": tc.optimizer}
 
 
 def precision_line(config, train_state: dict) -> str:
     """The start-up report's line: the dtypes the state holds (mixed where the model keeps
     some leaves in float32), the compute dtype and quantization from the config."""
-    mu, nu = adam_moments(train_state["opt_state"])
+    mu, nu = first_moments(train_state["opt_state"]), adam_moments(train_state["opt_state"])[1]
     p = precision(config)
     note = quant.backend_note(p["quantization"], jax.devices()[0])
     return (f"precision: params {dtype_mix(train_state['params'])}, moments mu "
@@ -74,13 +76,21 @@ def dtype_mix(tree) -> str:
 
 
 def adam_moments(opt_state) -> tuple:
-    """AdamW's (mu, nu) trees out of the optimizer state."""
+    """AdamW's (mu, nu) trees out of the optimizer state (with train.optimizer=muon, the
+    leaves Muon trains are masked out of them)."""
     found = [s for s in jax.tree.leaves(opt_state,
                                         is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
              if isinstance(s, optax.ScaleByAdamState)]
     if len(found) != 1:
         raise ValueError(f"expected one AdamW state in the optimizer state, found {len(found)}")
     return found[0].mu, found[0].nu
+
+
+def first_moments(opt_state) -> list:
+    """Every first moment of the optimizer state: AdamW's mu, and each Muon state's."""
+    states = (optax.ScaleByAdamState, MuonState)
+    return [s.mu for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, states))
+            if isinstance(s, states)]
 
 
 def split_experts(params) -> tuple[list, list]:
@@ -115,19 +125,29 @@ def train_rows(params: dict, opt_state, setting: dict) -> list[dict]:
     parameter dtype and first-moment dtype. `params`: {param_dtype: that model's params}
     (real shapes and shardings; the router is float32 in either), `opt_state` the trained
     config's (for its leaves besides the moments). nu and the gradients are in the
-    parameters' dtypes, mu in the moment dtype throughout, as optax's mu_dtype makes it."""
-    mu, nu = adam_moments(opt_state)
+    parameters' dtypes, mu in the moment dtype throughout, as optax's mu_dtype makes it.
+    Every parameter has one first moment (AdamW's or Muon's); nu only those AdamW trains."""
+    mu, nu = first_moments(opt_state), adam_moments(opt_state)[1]
     rest = bytes_per_device(opt_state) - bytes_per_device(mu) - bytes_per_device(nu)
     rows = []
     for p_dtype in ("float32", "bfloat16"):
         for mu_dtype in ("float32", "bfloat16"):
             b = {"params": bytes_per_device(params[p_dtype]),
                  "mu": bytes_per_device(mu, np.dtype(mu_dtype).itemsize * 8)}
-            b.update(grads=b["params"], nu=b["params"], rest=rest)
+            b.update(grads=b["params"], nu=bytes_per_device(adamw_leaves(params[p_dtype],
+                                                                         setting)), rest=rest)
             b["total"] = sum(b.values())
             rows.append({"params": p_dtype, "mu": mu_dtype, "nu": p_dtype, "bytes": b,
                          "own": (p_dtype, mu_dtype) == (setting["params"], setting["mu"])})
     return rows
+
+
+def adamw_leaves(params, setting: dict) -> list:
+    """The parameters AdamW trains: all, or with Muon those optim.labels gives AdamW."""
+    if setting["optimizer"] == "adamw":
+        return jax.tree.leaves(params)
+    return [x for x, label in zip(jax.tree.leaves(params), jax.tree.leaves(optim.labels(params)),
+                                  strict=True) if label == "adamw"]
 
 
 def inference_rows(params: dict, setting: dict) -> list[dict]:
