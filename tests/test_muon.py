@@ -327,3 +327,78 @@ def test_tiny_smoke_trains_and_resumes_exactly(tmp_path):
     resumed = run("resumed")
     for step in range(5, 9):
         np.testing.assert_allclose(resumed[step], straight[step], rtol=1e-6, err_msg=step)
+
+
+# ---- the planner's view ---------------------------------------------------------------------
+
+def test_newton_schulz_flops_by_hand():
+    """tiny:smoke (d 32, 2 heads x 16, kv heads as many, 8 experts of f 64, 2 layers): per
+    iteration an [m, n] matrix (m <= n) costs 4 m^2 n + 2 m^3."""
+    config = small_config()
+    s = state.setup(config, parallel.make_mesh({}))
+    mc = config.model
+    d, hd = mc.d_model, mc.num_heads * mc.head_dim
+    kv = (mc.num_kv_heads or mc.num_heads) * mc.head_dim
+
+    def one(a, b):
+        m, n = sorted((a, b))
+        return 5 * (4 * m * m * n + 2 * m ** 3)
+
+    per_layer = (one(d, hd) + 2 * one(d, kv) + one(hd, d)
+                 + mc.num_experts * (2 * one(d, mc.d_ff) + one(mc.d_ff, d)))
+    assert optim.newton_schulz_flops(s.abstract["params"]) == mc.num_layers * per_layer
+
+
+def test_planner_sees_the_experts_divided():
+    """On expert=8 each device orthogonalizes its one expert of each layer and every attention
+    matrix whole (split over expert as fsdp would: gathered): that share of Newton-Schulz's
+    FLOPs (test_experts_stay_split: no expert crosses). On fsdp=8 every matrix is split
+    inside: the update gathers at least each device's missing 7/8 of them, and each device
+    does all the work."""
+    from moejax.plan.estimate import optimizer_update
+
+    config = small_config()
+    everything = optim.newton_schulz_flops(state.setup(config, parallel.make_mesh({})).abstract[
+        "params"])
+    s = state.setup(config, parallel.make_mesh({"expert": 8}))
+    u = optimizer_update(s)
+    experts = nnx.State({"w_in": s.abstract["params"]["stacks"][0]["blocks"][0]["ffn"]["w_in"],
+                         "w_out": s.abstract["params"]["stacks"][0]["blocks"][0]["ffn"]["w_out"]})
+    ns_experts = optim.newton_schulz_flops(experts)
+    assert u["newton_schulz_flops"] == everything
+    assert u["per_device"] == everything - ns_experts + ns_experts // 8
+
+    s = state.setup(config, parallel.make_mesh({"fsdp": 8}))
+    u = optimizer_update(s)
+    assert u["per_device"] == everything
+    muon_bytes = sum(4 * x.size for n, x in flat_arrays(s.abstract["params"]).items()
+                     if n.endswith(("q", "kv", "out", "w_in", "w_out")))
+    assert u["collectives"]["all-gather"]["payload"] * 8 >= muon_bytes
+
+
+def test_planner_state_bytes_under_muon():
+    """Muon keeps one moment per matrix it trains, AdamW two for the rest: on one device,
+    nu holds embed (64 x 32), the final norm (32), two norms (2 x 32) and a router (32 x 8)
+    per layer, float32; mu every parameter; and the marked row is the state the step takes."""
+    from moejax.run import params as params_lib
+    from moejax.run.params import bytes_per_device
+
+    config = small_config()
+    s = state.setup(config, parallel.make_mesh({}))
+    table = params_lib.precision_table(config, s)
+    assert table["setting"]["optimizer"] == "muon"
+    own = next(r for r in table["train"] if r["own"])["bytes"]
+    every = sum(x.size for x in jax.tree.leaves(s.abstract["params"]))
+    assert own["mu"] == 4 * every
+    assert own["nu"] == 4 * (64 * 32 + 32 + 2 * (2 * 32 + 32 * 8))
+    assert own["total"] == bytes_per_device(s.abstract) + own["grads"]
+
+
+def test_planner_report_under_muon():
+    from moejax.plan.estimate import plan
+    from moejax.plan.report import report
+
+    text = report(plan(small_config(), {"expert": 2, "fsdp": 2, "tensor": 2}))
+    assert "verdict: Muon training fits 80 GiB" in text
+    assert re.search(r"Muon: Newton-Schulz [\d.]+ GFLOP per step over all matrices; per "
+                     r"device [\d.]+ GFLOP", text), text

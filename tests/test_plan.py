@@ -270,7 +270,8 @@ def test_train_state_bytes_per_precision_by_hand():
     rows = {(r["params"], r["mu"]): r for r in table["train"]}
     assert len(rows) == 4 and [r["own"] for r in table["train"]] == [True, False, False, False]
     assert table["setting"] == {"params": "float32", "mu": "float32", "nu": "float32",
-                                "compute": "float32", "quantization": "none"}
+                                "compute": "float32", "quantization": "none",
+                                "optimizer": "adamw"}
     counts = 8  # AdamW's and the schedule's int32 step counts
     for (p_dtype, mu_dtype), param_bytes in (
             (("float32", "float32"), 4 * total), (("float32", "bfloat16"), 4 * total),

@@ -78,6 +78,28 @@ def memory(compiled) -> dict:
             "aliased": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes, "peak": peak}
 
 
+def optimizer_update(setup) -> dict | None:
+    """With train.optimizer=muon, the optimizer's update compiled alone, gradients and state
+    laid out as in the train step (of which it is a part): its FLOPs per device and its
+    collectives. Newton-Schulz needs each matrix whole, so XLA gathers what fsdp and tensor
+    split of it, or keeps it split and reduces partial products; the HLO says which, and what
+    it moves. None with AdamW (elementwise: its only collective is the gradient norm's)."""
+    import jax
+
+    from moejax.run import optim
+
+    if setup.config.train.optimizer != "muon":
+        return None
+    sh, ab = setup.shardings, setup.abstract
+    compiled = jax.jit(setup.tx.update, out_shardings=(sh["params"], sh["opt_state"])).lower(
+        ab["params"], ab["opt_state"], ab["params"]).compile()
+    # FLOPs by arithmetic: XLA's cost analysis counts a loop's body once, and optax runs the
+    # iterations in one.
+    return {"newton_schulz_flops": optim.newton_schulz_flops(ab["params"]),
+            "per_device": optim.newton_schulz_flops(ab["params"], per_device=True),
+            "collectives": collective_bytes(compiled.as_text(), setup.mesh.size)}
+
+
 def plan(config, mesh: dict | None = None) -> dict:
     """Compile the train step of `config` on the available (simulated) devices, the config's
     mesh updated by `mesh` ({axis: size}); return sizes in bytes, per device unless a key says
@@ -106,6 +128,7 @@ def plan(config, mesh: dict | None = None) -> dict:
     step = jax.ShapeDtypeStruct((), jnp.int32)
     compiled = state.train_step_fn(setup).lower(setup.abstract, tokens, step).compile()
     compile_s = time.perf_counter() - start
+    update = optimizer_update(setup)
 
     counts = param_counts(setup.model, mc.top_k, mc.num_experts)
     # XLA:CPU's attention materializes the scores, [B, heads, S, S] in f32, on each device
@@ -135,6 +158,7 @@ def plan(config, mesh: dict | None = None) -> dict:
         "memory": memory(compiled), "attention_scores": rows * heads * query_rows * keys * 4,
         "collectives": collective_bytes(compiled.as_text(), mesh.size),
         "alltoall_min": alltoall_minimum(config, sizes) if mc.num_experts else None,
+        "optimizer_update": update,
     }
 
 

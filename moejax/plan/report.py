@@ -39,15 +39,38 @@ def report(p: dict, title: str = "", hbm_gib: float = 80.0) -> str:
               "  (n-1)/n of the payload for all-to-all, 2(n-1)/n for ring all-reduce, n per group"]
     if a := p["alltoall_min"]:
         lines += alltoall_lines(p, a)
+    if u := p["optimizer_update"]:
+        lines += muon_lines(p, u)
     return "\n".join(lines)
+
+
+def flop(x: float) -> str:
+    return f"{x / 1e12:,.2f} TFLOP" if x >= 1e12 else f"{x / 1e9:,.2f} GFLOP"
+
+
+def muon_lines(p: dict, u: dict) -> list[str]:
+    """Newton-Schulz's share of the step: its FLOPs beside the model's, and what the update
+    (compiled alone, also counted in the step's collectives above) moves."""
+    model = p["flops_per_token"] * p["tokens_per_step"] / p["devices"]
+    ns = u["newton_schulz_flops"]
+    lines = ["", f"Muon: Newton-Schulz {flop(ns)} per step over all matrices; per device "
+             f"{flop(u['per_device'])} (each matrix whole on the devices holding its layer "
+             f"and expert), {u['per_device'] / model:.1%} of the model's {flop(model)} "
+             "(forward and backward)",
+             "  update's collectives per device  count   payload MiB     wire MiB"]
+    moved = [(op, c) for op, c in u["collectives"].items() if c["count"]]
+    lines += [f"  {op:<30} {c['count']:>7} {c['payload'] / MiB:13,.2f} {c['wire'] / MiB:12,.2f}"
+              for op, c in moved] or ["  none: every matrix Muon trains is whole on its device"]
+    return lines
 
 
 def verdict(p: dict, hbm_gib: float) -> list[str]:
     f, hbm = fit(p, hbm_gib * GiB), hbm_gib * GiB
+    name = {"adamw": "AdamW", "muon": "Muon"}[p["precision"]["setting"]["optimizer"]]
     if f["fits"]:
-        return [f"verdict: AdamW training fits {hbm_gib:g} GiB per device "
+        return [f"verdict: {name} training fits {hbm_gib:g} GiB per device "
                 f"({(hbm - f['peak']) / GiB:,.1f} GiB spare)"]
-    out = [f"verdict: AdamW training does not fit {hbm_gib:g} GiB per device: peak "
+    out = [f"verdict: {name} training does not fit {hbm_gib:g} GiB per device: peak "
            f"{f['peak'] / GiB:,.1f} = state and gradients {f['sharded'] / GiB:,.1f} + "
            f"the rest {f['rest'] / GiB:,.1f}. What would, from these numbers:"]
     whole = (p["state_global"] + p["params_global"]) / GiB

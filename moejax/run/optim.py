@@ -152,6 +152,31 @@ def scale_by_shape(scale: str) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+def newton_schulz_flops(params, per_device: bool = False) -> int:
+    """FLOPs of one step's Newton-Schulz iterations over every matrix Muon trains: each
+    [m, n] matrix (m <= n: optax turns tall ones wide) costs per iteration X X^T (2 m^2 n),
+    A^2 (2 m^3) and (b A + c A^2) X (2 m^2 n). All devices together, or with `per_device`
+    (params laid out: arrays with shardings) one device's: the matrices whose batch index
+    (layer, expert) it holds, each whole, so a split of the batch axes (expert) divides the
+    work and a split of the matrix axes (fsdp, tensor) does not."""
+    total = 0
+    for path, v in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]:
+        dims = muon_dims(path, v)
+        if dims is None:
+            continue
+        m, n = sorted((math.prod(v.shape[a] for a in dims.reduction_axis),
+                       math.prod(v.shape[a] for a in dims.output_axis)))
+        matrices = math.prod(v.shape) // (m * n)
+        if per_device:
+            matrix_axes = {a % v.ndim for a in dims.reduction_axis + dims.output_axis}
+            x = v.get_value()
+            shard = x.sharding.shard_shape(x.shape)
+            matrices //= math.prod(v.shape[a] // shard[a] for a in range(v.ndim)
+                                   if a not in matrix_axes)
+        total += matrices * MUON_NS_STEPS * (4 * m * m * n + 2 * m ** 3)
+    return total
+
+
 def decay_mask(params):
     """Weight matrices decay; norm scales and biases do not."""
     def decays(path, v):
