@@ -129,6 +129,17 @@ def constrain(x: jax.Array, mesh: Mesh | None, names) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(names, x.shape, mesh)))
 
 
+def on_device(tree):
+    """Inside jit: the leaves of `tree` that rest in host memory (an offloaded optimizer
+    state, run/state.py) moved to device memory, where XLA computes on them; the others as
+    they are."""
+    def move(x):
+        host = jax.typeof(x).memory_space == jax.memory.Space.Host
+        return jax.device_put(x, jax.memory.Space.Device) if host else x
+
+    return jax.tree.map(move, tree)
+
+
 def token_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(TOKEN_AXES))
 

@@ -99,6 +99,8 @@ def train(config, workdir: str) -> dict:
     check_steps_left(tc, start_step if restored else None)
     # A fresh start evaluates step 0 again; a resumed one logs from the step after its own.
     writer = Writer(workdir, start_step + 1 if restored else 0)
+    if note := state.offload_note(setup):
+        writer.print(note)
     if restored:
         train_state = restored[0]
         writer.print(f"resumed from {workdir} at step {start_step}")
@@ -253,7 +255,9 @@ class Sentinel:
         self.history, self.in_a_row, self.last, self.culprit = history, 0, 0, None
         self.frozen = health.FrozenExperts(tc.frozen_expert_steps)
         # Replicated, so every process reads the flags.
-        self.finite_state = jax.jit(health.finite_flags, out_shardings=NamedSharding(mesh, P()))
+        # An offloaded optimizer state is read where XLA computes: on the device.
+        self.finite_state = jax.jit(lambda s: health.finite_flags(parallel.on_device(s)),
+                                    out_shardings=NamedSharding(mesh, P()))
 
     def __call__(self, step: int, metrics: dict):
         h = metrics["health"]

@@ -174,12 +174,14 @@ def test_fit_is_arithmetic_on_the_plan():
     # 8 devices; per device 10 GiB of params (and as much gradient), 20 of moments, 10 more.
     rows = [{"bytes": {"total": t * GiB}} for t in (40, 35, 20)]
     p = {"state": {"params": 10 * GiB, "opt_state": 20 * GiB}, "state_global": 240 * GiB,
-         "params_global": 80 * GiB, "memory": {"peak": 50 * GiB}, "precision": {"train": rows}}
+         "params_global": 80 * GiB, "memory": {"peak": 50 * GiB}, "precision": {"train": rows},
+         "moments": 20 * GiB, "offload": False}
     f = estimate.fit(p, 40 * GiB)
     assert not f["fits"] and (f["sharded"], f["rest"]) == (40 * GiB, 10 * GiB)
     assert f["devices"] == 11  # 320 GiB of state and gradients over N, next to 10: ceil(320 / 30)
     assert f["precision"] == [50 * GiB, 45 * GiB, 30 * GiB]  # each row's state + the rest
-    assert f["offload_opt"] == 30 * GiB
+    # Offloaded: 30 GiB at rest, but the update holds params, gradients, old and new moments.
+    assert f["offload_opt"] == 60 * GiB
     assert estimate.fit(p, 50 * GiB)["fits"]
     assert estimate.fit(p, 10 * GiB)["devices"] is None  # the rest alone fills it
 

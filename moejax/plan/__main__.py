@@ -1,7 +1,7 @@
 """Size a run before paying for it: compile its train step for simulated devices.
 
   python -m moejax.plan --config configs/X.py[:variant] [--mesh fsdp=8,expert=8]
-      [--hbm_gib 80] [--config.model.remat=full]
+      [--hbm_gib 80] [--devices_per_host 8] [--config.model.remat=full]
 
 Nothing is allocated and nothing runs. The state comes from `state.setup` (abstract arrays
 with the trainer's shardings), the train step is `state.train_step_fn`, compiled by XLA:CPU
@@ -42,12 +42,17 @@ def main() -> None:
     flags.DEFINE_string("mesh", None, "fsdp=8,expert=8: sizes of data, fsdp, expert, context, "
                         "tensor, as the config's mesh.* (axes left out keep the config's)")
     flags.DEFINE_float("hbm_gib", 80.0, "device memory for the verdict, GiB")
+    flags.DEFINE_integer("devices_per_host", 8, "devices one host serves (8: an H100 or H200 "
+                         "node; 4: a TPU v5p host): the host memory that offloaded optimizer "
+                         "moments take (train.offload_optimizer)")
     flags.mark_flags_as_required(["config"])
     with cli.one_line_errors():
         cli.parse_flags(sys.argv, __doc__)  # --help, bad flags and config files
         config = flags.FLAGS.config
         config_lib.check_number("--hbm_gib", flags.FLAGS.hbm_gib, "> 0",
                                 "GiB of memory per device")
+        config_lib.check_number("--devices_per_host", flags.FLAGS.devices_per_host, "> 0",
+                                "devices per host")
         # The flag is spelled and checked as train's mesh.* are, over the config's own.
         sizes = config_lib.check_mesh({**config.mesh,
                                        **config_lib.parse_mesh(flags.FLAGS.mesh or "")})
@@ -65,7 +70,8 @@ def main() -> None:
 
     with cli.one_line_errors():
         p = plan(config, mesh)
-    print(report(p, flags.FLAGS["config"].config_filename, flags.FLAGS.hbm_gib))
+    print(report(p, flags.FLAGS["config"].config_filename, flags.FLAGS.hbm_gib,
+                 flags.FLAGS.devices_per_host))
 
 
 if __name__ == "__main__":

@@ -144,7 +144,6 @@ def plan(config, mesh: dict | None = None) -> dict:
     def whole(tree):  # bytes of the arrays, not of one device's shards
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
-
     return {
         "mesh": {a: mesh.shape[a] for a in parallel.AXES}, "devices": mesh.size,
         "compile_s": compile_s, "remat": mc.remat,
@@ -154,6 +153,11 @@ def plan(config, mesh: dict | None = None) -> dict:
         "grad_accum": config.train.grad_accum,
         "state": {k: bytes_per_device(setup.abstract[k]) for k in ("params", "opt_state")},
         "state_global": whole(setup.abstract), "params_global": whole(setup.abstract["params"]),
+        # What train.offload_optimizer keeps in host memory: every optimizer array but the
+        # step counts (state.at_rest).
+        "moments": bytes_per_device([x for x in jax.tree.leaves(setup.abstract["opt_state"])
+                                     if x.ndim]),
+        "offload": bool(config.train.offload_optimizer),
         "precision": precision_table(config, setup),
         "memory": memory(compiled), "attention_scores": rows * heads * query_rows * keys * 4,
         "collectives": collective_bytes(compiled.as_text(), mesh.size),
@@ -162,15 +166,32 @@ def plan(config, mesh: dict | None = None) -> dict:
     }
 
 
+def offload(p: dict) -> dict:
+    """Bytes per device with the optimizer's moments in host memory between steps
+    (train.offload_optimizer, run/state.py), from the plan compiled without it (XLA:CPU has no
+    memory apart from the host's). Forward and backward: the compiled peak less the moments.
+    The update: one transfer brings the whole state's moments in, and the non-finite guard
+    (`where(ok, new, old)`) keeps the old ones until the new ones are all computed, so the
+    device then holds parameters + gradients + moments in + new moments, at least. The peak
+    is the larger; the moments cross the host link twice per step, in and out."""
+    moments, params = p["moments"], p["state"]["params"]
+    at_rest = p["memory"]["peak"] - moments
+    update = 2 * params + 2 * moments
+    return {"moments": moments, "at_rest": at_rest, "update": update,
+            "peak": max(at_rest, update), "transfer": 2 * moments}
+
+
 def fit(p: dict, hbm: float) -> dict:
     """Does the plan fit `hbm` bytes per device, and what the plan's own numbers say would:
-    every figure is arithmetic on them, nothing is recompiled (docs/memory.md checks some)."""
+    every figure is arithmetic on them, nothing is recompiled (docs/memory.md checks some).
+    With train.offload_optimizer the verdict is on offload(p)'s peak."""
     params, opt = p["state"]["params"], p["state"]["opt_state"]
-    peak = p["memory"]["peak"]
+    compiled = p["memory"]["peak"]
+    peak = offload(p)["peak"] if p["offload"] else compiled
     # The step also holds one gradient per parameter, in its dtype and layout (the scan over
     # micro-batches carries them): with the state, what splitting over more devices shrinks.
     sharded = 2 * params + opt
-    rest = peak - sharded  # activations, other temporaries, the batch
+    rest = compiled - sharded  # activations, other temporaries, the batch
     return {
         "fits": peak <= hbm, "peak": peak, "sharded": sharded, "rest": rest,
         # State and gradients split evenly over N devices (fsdp x expert = N, every dim
@@ -180,5 +201,5 @@ def fit(p: dict, hbm: float) -> dict:
         # Each precision row's state and gradients in place of this config's, the rest as
         # compiled (its activations follow model.dtype, which no row changes).
         "precision": [rest + r["bytes"]["total"] for r in p["precision"]["train"]],
-        "offload_opt": peak - opt,  # optimizer state in host memory between steps
+        "offload_opt": offload(p)["peak"],  # optimizer state in host memory between steps
     }

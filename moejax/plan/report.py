@@ -1,10 +1,10 @@
 """The planner's report: memory per device, the fit verdict and what would fit, the precision
 tables, collectives and the all-to-all minimum, from estimate.plan's numbers."""
 
-from moejax.plan.estimate import GiB, MiB, fit
+from moejax.plan.estimate import GiB, MiB, fit, offload
 
 
-def report(p: dict, title: str = "", hbm_gib: float = 80.0) -> str:
+def report(p: dict, title: str = "", hbm_gib: float = 80.0, devices_per_host: int = 8) -> str:
     mem, st, n = p["memory"], p["state"], p["devices"]
     mesh = " x ".join(f"{a}={s}" for a, s in p["mesh"].items())
     unit, scale = ("GiB", GiB) if mem["peak"] >= GiB else ("MiB", MiB)
@@ -28,6 +28,8 @@ def report(p: dict, title: str = "", hbm_gib: float = 80.0) -> str:
         " blockwise: not flash attention's)",
         f"  peak                             {mem['peak'] / scale:12,.2f}",
     ]
+    if p["offload"]:
+        lines += offload_lines(p, unit, scale, devices_per_host)
     lines += precision_lines(p, hbm_gib)
     lines += verdict(p, hbm_gib)
     lines += ["", "collectives per step, per device   count   payload MiB     wire MiB"]
@@ -70,9 +72,10 @@ def verdict(p: dict, hbm_gib: float) -> list[str]:
     if f["fits"]:
         return [f"verdict: {name} training fits {hbm_gib:g} GiB per device "
                 f"({(hbm - f['peak']) / GiB:,.1f} GiB spare)"]
+    why = ("with the optimizer state offloaded (above)" if p["offload"] else
+           f"= state and gradients {f['sharded'] / GiB:,.1f} + the rest {f['rest'] / GiB:,.1f}")
     out = [f"verdict: {name} training does not fit {hbm_gib:g} GiB per device: peak "
-           f"{f['peak'] / GiB:,.1f} = state and gradients {f['sharded'] / GiB:,.1f} + "
-           f"the rest {f['rest'] / GiB:,.1f}. What would, from these numbers:"]
+           f"{f['peak'] / GiB:,.1f} {why}. What would, from these numbers:"]
     whole = (p["state_global"] + p["params_global"]) / GiB
     if f["devices"]:
         out.append(f"  {f['devices']} devices, state and gradients split over all (fsdp x "
@@ -85,12 +88,33 @@ def verdict(p: dict, hbm_gib: float) -> list[str]:
         if not row["own"]:
             ok = "fits" if peak <= hbm else "does not fit"
             out.append(f"  {setting_name(row):<54} {peak / GiB:8,.1f} GiB: {ok}")
-    ok = "fits" if f["offload_opt"] <= hbm else "does not fit"
-    out.append(f"  {'optimizer state on the host: peak - moments':<54} "
-               f"{f['offload_opt'] / GiB:8,.1f} GiB: {ok}")
+    if not p["offload"]:  # else the config's own peak, above
+        ok = "fits" if f["offload_opt"] <= hbm else "does not fit"
+        out.append(f"  {'moments on the host (train.offload_optimizer)':<54} "
+                   f"{f['offload_opt'] / GiB:8,.1f} GiB: {ok}")
     if p["remat"] != "full":
         out.append("  or rerun with --config.model.remat=full (recompute the blocks' forward)")
     return out
+
+
+def offload_lines(p: dict, unit: str, scale: float, devices_per_host: int) -> list[str]:
+    """train.offload_optimizer: what the device holds without the moments, the update's
+    transient, the host's share and the host<->device bytes per step."""
+    o = offload(p)
+    per_host = o["moments"] * min(devices_per_host, p["devices"])
+    return [
+        "",
+        f"optimizer state in host memory (train.offload_optimizer; {unit} per device)",
+        f"  moments, in host memory at rest  {o['moments'] / scale:12,.2f}"
+        f"  ({per_host / GiB:,.2f} GiB pinned per host of {devices_per_host} devices)",
+        f"  peak without them (fwd + bwd)    {o['at_rest'] / scale:12,.2f}"
+        "  (the compiled peak - the moments)",
+        f"  update: params + grads + 2 x mom {o['update'] / scale:12,.2f}"
+        "  (the whole state comes in at once; old and new moments live together)",
+        f"  peak with offload                {o['peak'] / scale:12,.2f}",
+        f"  host<->device per step           {o['transfer'] / scale:12,.2f}"
+        f"  ({o['moments'] / scale:,.2f} in, {o['moments'] / scale:,.2f} out)",
+    ]
 
 
 SHORT = {"float32": "fp32", "bfloat16": "bf16"}

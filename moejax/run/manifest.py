@@ -75,8 +75,9 @@ def checksum(x: jax.Array, keep: int) -> jax.Array:
 def program(mesh):
     """The jitted checksums of a list of arrays; on `mesh` (if any) its results replicated,
     since every process reads them."""
-    def sums(arrays, keeps):
-        return [checksum(x, keep) for x, keep in zip(arrays, keeps, strict=True)]
+    def sums(arrays, keeps):  # an offloaded optimizer state's arrays summed on the device
+        return [checksum(x, keep) for x, keep in zip(parallel.on_device(arrays), keeps,
+                                                     strict=True)]
 
     out = NamedSharding(mesh, P()) if mesh is not None else None
     return jax.jit(sums, static_argnums=1, out_shardings=out)

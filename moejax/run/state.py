@@ -6,6 +6,11 @@ The state is {"params": nnx.State, "opt_state": optax state}. Every parameter an
 moment is laid out by parallel.RULES from the model's logical dim names and born in that
 layout (the init is jitted with out_shardings); the train step is jitted once with the same
 shardings in and out and the state donated, so no step ever holds a second or replicated copy.
+
+With train.offload_optimizer on a TPU or GPU the optimizer state's arrays rest in host memory
+(jax memory kind "pinned_host") between steps: the step brings them to the device for the
+update and returns the new ones to the host (its out_shardings), so the device holds them only
+from that transfer to the end of the step. On CPU, device and host memory are one: no effect.
 """
 
 import dataclasses
@@ -36,10 +41,44 @@ class Setup:
     shardings: dict
     tx: optax.GradientTransformation
     lr: object
+    platform: str = "cpu"  # the backend the step is built for
+    opt_memory: str | None = None  # where the optimizer state rests: None = device memory
 
 
-def setup(config, mesh: Mesh) -> Setup:
-    """Shapes and layout of the state of `config` on `mesh`; nothing is allocated."""
+# Backends whose devices have a memory apart from the host's, which offloading can relieve.
+OFFLOAD_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")
+HOST_MEMORY = "pinned_host"  # host memory the device reaches by DMA, as jax names it
+
+
+def optimizer_memory(config, platform: str) -> str | None:
+    """The memory kind the optimizer state rests in between steps: "pinned_host" with
+    train.offload_optimizer on a TPU or GPU, else None (device memory, as without the key)."""
+    offload = config.train.offload_optimizer and platform in OFFLOAD_PLATFORMS
+    return HOST_MEMORY if offload else None
+
+
+def offload_note(s: "Setup") -> str | None:
+    """The start-up line for train.offload_optimizer where it does nothing, else None."""
+    if not s.config.train.offload_optimizer or s.opt_memory is not None:
+        return None
+    return (f"train.offload_optimizer: no effect on {s.platform} (device and host memory are the "
+            "same)")
+
+
+def at_rest(shardings, shapes, memory: str | None):
+    """The optimizer state's `shardings` with each array of `shapes` in `memory`; the step
+    counts (scalars) stay on the device, where every step reads them."""
+    if memory is None:
+        return shardings
+    return jax.tree.map(lambda s, a: s.with_memory_kind(memory) if a.ndim else s,
+                        shardings, shapes)
+
+
+def setup(config, mesh: Mesh, platform: str | None = None) -> Setup:
+    """Shapes and layout of the state of `config` on `mesh`; nothing is allocated.
+    `platform` (default: the first device's) decides train.offload_optimizer's effect; an
+    export for another backend names its own."""
+    platform = platform or jax.devices()[0].platform
     tx, lr = make_optimizer(config.train)
     model = nnx.eval_shape(lambda: Transformer(config.model, mesh=mesh,
                                                rngs=nnx.Rngs(config.seed)))
@@ -48,9 +87,12 @@ def setup(config, mesh: Mesh) -> Setup:
     shapes = {"params": params, "opt_state": opt_shapes}
     # An optimizer moment is a copy of its parameter, metadata and all: it takes its layout.
     shardings = parallel.variable_shardings(shapes, mesh)
+    opt_memory = optimizer_memory(config, platform)
+    shardings["opt_state"] = at_rest(shardings["opt_state"], opt_shapes, opt_memory)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             shapes, shardings)
-    return Setup(config, mesh, model, graphdef, abstract, shardings, tx, lr)
+    return Setup(config, mesh, model, graphdef, abstract, shardings, tx, lr, platform,
+                 opt_memory)
 
 
 def capacity_groups(config, mesh: Mesh) -> int:
@@ -76,9 +118,9 @@ def keep_groups(s: Setup, saved: int | None) -> tuple[Setup, str | None]:
         kept = config.copy_and_resolve_references()
         with kept.unlocked():
             kept.model.num_groups = saved
-        return setup(kept, mesh), (f"capacity groups: {saved} per batch, as the checkpoint's "
-                                   f"run routed (this mesh's default would be {now}): the same "
-                                   "tokens are dropped as in an uninterrupted run")
+        return setup(kept, mesh, s.platform), (
+            f"capacity groups: {saved} per batch, as the checkpoint's run routed (this mesh's "
+            f"default would be {now}): the same tokens are dropped as in an uninterrupted run")
     return s, (f"capacity groups: {now} per batch, the checkpoint's run routed in {saved}: "
                "other tokens exceed an expert's capacity, so the losses differ from an "
                f"uninterrupted run's (to keep them: model.num_groups={saved}, on a mesh whose "
@@ -112,7 +154,7 @@ def train_step_fn(s: Setup):
     """jit(train_step): state in and out in its layout (donated), tokens over the token axes."""
     replicated = NamedSharding(s.mesh, P())
     return jax.jit(functools.partial(train_step, graphdef=s.graphdef, tx=s.tx, lr=s.lr,
-                                     config=s.config),
+                                     config=s.config, offloaded=s.opt_memory is not None),
                    in_shardings=(s.shardings, parallel.token_sharding(s.mesh), replicated),
                    out_shardings=(s.shardings, replicated), donate_argnums=0)
 
@@ -212,9 +254,11 @@ def mtp_loss(logits, batch, counts=None):
     return jnp.mean(jnp.stack(losses))
 
 
-def train_step(state, batch, step, *, graphdef, tx, lr, config):
+def train_step(state, batch, step, *, graphdef, tx, lr, config, offloaded: bool = False):
     """One optimizer step over `grad_accum` micro-batches of the global batch (as_batch's).
-    The loss is the mean over the scored targets of the whole batch, however it is split."""
+    The loss is the mean over the scored targets of the whole batch, however it is split.
+    `offloaded`: the optimizer state arrives in host memory and is brought to the device for
+    the update; the caller's out_shardings return the new one to the host."""
     tc = config.train
     batch = as_batch(batch)
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
@@ -237,7 +281,11 @@ def train_step(state, batch, step, *, graphdef, tx, lr, config):
     # Each micro-batch's loss and metrics are its share of the step's: they add up.
     (grads, metrics), _ = jax.lax.scan(accumulate, zeros, jnp.arange(tc.grad_accum))
 
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    # Brought in after the gradients, so the backward pass never shares the device with the
+    # moments (XLA may start the copy earlier to overlap it; it cannot need it sooner).
+    old = {"params": state["params"], "opt_state": (parallel.on_device(state["opt_state"])
+                                                    if offloaded else state["opt_state"])}
+    updates, opt_state = tx.update(grads, old["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     if config.model.bias_rate > 0:
         params = update_router_bias(params, metrics["expert_load"], config.model.bias_rate)
@@ -252,7 +300,7 @@ def train_step(state, batch, step, *, graphdef, tx, lr, config):
     ok = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
           & jnp.all(jnp.stack([f.all() for f in jax.tree.leaves(finite["update"])])))
     new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
-                             {"params": params, "opt_state": opt_state}, state)
+                             {"params": params, "opt_state": opt_state}, old)
     metrics.update(grad_norm=grad_norm, lr=lr(step), skipped=jnp.logical_not(ok),
                    scored_frac=counts[0] / batch["segments"][:, 1:].size,
                    health={"finite": finite, "expert_grad_norm": health.expert_norms(grads),
