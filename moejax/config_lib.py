@@ -193,6 +193,9 @@ def validate(config, num_devices: int) -> None:
     from moejax.model.transformer import REMAT
 
     one_of("model.qk_norm", m.qk_norm, QK_NORMS)
+    check(t.qk_clip == 0 or m.qk_norm == "none", "train.qk_clip", t.qk_clip,
+          f"not with model.qk_norm={m.qk_norm!r}, whose norms undo QK-clip's rescale; allowed: "
+          "train.qk_clip=0, or model.qk_norm=none")
     one_of("model.remat", m.remat, tuple(REMAT))
     check(1 <= d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
           f"must be in 1..model.max_seq_len={m.max_seq_len}")

@@ -74,14 +74,18 @@ class Attention(nnx.Module):
         return (rotary(q, positions, self.theta, self.rope),
                 rotary(k, positions, self.theta, self.rope), v)
 
-    def __call__(self, x, positions, segments=None):
+    def __call__(self, x, positions, segments=None, max_logit: bool = False):
         """x: [B, S, d] at positions [B, S]; a token attends to the tokens of its own
         document (segments [B, S]; None: the row is one) at its position and before (the
-        `window` most recent of them where one is set)."""
+        `window` most recent of them where one is set). -> [B, S, d]; with max_logit, that
+        and each head's largest logit [h] (kernels.max_logits: QK-clip's statistic)."""
         q, k, v = self.project(x, positions)
         y = checkpoint_name(kernels.causal(q, k, v, self.mesh, self.scale, segments,
                                            self.window, self.sink()), "attn_ctx")
-        return self.output(y)
+        if not max_logit:
+            return self.output(y)
+        return self.output(y), kernels.max_logits(q, k, self.mesh, self.scale, segments,
+                                                  self.window)
 
     def sink(self):
         return None if self.sinks is None else self.sinks[...]

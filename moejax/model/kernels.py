@@ -45,7 +45,13 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax.model import context
-from moejax.model.xla_attention import blockwise, document_mask, document_starts, masked
+from moejax.model.xla_attention import (
+    blockwise,
+    document_mask,
+    document_starts,
+    masked,
+    row_max,
+)
 
 
 def xla(q, k, v, scale: float | None = None, segments=None, window: int = 0, sinks=None):
@@ -96,6 +102,35 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None,
         q, k, v, segments, sinks,
         tpu=functools.partial(_splash_args, mesh=mesh, scale=scale, window=window),
         default=lambda q, k, v, segments, sinks: xla(q, k, v, scale, segments, window, sinks))
+
+
+def max_logits(q: jax.Array, k: jax.Array, mesh: Mesh | None, scale: float | None = None,
+               segments: jax.Array | None = None, window: int = 0) -> jax.Array:
+    """[H] float32: each head's largest logit q.k x scale over the (query, key) pairs
+    `causal` lets attend (its causal, document and window masks), over the whole batch;
+    without gradient. No kernel exposes its logits, so every path computes this the same
+    way, a second q.k in XLA a key block at a time (xla_attention.row_max): never [S, S] per
+    head. With context parallelism, per device over its balanced rows (context.attend)."""
+    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if context.size(mesh) > 1:
+        # attend carries a "value" it gathers; one column of k is the cheapest stand-in.
+        rows = context.attend(functools.partial(_max_rows, scale=scale, window=window),
+                              q, k, k[..., :1], segments, mesh)
+        return rows.max((0, 1, 3))
+    index = jnp.arange(q.shape[1])
+    return _max_rows(q, k, None, segments, segments, index, {}, scale=scale,
+                     window=window).max((0, 1, 3))
+
+
+def _max_rows(q, k, v, q_segments, kv_segments, q_index, extra, *, scale, window):
+    """context.attend's per-device function for max_logits: [b, Sq, h, 1], each row's max."""
+    del v, extra
+    if q_segments is None:
+        q_segments = jnp.zeros(q.shape[:2], jnp.int32)
+        kv_segments = jnp.zeros(k.shape[:2], jnp.int32)
+    block = math.gcd(k.shape[1], 512)
+    return row_max(q, k, q_segments, kv_segments, q_index, scale, block, window)[..., None]
 
 
 def _splash_args(q, k, v, segments, sinks, *, mesh, scale, window):

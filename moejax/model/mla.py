@@ -66,8 +66,9 @@ class LatentAttention(nnx.Module):
         k_rope = rotary(k_rope[:, :, None], positions, self.theta, self.rope)[:, :, 0]
         return self.kv_norm(c), k_rope
 
-    def __call__(self, x, positions, segments=None):
-        """x: [B, S, d] at positions [B, S] of documents `segments` ([B, S] or None: one)."""
+    def __call__(self, x, positions, segments=None, max_logit: bool = False):
+        """x: [B, S, d] at positions [B, S] of documents `segments` ([B, S] or None: one)
+        -> [B, S, d]; with max_logit, that and each head's largest logit [h]."""
         q_nope, q_rope = self.query(x, positions)
         c, k_rope = self.latent(x, positions)
         kv = einsum("bsr,rhe->bshe", c, self.w("kv_up"), self.qtype)
@@ -75,13 +76,15 @@ class LatentAttention(nnx.Module):
         k_nope, v = kv[..., :self.nope], kv[..., self.nope:]
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], -1)
         q = jnp.concatenate([q_nope, q_rope], -1)
+        top = kernels.max_logits(q, k, self.mesh, self.scale, segments) if max_logit else None
         # The kernels want one head size for q, k and v: zero columns change no score and
         # no output, so the narrower side is padded and the padding cut off after.
         width = max(q.shape[-1], v.shape[-1])
         q, k, v = (jnp.pad(a, ((0, 0),) * 3 + ((0, width - a.shape[-1]),)) for a in (q, k, v))
         y = kernels.causal(q, k, v, self.mesh, self.scale, segments)[..., :self.v_dim]
         y = checkpoint_name(y, "attn_ctx")
-        return einsum("bshe,hed->bsd", y, self.w("out"), self.qtype)
+        y = einsum("bshe,hed->bsd", y, self.w("out"), self.qtype)
+        return (y, top) if max_logit else y
 
     def decode(self, x, positions, cache, layer):
         """Attention of x [B, S, d] at positions [B, S] over its stack's compressed cache,

@@ -26,11 +26,13 @@ class MTP(nnx.Module):
         self.head_norm = RMSNorm(d, cfg.norm_eps, param_dtype)
         self.dtype = DTYPES[cfg.dtype]
 
-    def __call__(self, h, ahead, positions, segments, *, train, rng):
+    def __call__(self, h, ahead, positions, segments, *, train, rng, max_logit=False):
         """h: [B, S, d] the previous depth's hidden state, ahead: [B, S, d] the embeddings of
-        the tokens k places ahead -> (this depth's hidden state, its MoE aux or None), and
-        the hidden state head_norm'd for the output head."""
+        the tokens k places ahead -> (this depth's hidden state, its MoE aux or None), the
+        hidden state head_norm'd for the output head, and with max_logit its attention's
+        largest logit per head [h] (else None)."""
         x = jnp.concatenate([self.enorm(ahead), self.hnorm(h)], -1)
         x = x @ self.proj[...].astype(self.dtype)
-        h, aux = self.block(x, positions, segments, train=train, rng=rng)
-        return h, aux, self.head_norm(h)
+        h, aux, top = self.block(x, positions, segments, train=train, rng=rng,
+                                 max_logit=max_logit)
+        return h, aux, self.head_norm(h), top

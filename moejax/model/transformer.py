@@ -96,13 +96,16 @@ class Block(nnx.Module):
                            dense_qtype(cfg))
 
     def __call__(self, x, positions, segments, *, train, rng, forced=None,
-                 return_ids: bool = False):
+                 return_ids: bool = False, max_logit: bool = False):
         """segments: [B, S] documents (0: padding, which the MoE layer neither routes nor
         counts) or None (every row one document, no padding). forced, return_ids: the MoE
-        layer's (moe/layer.py), for an MoE block."""
-        y = self.attn(self.attn_norm(x), positions, segments)
-        return self.feed_forward(x + y, train, rng, None if segments is None else segments != 0,
-                                 forced, return_ids)
+        layer's (moe/layer.py), for an MoE block. -> x, the MoE aux (or None) and, with
+        max_logit, the attention's largest logit per head [h] (else None)."""
+        y = self.attn(self.attn_norm(x), positions, segments, max_logit=max_logit)
+        y, top = y if max_logit else (y, None)
+        x, aux = self.feed_forward(x + y, train, rng, None if segments is None else segments != 0,
+                                   forced, return_ids)
+        return x, aux, top
 
     def decode(self, x, positions, cache, layer, return_ids: bool = False):
         """-> x, cache and, with return_ids, an MoE block's expert ids [B, S, k] (else None)."""
@@ -140,29 +143,33 @@ class Stack(nnx.Module):
         self.moe_layers = repeats * self.per_period
 
     def __call__(self, x, positions, segments, *, train, rng, remat: str, forced=None,
-                 return_ids: bool = False):
+                 return_ids: bool = False, max_logits: bool = False):
         """forced: [moe_layers, B, S, k] expert ids for its MoE layers in order, or None.
-        Returns x and the MoE blocks' aux, each value [moe_layers, ...] in layer order."""
+        Returns x, the MoE blocks' aux, each value [moe_layers, ...] in layer order, and with
+        max_logits each block's largest attention logits, {"blocks.j.attn": [repeats, h]}
+        (the layout of that attention's parameters), else None."""
         graphdef, state = nnx.split(self.blocks)
         if forced is not None:  # [repeats, MoE blocks of a period, B, S, k]
             forced = forced.reshape(len(self.layers), self.per_period, *forced.shape[1:])
 
         def body(x, inputs):
             state, layer, ids = inputs
-            aux = []
+            aux, tops = [], {}
             for j, block in enumerate(nnx.merge(graphdef, state)):
                 moe = isinstance(block.ffn, MoE)
-                x, a = block(x, positions, segments, train=train,
-                             rng=None if rng is None else jax.random.fold_in(rng, layer + j),
-                             forced=ids[len(aux)] if moe and ids is not None else None,
-                             return_ids=return_ids)
+                x, a, top = block(x, positions, segments, train=train,
+                                  rng=None if rng is None else jax.random.fold_in(rng, layer + j),
+                                  forced=ids[len(aux)] if moe and ids is not None else None,
+                                  return_ids=return_ids, max_logit=max_logits)
                 aux += [a] if moe else []
-            return x, jax.tree.map(lambda *a: jnp.stack(a), *aux) if aux else None
+                if max_logits:
+                    tops[f"blocks.{j}.attn"] = top
+            return x, (jax.tree.map(lambda *a: jnp.stack(a), *aux) if aux else None, tops)
 
         if REMAT[remat] is not None:
             body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
-        x, aux = jax.lax.scan(body, x, (state, jnp.asarray(self.layers), forced))
-        return x, jax.tree.map(merge_periods, aux)
+        x, (aux, tops) = jax.lax.scan(body, x, (state, jnp.asarray(self.layers), forced))
+        return x, jax.tree.map(merge_periods, aux), tops or None
 
     def decode(self, x, positions, cache, return_ids: bool = False):
         """x: [B, S, d] at positions [B, S]; cache: the attention's (`empty_cache`), each
@@ -210,7 +217,7 @@ class Transformer(nnx.Module):
         self.num_layers = cfg.num_layers
 
     def __call__(self, tokens, *, train: bool, rng=None, segments=None, routing=None,
-                 return_routing: bool = False):
+                 return_routing: bool = False, max_logits: bool = False):
         """tokens: [B, S] int -> float32 logits [B, S, V] and the MoE layers' aux dict, each
         value stacked over MoE layers in layer order ({} for a dense model). segments: [B, S]
         int, the document of each token (1, 2, ... along a row; 0 = padding), or None: each
@@ -218,20 +225,27 @@ class Transformer(nnx.Module):
         routing: [B, S, moe_layers, k] int expert ids each MoE layer routes by instead of its
         router's choice (a recorded routing replayed; aux gains "routing_mismatch"), or None.
         return_routing: aux gains "expert_ids" [moe_layers, B, S, k], each token's experts
-        before capacity drops; off, nothing of it is computed."""
-        x, aux = self.hidden(tokens, train=train, rng=rng, segments=segments, routing=routing,
-                             return_routing=return_routing)
-        return self.logits(x), stacked(aux)
+        before capacity drops; off, nothing of it is computed.
+        max_logits: aux gains "max_logits", {"stacks.i.blocks.j.attn": [repeats, h]}, each
+        attention head's largest logit over the batch (QK-clip's); off, none is computed."""
+        x, aux, tops = self.hidden(tokens, train=train, rng=rng, segments=segments,
+                                   routing=routing, return_routing=return_routing,
+                                   max_logits=max_logits)
+        aux = stacked(aux)
+        return self.logits(x), {**aux, "max_logits": tops} if max_logits else aux
 
-    def with_mtp(self, tokens, *, train: bool, rng=None, segments=None, routing=None):
+    def with_mtp(self, tokens, *, train: bool, rng=None, segments=None, routing=None,
+                 max_logits: bool = False):
         """tokens: [B, S + 1], the inputs and the last target -> the logits for tokens[:, :-1]
         as __call__'s, aux over the MoE layers and then the MTP modules', and the MTP logits
         [D, B, S, V]: depth k's at position i score tokens[:, i + k + 1], those past the end
         scoring nothing (the loss masks them). routing: as __call__'s, for the main model's
         MoE layers; the MTP modules route by their own routers, so "routing_mismatch" is
-        [main MoE layers]."""
+        [main MoE layers]. max_logits: as __call__'s, the MTP blocks' too ("mtp.k.block.attn":
+        [h])."""
         inputs = tokens[:, :-1]
-        x, aux = self.hidden(inputs, train=train, rng=rng, segments=segments, routing=routing)
+        x, aux, tops = self.hidden(inputs, train=train, rng=rng, segments=segments,
+                                   routing=routing, max_logits=max_logits)
         mismatch = [a.pop("routing_mismatch") for a in aux if "routing_mismatch" in a]
         positions = document_positions(inputs, segments)
         padded = jnp.pad(tokens, ((0, 0), (0, len(self.mtp))))
@@ -242,20 +256,25 @@ class Transformer(nnx.Module):
         for k, module in enumerate(self.mtp, 1):
             ahead = self.embed_tokens(padded[:, k:k + inputs.shape[1]])
             layer_rng = None if rng is None else jax.random.fold_in(rng, self.num_layers + k)
-            run = remat(module, self.remat, train=train, rng=layer_rng)
-            h, a, normed_k = run(h, ahead, positions, segments)
+            run = remat(module, self.remat, train=train, rng=layer_rng, max_logit=max_logits)
+            h, a, normed_k, top = run(h, ahead, positions, segments)
+            if max_logits:
+                tops[f"mtp.{k - 1}.block.attn"] = top
             if a is not None:  # one layer: the leading axis the scanned stacks' aux have
                 aux.append(jax.tree.map(lambda v: v[None], a))
             logits.append(self.head(normed_k))
         aux = stacked(aux)
         if mismatch:
             aux["routing_mismatch"] = jnp.concatenate(mismatch)
+        if max_logits:
+            aux["max_logits"] = tops
         return self.head(normed), aux, jnp.stack(logits)
 
     def hidden(self, tokens, *, train: bool, rng=None, segments=None, routing=None,
-               return_routing: bool = False):
-        """tokens: [B, S] -> the last block's output [B, S, d] and the stacks' aux dicts.
-        routing, return_routing: as __call__'s."""
+               return_routing: bool = False, max_logits: bool = False):
+        """tokens: [B, S] -> the last block's output [B, S, d], the stacks' aux dicts and
+        their largest attention logits ({} without max_logits). routing, return_routing,
+        max_logits: as __call__'s."""
         moe_layers = sum(stack.moe_layers for stack in self.stacks)
         if routing is not None and routing.ndim == 3:  # [B, S, L * k], as data rows hold it
             routing = routing.reshape(*routing.shape[:2], moe_layers, -1)
@@ -264,17 +283,18 @@ class Transformer(nnx.Module):
                              f"top_k] expert ids ({moe_layers} MoE layers)")
         positions = document_positions(tokens, segments)
         x = self.embed_tokens(tokens)
-        aux, first = [], 0
-        for stack in self.stacks:
+        aux, tops, first = [], {}, 0
+        for i, stack in enumerate(self.stacks):
             forced = None
             if routing is not None and stack.moe_layers:  # [B, S, L, k] -> [L_here, B, S, k]
                 forced = jnp.moveaxis(routing[:, :, first:first + stack.moe_layers], 2, 0)
                 first += stack.moe_layers
-            x, a = stack(x, positions, segments, train=train, rng=rng, remat=self.remat,
-                         forced=forced, return_ids=return_routing)
+            x, a, top = stack(x, positions, segments, train=train, rng=rng, remat=self.remat,
+                              forced=forced, return_ids=return_routing, max_logits=max_logits)
             if a is not None:
                 aux.append(a)
-        return x, aux
+            tops.update({f"stacks.{i}.{name}": s for name, s in (top or {}).items()})
+        return x, aux, tops
 
     def decode(self, tokens, start, cache, *, last=None, return_routing: bool = False):
         """Inference with a key-value cache. tokens: [B, S] int, row b at positions start[b] ..

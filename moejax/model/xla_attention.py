@@ -54,6 +54,25 @@ def masked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return y.reshape(q.shape).astype(q.dtype)
 
 
+def row_max(q, k, q_segments, kv_segments, q_index, scale: float, block: int,
+            window: int = 0) -> jax.Array:
+    """[b, Sq, h] float32: each query row's largest scaled logit over the keys it sees
+    (`blockwise`'s mask), keys `block` at a time: QK-clip's statistic, where the kernels
+    never expose their logits. q [b, Sq, h, hd] at positions q_index [Sq], k [b, S, kv, hd]
+    at 0 .. S-1, segments [b, Sq] / [b, S]."""
+    qg = _grouped(q, k.shape[2]) * scale
+    kv_index = jnp.arange(k.shape[1]).reshape(-1, block)
+
+    def step(top, xs):
+        kb, segments, index = xs
+        s = _block_scores(qg, kb, q_segments, segments, q_index, index, window)
+        return jnp.maximum(top, s.max(-1)), None
+
+    xs = (_key_blocks(k, block), _key_blocks(kv_segments, block), kv_index)
+    top, _ = jax.lax.scan(step, jnp.full(qg.shape[:-1], -jnp.inf), xs)
+    return top.reshape(q.shape[:3])
+
+
 def _grouped_sinks(sinks, kv: int):
     """[H] -> [kv, group] float32, the layout of `_grouped`'s heads."""
     return sinks.astype(jnp.float32).reshape(kv, -1)

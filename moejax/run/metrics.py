@@ -213,6 +213,11 @@ class StepLog:
         values.update(self.shares(step))
         if "mtp_loss" in m:
             values["train/mtp_loss"] = m["mtp_loss"]
+        clip = ""
+        if "max_logit" in m:  # train.qk_clip > 0: the step's largest attention logit
+            values["attn/max_logit"] = m["max_logit"]
+            values["attn/qk_clipped_heads"] = m["qk_clipped_heads"]
+            clip = f" max_logit {m['max_logit']:.1f} (clipped {int(m['qk_clipped_heads'])})"
         if self.moe_layers:
             values["train/balance_loss"] = m["balance_loss"]
             values["train/z_loss"] = m["z_loss"]
@@ -226,7 +231,7 @@ class StepLog:
             for warning in self.alarm.update(step, load) if self.alarm else []:
                 self.writer.print(warning)
         self.writer.scalars(step, values)
-        self.writer.print(f"step {step}/{self.steps} loss {m['loss']:.4f}" + (
+        self.writer.print(f"step {step}/{self.steps} loss {m['loss']:.4f}{clip}" + (
             f" tok/s {perf['perf/tokens_per_s']:,.0f} step {perf['perf/step_ms']:.0f} ms "
             f"(data wait {data_wait_ms:.0f} ms) ETA {format_eta(perf['eta_s'])}" if perf
             else ""))

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moejax import parallel
 from moejax.model.transformer import Transformer
 from moejax.moe import router
-from moejax.run import health
+from moejax.run import health, qk_clip
 from moejax.run.checkpoint import path_name
 from moejax.run.optim import make_optimizer
 
@@ -204,7 +204,8 @@ def loss_fn(params, graphdef, batch, rng, tc, counts=None, share: float = 1.0):
     statistics are this batch's, times `share` (1 / micro-batches). A batch["routing"],
     int [B, S + 1 or S, MoE layers, top_k] expert ids (generate's record), is replayed: the
     MoE layers route the inputs by it, and "routing_mismatch" is the share of its real
-    assignments their routers would not have chosen."""
+    assignments their routers would not have chosen. With train.qk_clip > 0, metrics gain
+    "max_logits": each attention head's largest logit on this batch (Transformer's)."""
     batch = as_batch(batch)
     tokens, segments = batch["tokens"], batch["segments"][:, :-1]
     routing = batch.get("routing")  # optional: replay
@@ -212,15 +213,20 @@ def loss_fn(params, graphdef, batch, rng, tc, counts=None, share: float = 1.0):
     model = nnx.merge(graphdef, params)
     depths = len(model.mtp)
     counts = scored_counts(batch, depths) if counts is None else counts
+    # QK-clip's statistic costs a second q.k per layer: only asked for when it is used.
+    asked = {"max_logits": True} if tc.qk_clip > 0 else {}
     if depths:
         logits, aux, mtp_logits = model.with_mtp(tokens, train=True, rng=rng, segments=segments,
-                                                 routing=routing)
+                                                 routing=routing, **asked)
     else:
         logits, aux = model(tokens[:, :-1], train=True, rng=rng, segments=segments,
-                            routing=routing)
+                            routing=routing, **asked)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     ce = (ce * target_weights(batch)).sum() / counts[0]
     metrics = {"ce_loss": ce}
+    if asked:
+        aux = dict(aux)
+        metrics["max_logits"] = aux.pop("max_logits")
     loss = ce
     if aux:  # each value stacked over MoE layers; the losses are averaged over them
         metrics["balance_loss"] = share * aux["balance_loss"].mean()
@@ -273,13 +279,20 @@ def train_step(state, batch, step, *, graphdef, tx, lr, config, offloaded: bool 
     def accumulate(carry, i):
         one = jax.tree.map(lambda a: a[i], micro)
         (_, m), g = grad_fn(state["params"], batch=one, rng=jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (g, m)), None
+        tops = m.pop("max_logits", {})
+        (g, m), top = jax.tree.map(jnp.add, carry[0], (g, m)), carry[1]
+        return ((g, m), jax.tree.map(jnp.maximum, top, tops)), None
 
     first = jax.tree.map(lambda a: a[0], micro)
     zeros = jax.eval_shape(lambda: grad_fn(state["params"], batch=first, rng=rng))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
-    # Each micro-batch's loss and metrics are its share of the step's: they add up.
-    (grads, metrics), _ = jax.lax.scan(accumulate, zeros, jnp.arange(tc.grad_accum))
+    shapes = (zeros[1], zeros[0][1])
+    tops = jax.tree.map(lambda s: jnp.full(s.shape, -jnp.inf, s.dtype),
+                        shapes[1].pop("max_logits", {}))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    # Each micro-batch's loss and metrics are its share of the step's: they add up; the
+    # largest logits are the largest of any micro-batch.
+    ((grads, metrics), tops), _ = jax.lax.scan(accumulate, (zeros, tops),
+                                               jnp.arange(tc.grad_accum))
 
     # Brought in after the gradients, so the backward pass never shares the device with the
     # moments (XLA may start the copy earlier to overlap it; it cannot need it sooner).
@@ -287,6 +300,11 @@ def train_step(state, batch, step, *, graphdef, tx, lr, config, offloaded: bool 
                                                     if offloaded else state["opt_state"])}
     updates, opt_state = tx.update(grads, old["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if tc.qk_clip > 0:
+        # On the updated weights, by the logits their pre-update values gave (MuonClip).
+        params = qk_clip.clip(params, tops, tc.qk_clip, config.model.qk_nope_head_dim)
+        every = jnp.concatenate([t.ravel() for t in jax.tree.leaves(tops)])
+        metrics.update(max_logit=every.max(), qk_clipped_heads=(every > tc.qk_clip).sum())
     if config.model.bias_rate > 0:
         params = update_router_bias(params, metrics["expert_load"], config.model.bias_rate)
     grad_norm = optax.tree.norm(grads)
