@@ -311,6 +311,7 @@ def test_config_values_checked():
 
 # ---- training -------------------------------------------------------------------------------
 
+@pytest.mark.slow  # three real runs; the update itself is checked fast above
 def test_tiny_smoke_trains_and_resumes_exactly(tmp_path):
     """The real trainer with Muon: the loss falls, and a run stopped at step 4 and resumed
     from its checkpoint (Muon's momentum and AdamW's moments restored, the masked leaves
