@@ -121,6 +121,9 @@ def get_config(arg=None):
             b1=0.9,
             b2=0.95,
             moment_dtype="float32",
+            # Kimi K2 itself trained with MuonClip: --config.train.optimizer=muon
+            # --config.train.qk_clip=100 (same lr and weight decay under consistent_rms).
+            # AdamW here so docs/memory.md's rows stay the planner's answer for this file.
             optimizer="adamw",  # adamw | muon
             muon_lr_scale="consistent_rms",
             qk_clip=0.0,  # MuonClip's logit threshold; 0 = off
