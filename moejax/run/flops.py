@@ -13,6 +13,8 @@ PEAK_FLOPS = {
     "NVIDIA H200": 989e12,
     "NVIDIA A100": 312e12,
     "NVIDIA B200": 2250e12,
+    "NVIDIA GB200": 2500e12,  # GB200 runs its B200 dies at a higher power: plan/hardware.py
+    "TPU7x": 1153.5e12,  # Ironwood: 2,307 per chip, and each chip is two JAX devices
 }
 
 
