@@ -165,7 +165,7 @@ def test_plan_flags_fail_in_one_line(argv, config_files, args, error):
 @pytest.mark.parametrize("entry,allowed", [
     ("train", "--config, --workdir, --coordinator, --num_processes, --process_id, "
               "--heartbeat_timeout_s"),
-    ("plan", "--config, --mesh, --hbm_gib")])
+    ("plan", "--config, --mesh, --hbm_gib, --devices_per_host, --target, --search")])
 def test_an_unknown_flag_names_the_entry_points_own(argv, entry, allowed):
     argv("--config=configs/tiny.py", "--workdr=w")
     with pytest.raises(SystemExit) as e:

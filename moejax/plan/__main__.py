@@ -1,7 +1,8 @@
 """Size a run before paying for it: compile its train step for simulated devices.
 
   python -m moejax.plan --config configs/X.py[:variant] [--mesh fsdp=8,expert=8]
-      [--hbm_gib 80] [--devices_per_host 8] [--config.model.remat=full]
+      [--hbm_gib 80] [--devices_per_host 8] [--target h100 [--search]]
+      [--config.model.remat=full]
 
 Nothing is allocated and nothing runs. The state comes from `state.setup` (abstract arrays
 with the trainer's shardings), the train step is `state.train_step_fn`, compiled by XLA:CPU
@@ -36,6 +37,7 @@ def main() -> None:
     from ml_collections import config_flags
 
     from moejax import cli, config_lib  # import no jax: XLA_FLAGS can still be set below
+    from moejax.plan import hardware
 
     config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:variant]",
                                     lock_config=True)
@@ -45,6 +47,13 @@ def main() -> None:
     flags.DEFINE_integer("devices_per_host", 8, "devices one host serves (8: an H100 or H200 "
                          "node; 4: a TPU v5p host): the host memory that offloaded optimizer "
                          "moments take (train.offload_optimizer)")
+    flags.DEFINE_string("target", None, "h100 | h200 | b200 | gb200 | v5p | v6e | ironwood: "
+                        "predict the step time and MFU on that chip (moejax/plan/predict.py); "
+                        "its memory and devices per host replace --hbm_gib and "
+                        "--devices_per_host unless given")
+    flags.DEFINE_bool("search", False, "with --target: the fastest predicted layout that fits, "
+                      "over mesh shapes on the mesh's devices, remat, micro-batches, moment "
+                      "dtype and offload (moejax/plan/search.py)")
     flags.mark_flags_as_required(["config"])
     with cli.one_line_errors():
         cli.parse_flags(sys.argv, __doc__)  # --help, bad flags and config files
@@ -53,6 +62,15 @@ def main() -> None:
                                 "GiB of memory per device")
         config_lib.check_number("--devices_per_host", flags.FLAGS.devices_per_host, "> 0",
                                 "devices per host")
+        if flags.FLAGS.search and not flags.FLAGS.target:
+            raise config_lib.ConfigError(f"--search needs --target; allowed: "
+                                         f"{', '.join(hardware.TARGETS)}")
+        chip = hardware.target(flags.FLAGS.target) if flags.FLAGS.target else None
+        hbm_gib, per_host = flags.FLAGS.hbm_gib, flags.FLAGS.devices_per_host
+        if chip and not flags.FLAGS["hbm_gib"].present:
+            hbm_gib = chip.hbm_gib / chip.devices_per_chip
+        if chip and not flags.FLAGS["devices_per_host"].present:
+            per_host = chip.devices_per_host
         # The flag is spelled and checked as train's mesh.* are, over the config's own.
         sizes = config_lib.check_mesh({**config.mesh,
                                        **config_lib.parse_mesh(flags.FLAGS.mesh or "")})
@@ -68,10 +86,22 @@ def main() -> None:
     from moejax.plan.estimate import plan
     from moejax.plan.report import report
 
+    if flags.FLAGS.search:
+        from moejax.plan.search import search, search_lines
+
+        devices = math.prod(mesh.values())
+        with cli.one_line_errors():
+            results = search(config, chip, devices)
+        print("\n".join(search_lines(results, chip, devices)))
+        return
     with cli.one_line_errors():
         p = plan(config, mesh)
-    print(report(p, flags.FLAGS["config"].config_filename, flags.FLAGS.hbm_gib,
-                 flags.FLAGS.devices_per_host))
+    text = report(p, flags.FLAGS["config"].config_filename, hbm_gib, per_host)
+    if chip:
+        from moejax.plan.predict import prediction_lines
+
+        text += "\n" + "\n".join(prediction_lines(p, chip))
+    print(text)
 
 
 if __name__ == "__main__":

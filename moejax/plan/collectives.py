@@ -31,21 +31,44 @@ def _shape_bytes(shape: str) -> int:
                for dtype, dims in _ARRAY.findall(shape))
 
 
-def _group_size(attrs: str, num_devices: int) -> int:
-    if m := re.search(r"replica_groups=\[\d+,(\d+)\]<=", attrs):  # iota form [groups,size]<=..
-        return int(m.group(1))
+def first_group(attrs: str, num_devices: int) -> list[int]:
+    """The device ids of an op's first replica group, in any of the three forms XLA prints:
+    iota ([groups,size]<=[dims]T(perm)), explicit ({{0,1},{2,3}}) or a mesh's named axes
+    (mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: the named axes vary, the others at 0). Ids are
+    positions in the mesh's device order, row-major, as parallel.make_mesh lays devices."""
+    import numpy as np
+
+    if m := re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?",
+                      attrs):
+        dims = [int(d) for d in m.group(3).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(4):
+            ids = ids.transpose([int(p) for p in m.group(4).split(",")])
+        return ids.reshape(int(m.group(1)), int(m.group(2)))[0].tolist()
     if m := re.search(r"replica_groups=\{\{([\d,]*)\}", attrs):
-        return len(m.group(1).split(","))
+        return [int(d) for d in m.group(1).split(",")]
     if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", attrs):
-        # mesh['axis_0'=1,'axis_1'=8] {'axis_1'}: a group spans the named axes
-        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
-    return num_devices  # {} = every device
+        sizes = [(a, int(n)) for a, n in re.findall(r"'(\w+)'=(\d+)", m.group(1))]
+        named = set(re.findall(r"'(\w+)'", m.group(2)))
+        ids = np.arange(math.prod(n for _, n in sizes)).reshape([n for _, n in sizes])
+        return ids[tuple(slice(None) if a in named else 0 for a, _ in sizes)].ravel().tolist()
+    return list(range(num_devices))  # {} = every device
 
 
 def collective_bytes(hlo: str, num_devices: int) -> dict:
     """{op: {'count', 'payload', 'wire'}} per device per call of an optimized, SPMD-partitioned
     HLO module (`compiled.as_text()`); ops in a while body count known_trip_count times."""
+    out = {op: {"count": 0, "payload": 0, "wire": 0.0} for op in COLLECTIVES}
+    for r in collective_records(hlo, num_devices):
+        for key in ("count", "payload", "wire"):
+            out[r["op"]][key] += r[key]
+    return out
+
+
+def collective_records(hlo: str, num_devices: int) -> list[dict]:
+    """One record per collective instruction that moves bytes: its op, how often it runs per
+    call (count), payload and wire bytes per device over those runs, and its first replica
+    group's device ids (which links it crosses is the target's question, plan/predict.py)."""
     computations, instructions, roots, entry = {}, {}, {}, None
     for line in hlo.splitlines():
         if m := _COMPUTATION.match(line):
@@ -93,19 +116,18 @@ def collective_bytes(hlo: str, num_devices: int) -> dict:
             for callee in callees:
                 if callee in runs:
                     runs[callee] += runs[comp] * trips
-    out = {op: {"count": 0, "payload": 0, "wire": 0.0} for op in COLLECTIVES}
+    out = []
     for comp, names in computations.items():
         for name in names:
             _, op, rest = instructions[name]
             base = op.removesuffix("-start")
-            if base not in out or runs[comp] == 0:
+            if base not in COLLECTIVES or runs[comp] == 0:
                 continue
             # Groups of one device move nothing (XLA:CPU keeps such all-reduces, over mesh
             # axes of size 1, as copies).
-            if (group := _group_size(rest, num_devices)) == 1:
+            if len(group := first_group(rest, num_devices)) == 1:
                 continue
             payload = runs[comp] * sum(sent_bytes(o) for o in operands(rest))
-            out[base]["count"] += runs[comp]
-            out[base]["payload"] += payload
-            out[base]["wire"] += payload * WIRE[base](group)
+            out.append({"op": base, "count": runs[comp], "payload": payload,
+                        "wire": payload * WIRE[base](len(group)), "group": group})
     return out

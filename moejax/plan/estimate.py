@@ -5,7 +5,7 @@ its conventions are report.py's; `python -m moejax.plan` runs both."""
 import math
 import time
 
-from moejax.plan.collectives import collective_bytes
+from moejax.plan.collectives import collective_bytes, collective_records
 
 MiB, GiB = 2**20, 2**30
 
@@ -100,6 +100,20 @@ def optimizer_update(setup) -> dict | None:
             "collectives": collective_bytes(compiled.as_text(), setup.mesh.size)}
 
 
+def model_summary(config, counts: dict) -> dict:
+    """What plan/predict.py prices besides the compiled step: the routed experts' active
+    weights, depth, width, activation bytes, quantization."""
+    import numpy as np
+
+    from moejax.model.layers import DTYPES
+
+    mc = config.model
+    return {"expert_active": (counts["expert"] * mc.top_k // mc.num_experts
+                              if mc.num_experts else 0),
+            "layers": mc.num_layers + mc.mtp_layers, "d_model": mc.d_model,
+            "act_bytes": np.dtype(DTYPES[mc.dtype]).itemsize, "quantization": mc.quantization}
+
+
 def plan(config, mesh: dict | None = None) -> dict:
     """Compile the train step of `config` on the available (simulated) devices, the config's
     mesh updated by `mesh` ({axis: size}); return sizes in bytes, per device unless a key says
@@ -128,6 +142,7 @@ def plan(config, mesh: dict | None = None) -> dict:
     step = jax.ShapeDtypeStruct((), jnp.int32)
     compiled = state.train_step_fn(setup).lower(setup.abstract, tokens, step).compile()
     compile_s = time.perf_counter() - start
+    hlo = compiled.as_text()
     update = optimizer_update(setup)
 
     counts = param_counts(setup.model, mc.top_k, mc.num_experts)
@@ -160,7 +175,9 @@ def plan(config, mesh: dict | None = None) -> dict:
         "offload": bool(config.train.offload_optimizer),
         "precision": precision_table(config, setup),
         "memory": memory(compiled), "attention_scores": rows * heads * query_rows * keys * 4,
-        "collectives": collective_bytes(compiled.as_text(), mesh.size),
+        "collectives": collective_bytes(hlo, mesh.size),
+        "collective_records": collective_records(hlo, mesh.size),
+        "model": model_summary(config, counts),
         "alltoall_min": alltoall_minimum(config, sizes) if mc.num_experts else None,
         "optimizer_update": update,
     }

@@ -1,0 +1,141 @@
+"""The step time of a plan on a target chip (`plan --target NAME`): a roofline of the train
+step that estimate.plan compiled, each part priced on the chip of plan/hardware.py.
+
+- Matmuls: the step's FLOPs per device as the hardware runs them (the model's 6N + attention,
+  the forward once more under remat=full, the experts' capacity slots padded), at
+  MATMUL_EFFICIENCY of the chip's dense peak (fp8 for the experts under fp8 QAT).
+- Memory-bound work: what must cross HBM besides the matmuls: the optimizer update (it reads
+  parameters, gradients and moments and writes parameters and moments) and the activations'
+  elementwise passes (ACTIVATION_PASSES reads or writes of a [tokens, d_model] array per layer
+  and step), at the chip's HBM bandwidth.
+- Collectives: every collective of the compiled step (collectives.collective_records: the
+  bytes each device sends, its group's device ids), and for dropless dispatch the ragged
+  all-to-alls that XLA:CPU compiles as a ring (ragged_alltoall); each over the scale-up link
+  (NVLink, ICI) when its group lies inside one scale-up domain, else over the scale-out
+  network, each op also paying COLLECTIVE_LATENCY_S.
+- Overlap, stated: XLA runs collectives asynchronously; the weight gathers, gradient
+  reductions and ring passes of FSDP and tensor parallelism (all-gather, reduce-scatter,
+  all-reduce, collective-permute) hide behind the matmuls up to their time, the MoE
+  all-to-alls (each waits on the router and feeds the experts) do not. Memory-bound work does
+  not overlap the matmuls.
+
+MFU counts the model's FLOPs (run/flops.py: 6 per active weight + causal attention), not the
+recomputed or padded ones, against the dense bf16 peak, as MaxText and Megatron-Core report it.
+"""
+
+# Achieved fraction of the dense peak on the large, well-shaped matmuls of these models
+# (docs/performance.md says where it comes from and what it leaves out).
+MATMUL_EFFICIENCY = 0.75
+# Reads or writes of a [tokens, d_model] activation per layer in forward and backward together:
+# norms, residual adds, rotary, softmax statistics, the experts' gather and scatter.
+ACTIVATION_PASSES = 40
+COLLECTIVE_LATENCY_S = 10e-6  # per collective op launched
+OVERLAPPED = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+
+
+def hardware_flops(p: dict) -> dict:
+    """{'model', 'hardware'} FLOPs per device per step: the model's (MFU's numerator) and what
+    the chip executes: the forward again under remat=full (2 of the 6 per weight, and the
+    attention's forward third), the routed experts' share times the slots the capacity path
+    computes per assignment (its effective capacity factor; dropless: 1)."""
+    tokens = p["tokens_per_step"] / p["devices"]
+    model = p["flops_per_token"] * tokens
+    expert = 6 * p["model"]["expert_active"] * tokens
+    a = p["alltoall_min"]
+    slots = a["effective_cf"] if a and not a["dropless"] else 1.0
+    recompute = 8 / 6 if p["remat"] == "full" else 1.0
+    return {"model": model, "hardware": (model + expert * (slots - 1)) * recompute,
+            "expert": expert * slots * recompute}
+
+
+def memory_bytes(p: dict) -> float:
+    """HBM bytes per device per step outside the matmuls: the optimizer update (reads params,
+    gradients, moments; writes params and moments) and the activations' elementwise passes."""
+    m, st = p["model"], p["state"]
+    update = 3 * st["params"] + 2 * st["opt_state"]  # params read and written, grads read
+    tokens = p["tokens_per_step"] / p["devices"]
+    return update + ACTIVATION_PASSES * m["layers"] * tokens * m["d_model"] * m["act_bytes"]
+
+
+def link_of(group: list[int], chip) -> str:
+    """'scale-up' when every device of the group is in one scale-up domain (an NVLink node or
+    rack, a TPU slice), else 'scale-out'. Device ids are mesh positions, a domain's devices
+    consecutive: the mesh's last axes (tensor, context, expert) innermost, as launchers lay
+    them so that the chattiest axes stay on NVLink. A collective on a domain gets all of the
+    chip's links (NVSwitch gives every GPU its full NVLink bandwidth; a TPU collective over a
+    whole torus slice uses every ICI port)."""
+    domain = chip.scaleup_chips * chip.devices_per_chip
+    return "scale-up" if len({d // domain for d in group}) == 1 else "scale-out"
+
+
+def collective_times(records: list[dict], chip) -> dict:
+    """{op: {'scale-up': s, 'scale-out': s}}: each op's wire bytes over its link's bandwidth
+    per device and direction, plus the per-op latency."""
+    out = {}
+    for r in records:
+        link = link_of(r["group"], chip)
+        gbps = chip.scaleup_gb_per_s if link == "scale-up" else chip.network_gb_per_s
+        t = r["wire"] / (gbps * 1e9 / chip.devices_per_chip) + r["count"] * COLLECTIVE_LATENCY_S
+        out.setdefault(r["op"], {"scale-up": 0.0, "scale-out": 0.0})[link] += t
+    return out
+
+
+def ragged_alltoall(p: dict, chip) -> float:
+    """Seconds of dropless dispatch's ragged all-to-alls on a GPU or TPU, which XLA:CPU
+    cannot compile (it runs the ring; estimate.alltoall_minimum counts the ragged bytes):
+    every assignment's row out and back per MoE layer and pass, within the expert axis."""
+    a = p["alltoall_min"]
+    if not a or not a["ragged_forward"] or a["expert"] == 1:
+        return 0.0
+    wire = a["passes"] * a["ragged_forward"] / a["token_shards"] * (a["expert"] - 1) / a["expert"]
+    stride = p["mesh"]["context"] * p["mesh"]["tensor"]  # the axes inside expert
+    link = link_of([i * stride for i in range(a["expert"])], chip)
+    gbps = chip.scaleup_gb_per_s if link == "scale-up" else chip.network_gb_per_s
+    return (wire / (gbps * 1e9 / chip.devices_per_chip)
+            + 2 * a["passes"] * a["moe_layers"] * COLLECTIVE_LATENCY_S)
+
+
+def predict(p: dict, chip) -> dict:
+    """The predicted step of plan `p` on `chip` (seconds), its parts, MFU and the bound."""
+    flops, share = hardware_flops(p), 1 / chip.devices_per_chip  # a JAX device's part
+    peak = chip.bf16_tflops * 1e12 * share
+    expert_peak = (chip.fp8_tflops if p["model"]["quantization"] == "fp8" else
+                   chip.bf16_tflops) * 1e12 * share
+    matmul = ((flops["hardware"] - flops["expert"]) / peak
+              + flops["expert"] / expert_peak) / MATMUL_EFFICIENCY
+    memory = memory_bytes(p) / (chip.hbm_gb_per_s * 1e9 * share)
+    comm = collective_times(p["collective_records"], chip)
+    hidden = sum(sum(v.values()) for op, v in comm.items() if op in OVERLAPPED)
+    exposed = (sum(sum(v.values()) for op, v in comm.items() if op not in OVERLAPPED)
+               + ragged_alltoall(p, chip))
+    overlap_left = max(0.0, hidden - matmul)
+    step = matmul + memory + exposed + overlap_left
+    parts = {"matmul": matmul, "memory-bound": memory, "all-to-all (exposed)": exposed,
+             "overlapped collectives beyond the matmuls": overlap_left}
+    mfu = flops["model"] / (step * peak)
+    return {"step_s": step, "parts": parts, "collectives": comm, "hidden": hidden,
+            "flops": flops, "mfu": mfu,
+            "tflops_per_chip": flops["model"] / step / 1e12 * chip.devices_per_chip,
+            "tokens_per_s": p["tokens_per_step"] / step,
+            "bound": max(("compute", matmul), ("memory", memory),
+                         ("communication", exposed + hidden), key=lambda kv: kv[1])[0]}
+
+
+def prediction_lines(p: dict, chip) -> list[str]:
+    r = predict(p, chip)
+    ms = 1e3
+    chips = p["devices"] // chip.devices_per_chip
+    lines = ["", f"predicted step on {chips} x {chip.name}: {r['step_s'] * ms:,.1f} ms, "
+             f"MFU {r['mfu']:.1%} ({r['tflops_per_chip']:,.0f} TFLOP/s per chip of "
+             f"{chip.bf16_tflops:,.0f}), {r['tokens_per_s']:,.0f} tokens/s; {r['bound']}-bound",
+             f"  matmuls at {MATMUL_EFFICIENCY:.0%} of peak, {r['flops']['hardware'] / 1e12:,.1f} "
+             f"TFLOP per device ({r['flops']['model'] / 1e12:,.1f} of them the model's)"]
+    for name, t in r["parts"].items():
+        lines.append(f"  {name:<44} {t * ms:10,.1f} ms")
+    lines.append(f"  collectives (ms), scale-up {chip.scaleup_gb_per_s:,.0f} GB/s, scale-out "
+                 f"{chip.network_gb_per_s:,.0f} GB/s per chip and direction:")
+    for op, t in r["collectives"].items():
+        state = "overlapped" if op in OVERLAPPED else "exposed"
+        lines.append(f"    {op:<22} scale-up {t['scale-up'] * ms:9,.1f}  scale-out "
+                     f"{t['scale-out'] * ms:9,.1f}  ({state})")
+    return lines

@@ -1,0 +1,121 @@
+"""`plan --search`: the fastest predicted layout of a config that fits a target chip.
+
+Over the mesh (fsdp x expert x tensor on the devices the config's mesh has), remat (full;
+matmuls where full fits) and micro-batches (train.grad_accum x 1, 2, 4: more only while
+nothing fits and the peak still falls), each
+candidate compiled as `plan` compiles it and priced by predict.py; the first-moment dtype and
+optimizer offload by the planner's arithmetic on the same compile (estimate.fit, offload),
+cheapest first: as configured, then mu in bf16, then the moments in host memory (their host
+link time added). The answer is the fastest that fits, with the runners-up and why the
+others lost.
+"""
+
+from moejax.plan.estimate import GiB, fit, offload, plan
+from moejax.plan.predict import predict
+
+REMATS = ("full", "matmuls")
+MICRO = (1, 2, 4)
+
+
+def meshes(config, devices: int, chip) -> list[dict]:
+    """Every fsdp x expert x tensor = devices whose sizes divide what they split: experts,
+    heads and kv heads, the batch's rows; tensor within one scale-up domain."""
+    mc, out = config.model, []
+    kv_heads = mc.num_kv_heads or mc.num_heads
+    domain = chip.scaleup_chips * chip.devices_per_chip
+    for expert in (e for e in range(1, devices + 1) if devices % e == 0):
+        if expert > 1 and (not mc.num_experts or mc.num_experts % expert):
+            continue
+        for tensor in (t for t in range(1, devices // expert + 1) if devices // expert % t == 0):
+            if tensor > min(8, domain) or mc.num_heads % tensor or kv_heads % tensor:
+                continue
+            fsdp = devices // expert // tensor
+            if config.data.batch_size % (fsdp * expert):
+                continue
+            out.append({"data": 1, "fsdp": fsdp, "expert": expert, "context": 1,
+                        "tensor": tensor})
+    return out
+
+
+def choose(p: dict, chip) -> dict | None:
+    """The cheapest memory option that fits `chip`: as compiled, mu in bf16, or the moments
+    in host memory; None when none does."""
+    hbm = chip.hbm_gib / chip.devices_per_chip * GiB
+    f = fit(p, hbm)
+    if f["fits"]:
+        return {"option": "as configured", "peak": f["peak"], "extra_s": 0.0}
+    rows = p["precision"]["train"]
+    own = next(r for r in rows if r["own"])
+    for row, peak in zip(rows, f["precision"], strict=True):
+        if row["params"] == own["params"] and row["mu"] == "bfloat16" and peak <= hbm:
+            return {"option": "train.moment_dtype=bfloat16", "peak": peak, "extra_s": 0.0}
+    o = offload(p)
+    if o["peak"] <= hbm:  # in and out over the host link, not hidden behind the step
+        return {"option": "train.offload_optimizer=True", "peak": o["peak"],
+                "extra_s": o["moments"] / (chip.host_gb_per_s * 1e9 / chip.devices_per_chip)}
+    return None
+
+
+def search(config, chip, devices: int, log=print) -> list[dict]:
+    """Every candidate priced (compiles one per mesh, remat and micro-batch count), fastest
+    fitting first, then the rest by their peak."""
+    results = []
+    for mesh in meshes(config, devices, chip):
+        for remat in REMATS:  # full first: matmuls keeps more, so is tried only where it fits
+            if remat != REMATS[0] and not any(r["fits"] for r in results if r["mesh"] == mesh):
+                break
+            last = None
+            for times in MICRO:
+                c = config.copy_and_resolve_references()
+                with c.unlocked():
+                    c.model.remat = remat
+                    c.train.grad_accum = config.train.grad_accum * times
+                if c.data.batch_size % (c.train.grad_accum * mesh["fsdp"] * mesh["expert"]):
+                    break
+                row = candidate(c, mesh, chip)
+                results.append(row)
+                log(line(row))
+                # More micro-batches only repeat the weight gathers: stop once one fits, or
+                # once halving the activations no longer lowers the peak (the state sets it).
+                if row["fits"] or (last is not None and row["peak"] >= 0.99 * last):
+                    break
+                last = row["peak"]
+    return sorted(results, key=lambda r: (not r["fits"], r["step_s"] if r["fits"] else r["peak"]))
+
+
+def candidate(config, mesh: dict, chip) -> dict:
+    p = plan(config, mesh)
+    r, choice = predict(p, chip), choose(p, chip)
+    step = r["step_s"] + (choice["extra_s"] if choice else 0.0)
+    return {"mesh": mesh, "remat": config.model.remat, "grad_accum": config.train.grad_accum,
+            "fits": choice is not None, "choice": choice, "peak": p["memory"]["peak"],
+            "step_s": step, "mfu": r["mfu"] * r["step_s"] / step, "bound": r["bound"]}
+
+
+def name(row: dict) -> str:
+    m = row["mesh"]
+    return (f"fsdp={m['fsdp']} x expert={m['expert']} x tensor={m['tensor']}, remat="
+            f"{row['remat']}, grad_accum={row['grad_accum']}")
+
+
+def line(row: dict) -> str:
+    if not row["fits"]:
+        return f"  {name(row):<58} does not fit (compiled peak {row['peak'] / GiB:,.1f} GiB)"
+    c = row["choice"]
+    return (f"  {name(row):<58} {row['step_s'] * 1e3:10,.0f} ms  MFU {row['mfu']:5.1%}  "
+            f"{c['peak'] / GiB:7,.1f} GiB  {c['option']}, {row['bound']}-bound")
+
+
+def search_lines(results: list[dict], chip, devices: int) -> list[str]:
+    fitting = [r for r in results if r["fits"]]
+    head = ["", f"search: {len(results)} layouts on {devices} devices of {chip.name}, "
+            f"{len(fitting)} fit"]
+    if not fitting:
+        best = results[0]
+        return head + [f"  none fits; the smallest peak: {name(best)} at "
+                       f"{best['peak'] / GiB:,.1f} GiB"]
+    best = fitting[0]
+    lines = head + [f"answer: {name(best)}: {best['step_s'] * 1e3:,.0f} ms per step, MFU "
+                    f"{best['mfu']:.1%}, {best['choice']['option']}", "runners-up:"]
+    lines += [line(r) for r in fitting[1:6]]
+    return lines

@@ -1,0 +1,172 @@
+"""plan --target (moejax/plan/predict.py): each part of the predicted step by hand, which
+link a collective crosses, and planted changes moving the prediction the right way."""
+
+import dataclasses
+import functools
+
+import pytest
+
+from configs import tiny
+from moejax.config_ranges import ConfigError
+from moejax.plan import estimate, hardware, predict
+from moejax.plan.collectives import first_group
+
+H100 = hardware.TARGETS["h100"]
+
+
+def test_first_group_of_every_replica_group_form():
+    assert first_group("replica_groups=[2,4]<=[8], to_apply=%add", 8) == [0, 1, 2, 3]
+    # [2,4] transposed: groups are the columns of [[0..3], [4..7]]
+    assert first_group("replica_groups=[4,2]<=[2,4]T(1,0), x", 8) == [0, 4]
+    assert first_group("replica_groups={{2,3},{0,1}}", 8) == [2, 3]
+    assert first_group("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}", 8) == [0, 4]
+    assert first_group("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}", 8) == [0, 1, 2, 3]
+    assert first_group("replica_groups={}", 4) == [0, 1, 2, 3]
+
+
+def test_a_collective_inside_a_node_takes_nvlink_one_across_nodes_the_network():
+    records = [{"op": "all-gather", "count": 2, "payload": 0, "wire": 450e9, "group": [0, 7]},
+               {"op": "all-to-all", "count": 1, "payload": 0, "wire": 50e9, "group": [0, 8]}]
+    t = predict.collective_times(records, H100)
+    lat = predict.COLLECTIVE_LATENCY_S
+    assert t["all-gather"] == {"scale-up": 1.0 + 2 * lat, "scale-out": 0.0}
+    assert t["all-to-all"] == {"scale-up": 0.0, "scale-out": 1.0 + lat}
+
+
+def synthetic(**changes) -> dict:
+    """A plan as estimate.plan returns it, by hand: 8 devices, 1M tokens, 1 GFLOP per token."""
+    p = {"devices": 8, "tokens_per_step": 2**20, "flops_per_token": 1e9, "remat": "full",
+         "state": {"params": 2e9, "opt_state": 4e9},
+         "model": {"expert_active": 1e8, "layers": 10, "d_model": 1000, "act_bytes": 2,
+                   "quantization": "none"},
+         "mesh": {"data": 1, "fsdp": 1, "expert": 8, "context": 1, "tensor": 1},
+         "alltoall_min": {"dropless": False, "effective_cf": 1.25, "ragged_forward": 0,
+                          "expert": 8, "passes": 3, "token_shards": 8, "moe_layers": 10},
+         "collective_records": [
+             {"op": "all-to-all", "count": 10, "payload": 0, "wire": 4.5e9, "group": [0, 1]},
+             {"op": "all-gather", "count": 10, "payload": 0, "wire": 9e9, "group": [0, 4]}]}
+    p.update(changes)
+    return p
+
+
+def test_each_part_by_hand():
+    p = synthetic()
+    r = predict.predict(p, H100)
+    tokens = 2**20 / 8
+    model = 1e9 * tokens
+    expert = 6 * 1e8 * tokens * 1.25  # capacity slots
+    hardware_flops = (model + 6 * 1e8 * tokens * 0.25) * 8 / 6  # + padding, remat=full
+    assert r["flops"]["model"] == pytest.approx(model)
+    assert r["flops"]["hardware"] == pytest.approx(hardware_flops)
+    matmul = hardware_flops / (989e12 * predict.MATMUL_EFFICIENCY)
+    assert r["parts"]["matmul"] == pytest.approx(matmul)
+    assert expert * 8 / 6 == pytest.approx(r["flops"]["expert"])
+    hbm = (3 * 2e9 + 2 * 4e9 + predict.ACTIVATION_PASSES * 10 * tokens * 1000 * 2) / 3350e9
+    assert r["parts"]["memory-bound"] == pytest.approx(hbm)
+    lat = 10 * predict.COLLECTIVE_LATENCY_S
+    assert r["parts"]["all-to-all (exposed)"] == pytest.approx(4.5e9 / 450e9 + lat)
+    gather = 9e9 / 450e9 + lat  # hidden under the matmuls, which last longer
+    assert gather < matmul and r["parts"]["overlapped collectives beyond the matmuls"] == 0
+    step = matmul + hbm + 4.5e9 / 450e9 + lat
+    assert r["step_s"] == pytest.approx(step)
+    assert r["mfu"] == pytest.approx(model / (step * 989e12))
+
+
+def test_dropless_pays_the_ragged_all_to_all_it_cannot_compile_here():
+    """Dropless on 8 x H100 (expert 8, one node): every assignment's row out and back per
+    MoE layer and pass, 7/8 of it leaving the device, over NVLink; no slots padded."""
+    a = {**synthetic()["alltoall_min"], "dropless": True, "ragged_forward": 8 * 4.5e9}
+    r = predict.predict(synthetic(alltoall_min=a), H100)
+    wire = 3 * 4.5e9 * 7 / 8
+    ragged = wire / 450e9 + 2 * 3 * 10 * predict.COLLECTIVE_LATENCY_S
+    compiled = 4.5e9 / 450e9 + 10 * predict.COLLECTIVE_LATENCY_S
+    assert r["parts"]["all-to-all (exposed)"] == pytest.approx(compiled + ragged)
+    assert r["flops"]["expert"] == pytest.approx(6 * 1e8 * 2**20 / 8 * 8 / 6)
+
+
+def test_fp8_experts_run_at_the_fp8_peak():
+    bf16 = predict.predict(synthetic(), H100)
+    fp8 = predict.predict(synthetic(model={**synthetic()["model"], "quantization": "fp8"}),
+                          H100)
+    saved = bf16["flops"]["expert"] / predict.MATMUL_EFFICIENCY * (1 / 989e12 - 1 / 1979e12)
+    assert bf16["parts"]["matmul"] - fp8["parts"]["matmul"] == pytest.approx(saved)
+
+
+@functools.cache
+def tiny_plan(batch: int) -> dict:
+    config = tiny.get_config()
+    config.model.vocab_size = 257
+    config.data.batch_size = batch
+    return estimate.plan(config, {"fsdp": 2, "expert": 2, "tensor": 2})
+
+
+def test_twice_the_link_bandwidth_shortens_communication():
+    p = tiny_plan(32)
+    fast = dataclasses.replace(H100, scaleup_gb_per_s=2 * H100.scaleup_gb_per_s)
+    slow, quick = predict.predict(p, H100), predict.predict(p, fast)
+    wire = sum(r["wire"] for r in p["collective_records"])
+    assert wire > 0
+    slow_comm = sum(sum(v.values()) for v in slow["collectives"].values())
+    quick_comm = sum(sum(v.values()) for v in quick["collectives"].values())
+    # the bandwidth term halves, the latency term stays
+    assert slow_comm - quick_comm == pytest.approx(wire / (2 * 450e9))
+    assert quick["step_s"] < slow["step_s"]
+
+
+def test_twice_the_batch_raises_the_compute_share():
+    one, two = (predict.predict(tiny_plan(b), H100) for b in (32, 64))
+    assert two["flops"]["model"] == pytest.approx(2 * one["flops"]["model"])
+    share = [r["parts"]["matmul"] / r["step_s"] for r in (one, two)]
+    assert share[1] > share[0]
+
+
+def test_prediction_lines_name_the_chip_and_the_bound():
+    text = "\n".join(predict.prediction_lines(tiny_plan(32), H100))
+    assert "predicted step on 8 x NVIDIA H100 SXM5 80GB" in text
+    assert "-bound" in text and "all-to-all" in text
+
+
+def test_an_unknown_target_is_one_line():
+    with pytest.raises(ConfigError, match=r"^--target='a100': unknown chip; allowed: h100, "):
+        hardware.target("a100")
+
+
+# ---- plan --search ---------------------------------------------------------------------------
+
+def test_search_meshes_divide_what_they_split():
+    """tiny: 8 experts, 4 heads (4 kv heads), 32 rows: on 8 H100s every fsdp x expert x tensor
+    of 8 with tensor <= 4 (the heads); on a 2-GPU scale-up domain tensor <= 2."""
+    from moejax.plan.search import meshes
+
+    config = tiny.get_config()
+    got = {(m["fsdp"], m["expert"], m["tensor"]) for m in meshes(config, 8, H100)}
+    assert got == {(8, 1, 1), (4, 1, 2), (2, 1, 4), (4, 2, 1), (2, 2, 2), (1, 2, 4),
+                   (2, 4, 1), (1, 4, 2), (1, 8, 1)}
+    pair = dataclasses.replace(H100, scaleup_chips=2)
+    assert max(m["tensor"] for m in meshes(config, 8, pair)) == 2
+
+
+def test_search_takes_the_cheapest_memory_option_that_fits():
+    """As compiled when it fits; else mu in bf16; else the moments on the host (their host
+    link time added); else nothing."""
+    from moejax.plan.search import choose
+
+    p = tiny_plan(32)
+    f = estimate.fit(p, 1e12)
+    own = next(i for i, r in enumerate(p["precision"]["train"]) if r["own"])
+    mu16 = next(i for i, r in enumerate(p["precision"]["train"])
+                if r["params"] == p["precision"]["train"][own]["params"]
+                and r["mu"] == "bfloat16")
+    compiled, bf16, host = f["peak"], f["precision"][mu16], estimate.offload(p)["peak"]
+    assert host < bf16 < compiled  # tiny's activations are small: the state decides
+
+    def chip(gib):
+        return dataclasses.replace(H100, hbm_gib=gib)
+
+    gib = 2**30
+    assert choose(p, chip(compiled / gib))["option"] == "as configured"
+    assert choose(p, chip(bf16 / gib))["option"] == "train.moment_dtype=bfloat16"
+    offloaded = choose(p, chip(host / gib))
+    assert offloaded["option"] == "train.offload_optimizer=True"
+    assert offloaded["extra_s"] == pytest.approx(p["moments"] / 64e9)
+    assert choose(p, chip(0.99 * host / gib)) is None
