@@ -27,10 +27,28 @@ def test_first_group_of_every_replica_group_form():
 def test_a_collective_inside_a_node_takes_nvlink_one_across_nodes_the_network():
     records = [{"op": "all-gather", "count": 2, "payload": 0, "wire": 450e9, "group": [0, 7]},
                {"op": "all-to-all", "count": 1, "payload": 0, "wire": 50e9, "group": [0, 8]}]
-    t = predict.collective_times(records, H100)
+    mesh = {"data": 1, "fsdp": 2, "expert": 8, "context": 1, "tensor": 1}
+    t = predict.collective_times(records, H100, mesh)
     lat = predict.COLLECTIVE_LATENCY_S
-    assert t["all-gather"] == {"scale-up": 1.0 + 2 * lat, "scale-out": 0.0}
-    assert t["all-to-all"] == {"scale-up": 0.0, "scale-out": 1.0 + lat}
+    assert t["all-gather", "overlapped"] == {"scale-up": 1.0 + 2 * lat, "scale-out": 0.0}
+    assert t["all-to-all", "exposed"] == {"scale-up": 0.0, "scale-out": 1.0 + lat}
+
+
+def test_tensor_collectives_are_exposed_fsdp_ones_overlapped():
+    """On fsdp 2 x expert 2 x tensor 2 (ids row-major, tensor innermost): a group {0, 1}
+    varies tensor, {0, 4} fsdp, {0, 2} expert."""
+    mesh = {"data": 1, "fsdp": 2, "expert": 2, "context": 1, "tensor": 2}
+    assert predict.axes_of([0, 1], mesh) == {"tensor"}
+    assert predict.axes_of([0, 4], mesh) == {"fsdp"}
+    assert predict.axes_of([0, 2, 4, 6], mesh) == {"fsdp", "expert"}
+
+    def rec(op, group):
+        return {"op": op, "group": group}
+
+    assert not predict.overlapped(rec("all-reduce", [0, 1]), mesh)
+    assert predict.overlapped(rec("all-reduce", [0, 4]), mesh)
+    assert predict.overlapped(rec("all-gather", [0, 2, 4, 6]), mesh)
+    assert not predict.overlapped(rec("all-to-all", [0, 2]), mesh)
 
 
 def synthetic(**changes) -> dict:
@@ -64,7 +82,7 @@ def test_each_part_by_hand():
     hbm = (3 * 2e9 + 2 * 4e9 + predict.ACTIVATION_PASSES * 10 * tokens * 1000 * 2) / 3350e9
     assert r["parts"]["memory-bound"] == pytest.approx(hbm)
     lat = 10 * predict.COLLECTIVE_LATENCY_S
-    assert r["parts"]["all-to-all (exposed)"] == pytest.approx(4.5e9 / 450e9 + lat)
+    assert r["parts"]["exposed collectives"] == pytest.approx(4.5e9 / 450e9 + lat)
     gather = 9e9 / 450e9 + lat  # hidden under the matmuls, which last longer
     assert gather < matmul and r["parts"]["overlapped collectives beyond the matmuls"] == 0
     step = matmul + hbm + 4.5e9 / 450e9 + lat
@@ -80,7 +98,7 @@ def test_dropless_pays_the_ragged_all_to_all_it_cannot_compile_here():
     wire = 3 * 4.5e9 * 7 / 8
     ragged = wire / 450e9 + 2 * 3 * 10 * predict.COLLECTIVE_LATENCY_S
     compiled = 4.5e9 / 450e9 + 10 * predict.COLLECTIVE_LATENCY_S
-    assert r["parts"]["all-to-all (exposed)"] == pytest.approx(compiled + ragged)
+    assert r["parts"]["exposed collectives"] == pytest.approx(compiled + ragged)
     assert r["flops"]["expert"] == pytest.approx(6 * 1e8 * 2**20 / 8 * 8 / 6)
 
 
@@ -108,6 +126,7 @@ def test_twice_the_link_bandwidth_shortens_communication():
     assert wire > 0
     slow_comm = sum(sum(v.values()) for v in slow["collectives"].values())
     quick_comm = sum(sum(v.values()) for v in quick["collectives"].values())
+    assert quick_comm < slow_comm
     # the bandwidth term halves, the latency term stays
     assert slow_comm - quick_comm == pytest.approx(wire / (2 * 450e9))
     assert quick["step_s"] < slow["step_s"]

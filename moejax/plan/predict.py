@@ -13,11 +13,11 @@ step that estimate.plan compiled, each part priced on the chip of plan/hardware.
   all-to-alls that XLA:CPU compiles as a ring (ragged_alltoall); each over the scale-up link
   (NVLink, ICI) when its group lies inside one scale-up domain, else over the scale-out
   network, each op also paying COLLECTIVE_LATENCY_S.
-- Overlap, stated: XLA runs collectives asynchronously; the weight gathers, gradient
-  reductions and ring passes of FSDP and tensor parallelism (all-gather, reduce-scatter,
-  all-reduce, collective-permute) hide behind the matmuls up to their time, the MoE
-  all-to-alls (each waits on the router and feeds the experts) do not. Memory-bound work does
-  not overlap the matmuls.
+- Overlap, stated: XLA runs collectives asynchronously; the weight gathers and gradient
+  reductions of FSDP and context parallelism's ring passes hide behind the matmuls up to
+  their time; the MoE all-to-alls (each waits on the router and feeds the experts) and the
+  collectives over `tensor` (each between two matmuls of one layer) do not (`overlapped`).
+  Memory-bound work does not overlap the matmuls.
 
 MFU counts the model's FLOPs (run/flops.py: 6 per active weight + causal attention), not the
 recomputed or padded ones, against the dense bf16 peak, as MaxText and Megatron-Core report it.
@@ -30,7 +30,30 @@ MATMUL_EFFICIENCY = 0.75
 # norms, residual adds, rotary, softmax statistics, the experts' gather and scatter.
 ACTIVATION_PASSES = 40
 COLLECTIVE_LATENCY_S = 10e-6  # per collective op launched
-OVERLAPPED = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+AXES = ("data", "fsdp", "expert", "context", "tensor")  # parallel.AXES, the mesh's order
+
+
+def axes_of(group: list[int], mesh: dict) -> set:
+    """The mesh axes along which a group's devices differ (ids are row-major mesh positions)."""
+    sizes = [mesh[a] for a in AXES]
+    coords = [divmod_all(d, sizes) for d in group]
+    return {a for i, a in enumerate(AXES) if len({c[i] for c in coords}) > 1}
+
+
+def divmod_all(index: int, sizes: list[int]) -> list[int]:
+    out = []
+    for size in reversed(sizes):
+        index, r = divmod(index, size)
+        out.append(r)
+    return out[::-1]
+
+
+def overlapped(record: dict, mesh: dict) -> bool:
+    """Whether XLA can hide this collective behind the matmuls: the weight gathers and
+    gradient reductions of FSDP (over data, fsdp, expert) and context parallelism's ring
+    passes, yes; the MoE all-to-alls and tensor parallelism's collectives (over `tensor`:
+    each waits on the matmul before it and feeds the one after), no."""
+    return record["op"] != "all-to-all" and "tensor" not in axes_of(record["group"], mesh)
 
 
 def hardware_flops(p: dict) -> dict:
@@ -68,15 +91,22 @@ def link_of(group: list[int], chip) -> str:
     return "scale-up" if len({d // domain for d in group}) == 1 else "scale-out"
 
 
-def collective_times(records: list[dict], chip) -> dict:
-    """{op: {'scale-up': s, 'scale-out': s}}: each op's wire bytes over its link's bandwidth
-    per device and direction, plus the per-op latency."""
+def collective_time(record: dict, chip) -> tuple[str, float]:
+    """(the link, seconds): the op's wire bytes over its link's bandwidth per device and
+    direction, plus the per-op latency."""
+    link = link_of(record["group"], chip)
+    gbps = chip.scaleup_gb_per_s if link == "scale-up" else chip.network_gb_per_s
+    return link, (record["wire"] / (gbps * 1e9 / chip.devices_per_chip)
+                  + record["count"] * COLLECTIVE_LATENCY_S)
+
+
+def collective_times(records: list[dict], chip, mesh: dict) -> dict:
+    """{(op, 'overlapped' | 'exposed'): {'scale-up': s, 'scale-out': s}}."""
     out = {}
     for r in records:
-        link = link_of(r["group"], chip)
-        gbps = chip.scaleup_gb_per_s if link == "scale-up" else chip.network_gb_per_s
-        t = r["wire"] / (gbps * 1e9 / chip.devices_per_chip) + r["count"] * COLLECTIVE_LATENCY_S
-        out.setdefault(r["op"], {"scale-up": 0.0, "scale-out": 0.0})[link] += t
+        link, t = collective_time(r, chip)
+        key = (r["op"], "overlapped" if overlapped(r, mesh) else "exposed")
+        out.setdefault(key, {"scale-up": 0.0, "scale-out": 0.0})[link] += t
     return out
 
 
@@ -104,13 +134,13 @@ def predict(p: dict, chip) -> dict:
     matmul = ((flops["hardware"] - flops["expert"]) / peak
               + flops["expert"] / expert_peak) / MATMUL_EFFICIENCY
     memory = memory_bytes(p) / (chip.hbm_gb_per_s * 1e9 * share)
-    comm = collective_times(p["collective_records"], chip)
-    hidden = sum(sum(v.values()) for op, v in comm.items() if op in OVERLAPPED)
-    exposed = (sum(sum(v.values()) for op, v in comm.items() if op not in OVERLAPPED)
+    comm = collective_times(p["collective_records"], chip, p["mesh"])
+    hidden = sum(sum(v.values()) for (_, how), v in comm.items() if how == "overlapped")
+    exposed = (sum(sum(v.values()) for (_, how), v in comm.items() if how == "exposed")
                + ragged_alltoall(p, chip))
     overlap_left = max(0.0, hidden - matmul)
     step = matmul + memory + exposed + overlap_left
-    parts = {"matmul": matmul, "memory-bound": memory, "all-to-all (exposed)": exposed,
+    parts = {"matmul": matmul, "memory-bound": memory, "exposed collectives": exposed,
              "overlapped collectives beyond the matmuls": overlap_left}
     mfu = flops["model"] / (step * peak)
     return {"step_s": step, "parts": parts, "collectives": comm, "hidden": hidden,
@@ -134,8 +164,7 @@ def prediction_lines(p: dict, chip) -> list[str]:
         lines.append(f"  {name:<44} {t * ms:10,.1f} ms")
     lines.append(f"  collectives (ms), scale-up {chip.scaleup_gb_per_s:,.0f} GB/s, scale-out "
                  f"{chip.network_gb_per_s:,.0f} GB/s per chip and direction:")
-    for op, t in r["collectives"].items():
-        state = "overlapped" if op in OVERLAPPED else "exposed"
+    for (op, how), t in sorted(r["collectives"].items()):
         lines.append(f"    {op:<22} scale-up {t['scale-up'] * ms:9,.1f}  scale-out "
-                     f"{t['scale-out'] * ms:9,.1f}  ({state})")
+                     f"{t['scale-out'] * ms:9,.1f}  ({how})")
     return lines

@@ -80,16 +80,22 @@ def search(config, chip, devices: int, log=print) -> list[dict]:
                 if row["fits"] or (last is not None and row["peak"] >= 0.99 * last):
                     break
                 last = row["peak"]
-    return sorted(results, key=lambda r: (not r["fits"], r["step_s"] if r["fits"] else r["peak"]))
+    # Ties (compute-bound layouts) go to the one whose collectives leave the most slack.
+    return sorted(results, key=lambda r: (not r["fits"], r["step_s"] if r["fits"] else r["peak"],
+                                          r["comm_s"]))
 
 
 def candidate(config, mesh: dict, chip) -> dict:
     p = plan(config, mesh)
     r, choice = predict(p, chip), choose(p, chip)
     step = r["step_s"] + (choice["extra_s"] if choice else 0.0)
+    f = fit(p, chip.hbm_gib / chip.devices_per_chip * GiB)
     return {"mesh": mesh, "remat": config.model.remat, "grad_accum": config.train.grad_accum,
             "fits": choice is not None, "choice": choice, "peak": p["memory"]["peak"],
-            "step_s": step, "mfu": r["mfu"] * r["step_s"] / step, "bound": r["bound"]}
+            "step_s": step, "mfu": r["mfu"] * r["step_s"] / step, "bound": r["bound"],
+            "comm_s": r["hidden"] + r["parts"]["exposed collectives"],
+            "why": {"sharded": f["sharded"], "rest": f["rest"], "devices": f["devices"],
+                    "lowest option": min([*f["precision"], f["offload_opt"]])}}
 
 
 def name(row: dict) -> str:
@@ -111,9 +117,15 @@ def search_lines(results: list[dict], chip, devices: int) -> list[str]:
     head = ["", f"search: {len(results)} layouts on {devices} devices of {chip.name}, "
             f"{len(fitting)} fit"]
     if not fitting:
-        best = results[0]
-        return head + [f"  none fits; the smallest peak: {name(best)} at "
-                       f"{best['peak'] / GiB:,.1f} GiB"]
+        best, hbm = results[0], chip.hbm_gib / chip.devices_per_chip
+        w = best["why"]
+        more = (f"{w['devices']} devices of this kind at these tokens per device"
+                if w["devices"] else "fewer tokens per device first")
+        return head + [
+            f"answer: none fits {hbm:,.1f} GiB. The smallest peak: {name(best)}, "
+            f"{best['peak'] / GiB:,.1f} GiB = state and gradients {w['sharded'] / GiB:,.1f} + "
+            f"the rest {w['rest'] / GiB:,.1f}; its best of bf16 dtypes and host moments "
+            f"{w['lowest option'] / GiB:,.1f}. What would: {more}"]
     best = fitting[0]
     lines = head + [f"answer: {name(best)}: {best['step_s'] * 1e3:,.0f} ms per step, MFU "
                     f"{best['mfu']:.1%}, {best['choice']['option']}", "runners-up:"]
