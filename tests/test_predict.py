@@ -90,16 +90,16 @@ def test_each_part_by_hand():
     assert r["mfu"] == pytest.approx(model / (step * 989e12))
 
 
-def test_dropless_pays_the_ragged_all_to_all_it_cannot_compile_here():
-    """Dropless on 8 x H100 (expert 8, one node): every assignment's row out and back per
-    MoE layer and pass, 7/8 of it leaving the device, over NVLink; no slots padded."""
-    a = {**synthetic()["alltoall_min"], "dropless": True, "ragged_forward": 8 * 4.5e9}
-    r = predict.predict(synthetic(alltoall_min=a), H100)
-    wire = 3 * 4.5e9 * 7 / 8
-    ragged = wire / 450e9 + 2 * 3 * 10 * predict.COLLECTIVE_LATENCY_S
-    compiled = 4.5e9 / 450e9 + 10 * predict.COLLECTIVE_LATENCY_S
-    assert r["parts"]["exposed collectives"] == pytest.approx(compiled + ragged)
-    assert r["flops"]["expert"] == pytest.approx(6 * 1e8 * 2**20 / 8 * 8 / 6)
+def test_dropless_is_priced_as_capacity_at_factor_one():
+    """The same rows through one all-to-all: the capacity path with C = T k / E; a capacity
+    config is priced as it is."""
+    config = tiny.get_config()
+    assert predict.as_priced(config) is config
+    config.model.dispatch = "dropless"
+    priced = predict.as_priced(config)
+    assert (priced.model.dispatch, priced.model.capacity_factor, priced.model.min_capacity) == (
+        "capacity", 1.0, 0)
+    assert config.model.dispatch == "dropless"  # the user's config untouched
 
 
 def test_fp8_experts_run_at_the_fp8_peak():

@@ -9,8 +9,8 @@ step that estimate.plan compiled, each part priced on the chip of plan/hardware.
   elementwise passes (ACTIVATION_PASSES reads or writes of a [tokens, d_model] array per layer
   and step), at the chip's HBM bandwidth.
 - Collectives: every collective of the compiled step (collectives.collective_records: the
-  bytes each device sends, its group's device ids), and for dropless dispatch the ragged
-  all-to-alls that XLA:CPU compiles as a ring (ragged_alltoall); each over the scale-up link
+  bytes each device sends, its group's device ids; dropless compiled as the capacity path at
+  factor 1, as_priced), each over the scale-up link
   (NVLink, ICI) when its group lies inside one scale-up domain, else over the scale-out
   network, each op also paying COLLECTIVE_LATENCY_S.
 - Overlap, stated: XLA runs collectives asynchronously; the weight gathers and gradient
@@ -110,19 +110,18 @@ def collective_times(records: list[dict], chip, mesh: dict) -> dict:
     return out
 
 
-def ragged_alltoall(p: dict, chip) -> float:
-    """Seconds of dropless dispatch's ragged all-to-alls on a GPU or TPU, which XLA:CPU
-    cannot compile (it runs the ring; estimate.alltoall_minimum counts the ragged bytes):
-    every assignment's row out and back per MoE layer and pass, within the expert axis."""
-    a = p["alltoall_min"]
-    if not a or not a["ragged_forward"] or a["expert"] == 1:
-        return 0.0
-    wire = a["passes"] * a["ragged_forward"] / a["token_shards"] * (a["expert"] - 1) / a["expert"]
-    stride = p["mesh"]["context"] * p["mesh"]["tensor"]  # the axes inside expert
-    link = link_of([i * stride for i in range(a["expert"])], chip)
-    gbps = chip.scaleup_gb_per_s if link == "scale-up" else chip.network_gb_per_s
-    return (wire / (gbps * 1e9 / chip.devices_per_chip)
-            + 2 * a["passes"] * a["moe_layers"] * COLLECTIVE_LATENCY_S)
+def as_priced(config):
+    """The config whose compiled step predict() prices: a dropless one as the capacity path
+    with C = T k / E. On a GPU or TPU dropless sends every assignment's row once through a
+    ragged all-to-all; XLA:CPU cannot compile one and runs dropless as a ring of gathers over
+    the expert axis instead, which no accelerator would. The capacity path at factor 1 sends
+    the same bytes through a plain all-to-all and computes the same FLOPs (balanced)."""
+    if config.model.dispatch == "capacity" or not config.model.num_experts:
+        return config
+    priced = config.copy_and_resolve_references()
+    with priced.unlocked():
+        priced.model.update(dispatch="capacity", capacity_factor=1.0, min_capacity=0)
+    return priced
 
 
 def predict(p: dict, chip) -> dict:
@@ -136,8 +135,7 @@ def predict(p: dict, chip) -> dict:
     memory = memory_bytes(p) / (chip.hbm_gb_per_s * 1e9 * share)
     comm = collective_times(p["collective_records"], chip, p["mesh"])
     hidden = sum(sum(v.values()) for (_, how), v in comm.items() if how == "overlapped")
-    exposed = (sum(sum(v.values()) for (_, how), v in comm.items() if how == "exposed")
-               + ragged_alltoall(p, chip))
+    exposed = sum(sum(v.values()) for (_, how), v in comm.items() if how == "exposed")
     overlap_left = max(0.0, hidden - matmul)
     step = matmul + memory + exposed + overlap_left
     parts = {"matmul": matmul, "memory-bound": memory, "exposed collectives": exposed,

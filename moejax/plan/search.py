@@ -3,7 +3,8 @@
 Over the mesh (fsdp x expert x tensor on the devices the config's mesh has), remat (full;
 matmuls where full fits) and micro-batches (train.grad_accum x 1, 2, 4: more only while
 nothing fits and the peak still falls), each
-candidate compiled as `plan` compiles it and priced by predict.py; the first-moment dtype and
+candidate compiled as `plan` compiles it (dropless as predict.as_priced says) and priced by
+predict.py; the first-moment dtype and
 optimizer offload by the planner's arithmetic on the same compile (estimate.fit, offload),
 cheapest first: as configured, then mu in bf16, then the moments in host memory (their host
 link time added). The answer is the fastest that fits, with the runners-up and why the
@@ -11,7 +12,7 @@ others lost.
 """
 
 from moejax.plan.estimate import GiB, fit, offload, plan
-from moejax.plan.predict import predict
+from moejax.plan.predict import as_priced, predict
 
 REMATS = ("full", "matmuls")
 MICRO = (1, 2, 4)
@@ -86,7 +87,7 @@ def search(config, chip, devices: int, log=print) -> list[dict]:
 
 
 def candidate(config, mesh: dict, chip) -> dict:
-    p = plan(config, mesh)
+    p = plan(as_priced(config), mesh)
     r, choice = predict(p, chip), choose(p, chip)
     step = r["step_s"] + (choice["extra_s"] if choice else 0.0)
     f = fit(p, chip.hbm_gib / chip.devices_per_chip * GiB)
