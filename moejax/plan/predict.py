@@ -23,6 +23,10 @@ MFU counts the model's FLOPs (run/flops.py: 6 per active weight + causal attenti
 recomputed or padded ones, against the dense bf16 peak, as MaxText and Megatron-Core report it.
 """
 
+import numpy as np
+
+from moejax.parallel import AXES
+
 # Achieved fraction of the dense peak on the large, well-shaped matmuls of these models
 # (docs/performance.md says where it comes from and what it leaves out).
 MATMUL_EFFICIENCY = 0.75
@@ -30,22 +34,12 @@ MATMUL_EFFICIENCY = 0.75
 # norms, residual adds, rotary, softmax statistics, the experts' gather and scatter.
 ACTIVATION_PASSES = 40
 COLLECTIVE_LATENCY_S = 10e-6  # per collective op launched
-AXES = ("data", "fsdp", "expert", "context", "tensor")  # parallel.AXES, the mesh's order
 
 
 def axes_of(group: list[int], mesh: dict) -> set:
     """The mesh axes along which a group's devices differ (ids are row-major mesh positions)."""
-    sizes = [mesh[a] for a in AXES]
-    coords = [divmod_all(d, sizes) for d in group]
-    return {a for i, a in enumerate(AXES) if len({c[i] for c in coords}) > 1}
-
-
-def divmod_all(index: int, sizes: list[int]) -> list[int]:
-    out = []
-    for size in reversed(sizes):
-        index, r = divmod(index, size)
-        out.append(r)
-    return out[::-1]
+    coords = np.unravel_index(group, [mesh[a] for a in AXES])
+    return {a for a, c in zip(AXES, coords, strict=True) if len(set(c.tolist())) > 1}
 
 
 def overlapped(record: dict, mesh: dict) -> bool:

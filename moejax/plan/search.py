@@ -2,13 +2,12 @@
 
 Over the mesh (fsdp x expert x tensor on the devices the config's mesh has), remat (full;
 matmuls where full fits) and micro-batches (train.grad_accum x 1, 2, 4: more only while
-nothing fits and the peak still falls), each
-candidate compiled as `plan` compiles it (dropless as predict.as_priced says) and priced by
-predict.py; the first-moment dtype and
+nothing fits and the peak still falls), each candidate compiled as `plan` compiles it
+(dropless as predict.as_priced says) and priced by predict.py; the first-moment dtype and
 optimizer offload by the planner's arithmetic on the same compile (estimate.fit, offload),
 cheapest first: as configured, then mu in bf16, then the moments in host memory (their host
-link time added). The answer is the fastest that fits, with the runners-up and why the
-others lost.
+link time added). The answer is the fastest that fits, with the runners-up; where none fits,
+why.
 """
 
 from moejax.plan.estimate import GiB, fit, offload, plan
