@@ -115,7 +115,7 @@ def variable_shardings(tree, mesh: Mesh):
     def layout(x):
         if not isinstance(x, nnx.Variable):
             return NamedSharding(mesh, P())
-        if not hasattr(x.get_value(), "shape"):  # optax.MaskedNode: another partition's leaf
+        if not holds_array(x):
             return x
         return x.replace(NamedSharding(mesh, spec(names_of(x), x.shape, mesh)))
 
@@ -127,6 +127,14 @@ def constrain(x: jax.Array, mesh: Mesh | None, names) -> jax.Array:
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(names, x.shape, mesh)))
+
+
+def holds_array(v) -> bool:
+    """False for a Variable holding no array: the optax.MaskedNode that stands for a leaf
+    another partition of the optimizer owns (train.optimizer=muon, run/optim.py)."""
+    from flax import nnx
+
+    return hasattr(v.get_value() if isinstance(v, nnx.Variable) else v, "shape")
 
 
 def on_device(tree):

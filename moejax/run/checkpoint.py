@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from moejax import parallel
 from moejax.config_lib import ConfigError, first_line
 from moejax.data.loader import DataState, DataStateRestore, DataStateSave
 from moejax.run import manifest as manifest_lib
@@ -228,8 +229,7 @@ def variables(tree) -> list:
     owns) left out."""
     flat, _ = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    return [(p, v) for p, v in flat
-            if hasattr(v.get_value() if isinstance(v, nnx.Variable) else v, "shape")]
+    return [(p, v) for p, v in flat if parallel.holds_array(v)]
 
 
 def checksums(tree) -> dict:

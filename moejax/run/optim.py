@@ -81,7 +81,7 @@ def _is_variable(v) -> bool:
 
 
 def _masked(v) -> bool:  # a leaf the other partition owns (optax.masked's placeholder)
-    return isinstance(v.get_value(), optax.MaskedNode)
+    return not parallel.holds_array(v)
 
 
 def labels(params):
