@@ -54,9 +54,10 @@ def test_tensor_collectives_are_exposed_fsdp_ones_overlapped():
 def synthetic(**changes) -> dict:
     """A plan as estimate.plan returns it, by hand: 8 devices, 1M tokens, 1 GFLOP per token."""
     p = {"devices": 8, "tokens_per_step": 2**20, "flops_per_token": 1e9, "remat": "full",
-         "state": {"params": 2e9, "opt_state": 4e9},
+         "grad_accum": 1, "state": {"params": 2e9, "opt_state": 4e9},
          "model": {"expert_active": 1e8, "layers": 10, "d_model": 1000, "act_bytes": 2,
-                   "quantization": "none"},
+                   "quantization": "none", "attention_flops_per_token": 1e8, "moe_layers": 5,
+                   "num_experts": 64, "top_k": 4, "d_ff": 500, "dropless": False},
          "mesh": {"data": 1, "fsdp": 1, "expert": 8, "context": 1, "tensor": 1},
          "alltoall_min": {"dropless": False, "effective_cf": 1.25, "ragged_forward": 0,
                           "expert": 8, "passes": 3, "token_shards": 8, "moe_layers": 10},
@@ -76,10 +77,16 @@ def test_each_part_by_hand():
     hardware_flops = (model + 6 * 1e8 * tokens * 0.25) * 8 / 6  # + padding, remat=full
     assert r["flops"]["model"] == pytest.approx(model)
     assert r["flops"]["hardware"] == pytest.approx(hardware_flops)
-    matmul = hardware_flops / (989e12 * predict.MATMUL_EFFICIENCY)
+    attention = 1e8 * tokens * 8 / 6  # the scores and values, at their own efficiency
+    matmul = ((hardware_flops - attention) / (989e12 * predict.MATMUL_EFFICIENCY)
+              + attention / (989e12 * predict.ATTENTION_EFFICIENCY))
     assert r["parts"]["matmul"] == pytest.approx(matmul)
     assert expert * 8 / 6 == pytest.approx(r["flops"]["expert"])
-    hbm = (3 * 2e9 + 2 * 4e9 + predict.ACTIVATION_PASSES * 10 * tokens * 1000 * 2) / 3350e9
+    # per MoE layer and assignment: a row gathered and scattered, the activation's 3 x d_ff;
+    # forward, backward twice, recomputed once
+    experts = 5 * 4 * (2 * 1000 + 3 * 500) * 4
+    hbm = (3 * 2e9 + 2 * 4e9
+           + (predict.ACTIVATION_PASSES * 10 * 1000 + experts) * tokens * 2) / 3350e9
     assert r["parts"]["memory-bound"] == pytest.approx(hbm)
     lat = 10 * predict.COLLECTIVE_LATENCY_S
     assert r["parts"]["exposed collectives"] == pytest.approx(4.5e9 / 450e9 + lat)
@@ -100,6 +107,23 @@ def test_dropless_is_priced_as_capacity_at_factor_one():
     assert (priced.model.dispatch, priced.model.capacity_factor, priced.model.min_capacity) == (
         "capacity", 1.0, 0)
     assert config.model.dispatch == "dropless"  # the user's config untouched
+
+
+def test_dropless_grouped_matmuls_pay_their_partial_tiles():
+    """Each device holds T k / grad_accum rows over its E / expert groups: megablox computes
+    one more 512-row tile per group, a GPU grouped GEMM half a 128-row tile."""
+    dropless = {**synthetic()["model"], "dropless": True}
+    p = synthetic(model=dropless, grad_accum=2,
+                  alltoall_min={**synthetic()["alltoall_min"], "dropless": True})
+    rows = 2**20 / 8 / 2 * 4  # tokens per device and micro-batch, times k
+    assert predict.group_waste(p, H100) == pytest.approx(64 / 8 * 64 / rows)
+    v5p = hardware.TARGETS["v5p"]
+    assert predict.group_waste(p, v5p) == pytest.approx(64 / 8 * 512 / rows)
+    tokens = 2**20 / 8
+    r = predict.predict(p, v5p)
+    assert r["flops"]["expert"] == pytest.approx(
+        6 * 1e8 * tokens * (1 + 64 / 8 * 512 / rows) * 8 / 6)
+    assert predict.group_waste(synthetic(), v5p) == 0  # the capacity path: whole slots
 
 
 def test_fp8_experts_run_at_the_fp8_peak():

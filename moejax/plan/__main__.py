@@ -98,12 +98,11 @@ def main() -> None:
         p = plan(config, mesh)
     text = report(p, flags.FLAGS["config"].config_filename, hbm_gib, per_host)
     if chip:
-        from moejax.plan.predict import as_priced, prediction_lines
+        from moejax.plan.predict import as_priced, plan_priced, prediction_lines
 
-        priced = as_priced(config)
-        if priced is not config:  # dropless: priced by its all-to-all, compiled once more
+        if as_priced(config) is not config:  # dropless: priced by its all-to-all, compiled again
             with cli.one_line_errors():
-                p = plan(priced, mesh)
+                p = plan_priced(config, mesh)
             text += ("\n\ndropless priced as the capacity path at factor 1: the same rows "
                      "through one all-to-all (XLA:CPU compiled a ring above)")
         text += "\n" + "\n".join(prediction_lines(p, chip))

@@ -102,16 +102,25 @@ def optimizer_update(setup) -> dict | None:
 
 def model_summary(config, counts: dict) -> dict:
     """What plan/predict.py prices besides the compiled step: the routed experts' active
-    weights, depth, width, activation bytes, quantization."""
+    weights, depth, width, activation bytes, quantization, attention's FLOPs per token and
+    the MoE layers' shape (dropless: what was compiled; predict.plan_priced says what the
+    user asked for)."""
     import numpy as np
 
     from moejax.model.layers import DTYPES
+    from moejax.model.transformer import moe_layer_ids
+    from moejax.run.flops import train_attention_flops_per_token
 
     mc = config.model
     return {"expert_active": (counts["expert"] * mc.top_k // mc.num_experts
                               if mc.num_experts else 0),
             "layers": mc.num_layers + mc.mtp_layers, "d_model": mc.d_model,
-            "act_bytes": np.dtype(DTYPES[mc.dtype]).itemsize, "quantization": mc.quantization}
+            "act_bytes": np.dtype(DTYPES[mc.dtype]).itemsize, "quantization": mc.quantization,
+            "attention_flops_per_token": train_attention_flops_per_token(
+                mc, config.data.seq_len),
+            "moe_layers": len(moe_layer_ids(mc, mtp=True)) if mc.num_experts else 0,
+            "num_experts": mc.num_experts, "top_k": mc.top_k, "d_ff": mc.d_ff,
+            "dropless": mc.dispatch == "dropless"}
 
 
 def plan(config, mesh: dict | None = None) -> dict:

@@ -2,12 +2,14 @@
 step that estimate.plan compiled, each part priced on the chip of plan/hardware.py.
 
 - Matmuls: the step's FLOPs per device as the hardware runs them (the model's 6N + attention,
-  the forward once more under remat=full, the experts' capacity slots padded), at
-  MATMUL_EFFICIENCY of the chip's dense peak (fp8 for the experts under fp8 QAT).
+  the forward once more under remat=full, the experts' capacity slots padded, a dropless
+  grouped matmul's partial tiles), at MATMUL_EFFICIENCY of the chip's dense peak (fp8 for the
+  experts under fp8 QAT); attention's scores and values at ATTENTION_EFFICIENCY.
 - Memory-bound work: what must cross HBM besides the matmuls: the optimizer update (it reads
-  parameters, gradients and moments and writes parameters and moments) and the activations'
+  parameters, gradients and moments and writes parameters and moments), the activations'
   elementwise passes (ACTIVATION_PASSES reads or writes of a [tokens, d_model] array per layer
-  and step), at the chip's HBM bandwidth.
+  and step) and the experts' own per assignment (MoE layers: k rows of d_model gathered and
+  scattered, the activation's 3 of d_ff), at the chip's HBM bandwidth.
 - Collectives: every collective of the compiled step (collectives.collective_records: the
   bytes each device sends, its group's device ids; dropless compiled as the capacity path at
   factor 1, as_priced), each over the scale-up link
@@ -27,11 +29,20 @@ import numpy as np
 
 from moejax.parallel import AXES
 
-# Achieved fraction of the dense peak on the large, well-shaped matmuls of these models
-# (docs/performance.md says where it comes from and what it leaves out).
+# Achieved fraction of the dense peak on the large, well-shaped matmuls of these models: a
+# little under the GPUs' measured best-shape ceilings (docs/performance.md has them).
 MATMUL_EFFICIENCY = 0.75
+# A fused attention kernel's fraction of the peak, forward and backward together: its
+# softmax runs between two matmuls of each block (docs/performance.md: FlashAttention-3's
+# published H100 figures, the backward's 2.5x the forward's FLOPs weighted in).
+ATTENTION_EFFICIENCY = 0.5
+# Rows a dropless grouped matmul computes in vain per expert group and call. Megablox (TPU)
+# computes the row tile a group boundary falls in once for each group in it: one 512-row
+# tile (moe/experts._row_tile) per group. A GPU grouped GEMM pads each group to whole
+# 128-row tiles: half a tile on average.
+GROUP_WASTE_ROWS = {"tpu": 512, "gpu": 64}
 # Reads or writes of a [tokens, d_model] activation per layer in forward and backward together:
-# norms, residual adds, rotary, softmax statistics, the experts' gather and scatter.
+# norms, residual adds, rotary, softmax statistics.
 ACTIVATION_PASSES = 40
 COLLECTIVE_LATENCY_S = 10e-6  # per collective op launched
 
@@ -50,28 +61,54 @@ def overlapped(record: dict, mesh: dict) -> bool:
     return record["op"] != "all-to-all" and "tensor" not in axes_of(record["group"], mesh)
 
 
-def hardware_flops(p: dict) -> dict:
-    """{'model', 'hardware'} FLOPs per device per step: the model's (MFU's numerator) and what
-    the chip executes: the forward again under remat=full (2 of the 6 per weight, and the
-    attention's forward third), the routed experts' share times the slots the capacity path
-    computes per assignment (its effective capacity factor; dropless: 1)."""
+def platform(chip) -> str:
+    return "tpu" if chip.name.startswith("TPU") else "gpu"
+
+
+def group_waste(p: dict, chip) -> float:
+    """A dropless grouped matmul's wasted rows over its real ones (0 for the capacity path,
+    whose experts are one batched matmul of whole slots): each device holds its share of
+    the micro-batch's assignments, T k, spread over its E / expert groups (balanced)."""
+    m = p["model"]
+    if not m["dropless"] or not m["num_experts"]:
+        return 0.0
+    rows = (p["tokens_per_step"] / p["devices"] / p["grad_accum"] * m["top_k"]
+            * p["mesh"]["tensor"])
+    return m["num_experts"] / p["mesh"]["expert"] * GROUP_WASTE_ROWS[platform(chip)] / rows
+
+
+def hardware_flops(p: dict, chip) -> dict:
+    """{'model', 'hardware', 'expert', 'attention'} FLOPs per device per step: the model's
+    (MFU's numerator) and what the chip executes: the forward again under remat=full (2 of
+    the 6 per weight, and the attention's forward third), the routed experts' share times the
+    slots the capacity path computes per assignment (its effective capacity factor; dropless:
+    1 plus its partial tiles, group_waste); 'expert' and 'attention' are the executed parts
+    priced apart."""
     tokens = p["tokens_per_step"] / p["devices"]
     model = p["flops_per_token"] * tokens
     expert = 6 * p["model"]["expert_active"] * tokens
     a = p["alltoall_min"]
     slots = a["effective_cf"] if a and not a["dropless"] else 1.0
+    slots += group_waste(p, chip)
     recompute = 8 / 6 if p["remat"] == "full" else 1.0
     return {"model": model, "hardware": (model + expert * (slots - 1)) * recompute,
-            "expert": expert * slots * recompute}
+            "expert": expert * slots * recompute,
+            "attention": p["model"]["attention_flops_per_token"] * tokens * recompute}
 
 
 def memory_bytes(p: dict) -> float:
     """HBM bytes per device per step outside the matmuls: the optimizer update (reads params,
-    gradients, moments; writes params and moments) and the activations' elementwise passes."""
+    gradients, moments; writes params and moments), the activations' elementwise passes, and
+    per MoE layer and assignment the experts' gather and scatter of a row (2 d) and their
+    activation (reads 2 d_ff, writes d_ff): forward, twice in the backward, and once more
+    recomputed under remat=full."""
     m, st = p["model"], p["state"]
     update = 3 * st["params"] + 2 * st["opt_state"]  # params read and written, grads read
     tokens = p["tokens_per_step"] / p["devices"]
-    return update + ACTIVATION_PASSES * m["layers"] * tokens * m["d_model"] * m["act_bytes"]
+    passes = 3 + (p["remat"] == "full")
+    experts = m["moe_layers"] * m["top_k"] * (2 * m["d_model"] + 3 * m["d_ff"]) * passes
+    return update + (ACTIVATION_PASSES * m["layers"] * m["d_model"] + experts) * tokens * (
+        m["act_bytes"])
 
 
 def link_of(group: list[int], chip) -> str:
@@ -118,14 +155,24 @@ def as_priced(config):
     return priced
 
 
+def plan_priced(config, mesh: dict | None = None) -> dict:
+    """estimate.plan of the config predict() prices (as_priced), knowing it was dropless."""
+    from moejax.plan.estimate import plan
+
+    p = plan(as_priced(config), mesh)
+    p["model"]["dropless"] = config.model.dispatch == "dropless"
+    return p
+
+
 def predict(p: dict, chip) -> dict:
     """The predicted step of plan `p` on `chip` (seconds), its parts, MFU and the bound."""
-    flops, share = hardware_flops(p), 1 / chip.devices_per_chip  # a JAX device's part
+    flops, share = hardware_flops(p, chip), 1 / chip.devices_per_chip  # a JAX device's part
     peak = chip.bf16_tflops * 1e12 * share
     expert_peak = (chip.fp8_tflops if p["model"]["quantization"] == "fp8" else
                    chip.bf16_tflops) * 1e12 * share
-    matmul = ((flops["hardware"] - flops["expert"]) / peak
-              + flops["expert"] / expert_peak) / MATMUL_EFFICIENCY
+    rest = flops["hardware"] - flops["expert"] - flops["attention"]
+    matmul = ((rest / peak + flops["expert"] / expert_peak) / MATMUL_EFFICIENCY
+              + flops["attention"] / peak / ATTENTION_EFFICIENCY)
     memory = memory_bytes(p) / (chip.hbm_gb_per_s * 1e9 * share)
     comm = collective_times(p["collective_records"], chip, p["mesh"])
     hidden = sum(sum(v.values()) for (_, how), v in comm.items() if how == "overlapped")
@@ -150,8 +197,14 @@ def prediction_lines(p: dict, chip) -> list[str]:
     lines = ["", f"predicted step on {chips} x {chip.name}: {r['step_s'] * ms:,.1f} ms, "
              f"MFU {r['mfu']:.1%} ({r['tflops_per_chip']:,.0f} TFLOP/s per chip of "
              f"{chip.bf16_tflops:,.0f}), {r['tokens_per_s']:,.0f} tokens/s; {r['bound']}-bound",
-             f"  matmuls at {MATMUL_EFFICIENCY:.0%} of peak, {r['flops']['hardware'] / 1e12:,.1f} "
-             f"TFLOP per device ({r['flops']['model'] / 1e12:,.1f} of them the model's)"]
+             f"  matmuls at {MATMUL_EFFICIENCY:.0%} of peak (attention {ATTENTION_EFFICIENCY:.0%}"
+             f"), {r['flops']['hardware'] / 1e12:,.1f} TFLOP per device "
+             f"({r['flops']['model'] / 1e12:,.1f} of them the model's, "
+             f"{r['flops']['attention'] / 1e12:,.1f} attention's)"]
+    if waste := group_waste(p, chip):
+        lines.append(f"  dropless grouped matmuls compute {waste:.1%} more expert rows than "
+                     f"assigned (partial tiles: {GROUP_WASTE_ROWS[platform(chip)]} rows per "
+                     "expert group and call)")
     for name, t in r["parts"].items():
         lines.append(f"  {name:<44} {t * ms:10,.1f} ms")
     lines.append(f"  collectives (ms), scale-up {chip.scaleup_gb_per_s:,.0f} GB/s, scale-out "

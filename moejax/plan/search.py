@@ -10,8 +10,8 @@ link time added). The answer is the fastest that fits, with the runners-up; wher
 why.
 """
 
-from moejax.plan.estimate import GiB, fit, offload, plan
-from moejax.plan.predict import as_priced, predict
+from moejax.plan.estimate import GiB, fit, offload
+from moejax.plan.predict import plan_priced, predict
 
 REMATS = ("full", "matmuls")
 MICRO = (1, 2, 4)
@@ -86,7 +86,7 @@ def search(config, chip, devices: int, log=print) -> list[dict]:
 
 
 def candidate(config, mesh: dict, chip) -> dict:
-    p = plan(as_priced(config), mesh)
+    p = plan_priced(config, mesh)
     r, choice = predict(p, chip), choose(p, chip)
     step = r["step_s"] + (choice["extra_s"] if choice else 0.0)
     f = fit(p, chip.hbm_gib / chip.devices_per_chip * GiB)

@@ -38,10 +38,15 @@ def train_flops_per_token(active_params: int, model_cfg, seq_len: int) -> float:
     """
     c = model_cfg
     matmul_params = active_params - (0 if c.tie_embeddings else c.vocab_size * c.d_model)
+    return (6 * (matmul_params + c.mtp_layers * c.vocab_size * c.d_model)
+            + train_attention_flops_per_token(c, seq_len))
+
+
+def train_attention_flops_per_token(model_cfg, seq_len: int) -> float:
+    """The causal attention part of train_flops_per_token: scores and values."""
+    c = model_cfg
     if c.attention == "mla":  # per head: the rotary dims in the scores too; its own value width
         qk, v = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
     else:
         qk = v = c.head_dim
-    layers = c.num_layers + c.mtp_layers
-    attention = 3 * layers * c.num_heads * (qk + v) * seq_len
-    return 6 * (matmul_params + c.mtp_layers * c.vocab_size * c.d_model) + attention
+    return 3 * (c.num_layers + c.mtp_layers) * c.num_heads * (qk + v) * seq_len
