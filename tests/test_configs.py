@@ -20,7 +20,10 @@ NAMES = sorted(p.stem for p in CONFIGS.glob("*.py"))
 COMBINED = {"switch_scaling": ["dense,smoke", "e2,smoke", "e4,smoke", "e8,smoke", "e16,smoke"]}
 # Smoke variants trained by the slow test; every other file's trains in the fast suite.
 SLOW_SMOKE = ["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3", "kimi_k2", "glm45_air",
-              "gpt_oss_20b", "gpt_oss_120b"]
+              "gpt_oss_20b", "gpt_oss_120b", "llama4_maverick"]
+# Files whose smoke model is another file's (the same architecture at another size): the
+# other's training covers it; test_same_smoke_model checks the two stay equal.
+SAME_SMOKE = {"qwen3_235b_a22b": "qwen3_30b_a3b"}
 # Architecture features a smoke variant keeps from its file's default (only sizes change).
 FEATURES = ("activation", "qk_norm", "qkv_bias", "tie_embeddings", "moe_every", "renormalize",
             "jitter_eps", "dispatch", "router_score", "routing", "bias_rate",
@@ -85,6 +88,10 @@ def test_deepseek_v3_without_mtp_is_the_published_671b_with_37b_active():
     # Published: Mixtral-8x7B 46.7B / 12.9B, Qwen3-30B-A3B 30.5B / 3.3B.
     ("mixtral_8x7b", 32000, (46.6e9, 46.8e9), (12.8e9, 13.0e9)),
     ("qwen3_30b_a3b", 151936, (30.4e9, 30.6e9), (3.2e9, 3.4e9)),
+    # Qwen3-235B-A22B: 235B / 22B (its model card).
+    ("qwen3_235b_a22b", 151936, (234.5e9, 235.5e9), (22.0e9, 22.4e9)),
+    # Llama-4-Maverick: "17B active, 400B total" (Meta's model card).
+    ("llama4_maverick", 202048, (399.5e9, 401.5e9), (16.9e9, 17.4e9)),
     # DeepSeek-V3 with its MTP module: 671.0B + 11.6B, the module sharing the embedding and
     # the head, of which the released checkpoint holds copies (+ 1.9B: the hub's "685B").
     ("deepseek_v3", 129280, (682.0e9, 683.0e9), (38.0e9, 38.5e9)),
@@ -195,7 +202,7 @@ def train_smoke(name, workdir, one_device=False):
 # the other files' on one device: that an architecture trains does not depend on the layout
 # (data parallelism and the MoE layer on every mesh: test_train.py, test_layer.py), and the
 # steps, evaluations and saves of a run on the 8 simulated devices take longer.
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in SLOW_SMOKE])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in SLOW_SMOKE + [*SAME_SMOKE]])
 def test_smoke_variants_train(name, tmp_path):
     train_smoke(name, str(tmp_path), one_device=name != "tiny")
 
@@ -204,6 +211,11 @@ def test_smoke_variants_train(name, tmp_path):
 @pytest.mark.parametrize("name", SLOW_SMOKE)
 def test_real_model_smoke_variants_train(name, tmp_path):
     train_smoke(name, str(tmp_path))
+
+
+@pytest.mark.parametrize("name,twin", SAME_SMOKE.items())
+def test_same_smoke_model(name, twin):
+    assert load(name).get_config("smoke").to_dict() == load(twin).get_config("smoke").to_dict()
 
 
 @pytest.mark.parametrize("name,total,active", [
