@@ -54,7 +54,7 @@ def test_tensor_collectives_are_exposed_fsdp_ones_overlapped():
 def synthetic(**changes) -> dict:
     """A plan as estimate.plan returns it, by hand: 8 devices, 1M tokens, 1 GFLOP per token."""
     p = {"devices": 8, "tokens_per_step": 2**20, "flops_per_token": 1e9, "remat": "full",
-         "grad_accum": 1, "state": {"params": 2e9, "opt_state": 4e9},
+         "grad_accum": 1, "steps": 1000, "state": {"params": 2e9, "opt_state": 4e9},
          "model": {"expert_active": 1e8, "layers": 10, "d_model": 1000, "act_bytes": 2,
                    "quantization": "none", "attention_flops_per_token": 1e8, "moe_layers": 5,
                    "num_experts": 64, "top_k": 4, "d_ff": 500, "dropless": False},
@@ -95,6 +95,10 @@ def test_each_part_by_hand():
     step = matmul + hbm + 4.5e9 / 450e9 + lat
     assert r["step_s"] == pytest.approx(step)
     assert r["mfu"] == pytest.approx(model / (step * 989e12))
+    # the reservation: 1,000 steps of it on 8 chips
+    hours = 1000 * step / 3600
+    assert (f"{hours / 24:,.1f} days on 8 chips, {hours * 8:,.0f} chip-hours"
+            in "\n".join(predict.prediction_lines(p, H100)))
 
 
 def test_dropless_is_priced_as_capacity_at_factor_one():
@@ -213,3 +217,18 @@ def test_search_takes_the_cheapest_memory_option_that_fits():
     assert offloaded["option"] == "train.offload_optimizer=True"
     assert offloaded["extra_s"] == pytest.approx(p["moments"] / 64e9)
     assert choose(p, chip(0.99 * host / gib)) is None
+
+
+def test_search_answer_says_what_the_reservation_takes(monkeypatch):
+    """The answer's layout, its step and the whole run: train.steps at that step, in days
+    and chip-hours on the mesh's chips (tiny_plan's compile, shared)."""
+    from moejax.plan import search
+
+    monkeypatch.setattr(search, "plan_priced", lambda config, mesh: tiny_plan(32))
+    config = tiny.get_config()
+    roomy = dataclasses.replace(H100, hbm_gib=1000.0)
+    row = search.candidate(config, {"fsdp": 2, "expert": 2, "tensor": 2}, roomy)
+    hours = config.train.steps * row["step_s"] / 3600
+    text = "\n".join(search.search_lines([row], roomy, 8))
+    assert "answer: fsdp=2 x expert=2 x tensor=2, remat=none, grad_accum=1" in text
+    assert f"{hours / 24:,.1f} days on 8 chips, {hours * 8:,.0f} chip-hours" in text

@@ -174,7 +174,7 @@ def plan(config, mesh: dict | None = None) -> dict:
         "params_total": counts["total"], "params_active": counts["active"],
         "flops_per_token": train_flops_per_token(counts["active"], mc, seq_len),
         "tokens_per_step": config.data.batch_size * seq_len,
-        "grad_accum": config.train.grad_accum,
+        "grad_accum": config.train.grad_accum, "steps": config.train.steps,
         "state": {k: bytes_per_device(setup.abstract[k]) for k in ("params", "opt_state")},
         "state_global": whole(setup.abstract), "params_global": whole(setup.abstract["params"]),
         # What train.offload_optimizer keeps in host memory: every optimizer array but the

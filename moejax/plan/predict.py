@@ -190,6 +190,15 @@ def predict(p: dict, chip) -> dict:
                          ("communication", exposed + hidden), key=lambda kv: kv[1])[0]}
 
 
+def run_line(p: dict, step_s: float, chips: int) -> str:
+    """What the reservation takes: train.steps at the predicted step, in days and chip-hours
+    (no evaluation, checkpointing or restarts counted)."""
+    hours = p["steps"] * step_s / 3600
+    return (f"  train.steps = {p['steps']:,} ({p['steps'] * p['tokens_per_step'] / 1e9:,.1f}B "
+            f"tokens): {hours / 24:,.1f} days on {chips} chips, {hours * chips:,.0f} chip-hours "
+            "(steps only: no evaluation, checkpoints or restarts)")
+
+
 def prediction_lines(p: dict, chip) -> list[str]:
     r = predict(p, chip)
     ms = 1e3
@@ -197,6 +206,7 @@ def prediction_lines(p: dict, chip) -> list[str]:
     lines = ["", f"predicted step on {chips} x {chip.name}: {r['step_s'] * ms:,.1f} ms, "
              f"MFU {r['mfu']:.1%} ({r['tflops_per_chip']:,.0f} TFLOP/s per chip of "
              f"{chip.bf16_tflops:,.0f}), {r['tokens_per_s']:,.0f} tokens/s; {r['bound']}-bound",
+             run_line(p, r["step_s"], chips),
              f"  matmuls at {MATMUL_EFFICIENCY:.0%} of peak (attention {ATTENTION_EFFICIENCY:.0%}"
              f"), {r['flops']['hardware'] / 1e12:,.1f} TFLOP per device "
              f"({r['flops']['model'] / 1e12:,.1f} of them the model's, "

@@ -11,7 +11,7 @@ why.
 """
 
 from moejax.plan.estimate import GiB, fit, offload
-from moejax.plan.predict import plan_priced, predict
+from moejax.plan.predict import plan_priced, predict, run_line
 
 REMATS = ("full", "matmuls")
 MICRO = (1, 2, 4)
@@ -94,6 +94,7 @@ def candidate(config, mesh: dict, chip) -> dict:
             "fits": choice is not None, "choice": choice, "peak": p["memory"]["peak"],
             "step_s": step, "mfu": r["mfu"] * r["step_s"] / step, "bound": r["bound"],
             "comm_s": r["hidden"] + r["parts"]["exposed collectives"],
+            "run": run_line(p, step, p["devices"] // chip.devices_per_chip),
             "why": {"sharded": f["sharded"], "rest": f["rest"], "devices": f["devices"],
                     "lowest option": min([*f["precision"], f["offload_opt"]])}}
 
@@ -128,6 +129,7 @@ def search_lines(results: list[dict], chip, devices: int) -> list[str]:
             f"{w['lowest option'] / GiB:,.1f}. What would: {more}"]
     best = fitting[0]
     lines = head + [f"answer: {name(best)}: {best['step_s'] * 1e3:,.0f} ms per step, MFU "
-                    f"{best['mfu']:.1%}, {best['choice']['option']}", "runners-up:"]
+                    f"{best['mfu']:.1%}, {best['choice']['option']}", best["run"],
+                    "runners-up:"]
     lines += [line(r) for r in fitting[1:6]]
     return lines
