@@ -61,7 +61,8 @@ def get_config(arg=None):
             quantization="none",
             quantize_dense=False,  # True: the attention and dense FFN matmuls too
             remat="none",  # recompute in the backward pass: none | full | matmuls (keeps the
-            # attention and FFN matmul outputs, recomputes the rest, MoE dispatch included)
+            # attention and FFN matmul outputs, recomputes the rest, MoE dispatch included) |
+            # offload (as full, each layer's input kept in host memory instead of HBM)
             num_experts=8,  # 0 = dense
             top_k=2,
             moe_every=1,  # MoE in every n-th layer, dense FFN in the others

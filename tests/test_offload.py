@@ -151,3 +151,27 @@ def test_planner_moves_exactly_the_moments_off_the_device():
     assert f_on["peak"] == max(o["at_rest"], o["update"])
     for hbm in (f_on["peak"] - 1, f_on["peak"]):  # the verdict follows the offloaded peak
         assert estimate.fit(on, hbm)["fits"] == (hbm >= f_on["peak"])
+
+
+@functools.cache
+def exported_remat(remat: str) -> str:
+    """The train step lowered for TPU under model.remat, the optimizer on the device."""
+    config = smoke_config(False)
+    config.model.remat = remat
+    config.data.update(seq_len=128, batch_size=8)
+    s = state.setup(config, parallel.make_mesh(MESH), "tpu")
+    tokens = jax.ShapeDtypeStruct((8, 129), jnp.int32, sharding=parallel.token_sharding(s.mesh))
+    return jax.export.export(state.train_step_fn(s), platforms=("tpu",))(
+        s.abstract, tokens, jnp.int32(0)).mlir_module()
+
+
+def test_remat_offload_sends_each_layer_input_to_host_memory_and_back():
+    """remat=offload: the scan body's layer input goes to pinned_host in the forward and
+    comes back to the device for the backward's recompute; remat=full keeps it in HBM.
+    (This CPU's compiler ignores the placement: the numbers are remat=full's, test_state.)"""
+    def placements(remat):
+        return re.findall(r'_xla_buffer_placement = "(\w+)"', exported_remat(remat))
+
+    offloaded = placements("offload")
+    assert offloaded.count(HOST) >= 1 and offloaded.count(DEVICE) >= 1
+    assert HOST not in placements("full")

@@ -175,9 +175,11 @@ def test_fit_is_arithmetic_on_the_plan():
     rows = [{"bytes": {"total": t * GiB}} for t in (40, 35, 20)]
     p = {"state": {"params": 10 * GiB, "opt_state": 20 * GiB}, "state_global": 240 * GiB,
          "params_global": 80 * GiB, "memory": {"peak": 50 * GiB}, "precision": {"train": rows},
-         "moments": 20 * GiB, "offload": False}
+         "moments": 20 * GiB, "offload": False, "activation_offload": 0}
     f = estimate.fit(p, 40 * GiB)
     assert not f["fits"] and (f["sharded"], f["rest"]) == (40 * GiB, 10 * GiB)
+    # remat=offload's layer inputs (in the compiled peak: XLA:CPU has no host memory apart)
+    assert estimate.fit({**p, "activation_offload": 10 * GiB}, 40 * GiB)["fits"]
     assert f["devices"] == 11  # 320 GiB of state and gradients over N, next to 10: ceil(320 / 30)
     assert f["precision"] == [50 * GiB, 45 * GiB, 30 * GiB]  # each row's state + the rest
     # Offloaded: 30 GiB at rest, but the update holds params, gradients, old and new moments.

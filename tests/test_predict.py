@@ -55,6 +55,7 @@ def synthetic(**changes) -> dict:
     """A plan as estimate.plan returns it, by hand: 8 devices, 1M tokens, 1 GFLOP per token."""
     p = {"devices": 8, "tokens_per_step": 2**20, "flops_per_token": 1e9, "remat": "full",
          "grad_accum": 1, "steps": 1000, "state": {"params": 2e9, "opt_state": 4e9},
+         "activation_offload": 0, "layer_inputs": 3e9,
          "model": {"expert_active": 1e8, "layers": 10, "d_model": 1000, "act_bytes": 2,
                    "quantization": "none", "attention_flops_per_token": 1e8, "moe_layers": 5,
                    "num_experts": 64, "top_k": 4, "d_ff": 500, "dropless": False},
@@ -128,6 +129,20 @@ def test_dropless_grouped_matmuls_pay_their_partial_tiles():
     assert r["flops"]["expert"] == pytest.approx(
         6 * 1e8 * tokens * (1 + 64 / 8 * 512 / rows) * 8 / 6)
     assert predict.group_waste(synthetic(), v5p) == 0  # the capacity path: whole slots
+
+
+def test_activation_offload_hides_behind_the_matmuls_up_to_their_time():
+    """remat=offload: each micro-batch's layer inputs to the host and back over the chip's
+    host link (64 GB/s on H100), in the step only where they outlast the matmuls."""
+    base = predict.predict(synthetic(), H100)
+    matmul = base["parts"]["matmul"]
+    for seconds in (0.5 * matmul, 2 * matmul):  # bytes that take that long, both ways
+        p = synthetic(activation_offload=seconds * 64e9 / 2 / 4, grad_accum=4)
+        r = predict.predict(p, H100)
+        assert r["host_s"] == pytest.approx(seconds)
+        beyond = r["parts"]["activation offload beyond the matmuls"]
+        assert beyond == pytest.approx(max(0.0, seconds - matmul))
+        assert r["step_s"] == pytest.approx(base["step_s"] + beyond)
 
 
 def test_fp8_experts_run_at_the_fp8_peak():
@@ -217,6 +232,27 @@ def test_search_takes_the_cheapest_memory_option_that_fits():
     assert offloaded["option"] == "train.offload_optimizer=True"
     assert offloaded["extra_s"] == pytest.approx(p["moments"] / 64e9)
     assert choose(p, chip(0.99 * host / gib)) is None
+
+
+def test_search_puts_the_layer_inputs_on_the_host_before_the_moments():
+    """From remat=full, the same program with each layer's input in host memory
+    (remat=offload) fits where only that much is missing; its copies cost nothing while the
+    matmuls outlast them."""
+    from moejax.plan.search import choose
+
+    p = {**tiny_plan(32), "remat": "full"}
+    f = estimate.fit(p, 1e12)
+    rows = p["precision"]["train"]
+    own = next(r for r in rows if r["own"])
+    mu16 = next(peak for r, peak in zip(rows, f["precision"], strict=True)
+                if r["params"] == own["params"] and r["mu"] == "bfloat16")
+    need = f["peak"] - p["layer_inputs"]
+    assert need < mu16  # the layer inputs weigh more than half the first moments
+    got = choose(p, dataclasses.replace(H100, hbm_gib=need / 2**30))
+    assert (got["option"], got["peak"]) == ("model.remat=offload", need)
+    matmul = predict.predict(p, H100)["parts"]["matmul"]
+    host = 2 * p["layer_inputs"] / 64e9
+    assert got["extra_s"] == pytest.approx(max(0.0, host - matmul), abs=1e-12)
 
 
 def test_search_answer_says_what_the_reservation_takes(monkeypatch):

@@ -73,7 +73,8 @@ LAYOUTS = [  # (data, fsdp, expert, tensor); FSDP x EP and FSDP x TP: the remat 
     (2, 2, 2, 1),  # data x FSDP x EP
     (1, 2, 2, 2),  # FSDP x EP x TP
 ]
-REMAT_LAYOUTS = {"full": (1, 4, 2, 1), "matmuls": (1, 4, 1, 2)}  # FSDP x EP, FSDP x TP
+# FSDP x EP, FSDP x TP, DP x EP
+REMAT_LAYOUTS = {"full": (1, 4, 2, 1), "matmuls": (1, 4, 1, 2), "offload": (2, 1, 4, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,8 @@ def test_all_four_axes_on_16_devices(one_device):
     assert_same(got, grads0, "2x2x2x2")
 
 
-@pytest.mark.parametrize("remat", ["full", "matmuls"])
+@pytest.mark.parametrize("remat", ["full", "matmuls",
+                                   pytest.param("offload", marks=pytest.mark.slow)])
 def test_remat_changes_no_number(one_device, remat):
     """Each on a layout of its own, which LAYOUTS leaves to it: the same numbers with
     recomputation and on that layout."""

@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from moejax.model import xla_attention
@@ -27,12 +28,18 @@ from moejax.parallel import constrain
 ATTENTIONS = {"gqa": Attention, "mla": LatentAttention}
 
 # What the backward pass keeps of each block's forward; everything else is recomputed.
-# "matmuls" keeps the outputs of the attention and FFN matmuls, not the MoE dispatch buffers.
+# "matmuls" keeps the outputs of the attention and FFN matmuls, not the MoE dispatch buffers;
+# "offload" keeps only each block's input, as "full" does, but in host memory (pinned_host)
+# until the backward pass brings it back: device memory then holds no layer's activations.
 _MATMULS = ("attn_q", "attn_kv", "attn_ctx", "ffn_in", "moe_out")
+LAYER_INPUT = "layer_input"
 REMAT = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "matmuls": jax.checkpoint_policies.save_only_these_names(*_MATMULS),
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -157,6 +164,7 @@ class Stack(nnx.Module):
             aux, tops = [], {}
             for j, block in enumerate(nnx.merge(graphdef, state)):
                 moe = isinstance(block.ffn, MoE)
+                x = checkpoint_name(x, LAYER_INPUT)
                 x, a, top = block(x, positions, segments, train=train,
                                   rng=None if rng is None else jax.random.fold_in(rng, layer + j),
                                   forced=ids[len(aux)] if moe and ids is not None else None,

@@ -131,6 +131,7 @@ def plan(config, mesh: dict | None = None) -> dict:
     import jax.numpy as jnp
 
     from moejax import config_lib, parallel
+    from moejax.model.layers import DTYPES
     from moejax.run import state
     from moejax.run.flops import train_flops_per_token
     from moejax.run.params import bytes_per_device, param_counts, precision_table
@@ -165,6 +166,12 @@ def plan(config, mesh: dict | None = None) -> dict:
     query_rows = seq_len // sizes[parallel.SEQ_AXIS]
     keys = seq_len if sizes[parallel.SEQ_AXIS] == 1 else math.gcd(query_rows, 512)
 
+    # Each layer's input of a micro-batch: what remat=full keeps and remat=offload keeps in
+    # host memory instead of HBM (XLA:CPU has no memory apart from the host's: its peak above
+    # counts them either way).
+    layer_inputs = mc.num_layers * rows * query_rows * mc.d_model * jnp.dtype(
+        DTYPES[mc.dtype]).itemsize
+
     def whole(tree):  # bytes of the arrays, not of one device's shards
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
@@ -184,12 +191,19 @@ def plan(config, mesh: dict | None = None) -> dict:
         "offload": bool(config.train.offload_optimizer),
         "precision": precision_table(config, setup),
         "memory": memory(compiled), "attention_scores": rows * heads * query_rows * keys * 4,
+        "layer_inputs": layer_inputs,
+        "activation_offload": layer_inputs if mc.remat == "offload" else 0,
         "collectives": collective_bytes(hlo, mesh.size),
         "collective_records": collective_records(hlo, mesh.size),
         "model": model_summary(config, counts),
         "alltoall_min": alltoall_minimum(config, sizes) if mc.num_experts else None,
         "optimizer_update": update,
     }
+
+
+def device_peak(p: dict) -> int:
+    """The compiled peak less what remat=offload keeps in host memory."""
+    return p["memory"]["peak"] - p["activation_offload"]
 
 
 def offload(p: dict) -> dict:
@@ -201,7 +215,7 @@ def offload(p: dict) -> dict:
     device then holds parameters + gradients + moments in + new moments, at least. The peak
     is the larger; the moments cross the host link twice per step, in and out."""
     moments, params = p["moments"], p["state"]["params"]
-    at_rest = p["memory"]["peak"] - moments
+    at_rest = device_peak(p) - moments
     update = 2 * params + 2 * moments
     return {"moments": moments, "at_rest": at_rest, "update": update,
             "peak": max(at_rest, update), "transfer": 2 * moments}
@@ -212,7 +226,7 @@ def fit(p: dict, hbm: float) -> dict:
     every figure is arithmetic on them, nothing is recompiled (docs/memory.md checks some).
     With train.offload_optimizer the verdict is on offload(p)'s peak."""
     params, opt = p["state"]["params"], p["state"]["opt_state"]
-    compiled = p["memory"]["peak"]
+    compiled = device_peak(p)
     peak = offload(p)["peak"] if p["offload"] else compiled
     # The step also holds one gradient per parameter, in its dtype and layout (the scan over
     # micro-batches carries them): with the state, what splitting over more devices shrinks.

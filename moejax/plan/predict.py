@@ -45,6 +45,7 @@ GROUP_WASTE_ROWS = {"tpu": 512, "gpu": 64}
 # norms, residual adds, rotary, softmax statistics.
 ACTIVATION_PASSES = 40
 COLLECTIVE_LATENCY_S = 10e-6  # per collective op launched
+FORWARD_AGAIN = ("full", "offload")  # remat policies that recompute the whole forward
 
 
 def axes_of(group: list[int], mesh: dict) -> set:
@@ -90,7 +91,7 @@ def hardware_flops(p: dict, chip) -> dict:
     a = p["alltoall_min"]
     slots = a["effective_cf"] if a and not a["dropless"] else 1.0
     slots += group_waste(p, chip)
-    recompute = 8 / 6 if p["remat"] == "full" else 1.0
+    recompute = 8 / 6 if p["remat"] in FORWARD_AGAIN else 1.0
     return {"model": model, "hardware": (model + expert * (slots - 1)) * recompute,
             "expert": expert * slots * recompute,
             "attention": p["model"]["attention_flops_per_token"] * tokens * recompute}
@@ -105,7 +106,7 @@ def memory_bytes(p: dict) -> float:
     m, st = p["model"], p["state"]
     update = 3 * st["params"] + 2 * st["opt_state"]  # params read and written, grads read
     tokens = p["tokens_per_step"] / p["devices"]
-    passes = 3 + (p["remat"] == "full")
+    passes = 3 + (p["remat"] in FORWARD_AGAIN)
     experts = m["moe_layers"] * m["top_k"] * (2 * m["d_model"] + 3 * m["d_ff"]) * passes
     return update + (ACTIVATION_PASSES * m["layers"] * m["d_model"] + experts) * tokens * (
         m["act_bytes"])
@@ -178,11 +179,15 @@ def predict(p: dict, chip) -> dict:
     hidden = sum(sum(v.values()) for (_, how), v in comm.items() if how == "overlapped")
     exposed = sum(sum(v.values()) for (_, how), v in comm.items() if how == "exposed")
     overlap_left = max(0.0, hidden - matmul)
-    step = matmul + memory + exposed + overlap_left
+    # remat=offload: each micro-batch's layer inputs go to the host and come back over the
+    # host link, asynchronous copies hidden behind the matmuls up to their time.
+    host = 2 * p["activation_offload"] * p["grad_accum"] / (chip.host_gb_per_s * 1e9 * share)
+    step = matmul + memory + exposed + overlap_left + max(0.0, host - matmul)
     parts = {"matmul": matmul, "memory-bound": memory, "exposed collectives": exposed,
-             "overlapped collectives beyond the matmuls": overlap_left}
+             "overlapped collectives beyond the matmuls": overlap_left,
+             "activation offload beyond the matmuls": max(0.0, host - matmul)}
     mfu = flops["model"] / (step * peak)
-    return {"step_s": step, "parts": parts, "collectives": comm, "hidden": hidden,
+    return {"step_s": step, "parts": parts, "collectives": comm, "hidden": hidden, "host_s": host,
             "flops": flops, "mfu": mfu,
             "tflops_per_chip": flops["model"] / step / 1e12 * chip.devices_per_chip,
             "tokens_per_s": p["tokens_per_step"] / step,
@@ -217,6 +222,10 @@ def prediction_lines(p: dict, chip) -> list[str]:
                      "expert group and call)")
     for name, t in r["parts"].items():
         lines.append(f"  {name:<44} {t * ms:10,.1f} ms")
+    if p["activation_offload"]:
+        sent = 2 * p["activation_offload"] * p["grad_accum"] / 2**30
+        lines.append(f"  activation offload: {sent:,.1f} GiB per device to the host and back, "
+                     f"{r['host_s'] * ms:,.1f} ms at {chip.host_gb_per_s:,.0f} GB/s per chip")
     lines.append(f"  collectives (ms), scale-up {chip.scaleup_gb_per_s:,.0f} GB/s, scale-out "
                  f"{chip.network_gb_per_s:,.0f} GB/s per chip and direction:")
     for (op, how), t in sorted(r["collectives"].items()):

@@ -1,7 +1,7 @@
 """The planner's report: memory per device, the fit verdict and what would fit, the precision
 tables, collectives and the all-to-all minimum, from estimate.plan's numbers."""
 
-from moejax.plan.estimate import GiB, MiB, fit, offload
+from moejax.plan.estimate import GiB, MiB, device_peak, fit, offload
 
 
 def report(p: dict, title: str = "", hbm_gib: float = 80.0, devices_per_host: int = 8) -> str:
@@ -28,6 +28,11 @@ def report(p: dict, title: str = "", hbm_gib: float = 80.0, devices_per_host: in
         " blockwise: not flash attention's)",
         f"  peak                             {mem['peak'] / scale:12,.2f}",
     ]
+    if p["activation_offload"]:
+        lines += [
+            f"    of it in host memory           {p['activation_offload'] / scale:12,.2f}"
+            "  (remat=offload: each layer's input, from the forward to its backward)",
+            f"  peak on the device               {device_peak(p) / scale:12,.2f}"]
     if p["offload"]:
         lines += offload_lines(p, unit, scale, devices_per_host)
     lines += precision_lines(p, hbm_gib)

@@ -5,9 +5,10 @@ matmuls where full fits) and micro-batches (train.grad_accum x 1, 2, 4: more onl
 nothing fits and the peak still falls), each candidate compiled as `plan` compiles it
 (dropless as predict.as_priced says) and priced by predict.py; the first-moment dtype and
 optimizer offload by the planner's arithmetic on the same compile (estimate.fit, offload),
-cheapest first: as configured, then mu in bf16, then the moments in host memory (their host
-link time added). The answer is the fastest that fits, with the runners-up; where none fits,
-why.
+cheapest first: as configured, then mu in bf16, then (from remat=full) the layer inputs in
+host memory (remat=offload: the same program, its copies' time beyond the matmuls added),
+then the moments in host memory (their host link time added). The answer is the fastest
+that fits, with the runners-up; where none fits, why.
 """
 
 from moejax.plan.estimate import GiB, fit, offload
@@ -49,6 +50,11 @@ def choose(p: dict, chip) -> dict | None:
     for row, peak in zip(rows, f["precision"], strict=True):
         if row["params"] == own["params"] and row["mu"] == "bfloat16" and peak <= hbm:
             return {"option": "train.moment_dtype=bfloat16", "peak": peak, "extra_s": 0.0}
+    if p["remat"] == "full":  # the same program with each layer's input on the host
+        q = {**p, "remat": "offload", "activation_offload": p["layer_inputs"]}
+        if (peak := fit(q, hbm)["peak"]) <= hbm:
+            return {"option": "model.remat=offload", "peak": peak,
+                    "extra_s": predict(q, chip)["step_s"] - predict(p, chip)["step_s"]}
     o = offload(p)
     if o["peak"] <= hbm:  # in and out over the host link, not hidden behind the step
         return {"option": "train.offload_optimizer=True", "peak": o["peak"],
