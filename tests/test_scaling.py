@@ -34,6 +34,7 @@ def test_overrides_and_unknown_keys():
 ONE = ["--config.mesh.data=1"]
 
 
+@pytest.mark.slow  # two trainings: 23 s of the fast suite's 10 minutes
 def test_runner_writes_table_and_plot_then_reuses_finished_runs(tmp_path, monkeypatch):
     variants, out, runs = ["dense,smoke", "e2,smoke"], tmp_path / "docs", tmp_path / "runs"
     records = scaling.run(variants, str(out), str(runs), ONE, command="python -m ...")
