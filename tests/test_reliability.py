@@ -56,7 +56,7 @@ INVALID = [  # overrides, then the start of the one-line error
     ({"mesh.fsdp": -1}, "mesh='data=-1, fsdp=-1, expert=1, context=1, tensor=1': allowed: at "
      "most one axis -1"),
     ({"mesh.tensor": 0}, "mesh.tensor=0: must be >= 1, or -1 for all remaining devices"),
-    ({"model.remat": "some"}, "model.remat='some': unknown; allowed: none, full, matmuls"),
+    ({"model.remat": "some"}, "model.remat='some': unknown; allowed: none, full, matmuls, offload"),
     ({"model.num_kv_heads": 3}, "model.num_kv_heads=3: must be a divisor of num_heads=2"),
     ({"mesh.expert": 0}, "mesh.expert=0: must be >= 1, or -1 for all remaining devices"),
     ({"model.top_k": 9}, "model.top_k=9: must be in 1..num_experts=8"),
