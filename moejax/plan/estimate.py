@@ -120,7 +120,7 @@ def model_summary(config, counts: dict) -> dict:
                 mc, config.data.seq_len),
             "moe_layers": len(moe_layer_ids(mc, mtp=True)) if mc.num_experts else 0,
             "num_experts": mc.num_experts, "top_k": mc.top_k, "d_ff": mc.d_ff,
-            "dropless": mc.dispatch == "dropless"}
+            "dropless": mc.dispatch != "capacity"}
 
 
 def plan(config, mesh: dict | None = None) -> dict:

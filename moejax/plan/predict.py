@@ -161,7 +161,7 @@ def plan_priced(config, mesh: dict | None = None) -> dict:
     from moejax.plan.estimate import plan
 
     p = plan(as_priced(config), mesh)
-    p["model"]["dropless"] = config.model.dispatch == "dropless"
+    p["model"]["dropless"] = config.model.dispatch != "capacity"
     return p
 
 
