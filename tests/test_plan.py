@@ -74,8 +74,8 @@ def measured_step_memory(config, mesh, steps=2) -> tuple[int, int]:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 @pytest.mark.parametrize("mesh", [
-    {"fsdp": 8}, {"fsdp": 2, "expert": 4},
-    pytest.param({"fsdp": 4, "expert": 2}, marks=pytest.mark.slow),  # 20-35 s each
+    {"fsdp": 8}, pytest.param({"fsdp": 2, "expert": 4}, marks=pytest.mark.slow),
+    pytest.param({"fsdp": 4, "expert": 2}, marks=pytest.mark.slow),  # 14-35 s each
 ], ids=["fsdp8", "fsdp2xep4", "fsdp4xep2"])
 def test_planned_memory_within_10_percent_of_a_real_run(mesh):
     # One layer to compile fast, a batch of 256 so that activations, not the few MiB a real
@@ -159,6 +159,7 @@ def test_train_step_all_to_all_with_grad_accum(mesh, remat):
     assert moved["wire"] == pytest.approx(moved["payload"] * 3 / 4)  # 1 of 4 blocks stays home
 
 
+@pytest.mark.slow  # three compiles: 13 s of the fast suite's 10 minutes
 def test_remat_policies_shrink_the_temporaries():
     # Sequences of 128 make activations most of the temporaries even at this size.
     config = config_with("smoke", **{"data.seq_len": 128, "data.batch_size": 8})
@@ -214,6 +215,7 @@ ENTRY %main (p: f32[4,8]) -> f32[4,8] {
     assert out["all-gather"] == {"count": 1, "payload": 128, "wire": 128 * 3}
 
 
+@pytest.mark.slow  # a planner process: 12 s
 def test_cli_prints_the_report():
     # 4 devices, not conftest's 8: the planner makes as many as --mesh needs, and the
     # config's data=-1 (the rest) is 1.

@@ -135,6 +135,7 @@ def holders(workdir, go, n, hold_s):
     return procs
 
 
+@pytest.mark.slow  # four processes: 11 s
 def test_of_several_starts_on_a_dead_runs_lock_exactly_one_wins(tmp_path, dead_pid):
     write_lock(tmp_path, dead_pid)
     procs = holders(tmp_path, tmp_path / "go", 4, 3.0)

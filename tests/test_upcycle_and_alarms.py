@@ -20,6 +20,7 @@ from tests.test_train import smoke
 ONE = {"mesh.data": 1}
 
 
+@pytest.mark.slow  # two trainings: 13 s
 def test_upcycled_moe_starts_at_the_dense_loss(tmp_path, capsys, monkeypatch):
     restored = []
     restore = ocp.CheckpointManager.restore
