@@ -6,8 +6,8 @@ install:
 test:  # a module's tests on one worker: its module fixtures are computed once
 	python -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=25 tests
 
-test-slow:
-	python -m pytest -q -m slow --durations=25 tests
+test-slow:  # two workers too: most of a slow test is one compile or one process's start
+	python -m pytest -q -m slow -n 2 --dist loadfile --durations=25 tests
 
 lint:  # style, then the import layers of pyproject.toml's [tool.importlinter]
 	ruff check moejax tests configs
