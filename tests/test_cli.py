@@ -162,10 +162,24 @@ def test_plan_flags_fail_in_one_line(argv, config_files, args, error):
     assert e.value.code == error.format(tmp=config_files)
 
 
+@pytest.mark.parametrize("args,error", [
+    (["--expert_load=w"], "error: --expert_load needs --target; allowed: h100, h200, b200, "
+     "gb200, v5p, v6e, ironwood"),
+    (["--expert_load={tmp}", "--target=h100"], "error: --expert_load='{tmp}': no expert load "
+     "logged there; allowed: a run's workdir or its metrics.jsonl (train logs "
+     "moe/layer_*/load)")])
+def test_plan_expert_load_fails_in_one_line_before_compiling(argv, config_files, args, error):
+    argv("--config=configs/tiny.py", *(a.format(tmp=config_files) for a in args))
+    with pytest.raises(SystemExit) as e:
+        plan_main()
+    assert e.value.code == error.format(tmp=config_files)
+
+
 @pytest.mark.parametrize("entry,allowed", [
     ("train", "--config, --workdir, --coordinator, --num_processes, --process_id, "
               "--heartbeat_timeout_s"),
-    ("plan", "--config, --mesh, --hbm_gib, --devices_per_host, --target, --search")])
+    ("plan", "--config, --mesh, --hbm_gib, --devices_per_host, --target, --search, "
+             "--expert_load")])
 def test_an_unknown_flag_names_the_entry_points_own(argv, entry, allowed):
     argv("--config=configs/tiny.py", "--workdr=w")
     with pytest.raises(SystemExit) as e:

@@ -4,6 +4,7 @@ link a collective crosses, and planted changes moving the prediction the right w
 import dataclasses
 import functools
 
+import numpy as np
 import pytest
 
 from configs import tiny
@@ -153,6 +154,70 @@ def test_fp8_experts_run_at_the_fp8_peak():
     assert bf16["parts"]["matmul"] - fp8["parts"]["matmul"] == pytest.approx(saved)
 
 
+def natural_load() -> np.ndarray:
+    """Two MoE layers of 64 experts, 8 to a rank: layer 0 uniform; in layer 1 rank 0's
+    experts take 3/8 of the assignments (3x the mean rank's 1/8), the rest share 5/8."""
+    load = np.full((2, 64), 1 / 64)
+    load[1, :8], load[1, 8:] = 3 / 8 / 8, 5 / 8 / 56
+    return load
+
+
+def test_natural_routing_waits_for_the_busiest_rank():
+    """Dropless: each layer waits for its busiest expert rank (layer 0: 1x, layer 1: 3x; 2x
+    on average), so the experts' matmuls, their HBM traffic and the all-to-alls take twice
+    as long and nothing else changes; one expert rank waits for nobody."""
+    model = {**synthetic()["model"], "dropless": True}
+    p = synthetic(model=model, alltoall_min={**synthetic()["alltoall_min"], "dropless": True})
+    balanced, r = predict.predict(p, H100), predict.predict(p, H100, natural_load())
+    assert r["imbalance"] == pytest.approx(2.0)
+    tokens = 2**20 / 8
+    expert = 6 * 1e8 * tokens * (1 + predict.group_waste(p, H100)) * 8 / 6
+    assert r["parts"]["matmul"] - balanced["parts"]["matmul"] == pytest.approx(
+        expert / (989e12 * predict.MATMUL_EFFICIENCY))
+    experts_hbm = 5 * 4 * (2 * 1000 + 3 * 500) * 4 * tokens * 2 / 3350e9
+    assert r["parts"]["memory-bound"] - balanced["parts"]["memory-bound"] == pytest.approx(
+        experts_hbm)
+    assert (r["parts"]["exposed collectives"] - balanced["parts"]["exposed collectives"]
+            == pytest.approx(4.5e9 / 450e9 + 10 * predict.COLLECTIVE_LATENCY_S))
+    line = predict.routing_line(p, H100, natural_load(), 300)
+    assert line == (f"  routing as logged at step 300 (2 MoE layers): the busiest of 8 expert "
+                    f"ranks takes 2.00x the mean rank's assignments, and every rank waits for "
+                    f"it: +{(r['step_s'] - balanced['step_s']) * 1e3:,.1f} ms over balanced "
+                    f"routing ({balanced['step_s'] * 1e3:,.1f} ms)")
+    one_rank = synthetic(model=model, mesh={**p["mesh"], "fsdp": 8, "expert": 1})
+    assert predict.predict(one_rank, H100, natural_load())["imbalance"] == 1.0
+
+
+def test_the_capacity_path_drops_what_natural_routing_overfills():
+    """Fixed-size buffers: the step's time is the balanced one; layer 1's rank-0 experts
+    hold 3/64 each against capacity 1.25/64: (3 - 1.25) / 64 x 8 = 21.9% dropped there,
+    none in layer 0, 10.9% at the least on average."""
+    r = predict.predict(synthetic(), H100, natural_load())
+    assert r["step_s"] == predict.predict(synthetic(), H100)["step_s"]
+    assert predict.dropped_at_least(natural_load(), 1.25) == pytest.approx(1.75 / 64 * 8 / 2)
+    assert "the capacity path (factor 1.25) drops at least 10.9% of assignments" in "\n".join(
+        predict.prediction_lines(synthetic(), H100, natural_load(), 300))
+
+
+def test_the_expert_load_is_read_from_a_runs_log(tmp_path):
+    """What train's metrics.Writer logged last, from the workdir or its metrics.jsonl; an
+    expert count other than the config's is one line."""
+    from moejax.run.metrics import Writer
+
+    old, new = np.full((2, 64), 1 / 64), natural_load()
+    w = Writer(str(tmp_path), 0)
+    w.expert_load(10, [1, 3], old, np.zeros(2))
+    w.expert_load(20, [1, 3], new, np.zeros(2))
+    w.scalars(21, {"loss": 1.0})
+    w.close()
+    for path in (tmp_path, tmp_path / "metrics.jsonl"):
+        step, load = predict.read_load(str(path), 64)
+        assert step == 20 and load == pytest.approx(new)
+    with pytest.raises(ConfigError, match=r": 64 experts logged; allowed: a run with the "
+                       r"config's model.num_experts=8$"):
+        predict.read_load(str(tmp_path), 8)
+
+
 @functools.cache
 def tiny_plan(batch: int) -> dict:
     config = tiny.get_config()
@@ -268,3 +333,15 @@ def test_search_answer_says_what_the_reservation_takes(monkeypatch):
     text = "\n".join(search.search_lines([row], roomy, 8))
     assert "answer: fsdp=2 x expert=2 x tensor=2, remat=none, grad_accum=1" in text
     assert f"{hours / 24:,.1f} days on 8 chips, {hours * 8:,.0f} chip-hours" in text
+    # a logged load reaches each candidate: dropless, expert 0 of 8 with half the assignments
+    # puts rank 0 (experts 0-3) at 1/2 + 3/14 of them, 1.43x the mean rank's half
+    dropless = {**tiny_plan(32), "model": {**tiny_plan(32)["model"], "dropless": True}}
+    monkeypatch.setattr(search, "plan_priced", lambda config, mesh: dropless)
+    load = np.array([[1 / 2] + [1 / 14] * 7])
+    natural = search.candidate(config, {"fsdp": 2, "expert": 2, "tensor": 2}, roomy, load)
+    r = predict.predict(dropless, roomy, load)
+    assert r["imbalance"] == pytest.approx((1 / 2 + 3 / 14) * 2)
+    assert natural["step_s"] == pytest.approx(r["step_s"])
+    assert r["step_s"] > predict.predict(dropless, roomy)["step_s"]
+    assert "1 fit, routing as logged at step 7" in "\n".join(
+        search.search_lines([natural], roomy, 8, load, 7))

@@ -1,8 +1,8 @@
 """Size a run before paying for it: compile its train step for simulated devices.
 
   python -m moejax.plan --config configs/X.py[:variant] [--mesh fsdp=8,expert=8]
-      [--hbm_gib 80] [--devices_per_host 8] [--target h100 [--search]]
-      [--config.model.remat=full]
+      [--hbm_gib 80] [--devices_per_host 8] [--target h100 [--search]
+      [--expert_load WORKDIR]] [--config.model.remat=full]
 
 Nothing is allocated and nothing runs. The state comes from `state.setup` (abstract arrays
 with the trainer's shardings), the train step is `state.train_step_fn`, compiled by XLA:CPU
@@ -54,6 +54,9 @@ def main() -> None:
     flags.DEFINE_bool("search", False, "with --target: the fastest predicted layout that fits, "
                       "over mesh shapes on the mesh's devices, remat, micro-batches, moment "
                       "dtype and offload (moejax/plan/search.py)")
+    flags.DEFINE_string("expert_load", None, "with --target: a run's workdir (or its "
+                        "metrics.jsonl): price routing at the expert load it logged last, not "
+                        "balanced (dropless waits for the busiest expert-parallel rank)")
     flags.mark_flags_as_required(["config"])
     with cli.one_line_errors():
         cli.parse_flags(sys.argv, __doc__)  # --help, bad flags and config files
@@ -65,7 +68,15 @@ def main() -> None:
         if flags.FLAGS.search and not flags.FLAGS.target:
             raise config_lib.ConfigError(f"--search needs --target; allowed: "
                                          f"{', '.join(hardware.TARGETS)}")
+        if flags.FLAGS.expert_load and not flags.FLAGS.target:
+            raise config_lib.ConfigError(f"--expert_load needs --target; allowed: "
+                                         f"{', '.join(hardware.TARGETS)}")
         chip = hardware.target(flags.FLAGS.target) if flags.FLAGS.target else None
+        step, load = 0, None
+        if flags.FLAGS.expert_load:
+            from moejax.plan.predict import read_load
+
+            step, load = read_load(flags.FLAGS.expert_load, config.model.num_experts)
         hbm_gib, per_host = flags.FLAGS.hbm_gib, flags.FLAGS.devices_per_host
         if chip and not flags.FLAGS["hbm_gib"].present:
             hbm_gib = chip.hbm_gib / chip.devices_per_chip
@@ -91,8 +102,8 @@ def main() -> None:
 
         devices = math.prod(mesh.values())
         with cli.one_line_errors():
-            results = search(config, chip, devices)
-        print("\n".join(search_lines(results, chip, devices)))
+            results = search(config, chip, devices, load=load)
+        print("\n".join(search_lines(results, chip, devices, load, step)))
         return
     with cli.one_line_errors():
         p = plan(config, mesh)
@@ -105,7 +116,7 @@ def main() -> None:
                 p = plan_priced(config, mesh)
             text += ("\n\ndropless priced as the capacity path at factor 1: the same rows "
                      "through one all-to-all (XLA:CPU compiled a ring above)")
-        text += "\n" + "\n".join(prediction_lines(p, chip))
+        text += "\n" + "\n".join(prediction_lines(p, chip, load, step))
     print(text)
 
 

@@ -21,13 +21,25 @@ step that estimate.plan compiled, each part priced on the chip of plan/hardware.
   collectives over `tensor` (each between two matmuls of one layer) do not (`overlapped`).
   Memory-bound work does not overlap the matmuls.
 
+Routing: balanced, unless a run's logged expert load is given (`--expert_load`, read_load):
+then each MoE layer of a dropless step waits for its busiest expert-parallel rank, whose
+experts compute, read and receive `imbalance` times the mean rank's rows (rank_imbalance:
+the trainer's own moe/ep_imbalance, worked out for the plan's expert axis); the capacity
+path's buffers have a fixed size, so there the load costs dropped tokens, not time.
+
 MFU counts the model's FLOPs (run/flops.py: 6 per active weight + causal attention), not the
 recomputed or padded ones, against the dense bf16 peak, as MaxText and Megatron-Core report it.
 """
 
+import json
+import os
+import re
+
 import numpy as np
 
+from moejax.config_ranges import ConfigError
 from moejax.parallel import AXES
+from moejax.run.metrics import Imbalance
 
 # Achieved fraction of the dense peak on the large, well-shaped matmuls of these models: a
 # little under the GPUs' measured best-shape ceilings (docs/performance.md has them).
@@ -97,17 +109,19 @@ def hardware_flops(p: dict, chip) -> dict:
             "attention": p["model"]["attention_flops_per_token"] * tokens * recompute}
 
 
-def memory_bytes(p: dict) -> float:
+def memory_bytes(p: dict, imbalance: float = 1.0) -> float:
     """HBM bytes per device per step outside the matmuls: the optimizer update (reads params,
     gradients, moments; writes params and moments), the activations' elementwise passes, and
     per MoE layer and assignment the experts' gather and scatter of a row (2 d) and their
     activation (reads 2 d_ff, writes d_ff): forward, twice in the backward, and once more
-    recomputed under remat=full."""
+    recomputed under remat=full; the experts' part `imbalance` times over on the busiest
+    rank."""
     m, st = p["model"], p["state"]
     update = 3 * st["params"] + 2 * st["opt_state"]  # params read and written, grads read
     tokens = p["tokens_per_step"] / p["devices"]
     passes = 3 + (p["remat"] in FORWARD_AGAIN)
-    experts = m["moe_layers"] * m["top_k"] * (2 * m["d_model"] + 3 * m["d_ff"]) * passes
+    experts = (m["moe_layers"] * m["top_k"] * (2 * m["d_model"] + 3 * m["d_ff"]) * passes
+               * imbalance)
     return update + (ACTIVATION_PASSES * m["layers"] * m["d_model"] + experts) * tokens * (
         m["act_bytes"])
 
@@ -132,11 +146,13 @@ def collective_time(record: dict, chip) -> tuple[str, float]:
                   + record["count"] * COLLECTIVE_LATENCY_S)
 
 
-def collective_times(records: list[dict], chip, mesh: dict) -> dict:
-    """{(op, 'overlapped' | 'exposed'): {'scale-up': s, 'scale-out': s}}."""
+def collective_times(records: list[dict], chip, mesh: dict, imbalance: float = 1.0) -> dict:
+    """{(op, 'overlapped' | 'exposed'): {'scale-up': s, 'scale-out': s}}; the all-to-alls
+    last until the busiest rank has its `imbalance` times the mean rows."""
     out = {}
     for r in records:
         link, t = collective_time(r, chip)
+        t *= imbalance if r["op"] == "all-to-all" else 1.0
         key = (r["op"], "overlapped" if overlapped(r, mesh) else "exposed")
         out.setdefault(key, {"scale-up": 0.0, "scale-out": 0.0})[link] += t
     return out
@@ -165,17 +181,64 @@ def plan_priced(config, mesh: dict | None = None) -> dict:
     return p
 
 
-def predict(p: dict, chip) -> dict:
-    """The predicted step of plan `p` on `chip` (seconds), its parts, MFU and the bound."""
+def read_load(path: str, num_experts: int) -> tuple[int, np.ndarray]:
+    """The newest expert load a run logged (its metrics.jsonl, or the workdir holding it):
+    (the step, [MoE layers, E] each layer's fractions of its assignments). A one-line
+    ConfigError naming --expert_load when there is none or its E is not the config's."""
+    file = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+    key = re.compile(r"moe/layer_(\d+)/load/expert_(\d+)$")
+    step, found = None, {}
+    for line in open(file) if os.path.isfile(file) else ():
+        row = _json_or_none(line) if '/load/expert_' in line else None
+        if row:  # the newest wins
+            step = row["step"]
+            found = {tuple(map(int, m.groups())): v for k, v in row.items()
+                     if (m := key.match(k))}
+    if not found:
+        raise ConfigError(f"--expert_load={path!r}: no expert load logged there; allowed: a "
+                          "run's workdir or its metrics.jsonl (train logs moe/layer_*/load)")
+    layers = sorted({layer for layer, _ in found})
+    if (experts := len(found) // len(layers)) != num_experts:
+        raise ConfigError(f"--expert_load={path!r}: {experts} experts logged; allowed: a run "
+                          f"with the config's model.num_experts={num_experts}")
+    return step, np.array([[found[layer, e] for e in range(experts)] for layer in layers])
+
+
+def _json_or_none(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except ValueError:  # a row torn by a kill mid-write
+        return None
+
+
+def rank_imbalance(load: np.ndarray, expert: int) -> float:
+    """The busiest expert-parallel rank's assignments over the mean rank's, averaged over the
+    MoE layers (each waits for its own busiest): the trainer's moe/ep_imbalance on `expert`
+    ranks."""
+    return Imbalance(expert, 1, 0.0, True)(load, np.zeros(len(load)), None)["moe/ep_imbalance"]
+
+
+def dropped_at_least(load: np.ndarray, capacity_factor: float) -> float:
+    """The assignments a capacity path drops at this load, at the least: each expert's share
+    past cf / E of the layer's, averaged over layers (a capacity group's own excess over its
+    average adds more)."""
+    return float(np.mean(np.maximum(load - capacity_factor / load.shape[1], 0).sum(-1)))
+
+
+def predict(p: dict, chip, load: np.ndarray | None = None) -> dict:
+    """The predicted step of plan `p` on `chip` (seconds), its parts, MFU and the bound;
+    `load` ([MoE layers, E], read_load): a dropless step paced by its busiest rank."""
     flops, share = hardware_flops(p, chip), 1 / chip.devices_per_chip  # a JAX device's part
+    wait = (rank_imbalance(load, p["mesh"]["expert"])
+            if load is not None and p["model"]["dropless"] else 1.0)
     peak = chip.bf16_tflops * 1e12 * share
     expert_peak = (chip.fp8_tflops if p["model"]["quantization"] == "fp8" else
                    chip.bf16_tflops) * 1e12 * share
     rest = flops["hardware"] - flops["expert"] - flops["attention"]
-    matmul = ((rest / peak + flops["expert"] / expert_peak) / MATMUL_EFFICIENCY
+    matmul = ((rest / peak + wait * flops["expert"] / expert_peak) / MATMUL_EFFICIENCY
               + flops["attention"] / peak / ATTENTION_EFFICIENCY)
-    memory = memory_bytes(p) / (chip.hbm_gb_per_s * 1e9 * share)
-    comm = collective_times(p["collective_records"], chip, p["mesh"])
+    memory = memory_bytes(p, wait) / (chip.hbm_gb_per_s * 1e9 * share)
+    comm = collective_times(p["collective_records"], chip, p["mesh"], wait)
     hidden = sum(sum(v.values()) for (_, how), v in comm.items() if how == "overlapped")
     exposed = sum(sum(v.values()) for (_, how), v in comm.items() if how == "exposed")
     overlap_left = max(0.0, hidden - matmul)
@@ -188,7 +251,7 @@ def predict(p: dict, chip) -> dict:
              "activation offload beyond the matmuls": max(0.0, host - matmul)}
     mfu = flops["model"] / (step * peak)
     return {"step_s": step, "parts": parts, "collectives": comm, "hidden": hidden, "host_s": host,
-            "flops": flops, "mfu": mfu,
+            "flops": flops, "mfu": mfu, "imbalance": wait,
             "tflops_per_chip": flops["model"] / step / 1e12 * chip.devices_per_chip,
             "tokens_per_s": p["tokens_per_step"] / step,
             "bound": max(("compute", matmul), ("memory", memory),
@@ -204,13 +267,34 @@ def run_line(p: dict, step_s: float, chips: int) -> str:
             "(steps only: no evaluation, checkpoints or restarts)")
 
 
-def prediction_lines(p: dict, chip) -> list[str]:
-    r = predict(p, chip)
+def routing_line(p: dict, chip, load: np.ndarray, step: int) -> str:
+    """What the logged load at `step` does to this step: the dropless wait for the busiest
+    rank, or the capacity path's drops."""
+    ep, m = p["mesh"]["expert"], p["model"]
+    head = f"  routing as logged at step {step:,} ({len(load)} MoE layers): "
+    if not m["dropless"]:
+        cf = p["alltoall_min"]["effective_cf"] if p["alltoall_min"] else 1.0
+        return (head + f"the capacity path (factor {cf:.2f}) drops at least "
+                f"{dropped_at_least(load, cf):.1%} of assignments; its time is the balanced "
+                "one (fixed-size buffers)")
+    r, balanced = predict(p, chip, load), predict(p, chip)
+    return (head + f"the busiest of {ep} expert ranks takes {r['imbalance']:.2f}x the mean "
+            f"rank's assignments, and every rank waits for it: "
+            f"+{(r['step_s'] - balanced['step_s']) * 1e3:,.1f} ms over balanced routing "
+            f"({balanced['step_s'] * 1e3:,.1f} ms)")
+
+
+def prediction_lines(p: dict, chip, load: np.ndarray | None = None,
+                     step: int = 0) -> list[str]:
+    """The prediction as `plan --target` prints it; with `load` (read_load, logged at
+    `step`), priced at that load and said what it costs."""
+    r = predict(p, chip, load)
     ms = 1e3
     chips = p["devices"] // chip.devices_per_chip
     lines = ["", f"predicted step on {chips} x {chip.name}: {r['step_s'] * ms:,.1f} ms, "
              f"MFU {r['mfu']:.1%} ({r['tflops_per_chip']:,.0f} TFLOP/s per chip of "
              f"{chip.bf16_tflops:,.0f}), {r['tokens_per_s']:,.0f} tokens/s; {r['bound']}-bound",
+             *([] if load is None else [routing_line(p, chip, load, step)]),
              run_line(p, r["step_s"], chips),
              f"  matmuls at {MATMUL_EFFICIENCY:.0%} of peak (attention {ATTENTION_EFFICIENCY:.0%}"
              f"), {r['flops']['hardware'] / 1e12:,.1f} TFLOP per device "

@@ -8,7 +8,8 @@ optimizer offload by the planner's arithmetic on the same compile (estimate.fit,
 cheapest first: as configured, then mu in bf16, then (from remat=full) the layer inputs in
 host memory (remat=offload: the same program, its copies' time beyond the matmuls added),
 then the moments in host memory (their host link time added). The answer is the fastest
-that fits, with the runners-up; where none fits, why.
+that fits, with the runners-up; where none fits, why. With a run's logged expert load,
+each layout's dropless step waits for its own busiest expert-parallel rank (predict.py).
 """
 
 from moejax.plan.estimate import GiB, fit, offload
@@ -62,9 +63,9 @@ def choose(p: dict, chip) -> dict | None:
     return None
 
 
-def search(config, chip, devices: int, log=print) -> list[dict]:
+def search(config, chip, devices: int, log=print, load=None) -> list[dict]:
     """Every candidate priced (compiles one per mesh, remat and micro-batch count), fastest
-    fitting first, then the rest by their peak."""
+    fitting first, then the rest by their peak; `load`: predict's."""
     results = []
     for mesh in meshes(config, devices, chip):
         for remat in REMATS:  # full first: matmuls keeps more, so is tried only where it fits
@@ -78,7 +79,7 @@ def search(config, chip, devices: int, log=print) -> list[dict]:
                     c.train.grad_accum = config.train.grad_accum * times
                 if c.data.batch_size % (c.train.grad_accum * mesh["fsdp"] * mesh["expert"]):
                     break
-                row = candidate(c, mesh, chip)
+                row = candidate(c, mesh, chip, load)
                 results.append(row)
                 log(line(row))
                 # More micro-batches only repeat the weight gathers: stop once one fits, or
@@ -91,9 +92,9 @@ def search(config, chip, devices: int, log=print) -> list[dict]:
                                           r["comm_s"]))
 
 
-def candidate(config, mesh: dict, chip) -> dict:
+def candidate(config, mesh: dict, chip, load=None) -> dict:
     p = plan_priced(config, mesh)
-    r, choice = predict(p, chip), choose(p, chip)
+    r, choice = predict(p, chip, load), choose(p, chip)
     step = r["step_s"] + (choice["extra_s"] if choice else 0.0)
     f = fit(p, chip.hbm_gib / chip.devices_per_chip * GiB)
     return {"mesh": mesh, "remat": config.model.remat, "grad_accum": config.train.grad_accum,
@@ -119,10 +120,12 @@ def line(row: dict) -> str:
             f"{c['peak'] / GiB:7,.1f} GiB  {c['option']}, {row['bound']}-bound")
 
 
-def search_lines(results: list[dict], chip, devices: int) -> list[str]:
+def search_lines(results: list[dict], chip, devices: int, load=None, step: int = 0) -> list[str]:
     fitting = [r for r in results if r["fits"]]
+    routing = ("balanced routing" if load is None else
+               f"routing as logged at step {step:,}")
     head = ["", f"search: {len(results)} layouts on {devices} devices of {chip.name}, "
-            f"{len(fitting)} fit"]
+            f"{len(fitting)} fit, {routing}"]
     if not fitting:
         best, hbm = results[0], chip.hbm_gib / chip.devices_per_chip
         w = best["why"]
