@@ -16,6 +16,7 @@ class Chip:
     """One accelerator chip (a GPU, or a TPU chip) and the system it ships in."""
 
     name: str
+    platform: str  # "gpu" or "tpu": whose kernels run on it (the grouped matmuls' tiles)
     bf16_tflops: float  # dense peak
     fp8_tflops: float  # dense peak; = bf16 where the docs give fp8 no faster rate (v5p, v6e)
     hbm_gib: float  # what software can allocate: nvidia-smi's total, or the TPU docs' figure
@@ -37,39 +38,39 @@ class Chip:
 _GBIT = 1 / 8  # GB/s per Gb/s
 
 TARGETS = {
-    "h100": Chip("NVIDIA H100 SXM5 80GB", bf16_tflops=989, fp8_tflops=1979,
+    "h100": Chip("NVIDIA H100 SXM5 80GB", "gpu", bf16_tflops=989, fp8_tflops=1979,
                  hbm_gib=81559 / 1024, hbm_gb_per_s=3350,
                  scaleup_gb_per_s=900 / 2, scaleup_links=18,
                  scaleup_topology="NVLink 4, NVSwitch all-to-all", scaleup_chips=8,
                  network_gb_per_s=400 * _GBIT, host_gb_per_s=128 / 2, chips_per_host=8),
-    "h200": Chip("NVIDIA H200 SXM 141GB", bf16_tflops=989, fp8_tflops=1979,
+    "h200": Chip("NVIDIA H200 SXM 141GB", "gpu", bf16_tflops=989, fp8_tflops=1979,
                  hbm_gib=143771 / 1024, hbm_gb_per_s=4800,
                  scaleup_gb_per_s=900 / 2, scaleup_links=18,
                  scaleup_topology="NVLink 4, NVSwitch all-to-all", scaleup_chips=8,
                  network_gb_per_s=400 * _GBIT, host_gb_per_s=128 / 2, chips_per_host=8),
     # HGX/DGX B200 at 1,000 W; GB200 runs its B200s at 1,200 W, hence its higher peaks.
-    "b200": Chip("NVIDIA B200 (HGX/DGX B200)", bf16_tflops=2250, fp8_tflops=4500,
+    "b200": Chip("NVIDIA B200 (HGX/DGX B200)", "gpu", bf16_tflops=2250, fp8_tflops=4500,
                  hbm_gib=183359 / 1024, hbm_gb_per_s=8000,
                  scaleup_gb_per_s=1800 / 2, scaleup_links=18,
                  scaleup_topology="NVLink 5, NVSwitch all-to-all", scaleup_chips=8,
                  network_gb_per_s=400 * _GBIT, host_gb_per_s=128 / 2, chips_per_host=8),
     # A compute tray: 2 Grace CPUs, 4 GPUs; one Grace's 900 GB/s (both ways) C2C feeds 2 GPUs.
-    "gb200": Chip("NVIDIA GB200 NVL72 (per GPU)", bf16_tflops=2500, fp8_tflops=5000,
+    "gb200": Chip("NVIDIA GB200 NVL72 (per GPU)", "gpu", bf16_tflops=2500, fp8_tflops=5000,
                   hbm_gib=189471 / 1024, hbm_gb_per_s=8000,
                   scaleup_gb_per_s=1800 / 2, scaleup_links=18,
                   scaleup_topology="NVLink 5, NVLink Switch trays all-to-all", scaleup_chips=72,
                   network_gb_per_s=400 * _GBIT, host_gb_per_s=900 / 2 / 2, chips_per_host=4),
-    "v5p": Chip("TPU v5p", bf16_tflops=459, fp8_tflops=459,
+    "v5p": Chip("TPU v5p", "tpu", bf16_tflops=459, fp8_tflops=459,
                 hbm_gib=95, hbm_gb_per_s=2765,
                 scaleup_gb_per_s=1200 / 2, scaleup_links=6,
                 scaleup_topology="ICI 3D torus", scaleup_chips=6144,
                 network_gb_per_s=50 * _GBIT, host_gb_per_s=15, chips_per_host=4),
-    "v6e": Chip("TPU v6e (Trillium)", bf16_tflops=918, fp8_tflops=918,
+    "v6e": Chip("TPU v6e (Trillium)", "tpu", bf16_tflops=918, fp8_tflops=918,
                 hbm_gib=32, hbm_gb_per_s=1638,
                 scaleup_gb_per_s=800 / 2, scaleup_links=4,
                 scaleup_topology="ICI 2D torus", scaleup_chips=256,
                 network_gb_per_s=100 * _GBIT, host_gb_per_s=32, chips_per_host=8),
-    "ironwood": Chip("TPU7x (Ironwood)", bf16_tflops=2307, fp8_tflops=4614,
+    "ironwood": Chip("TPU7x (Ironwood)", "tpu", bf16_tflops=2307, fp8_tflops=4614,
                      hbm_gib=192, hbm_gb_per_s=7380,
                      scaleup_gb_per_s=1200 / 2, scaleup_links=6,
                      scaleup_topology="ICI 3D torus", scaleup_chips=9216,

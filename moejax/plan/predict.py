@@ -74,10 +74,6 @@ def overlapped(record: dict, mesh: dict) -> bool:
     return record["op"] != "all-to-all" and "tensor" not in axes_of(record["group"], mesh)
 
 
-def platform(chip) -> str:
-    return "tpu" if chip.name.startswith("TPU") else "gpu"
-
-
 def group_waste(p: dict, chip) -> float:
     """A dropless grouped matmul's wasted rows over its real ones (0 for the capacity path,
     whose experts are one batched matmul of whole slots): each device holds its share of
@@ -87,7 +83,7 @@ def group_waste(p: dict, chip) -> float:
         return 0.0
     rows = (p["tokens_per_step"] / p["devices"] / p["grad_accum"] * m["top_k"]
             * p["mesh"]["tensor"])
-    return m["num_experts"] / p["mesh"]["expert"] * GROUP_WASTE_ROWS[platform(chip)] / rows
+    return m["num_experts"] / p["mesh"]["expert"] * GROUP_WASTE_ROWS[chip.platform] / rows
 
 
 def hardware_flops(p: dict, chip) -> dict:
@@ -302,7 +298,7 @@ def prediction_lines(p: dict, chip, load: np.ndarray | None = None,
              f"{r['flops']['attention'] / 1e12:,.1f} attention's)"]
     if waste := group_waste(p, chip):
         lines.append(f"  dropless grouped matmuls compute {waste:.1%} more expert rows than "
-                     f"assigned (partial tiles: {GROUP_WASTE_ROWS[platform(chip)]} rows per "
+                     f"assigned (partial tiles: {GROUP_WASTE_ROWS[chip.platform]} rows per "
                      "expert group and call)")
     for name, t in r["parts"].items():
         lines.append(f"  {name:<44} {t * ms:10,.1f} ms")
