@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, from the repo root, in under 8 minutes on one H100 or H200:
+# The GPU check, from the repo root, in under 9 minutes on one H100 or H200:
 #   bash bench/gpu.sh        (logs go to $OUT, default /tmp/moejax-gpu)
 # It times what only a GPU runs: the bf16 MoE layer through batched matmuls (capacity) and
 # lax.ragged_dot (dropless), and whole configs/moe_1b.py train steps with cuDNN attention,
@@ -42,3 +42,39 @@ batch=$(( gib >= 96 ? 4 : 2 ))
 python3 -m moejax.bench train --config configs/moe_1b.py --vocab_size 50257 \
     --dispatch=capacity,dropless --batch_size "$batch" --seq_len 2048 --repeats 10 2>&1 \
     | tee "$out/train.txt"
+
+# The planner's prediction of the same three steps (plan --target, compiled on the CPUs beside
+# the GPU; balanced routing, so it stands beside the balanced rows), then measured vs predicted.
+case "$(nvidia-smi -L 2>/dev/null | head -1)" in
+    *H200*) target=h200 ;; *H100*) target=h100 ;; *B200*) target=b200 ;; *) target="" ;;
+esac
+if [ -z "$target" ]; then echo "no plan target for this GPU: prediction skipped"; exit 0; fi
+for row in capacity dropless dense; do
+    experts=$([ "$row" = dense ] && echo 0 || echo 8)
+    dispatch=$([ "$row" = dense ] && echo capacity || echo "$row")
+    python3 -m moejax.plan --config configs/moe_1b.py --mesh data=1 --target "$target" \
+        --config.model.vocab_size=50257 --config.data.batch_size="$batch" \
+        --config.data.seq_len=2048 --config.model.num_experts="$experts" \
+        --config.model.dispatch="$dispatch" > "$out/plan_$row.txt" 2>&1 &
+done
+wait
+python3 - "$out" "$target" <<'PY' | tee "$out/measured_vs_predicted.txt"
+import re, sys
+out, target = sys.argv[1:]
+measured = {}  # "capacity balanced" -> step ms, from bench train's table
+for line in open(f"{out}/train.txt"):
+    cols = line.split()
+    if len(cols) == 8 and cols[0] in ("moe:capacity", "moe:dropless", "dense"):
+        measured[(cols[0].removeprefix("moe:"), cols[1])] = float(cols[3])
+print(f"moe_1b train step on {open(f'{out}/devices.txt').readline().strip()}, "
+      f"plan --target {target}")
+# error as docs/performance.md gives it: predicted over measured tokens/s, less 1
+print(f"{'path':>9} {'routing':>9} {'measured ms':>12} {'predicted ms':>13} {'error':>7}")
+for row in ("capacity", "dropless", "dense"):
+    text = open(f"{out}/plan_{row}.txt").read()
+    predicted = float(re.search(r"predicted step on [^:]+: ([\d,.]+) ms", text)[1].replace(",", ""))
+    for routing in ("balanced", "natural") if row != "dense" else ("-",):
+        got = measured.get((row, routing))
+        error = f"{got / predicted - 1:+.0%}" if got else "n/a"
+        print(f"{row:>9} {routing:>9} {got or float('nan'):>12.1f} {predicted:>13.1f} {error:>7}")
+PY
