@@ -167,7 +167,10 @@ def test_plan_flags_fail_in_one_line(argv, config_files, args, error):
      "gb200, v5p, v6e, ironwood"),
     (["--expert_load={tmp}", "--target=h100"], "error: --expert_load='{tmp}': no expert load "
      "logged there; allowed: a run's workdir or its metrics.jsonl (train logs "
-     "moe/layer_*/load)")])
+     "moe/layer_*/load)"),
+    (["--expert_load=w", "--target=v5p", "--config.model.routing=balanced"], "error: "
+     "--expert_load: model.routing='balanced' is balanced by construction; allowed: "
+     "model.routing='tokens' (the router's own choice)")])
 def test_plan_expert_load_fails_in_one_line_before_compiling(argv, config_files, args, error):
     argv("--config=configs/tiny.py", *(a.format(tmp=config_files) for a in args))
     with pytest.raises(SystemExit) as e:

@@ -73,6 +73,10 @@ def main() -> None:
                                          f"{', '.join(hardware.TARGETS)}")
         chip = hardware.target(flags.FLAGS.target) if flags.FLAGS.target else None
         step, load = 0, None
+        if flags.FLAGS.expert_load and config.model.routing != "tokens":
+            raise config_lib.ConfigError(
+                f"--expert_load: model.routing={config.model.routing!r} is balanced by "
+                "construction; allowed: model.routing='tokens' (the router's own choice)")
         if flags.FLAGS.expert_load:
             from moejax.plan.predict import read_load
 
