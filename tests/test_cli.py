@@ -178,6 +178,26 @@ def test_plan_expert_load_fails_in_one_line_before_compiling(argv, config_files,
     assert e.value.code == error.format(tmp=config_files)
 
 
+def test_plan_prices_the_load_a_run_logged(argv, tmp_path, capsys):
+    """plan --target --expert_load end to end, in-process on conftest's 8 devices: a log in
+    train's format whose layer 1 sends half its assignments to experts 0 and 1 (rank 0 of 4
+    ranks of 2 experts: 2x the mean rank) and layer 3 spreads them evenly (1x): 1.5x."""
+    import numpy as np
+
+    from moejax.run.metrics import Writer
+
+    load = np.array([[1 / 4, 1 / 4] + [1 / 12] * 6, [1 / 8] * 8])
+    w = Writer(str(tmp_path), 0)
+    w.expert_load(50, [1, 3], load, np.zeros(2))
+    w.close()
+    argv("--config=configs/tiny.py:smoke", "--mesh=data=1,fsdp=2,expert=4", "--target=h100",
+         "--config.model.dispatch=dropless", f"--expert_load={tmp_path}")
+    plan_main()
+    out = capsys.readouterr().out
+    assert ("routing as logged at step 50 (2 MoE layers): the busiest of 4 expert ranks takes "
+            "1.50x the mean rank's assignments, and every rank waits for it: +") in out, out
+
+
 @pytest.mark.parametrize("entry,allowed", [
     ("train", "--config, --workdir, --coordinator, --num_processes, --process_id, "
               "--heartbeat_timeout_s"),
