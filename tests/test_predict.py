@@ -273,6 +273,53 @@ def test_search_meshes_divide_what_they_split():
     assert max(m["tensor"] for m in meshes(config, 8, pair)) == 2
 
 
+def test_search_tries_what_can_help_and_ranks_the_fitting_first(monkeypatch):
+    """Per mesh: remat=matmuls only where full fits; more micro-batches only while none fits
+    and the peak still falls. Fitting rows first, fastest first, ties to less communication;
+    the rest by their peak. Candidates made up here (tensor 1: one-GPU scale-up domains):
+    expert 1 and 8 fit at once, expert 2 from 2 micro-batches, expert 4 never, its peak flat
+    from 2 micro-batches on."""
+    from moejax.plan import search
+
+    def candidate(config, mesh, chip, load=None):
+        e, remat, micro = mesh["expert"], config.model.remat, config.train.grad_accum
+        fits = e in (1, 8) or (e == 2 and micro >= 2)
+        peak = 100.0 / min(micro, 2) + e
+        return {"mesh": mesh, "remat": remat, "grad_accum": micro, "fits": fits, "peak": peak,
+                "step_s": {1: 2.0, 2: 3.0, 4: 5.0, 8: 1.0}[e] - (remat == "matmuls") / 2,
+                "comm_s": 0.0, "choice": {"option": "as configured", "peak": peak},
+                "mfu": 0.5, "bound": "compute"}
+
+    monkeypatch.setattr(search, "candidate", candidate)
+    config = tiny.get_config()
+    rows = search.search(config, dataclasses.replace(H100, scaleup_chips=1), 8,
+                         log=lambda text: None, workers=1)
+    tried = [(r["mesh"]["expert"], r["remat"], r["grad_accum"]) for r in rows]
+    # fitting, by step: matmuls saves half a second; then by peak (ties in search order)
+    assert tried == [(8, "matmuls", 1), (8, "full", 1), (1, "matmuls", 1), (1, "full", 1),
+                     (2, "matmuls", 2), (2, "full", 2),
+                     (4, "full", 2), (4, "full", 4), (2, "full", 1), (2, "matmuls", 1),
+                     (4, "full", 1)]
+    assert [r["fits"] for r in rows] == [True] * 6 + [False] * 5
+
+
+@pytest.mark.slow  # 4 compiles twice, 2 of them in spawned processes: about 40 s
+def test_search_in_parallel_processes_equals_one_process():
+    """The meshes compiled by two spawned workers (their own jax, the parent's simulated
+    devices) price every candidate as one process does, in the same order."""
+    from moejax.plan import search
+
+    config = tiny.get_config()
+    config.data.batch_size = 8
+    chip = dataclasses.replace(H100, scaleup_chips=1)  # tensor 1: meshes fsdp 2 and expert 2
+    rows = {w: search.search(config, chip, 2, log=lambda text: None, workers=w) for w in (1, 2)}
+    assert len(rows[1]) == 4
+    for one, two in zip(rows[1], rows[2], strict=True):
+        assert (one["mesh"], one["remat"], one["grad_accum"], one["fits"]) == (
+            two["mesh"], two["remat"], two["grad_accum"], two["fits"])
+        assert one["step_s"] == pytest.approx(two["step_s"], rel=1e-9)
+
+
 def test_search_takes_the_cheapest_memory_option_that_fits():
     """As compiled when it fits; else mu in bf16; else the moments on the host (their host
     link time added); else nothing."""

@@ -8,15 +8,23 @@ optimizer offload by the planner's arithmetic on the same compile (estimate.fit,
 cheapest first: as configured, then mu in bf16, then (from remat=full) the layer inputs in
 host memory (remat=offload: the same program, its copies' time beyond the matmuls added),
 then the moments in host memory (their host link time added). The answer is the fastest
-that fits, with the runners-up; where none fits, why. With a run's logged expert load,
+that fits, with the runners-up; where none fits, why. Meshes compile in parallel processes,
+one per core (at most WORKERS). With a run's logged expert load,
 each layout's dropless step waits for its own busiest expert-parallel rank (predict.py).
 """
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from moejax.plan.estimate import GiB, fit, offload
 from moejax.plan.predict import plan_priced, predict, run_line
 
 REMATS = ("full", "matmuls")
 MICRO = (1, 2, 4)
+# Compiles at once: one per core, at most 8 (a large model's compile for hundreds of simulated
+# devices holds a few GiB of host memory).
+WORKERS = min(os.cpu_count() or 1, 8)
 
 
 def meshes(config, devices: int, chip) -> list[dict]:
@@ -63,33 +71,52 @@ def choose(p: dict, chip) -> dict | None:
     return None
 
 
-def search(config, chip, devices: int, log=print, load=None) -> list[dict]:
+def search(config, chip, devices: int, log=print, load=None,
+           workers: int = WORKERS) -> list[dict]:
     """Every candidate priced (compiles one per mesh, remat and micro-batch count), fastest
-    fitting first, then the rest by their peak; `load`: predict's."""
-    results = []
-    for mesh in meshes(config, devices, chip):
-        for remat in REMATS:  # full first: matmuls keeps more, so is tried only where it fits
-            if remat != REMATS[0] and not any(r["fits"] for r in results if r["mesh"] == mesh):
-                break
-            last = None
-            for times in MICRO:
-                c = config.copy_and_resolve_references()
-                with c.unlocked():
-                    c.model.remat = remat
-                    c.train.grad_accum = config.train.grad_accum * times
-                if c.data.batch_size % (c.train.grad_accum * mesh["fsdp"] * mesh["expert"]):
-                    break
-                row = candidate(c, mesh, chip, load)
-                results.append(row)
-                log(line(row))
-                # More micro-batches only repeat the weight gathers: stop once one fits, or
-                # once halving the activations no longer lowers the peak (the state sets it).
-                if row["fits"] or (last is not None and row["peak"] >= 0.99 * last):
-                    break
-                last = row["peak"]
+    fitting first, then the rest by their peak; `load`: predict's. The meshes compile in
+    `workers` processes at once (XLA compiles on one core), each logged as it ends."""
+    todo, results = meshes(config, devices, chip), []
+    if min(workers, len(todo)) <= 1:
+        for mesh in todo:
+            results += mesh_rows(config, mesh, chip, load, log)
+    else:  # spawned: each starts its own jax with the parent's simulated devices (XLA_FLAGS)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
+            futures = [pool.submit(mesh_rows, config, mesh, chip, load) for mesh in todo]
+            for future in as_completed(futures):
+                for row in future.result():
+                    log(line(row))
+            results = [row for future in futures for row in future.result()]  # mesh order
     # Ties (compute-bound layouts) go to the one whose collectives leave the most slack.
     return sorted(results, key=lambda r: (not r["fits"], r["step_s"] if r["fits"] else r["peak"],
                                           r["comm_s"]))
+
+
+def mesh_rows(config, mesh: dict, chip, load=None, log=lambda text: None) -> list[dict]:
+    """One mesh's candidates: remat full, then matmuls where full fits; micro-batches x1,
+    x2, x4 while none fits and the peak still falls."""
+    rows = []
+    for remat in REMATS:  # full first: matmuls keeps more, so is tried only where it fits
+        if remat != REMATS[0] and not any(r["fits"] for r in rows):
+            break
+        last = None
+        for times in MICRO:
+            c = config.copy_and_resolve_references()
+            with c.unlocked():
+                c.model.remat = remat
+                c.train.grad_accum = config.train.grad_accum * times
+            if c.data.batch_size % (c.train.grad_accum * mesh["fsdp"] * mesh["expert"]):
+                break
+            row = candidate(c, mesh, chip, load)
+            rows.append(row)
+            log(line(row))
+            # More micro-batches only repeat the weight gathers: stop once one fits, or
+            # once halving the activations no longer lowers the peak (the state sets it).
+            if row["fits"] or (last is not None and row["peak"] >= 0.99 * last):
+                break
+            last = row["peak"]
+    return rows
 
 
 def candidate(config, mesh: dict, chip, load=None) -> dict:
