@@ -183,10 +183,12 @@ def read_load(path: str, num_experts: int) -> tuple[int, np.ndarray]:
     ConfigError naming --expert_load when there is none or its E is not the config's."""
     file = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
     key = re.compile(r"moe/layer_(\d+)/load/expert_(\d+)$")
-    step, found = None, {}
-    for line in open(file) if os.path.isfile(file) else ():
-        row = _json_or_none(line) if '/load/expert_' in line else None
-        if row:  # the newest wins
+    step, found, lines = None, {}, []
+    if os.path.isfile(file):
+        with open(file) as f:
+            lines = [line for line in f if "/load/expert_" in line]
+    for line in lines:
+        if row := _json_or_none(line):  # the newest wins
             step = row["step"]
             found = {tuple(map(int, m.groups())): v for k, v in row.items()
                      if (m := key.match(k))}

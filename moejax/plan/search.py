@@ -9,8 +9,8 @@ cheapest first: as configured, then mu in bf16, then (from remat=full) the layer
 host memory (remat=offload: the same program, its copies' time beyond the matmuls added),
 then the moments in host memory (their host link time added). The answer is the fastest
 that fits, with the runners-up; where none fits, why. Meshes compile in parallel processes,
-one per core (at most WORKERS). With a run's logged expert load,
-each layout's dropless step waits for its own busiest expert-parallel rank (predict.py).
+one per core (at most WORKERS). With a run's logged expert load, each layout's dropless step
+waits for its own busiest expert-parallel rank (predict.py).
 """
 
 import multiprocessing
