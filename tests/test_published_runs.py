@@ -12,7 +12,7 @@ from moejax.plan import hardware, predict
 ROOT = Path(__file__).parent.parent
 # Row (j): NeMo AutoModel's Qwen3-30B-A3B on 8 H100, as the doc's command configures it.
 FLAGS = {"data.batch_size": 512, "model.dispatch": "dropless", "model.routing": "balanced",
-         "model.remat": "full", "train.grad_accum": 16}
+         "model.remat": "full", "train.grad_accum": 16, "model.param_dtype": "bfloat16"}
 MESH = {"fsdp": 1, "expert": 8}
 
 
