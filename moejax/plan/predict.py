@@ -183,15 +183,14 @@ def read_load(path: str, num_experts: int) -> tuple[int, np.ndarray]:
     ConfigError naming --expert_load when there is none or its E is not the config's."""
     file = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
     key = re.compile(r"moe/layer_(\d+)/load/expert_(\d+)$")
-    step, found, lines = None, {}, []
+    lines = []
     if os.path.isfile(file):
         with open(file) as f:
             lines = [line for line in f if "/load/expert_" in line]
-    for line in lines:
-        if row := _json_or_none(line):  # the newest wins
-            step = row["step"]
-            found = {tuple(map(int, m.groups())): v for k, v in row.items()
-                     if (m := key.match(k))}
+    # Only the newest row is parsed: a long run logs thousands of them, each of L x E values.
+    row = next((r for line in reversed(lines) if (r := _json_or_none(line))), {})
+    step = row.get("step")
+    found = {tuple(map(int, m.groups())): v for k, v in row.items() if (m := key.match(k))}
     if not found:
         raise ConfigError(f"--expert_load={path!r}: no expert load logged there; allowed: a "
                           "run's workdir or its metrics.jsonl (train logs moe/layer_*/load)")
