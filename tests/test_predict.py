@@ -99,8 +99,22 @@ def test_each_part_by_hand():
     assert r["mfu"] == pytest.approx(model / (step * 989e12))
     # the reservation: 1,000 steps of it on 8 chips
     hours = 1000 * step / 3600
-    assert (f"{hours / 24:,.1f} days on 8 chips, {hours * 8:,.0f} chip-hours"
-            in "\n".join(predict.prediction_lines(p, H100)))
+    text = "\n".join(predict.prediction_lines(p, H100))
+    assert f"{hours / 24:,.1f} days on 8 chips, {hours * 8:,.0f} chip-hours" in text
+    # and what to budget by the model's record: those days over the checked runs' median
+    # and least achieved share of their predictions
+    least, median, _ = predict.achieved()
+    assert (f"{hours / 24 / median:,.1f} days at the median, {hours / 24 / least:,.1f} at the "
+            "least") in text
+
+
+def test_the_record_is_the_checked_runs_achieved_over_predicted():
+    """(least, median, most) of published / predicted, by hand on made-up runs."""
+    made_up = {"x": (50, 100), "y": (90, 100), "z": (110, 100), "w": (80, 100)}
+    assert predict.achieved(made_up) == pytest.approx((0.5, 0.85, 1.1))
+    least, median, most = predict.achieved()
+    assert least == pytest.approx(14796 / 30037) and most == pytest.approx(3038 / 3013)
+    assert median == pytest.approx(1862 / 2193)  # (i), the 6th of 11
 
 
 def test_dropless_is_priced_as_capacity_at_factor_one():

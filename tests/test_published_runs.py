@@ -43,3 +43,18 @@ def test_automodel_row_is_what_the_planner_computes():
     got = r["tokens_per_s"] / 8
     assert got == pytest.approx(predicted, rel=0.005)  # the doc's figure is computed
     assert abs(got / published - 1) <= 0.20
+
+
+def test_the_record_every_prediction_cites_is_the_docs_table():
+    """predict.CHECKED, which budget_line quotes, holds each in-layout row of the doc's table
+    as it stands there: its published and predicted tokens/s and their error."""
+    text = (ROOT / "docs" / "performance.md").read_text()
+    table = text.split("### Against published runs")[1].split("\n\n")[2]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = doc_row(line[3])
+        published, predicted = (float(c.replace(",", "")) for c in cells[3:5])
+        error = float(cells[5].strip("*%").replace("+", ""))
+        assert round(100 * (predicted / published - 1)) == error  # the doc's own arithmetic
+        rows[line[3]] = (published, predicted)
+    assert rows == predict.CHECKED

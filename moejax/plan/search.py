@@ -18,7 +18,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from moejax.plan.estimate import GiB, fit, offload
-from moejax.plan.predict import plan_priced, predict, run_line
+from moejax.plan.predict import budget_line, plan_priced, predict, run_line
 
 REMATS = ("full", "matmuls")
 MICRO = (1, 2, 4)
@@ -129,6 +129,7 @@ def candidate(config, mesh: dict, chip, load=None) -> dict:
             "step_s": step, "mfu": r["mfu"] * r["step_s"] / step, "bound": r["bound"],
             "comm_s": r["hidden"] + r["parts"]["exposed collectives"],
             "run": run_line(p, step, p["devices"] // chip.devices_per_chip),
+            "budget": budget_line(p, step),
             "why": {"sharded": f["sharded"], "rest": f["rest"], "devices": f["devices"],
                     "lowest option": min([*f["precision"], f["offload_opt"]])}}
 
@@ -166,6 +167,6 @@ def search_lines(results: list[dict], chip, devices: int, load=None, step: int =
     best = fitting[0]
     lines = head + [f"answer: {name(best)}: {best['step_s'] * 1e3:,.0f} ms per step, MFU "
                     f"{best['mfu']:.1%}, {best['choice']['option']}", best["run"],
-                    "runners-up:"]
+                    best["budget"], "runners-up:"]
     lines += [line(r) for r in fitting[1:6]]
     return lines
