@@ -59,7 +59,7 @@ def synthetic(**changes) -> dict:
          "activation_offload": 0, "layer_inputs": 3e9,
          "model": {"expert_active": 1e8, "layers": 10, "d_model": 1000, "act_bytes": 2,
                    "quantization": "none", "attention_flops_per_token": 1e8, "moe_layers": 5,
-                   "num_experts": 64, "top_k": 4, "d_ff": 500, "dropless": False},
+                   "head_dim": 128, "num_experts": 64, "top_k": 4, "d_ff": 500, "dropless": False},
          "mesh": {"data": 1, "fsdp": 1, "expert": 8, "context": 1, "tensor": 1},
          "alltoall_min": {"dropless": False, "effective_cf": 1.25, "ragged_forward": 0,
                           "expert": 8, "passes": 3, "token_shards": 8, "moe_layers": 10},
@@ -115,6 +115,21 @@ def test_the_record_is_the_checked_runs_achieved_over_predicted():
     least, median, most = predict.achieved()
     assert least == pytest.approx(14796 / 30037) and most == pytest.approx(3038 / 3013)
     assert median == pytest.approx(1862 / 2193)  # (i), the 6th of 11
+
+
+def test_attention_runs_slower_at_narrow_heads():
+    """Head dim 64 runs the kernel at 476 / 638 of head dim 128's throughput (FlashAttention-3's
+    published figures), so the attention part of the step grows by 638 / 476 and nothing else
+    moves; a width between two of the table's takes the wider one's (192: 256's 612 / 638)."""
+    wide = predict.predict(synthetic(), H100)
+    attention = 1e8 * 2**20 / 8 * 8 / 6 / (989e12 * 0.5)
+    for head_dim, factor in ((64, 638 / 476), (32, 638 / 476), (192, 638 / 612)):
+        p = synthetic()
+        p["model"] = {**p["model"], "head_dim": head_dim}
+        narrow = predict.predict(p, H100)
+        assert narrow["parts"]["matmul"] - wide["parts"]["matmul"] == pytest.approx(
+            attention * (factor - 1))
+        assert narrow["parts"]["memory-bound"] == wide["parts"]["memory-bound"]
 
 
 def test_dropless_is_priced_as_capacity_at_factor_one():

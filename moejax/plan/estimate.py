@@ -119,6 +119,8 @@ def model_summary(config, counts: dict) -> dict:
             "attention_flops_per_token": train_attention_flops_per_token(
                 mc, config.data.seq_len),
             "moe_layers": len(moe_layer_ids(mc, mtp=True)) if mc.num_experts else 0,
+            "head_dim": (mc.qk_nope_head_dim + mc.qk_rope_head_dim if mc.attention == "mla"
+                         else mc.head_dim),  # the query-key width attention runs at
             "num_experts": mc.num_experts, "top_k": mc.top_k, "d_ff": mc.d_ff,
             "dropless": mc.dispatch != "capacity"}
 

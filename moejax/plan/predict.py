@@ -48,6 +48,10 @@ MATMUL_EFFICIENCY = 0.75
 # softmax runs between two matmuls of each block (docs/performance.md: FlashAttention-3's
 # published H100 figures, the backward's 2.5x the forward's FLOPs weighted in).
 ATTENTION_EFFICIENCY = 0.5
+# ... at head dim 128; at other widths the same kernel's throughput relative to 128's
+# (FlashAttention-3's published BF16 forward on H100 at 4k tokens: 476, 638 and 612
+# TFLOP/s at head dims 64, 128 and 256): the nearest width at or above the model's.
+ATTENTION_HEAD_DIM = {64: 476 / 638, 128: 1.0, 256: 612 / 638}
 # Rows a dropless grouped matmul computes in vain per expert group and call. Megablox (TPU)
 # computes the row tile a group boundary falls in once for each group in it: one 512-row
 # tile (moe/experts._row_tile) per group. A GPU grouped GEMM pads each group to whole
@@ -62,9 +66,9 @@ FORWARD_AGAIN = ("full", "offload")  # remat policies that recompute the whole f
 # published runs", the same letters), as (published, predicted) tokens/s per chip. Every
 # prediction says what a reservation should budget by it (budget_line); a test keeps this
 # and the doc's table the same.
-CHECKED = {"a": (3038, 3013), "l": (2070, 2106), "n": (7626, 8268), "j": (12040, 13735),
-           "h": (1326, 1549), "i": (1862, 2193), "g": (3897, 4700), "e": (542, 711),
-           "m": (13058, 17447), "f": (1322, 1825), "k": (14796, 30037)}
+CHECKED = {"a": (3038, 3013), "l": (2070, 2106), "n": (7626, 8101), "j": (12040, 13735),
+           "h": (1326, 1549), "i": (1862, 2193), "g": (3897, 4700), "e": (542, 703),
+           "m": (13058, 16797), "f": (1322, 1825), "k": (14796, 30037)}
 
 
 def axes_of(group: list[int], mesh: dict) -> set:
@@ -91,6 +95,12 @@ def group_waste(p: dict, chip) -> float:
     rows = (p["tokens_per_step"] / p["devices"] / p["grad_accum"] * m["top_k"]
             * p["mesh"]["tensor"])
     return m["num_experts"] / p["mesh"]["expert"] * GROUP_WASTE_ROWS[chip.platform] / rows
+
+
+def attention_efficiency(head_dim: int) -> float:
+    """ATTENTION_EFFICIENCY at this query-key width (ATTENTION_HEAD_DIM's)."""
+    width = min((w for w in ATTENTION_HEAD_DIM if w >= head_dim), default=max(ATTENTION_HEAD_DIM))
+    return ATTENTION_EFFICIENCY * ATTENTION_HEAD_DIM[width]
 
 
 def hardware_flops(p: dict, chip) -> dict:
@@ -240,7 +250,7 @@ def predict(p: dict, chip, load: np.ndarray | None = None) -> dict:
                    chip.bf16_tflops) * 1e12 * share
     rest = flops["hardware"] - flops["expert"] - flops["attention"]
     matmul = ((rest / peak + wait * flops["expert"] / expert_peak) / MATMUL_EFFICIENCY
-              + flops["attention"] / peak / ATTENTION_EFFICIENCY)
+              + flops["attention"] / peak / attention_efficiency(p["model"]["head_dim"]))
     memory = memory_bytes(p, wait) / (chip.hbm_gb_per_s * 1e9 * share)
     comm = collective_times(p["collective_records"], chip, p["mesh"], wait)
     hidden = sum(sum(v.values()) for (_, how), v in comm.items() if how == "overlapped")
@@ -317,8 +327,9 @@ def prediction_lines(p: dict, chip, load: np.ndarray | None = None,
              f"{chip.bf16_tflops:,.0f}), {r['tokens_per_s']:,.0f} tokens/s; {r['bound']}-bound",
              *([] if load is None else [routing_line(p, chip, load, step)]),
              run_line(p, r["step_s"], chips), budget_line(p, r["step_s"]),
-             f"  matmuls at {MATMUL_EFFICIENCY:.0%} of peak (attention {ATTENTION_EFFICIENCY:.0%}"
-             f"), {r['flops']['hardware'] / 1e12:,.1f} TFLOP per device "
+             f"  matmuls at {MATMUL_EFFICIENCY:.0%} of peak (attention "
+             f"{attention_efficiency(p['model']['head_dim']):.0%} at head dim "
+             f"{p['model']['head_dim']}), {r['flops']['hardware'] / 1e12:,.1f} TFLOP per device "
              f"({r['flops']['model'] / 1e12:,.1f} of them the model's, "
              f"{r['flops']['attention'] / 1e12:,.1f} attention's)"]
     if waste := group_waste(p, chip):
