@@ -59,7 +59,9 @@ def synthetic(**changes) -> dict:
          "activation_offload": 0, "layer_inputs": 3e9,
          "model": {"expert_active": 1e8, "layers": 10, "d_model": 1000, "act_bytes": 2,
                    "quantization": "none", "attention_flops_per_token": 1e8, "moe_layers": 5,
-                   "head_dim": 128, "num_experts": 64, "top_k": 4, "d_ff": 500, "dropless": False},
+                   "head_dim": 128, "attention_padding": 1.0, "num_heads": 8,
+                   "seq_len": 4096, "attention_sinks": False, "num_experts": 64, "top_k": 4,
+                   "d_ff": 500, "dropless": False},
          "mesh": {"data": 1, "fsdp": 1, "expert": 8, "context": 1, "tensor": 1},
          "alltoall_min": {"dropless": False, "effective_cf": 1.25, "ragged_forward": 0,
                           "expert": 8, "passes": 3, "token_shards": 8, "moe_layers": 10},
@@ -130,6 +132,39 @@ def test_attention_runs_slower_at_narrow_heads():
         assert narrow["parts"]["matmul"] - wide["parts"]["matmul"] == pytest.approx(
             attention * (factor - 1))
         assert narrow["parts"]["memory-bound"] == wide["parts"]["memory-bound"]
+
+
+def test_attention_is_priced_as_moejax_runs_it_on_the_target():
+    """Sinks on a GPU: no fused kernel takes them, so moejax runs XLA's attention, float32
+    einsums at half the bf16 rate and its scores [S, S] per head through HBM, 14 passes under
+    remat=full; on a TPU splash takes sinks (fused), unless 128 does not divide the sequence.
+    MLA's kernel computes its padded width: attention_padding times the counted FLOPs."""
+    plain = predict.predict(synthetic(), H100)
+    assert plain["fused_attention"] and plain["parts"]["attention scores through HBM "
+                                                     "(XLA's attention)"] == 0
+    p = synthetic()
+    p["model"] = {**p["model"], "attention_sinks": True}
+    r = predict.predict(p, H100)
+    assert not r["fused_attention"]
+    tokens = 2**20 / 8
+    attention = 1e8 * tokens * 8 / 6
+    fused_time = attention / (989e12 * predict.ATTENTION_EFFICIENCY)
+    xla_time = attention / (989e12 / 2) / predict.MATMUL_EFFICIENCY
+    assert r["parts"]["matmul"] - plain["parts"]["matmul"] == pytest.approx(
+        xla_time - fused_time)
+    scores = 4 * (4 + 4 + 6) * 10 * tokens * 8 * 4096 / 3350e9
+    assert r["parts"]["attention scores through HBM (XLA's attention)"] == pytest.approx(scores)
+    assert r["step_s"] - plain["step_s"] == pytest.approx(xla_time - fused_time + scores)
+    tpu = dataclasses.replace(H100, platform="tpu")
+    assert predict.predict(p, tpu)["fused_attention"]
+    p["model"] = {**p["model"], "seq_len": 4000}
+    assert not predict.predict(p, tpu)["fused_attention"]
+    mla = synthetic()
+    mla["model"] = {**mla["model"], "attention_padding": 1.2}
+    flops = predict.hardware_flops(mla, H100)
+    base = predict.hardware_flops(synthetic(), H100)
+    assert flops["attention"] == pytest.approx(1.2 * base["attention"])
+    assert flops["hardware"] - base["hardware"] == pytest.approx(0.2 * base["attention"])
 
 
 def test_dropless_is_priced_as_capacity_at_factor_one():

@@ -119,10 +119,22 @@ def model_summary(config, counts: dict) -> dict:
             "attention_flops_per_token": train_attention_flops_per_token(
                 mc, config.data.seq_len),
             "moe_layers": len(moe_layer_ids(mc, mtp=True)) if mc.num_experts else 0,
-            "head_dim": (mc.qk_nope_head_dim + mc.qk_rope_head_dim if mc.attention == "mla"
-                         else mc.head_dim),  # the query-key width attention runs at
+            **attention_shape(config),
             "num_experts": mc.num_experts, "top_k": mc.top_k, "d_ff": mc.d_ff,
             "dropless": mc.dispatch != "capacity"}
+
+
+def attention_shape(config) -> dict:
+    """What plan/predict.py needs to price attention as model/kernels.causal runs it: the
+    width its kernel runs at (MLA pads the narrower of its query-key and value widths to the
+    wider: the executed FLOPs over the counted ones is `attention_padding`), heads, sequence
+    and sinks (no fused kernel on GPU takes them)."""
+    mc = config.model
+    qk, v = ((mc.qk_nope_head_dim + mc.qk_rope_head_dim, mc.v_head_dim)
+             if mc.attention == "mla" else (mc.head_dim, mc.head_dim))
+    return {"head_dim": max(qk, v), "attention_padding": 2 * max(qk, v) / (qk + v),
+            "num_heads": mc.num_heads, "seq_len": config.data.seq_len,
+            "attention_sinks": bool(mc.get("attention_sinks"))}
 
 
 def plan(config, mesh: dict | None = None) -> dict:

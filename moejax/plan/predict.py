@@ -57,6 +57,12 @@ ATTENTION_HEAD_DIM = {64: 476 / 638, 128: 1.0, 256: 612 / 638}
 # tile (moe/experts._row_tile) per group. A GPU grouped GEMM pads each group to whole
 # 128-row tiles: half a tile on average.
 GROUP_WASTE_ROWS = {"tpu": 512, "gpu": 64}
+# Where moejax has no fused attention kernel for the target (attention_fused), XLA's
+# attention writes its scores [rows, heads, S, S] in float32 to HBM and reads them back:
+# passes of them in the forward (the scores, the masked softmax read and written, the
+# values' matmul) and in the backward (the probabilities' gradient written, the softmax's
+# backward reading two and writing one, read by the queries' and the keys' matmuls).
+XLA_ATTENTION_PASSES = {"forward": 4, "backward": 6}
 # Reads or writes of a [tokens, d_model] activation per layer in forward and backward together:
 # norms, residual adds, rotary, softmax statistics.
 ACTIVATION_PASSES = 40
@@ -66,9 +72,9 @@ FORWARD_AGAIN = ("full", "offload")  # remat policies that recompute the whole f
 # published runs", the same letters), as (published, predicted) tokens/s per chip. Every
 # prediction says what a reservation should budget by it (budget_line); a test keeps this
 # and the doc's table the same.
-CHECKED = {"a": (3038, 3013), "l": (2070, 2106), "n": (7626, 8101), "j": (12040, 13735),
-           "h": (1326, 1549), "i": (1862, 2193), "g": (3897, 4700), "e": (542, 703),
-           "m": (13058, 16797), "f": (1322, 1825), "k": (14796, 30037)}
+CHECKED = {"a": (3038, 3013), "l": (2070, 2106), "j": (12040, 13735), "h": (1326, 1549),
+           "i": (1862, 2193), "g": (3897, 4700), "e": (542, 668), "f": (1322, 1825),
+           "k": (14796, 30037)}
 
 
 def axes_of(group: list[int], mesh: dict) -> set:
@@ -103,6 +109,30 @@ def attention_efficiency(head_dim: int) -> float:
     return ATTENTION_EFFICIENCY * ATTENTION_HEAD_DIM[width]
 
 
+def attention_fused(p: dict, chip) -> bool:
+    """Whether moejax runs a fused attention kernel on `chip` (model/kernels.causal): on GPU
+    cuDNN's, in bf16 and without sinks (cuDNN takes none); on TPU splash, where its blocks
+    of 128 rows divide the sequence (each half of a device's rows under context parallelism).
+    Otherwise XLA's einsums and softmax (xla_attention_bytes)."""
+    m = p["model"]
+    if chip.platform == "gpu":
+        return not m["attention_sinks"] and m["act_bytes"] == 2
+    rows = m["seq_len"] // (2 * p["mesh"]["context"]) if p["mesh"]["context"] > 1 else m["seq_len"]
+    return rows % 128 == 0
+
+
+def xla_attention_bytes(p: dict) -> float:
+    """HBM bytes per device per step of XLA's attention scores: float32 [S, S] per head,
+    every layer (a window masks them, it does not shrink them), XLA_ATTENTION_PASSES times,
+    the forward's again under remat=full. A device's rows x heads x S is its tokens x heads
+    (tensor parallelism splits heads and repeats rows; context splits rows)."""
+    m = p["model"]
+    passes = (XLA_ATTENTION_PASSES["forward"] * (1 + (p["remat"] in FORWARD_AGAIN))
+              + XLA_ATTENTION_PASSES["backward"])
+    return (4 * passes * m["layers"] * p["tokens_per_step"] / p["devices"] * m["num_heads"]
+            * m["seq_len"])
+
+
 def hardware_flops(p: dict, chip) -> dict:
     """{'model', 'hardware', 'expert', 'attention'} FLOPs per device per step: the model's
     (MFU's numerator) and what the chip executes: the forward again under remat=full (2 of
@@ -117,9 +147,11 @@ def hardware_flops(p: dict, chip) -> dict:
     slots = a["effective_cf"] if a and not a["dropless"] else 1.0
     slots += group_waste(p, chip)
     recompute = 8 / 6 if p["remat"] in FORWARD_AGAIN else 1.0
-    return {"model": model, "hardware": (model + expert * (slots - 1)) * recompute,
-            "expert": expert * slots * recompute,
-            "attention": p["model"]["attention_flops_per_token"] * tokens * recompute}
+    # MLA's kernel computes its narrower width padded to the wider (attention_padding).
+    attention = p["model"]["attention_flops_per_token"] * tokens
+    padded = attention * (p["model"]["attention_padding"] - 1)
+    return {"model": model, "hardware": (model + expert * (slots - 1) + padded) * recompute,
+            "expert": expert * slots * recompute, "attention": (attention + padded) * recompute}
 
 
 def memory_bytes(p: dict, imbalance: float = 1.0) -> float:
@@ -249,9 +281,16 @@ def predict(p: dict, chip, load: np.ndarray | None = None) -> dict:
     expert_peak = (chip.fp8_tflops if p["model"]["quantization"] == "fp8" else
                    chip.bf16_tflops) * 1e12 * share
     rest = flops["hardware"] - flops["expert"] - flops["attention"]
-    matmul = ((rest / peak + wait * flops["expert"] / expert_peak) / MATMUL_EFFICIENCY
-              + flops["attention"] / peak / attention_efficiency(p["model"]["head_dim"]))
-    memory = memory_bytes(p, wait) / (chip.hbm_gb_per_s * 1e9 * share)
+    fused = attention_fused(p, chip)
+    if fused:
+        attention = flops["attention"] / peak / attention_efficiency(p["model"]["head_dim"])
+    else:  # plain einsums; with sinks in float32, which a GPU runs at half the bf16 rate
+        f32 = p["model"]["attention_sinks"] and chip.platform == "gpu"
+        attention = flops["attention"] / (peak / (2 if f32 else 1)) / MATMUL_EFFICIENCY
+    matmul = (rest / peak + wait * flops["expert"] / expert_peak) / MATMUL_EFFICIENCY + attention
+    hbm = chip.hbm_gb_per_s * 1e9 * share
+    memory = memory_bytes(p, wait) / hbm
+    scores = 0.0 if fused else xla_attention_bytes(p) / hbm
     comm = collective_times(p["collective_records"], chip, p["mesh"], wait)
     hidden = sum(sum(v.values()) for (_, how), v in comm.items() if how == "overlapped")
     exposed = sum(sum(v.values()) for (_, how), v in comm.items() if how == "exposed")
@@ -259,8 +298,10 @@ def predict(p: dict, chip, load: np.ndarray | None = None) -> dict:
     # remat=offload: each micro-batch's layer inputs go to the host and come back over the
     # host link, asynchronous copies hidden behind the matmuls up to their time.
     host = 2 * p["activation_offload"] * p["grad_accum"] / (chip.host_gb_per_s * 1e9 * share)
-    step = matmul + memory + exposed + overlap_left + max(0.0, host - matmul)
-    parts = {"matmul": matmul, "memory-bound": memory, "exposed collectives": exposed,
+    step = matmul + memory + scores + exposed + overlap_left + max(0.0, host - matmul)
+    parts = {"matmul": matmul, "memory-bound": memory,
+             "attention scores through HBM (XLA's attention)": scores,
+             "exposed collectives": exposed,
              "overlapped collectives beyond the matmuls": overlap_left,
              "activation offload beyond the matmuls": max(0.0, host - matmul)}
     mfu = flops["model"] / (step * peak)
@@ -268,7 +309,8 @@ def predict(p: dict, chip, load: np.ndarray | None = None) -> dict:
             "flops": flops, "mfu": mfu, "imbalance": wait,
             "tflops_per_chip": flops["model"] / step / 1e12 * chip.devices_per_chip,
             "tokens_per_s": p["tokens_per_step"] / step,
-            "bound": max(("compute", matmul), ("memory", memory),
+            "fused_attention": fused,
+            "bound": max(("compute", matmul), ("memory", memory + scores),
                          ("communication", exposed + hidden), key=lambda kv: kv[1])[0]}
 
 
@@ -315,6 +357,19 @@ def routing_line(p: dict, chip, load: np.ndarray, step: int) -> str:
             f"({balanced['step_s'] * 1e3:,.1f} ms)")
 
 
+def attention_line(p: dict, chip, r: dict) -> str:
+    """How the prediction prices attention: the fused kernel's rate at its head dim, or
+    XLA's einsums and why moejax has no fused kernel there."""
+    m = p["model"]
+    if r["fused_attention"]:
+        return (f"attention {attention_efficiency(m['head_dim']):.0%} at head dim "
+                f"{m['head_dim']}: a fused kernel")
+    why = ("sinks: no fused kernel takes them on GPU, float32 einsums" if
+           m["attention_sinks"] and chip.platform == "gpu" else
+           "no fused kernel for this dtype or sequence")
+    return f"attention XLA's, its scores through HBM ({why})"
+
+
 def prediction_lines(p: dict, chip, load: np.ndarray | None = None,
                      step: int = 0) -> list[str]:
     """The prediction as `plan --target` prints it; with `load` (read_load, logged at
@@ -327,9 +382,8 @@ def prediction_lines(p: dict, chip, load: np.ndarray | None = None,
              f"{chip.bf16_tflops:,.0f}), {r['tokens_per_s']:,.0f} tokens/s; {r['bound']}-bound",
              *([] if load is None else [routing_line(p, chip, load, step)]),
              run_line(p, r["step_s"], chips), budget_line(p, r["step_s"]),
-             f"  matmuls at {MATMUL_EFFICIENCY:.0%} of peak (attention "
-             f"{attention_efficiency(p['model']['head_dim']):.0%} at head dim "
-             f"{p['model']['head_dim']}), {r['flops']['hardware'] / 1e12:,.1f} TFLOP per device "
+             f"  matmuls at {MATMUL_EFFICIENCY:.0%} of peak ({attention_line(p, chip, r)}), "
+             f"{r['flops']['hardware'] / 1e12:,.1f} TFLOP per device "
              f"({r['flops']['model'] / 1e12:,.1f} of them the model's, "
              f"{r['flops']['attention'] / 1e12:,.1f} attention's)"]
     if waste := group_waste(p, chip):
