@@ -26,6 +26,7 @@ from moejax import cli, config_lib, parallel
 from moejax.data import mixture, text
 from moejax.data.batches import make_batches
 from moejax.data.loader import Loader, first_batches
+from moejax.model import kernels
 from moejax.model.transformer import moe_layer_ids
 from moejax.run import health, hostmem, state, upcycle, workdir as workdir_lib
 from moejax.run.checkpoint import Checkpoints
@@ -99,8 +100,10 @@ def train(config, workdir: str) -> dict:
     check_steps_left(tc, start_step if restored else None)
     # A fresh start evaluates step 0 again; a resumed one logs from the step after its own.
     writer = Writer(workdir, start_step + 1 if restored else 0)
-    if note := state.offload_note(setup):
-        writer.print(note)
+    for note in (state.offload_note(setup), kernels.unfused_note(config, setup.platform,
+                                                                   mesh.shape["context"])):
+        if note:
+            writer.print(note)
     if restored:
         train_state = restored[0]
         writer.print(f"resumed from {workdir} at step {start_step}")

@@ -187,3 +187,25 @@ def test_tpu_export_passes_the_sinks_to_splash():
     assert f"tensor<8x{H}xf32>" in with_sinks.mlir_module()
     assert f"tensor<8x{H}xf32>" not in without.mlir_module()
     assert with_sinks.out_avals[3].dtype == jnp.float32
+
+
+def test_start_up_says_where_attention_has_no_fused_kernel():
+    """One rule (kernels.fused) picks causal's path, prices it in plan --target and prints
+    the start-up line: a GPU has no fused kernel with sinks or outside bf16/f16; a TPU's
+    splash needs 128 to divide a device's rows (halves under context parallelism); a CPU
+    run is told nothing (XLA is all it has)."""
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.model.update(attention_sinks=True, dtype="bfloat16")
+    config.data.seq_len = 512
+    assert "attention sinks: cuDNN takes none" in kernels.unfused_note(config, "gpu")
+    assert kernels.unfused_note(config, "tpu") is None  # splash takes sinks
+    assert kernels.unfused_note(config, "cpu") is None
+    assert "128 does not divide the 64 rows" in kernels.unfused_note(config, "tpu", 4)
+    config.model.attention_sinks = False
+    assert kernels.unfused_note(config, "gpu") is None
+    config.model.dtype = "float32"
+    assert "model.dtype=float32" in kernels.unfused_note(config, "gpu")
+    assert [kernels.fused("tpu", jnp.bfloat16, True, rows) for rows in (128, 384, 200)] == [
+        True, True, False]

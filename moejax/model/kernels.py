@@ -54,6 +54,32 @@ from moejax.model.xla_attention import (
 )
 
 
+def fused(platform: str, dtype, sinks: bool, rows: int) -> bool:
+    """Whether `causal` runs a fused kernel on `platform`: on "gpu" cuDNN's, for bf16 or f16
+    without sinks; on "tpu" splash, where 128 divides its `rows` (the sequence, or a
+    device's half of its rows under context parallelism). Otherwise XLA's einsums, their
+    scores in HBM (plan/predict.py prices which)."""
+    if platform == "gpu":
+        return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not sinks
+    return platform == "tpu" and rows % 128 == 0
+
+
+def unfused_note(config, platform: str, context_size: int = 1) -> str | None:
+    """The start-up line of a run whose attention has no fused kernel on its TPU or GPU
+    (`context_size`: its mesh's context axis)."""
+    mc = config.model
+    rows = config.data.seq_len // (2 * context_size) if context_size > 1 else config.data.seq_len
+    sinks = bool(mc.get("attention_sinks"))
+    if platform not in ("gpu", "tpu") or fused(platform, mc.dtype, sinks, rows):
+        return None
+    why = ("attention sinks: cuDNN takes none" if platform == "gpu" and sinks else
+           f"model.dtype={mc.dtype}" if platform == "gpu" else
+           f"128 does not divide the {rows} rows of a device")
+    return (f"attention: no fused kernel on {platform} ({why}); XLA's einsums write every "
+            "layer's [S, S] scores per head to memory and read them back (plan --target "
+            "prices it)")
+
+
 def xla(q, k, v, scale: float | None = None, segments=None, window: int = 0, sinks=None):
     """jax's own attention, XLA's einsums and softmax: what runs on CPU."""
     if segments is None and not window and sinks is None:
@@ -78,8 +104,7 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None,
     if context.size(mesh) > 1:
         return context_parallel(q, k, v, mesh, scale, segments, window=window, sinks=sinks)
     # cuDNN (jax 0.10.2) has no sink logit: with sinks, GPUs take the XLA path below.
-    if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            and sinks is None):
+    if jax.default_backend() == "gpu" and fused("gpu", q.dtype, sinks is not None, 0):
         # cuDNN checks for itself when traced, so it cannot hide in a platform_dependent
         # branch exported from a CPU host; the GPU benchmark script covers the plain causal
         # call, nothing on this CPU host the packed one (documents) or the windowed ones.
@@ -92,7 +117,7 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None,
             return _sharded(functools.partial(cudnn_packed, scale=scale, window=window),
                             q, k, v, segments, mesh)
         return xla(q, k, v, scale, segments, window)
-    if q.shape[1] % 128:
+    if not fused("tpu", q.dtype, sinks is not None, q.shape[1]):
         # Splash tiles the sequence in blocks of a multiple of 128 (the TPU lane width):
         # shorter or ragged sequences (the smoke configs' 32) take the XLA path on TPU too.
         return xla(q, k, v, scale, segments, window, sinks)
@@ -264,8 +289,7 @@ def context_parallel(q, k, v, mesh: Mesh, scale: float | None = None, segments=N
     `window`: `causal`'s; the rows' positions are global (context.query_index), so every
     path masks by them as the one-device kernels do. `sinks` [H]: `causal`'s (not on cuDNN,
     which has none: GPUs take the XLA rows)."""
-    if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            and sinks is None):
+    if jax.default_backend() == "gpu" and fused("gpu", q.dtype, sinks is not None, 0):
         return context.attend(functools.partial(_xla_rows, scale=scale, cudnn=True,
                                                 window=window), q, k, v, segments, mesh)
     splash_path = functools.partial(_splash_rows, mesh=mesh, scale=scale, interpret=interpret,
@@ -278,7 +302,7 @@ def context_parallel(q, k, v, mesh: Mesh, scale: float | None = None, segments=N
         return context.attend(functools.partial(_xla_rows, scale=scale, window=window),
                               q, k, v, segments, mesh, extra, extra_spec)
 
-    if (q.shape[1] // (2 * context.size(mesh))) % 128:
+    if not fused("tpu", q.dtype, sinks is not None, q.shape[1] // (2 * context.size(mesh))):
         return xla_path(q, k, v, segments, sinks)
     return jax.lax.platform_dependent(q, k, v, segments, sinks, tpu=splash_path,
                                       default=xla_path)

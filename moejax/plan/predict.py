@@ -38,6 +38,7 @@ import re
 import numpy as np
 
 from moejax.config_ranges import ConfigError
+from moejax.model import kernels
 from moejax.parallel import AXES
 from moejax.run.metrics import Imbalance
 
@@ -114,11 +115,10 @@ def attention_fused(p: dict, chip) -> bool:
     cuDNN's, in bf16 and without sinks (cuDNN takes none); on TPU splash, where its blocks
     of 128 rows divide the sequence (each half of a device's rows under context parallelism).
     Otherwise XLA's einsums and softmax (xla_attention_bytes)."""
-    m = p["model"]
-    if chip.platform == "gpu":
-        return not m["attention_sinks"] and m["act_bytes"] == 2
-    rows = m["seq_len"] // (2 * p["mesh"]["context"]) if p["mesh"]["context"] > 1 else m["seq_len"]
-    return rows % 128 == 0
+    m, context_size = p["model"], p["mesh"]["context"]
+    rows = m["seq_len"] // (2 * context_size) if context_size > 1 else m["seq_len"]
+    return kernels.fused(chip.platform, "bfloat16" if m["act_bytes"] == 2 else "float32",
+                         m["attention_sinks"], rows)
 
 
 def xla_attention_bytes(p: dict) -> float:
