@@ -209,3 +209,24 @@ def test_start_up_says_where_attention_has_no_fused_kernel():
     assert "model.dtype=float32" in kernels.unfused_note(config, "gpu")
     assert [kernels.fused("tpu", jnp.bfloat16, True, rows) for rows in (128, 384, 200)] == [
         True, True, False]
+
+
+@pytest.mark.parametrize("window,with_segments,with_sinks", [(0, False, False), (8, True, True)])
+def test_planner_stand_in_for_a_fused_kernel_is_the_same_attention(window, with_segments,
+                                                                    with_sinks):
+    """What plan --target compiles for a fused-kernel target (kernels.standing_in_for_fused:
+    blockwise flash attention in XLA) gives XLA's attention and its gradients: only the
+    memory it holds differs. Two key blocks of 512 plus one of 64 would not divide, so 1,088
+    rows take gcd(1,088, 512) = 64-key blocks."""
+    q, k, v, dy = inputs(1, 1088)
+    segments = jnp.asarray(np.repeat([1, 2], [600, 488])[None]) if with_segments else None
+    sinks = jnp.linspace(-1.0, 1.0, H) if with_sinks else None
+
+    def run(q, k, v):
+        return kernels.xla(q, k, v, None, segments, window, sinks)
+
+    want, want_vjp = jax.vjp(run, q, k, v)
+    with kernels.standing_in_for_fused():
+        got, got_vjp = jax.vjp(run, q, k, v)
+    for a, b in zip((got, *got_vjp(dy)), (want, *want_vjp(dy)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)

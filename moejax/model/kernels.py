@@ -32,6 +32,7 @@ cuDNN has no such input, so with sinks GPUs take the XLA paths. sinks=None leave
 as it was.
 """
 
+import contextlib
 import functools
 import math
 
@@ -80,8 +81,31 @@ def unfused_note(config, platform: str, context_size: int = 1) -> str | None:
             "prices it)")
 
 
+# Set while the planner compiles, on XLA:CPU, a step whose target runs a fused kernel
+# (`standing_in_for_fused`): the XLA path then holds what a fused kernel holds, not [S, S].
+_STAND_IN: list = []
+
+
+@contextlib.contextmanager
+def standing_in_for_fused():
+    """Within: `xla` is moejax's flash attention in XLA (`blockwise`: keys 512 at a time,
+    the backward from the saved log-sum-exp), so that XLA:CPU's memory of a compiled step is
+    a fused kernel's, not its own [rows, heads, S, S] scores (plan --target, --search)."""
+    _STAND_IN.append(True)
+    try:
+        yield
+    finally:
+        _STAND_IN.pop()
+
+
 def xla(q, k, v, scale: float | None = None, segments=None, window: int = 0, sinks=None):
     """jax's own attention, XLA's einsums and softmax: what runs on CPU."""
+    if _STAND_IN:
+        seq = q.shape[1]
+        segments = jnp.ones(q.shape[:2], jnp.int32) if segments is None else segments
+        return blockwise(q, k, v, segments, segments, jnp.arange(seq), sinks,
+                         q.shape[-1] ** -0.5 if scale is None else scale, math.gcd(seq, 512),
+                         window)
     if segments is None and not window and sinks is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
     index = jnp.arange(q.shape[1])

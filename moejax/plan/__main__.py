@@ -109,15 +109,18 @@ def main() -> None:
             results = search(config, chip, devices, load=load)
         print("\n".join(search_lines(results, chip, devices, load, step)))
         return
+    fused = False
+    if chip:
+        from moejax.plan.predict import as_priced, plan_priced, prediction_lines, target_fused
+
+        fused = target_fused(config, mesh, chip)
     with cli.one_line_errors():
-        p = plan(config, mesh)
+        p = plan(config, mesh, fused_attention=fused)
     text = report(p, flags.FLAGS["config"].config_filename, hbm_gib, per_host)
     if chip:
-        from moejax.plan.predict import as_priced, plan_priced, prediction_lines
-
         if as_priced(config) is not config:  # dropless: priced by its all-to-all, compiled again
             with cli.one_line_errors():
-                p = plan_priced(config, mesh)
+                p = plan_priced(config, mesh, chip)
             text += ("\n\ndropless priced as the capacity path at factor 1: the same rows "
                      "through one all-to-all (XLA:CPU compiled a ring above)")
         text += "\n" + "\n".join(prediction_lines(p, chip, load, step))

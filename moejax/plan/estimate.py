@@ -137,14 +137,19 @@ def attention_shape(config) -> dict:
             "attention_sinks": bool(mc.get("attention_sinks"))}
 
 
-def plan(config, mesh: dict | None = None) -> dict:
+def plan(config, mesh: dict | None = None, fused_attention: bool = False) -> dict:
     """Compile the train step of `config` on the available (simulated) devices, the config's
     mesh updated by `mesh` ({axis: size}); return sizes in bytes, per device unless a key says
-    global."""
+    global. `fused_attention`: the target runs a fused attention kernel, so XLA:CPU compiles
+    its attention with such a kernel's memory (kernels.standing_in_for_fused), not with its
+    own [S, S] scores."""
+    import contextlib
+
     import jax
     import jax.numpy as jnp
 
     from moejax import config_lib, parallel
+    from moejax.model import kernels
     from moejax.model.layers import DTYPES
     from moejax.run import state
     from moejax.run.flops import train_flops_per_token
@@ -164,7 +169,8 @@ def plan(config, mesh: dict | None = None) -> dict:
     tokens = jax.ShapeDtypeStruct((config.data.batch_size, seq_len + 1), jnp.int32,
                                   sharding=parallel.token_sharding(mesh))
     step = jax.ShapeDtypeStruct((), jnp.int32)
-    compiled = state.train_step_fn(setup).lower(setup.abstract, tokens, step).compile()
+    with kernels.standing_in_for_fused() if fused_attention else contextlib.nullcontext():
+        compiled = state.train_step_fn(setup).lower(setup.abstract, tokens, step).compile()
     compile_s = time.perf_counter() - start
     hlo = compiled.as_text()
     update = optimizer_update(setup)
@@ -173,12 +179,14 @@ def plan(config, mesh: dict | None = None) -> dict:
     # XLA:CPU's attention materializes the scores, [B, heads, S, S] in f32, on each device
     # (a few at once); fused attention on GPU/TPU never does. Shown beside the temporaries.
     # With the sequence split over context, a device's queries are S / context rows against
-    # all S keys, 512 at a time on XLA:CPU (xla_attention.blockwise, moejax/model/context.py).
+    # all S keys, 512 at a time on XLA:CPU (xla_attention.blockwise, moejax/model/context.py),
+    # as every query is when it stands in for a target's fused kernel (fused_attention).
     rows = (config.data.batch_size // config.train.grad_accum
             // math.prod(sizes[a] for a in parallel.TOKEN_AXES))
     heads = mc.num_heads // (sizes["tensor"] if mc.num_heads % sizes["tensor"] == 0 else 1)
     query_rows = seq_len // sizes[parallel.SEQ_AXIS]
-    keys = seq_len if sizes[parallel.SEQ_AXIS] == 1 else math.gcd(query_rows, 512)
+    keys = (seq_len if sizes[parallel.SEQ_AXIS] == 1 and not fused_attention
+            else math.gcd(query_rows, 512))
 
     # Each layer's input of a micro-batch: what remat=full keeps and remat=offload keeps in
     # host memory instead of HBM (XLA:CPU has no memory apart from the host's: its peak above
@@ -204,7 +212,8 @@ def plan(config, mesh: dict | None = None) -> dict:
                                      if x.ndim]),
         "offload": bool(config.train.offload_optimizer),
         "precision": precision_table(config, setup),
-        "memory": memory(compiled), "attention_scores": rows * heads * query_rows * keys * 4,
+        "memory": memory(compiled), "fused_attention": fused_attention,
+        "attention_scores": rows * heads * query_rows * keys * 4,
         "layer_inputs": layer_inputs,
         "activation_offload": layer_inputs if mc.remat == "offload" else 0,
         "collectives": collective_bytes(hlo, mesh.size),

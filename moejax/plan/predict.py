@@ -217,11 +217,24 @@ def as_priced(config):
     return priced
 
 
-def plan_priced(config, mesh: dict | None = None) -> dict:
-    """estimate.plan of the config predict() prices (as_priced), knowing it was dropless."""
+def target_fused(config, mesh: dict | None, chip) -> bool:
+    """Whether `chip` runs config's attention as a fused kernel (kernels.fused): what
+    estimate.plan's fused_attention wants, so the compiled memory is the target's."""
+    from moejax.plan.estimate import attention_shape
+
+    a = attention_shape(config)
+    context_size = (mesh or {}).get("context", config.mesh.get("context", 1))
+    rows = a["seq_len"] // (2 * context_size) if context_size > 1 else a["seq_len"]
+    return kernels.fused(chip.platform, config.model.dtype, a["attention_sinks"], rows)
+
+
+def plan_priced(config, mesh: dict | None = None, chip=None) -> dict:
+    """estimate.plan of the config predict() prices (as_priced), knowing it was dropless;
+    with `chip`, its attention compiled as the chip runs it (target_fused)."""
     from moejax.plan.estimate import plan
 
-    p = plan(as_priced(config), mesh)
+    fused = chip is not None and target_fused(config, mesh, chip)
+    p = plan(as_priced(config), mesh, fused_attention=fused)
     p["model"]["dropless"] = config.model.dispatch != "capacity"
     return p
 

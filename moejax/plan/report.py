@@ -24,8 +24,10 @@ def report(p: dict, title: str = "", hbm_gib: float = 80.0, devices_per_host: in
         f"  outputs not aliased to donated   {(mem['outputs'] - mem['aliased']) / scale:12,.2f}",
         f"  activations and temporaries      {mem['temp'] / scale:12,.2f}",
         f"    one attention-score buffer     {p['attention_scores'] / scale:12,.2f}"
-        "  ([B, heads, S, S] f32 on XLA:CPU; with context > 1 [B, heads, S / context, 512],"
-        " blockwise: not flash attention's)",
+        + ("  ([B, heads, S, 512] f32 at a time: the target's fused kernel, stood in for by "
+           "moejax's blockwise flash attention in XLA)" if p.get("fused_attention") else
+           "  ([B, heads, S, S] f32 on XLA:CPU; with context > 1 [B, heads, S / context, 512],"
+           " blockwise: not flash attention's)"),
         f"  peak                             {mem['peak'] / scale:12,.2f}",
     ]
     if p["activation_offload"]:

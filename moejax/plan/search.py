@@ -120,7 +120,7 @@ def mesh_rows(config, mesh: dict, chip, load=None, log=lambda text: None) -> lis
 
 
 def candidate(config, mesh: dict, chip, load=None) -> dict:
-    p = plan_priced(config, mesh)
+    p = plan_priced(config, mesh, chip)
     r, choice = predict(p, chip, load), choose(p, chip)
     step = r["step_s"] + (choice["extra_s"] if choice else 0.0)
     f = fit(p, chip.hbm_gib / chip.devices_per_chip * GiB)
