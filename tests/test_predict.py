@@ -11,6 +11,7 @@ from configs import tiny
 from moejax.config_ranges import ConfigError
 from moejax.plan import estimate, hardware, predict
 from moejax.plan.collectives import first_group
+from moejax.plan.load import dropped_at_least, read_load
 
 H100 = hardware.TARGETS["h100"]
 
@@ -258,7 +259,7 @@ def test_the_capacity_path_drops_what_natural_routing_overfills():
     none in layer 0, 10.9% at the least on average."""
     r = predict.predict(synthetic(), H100, natural_load())
     assert r["step_s"] == predict.predict(synthetic(), H100)["step_s"]
-    assert predict.dropped_at_least(natural_load(), 1.25) == pytest.approx(1.75 / 64 * 8 / 2)
+    assert dropped_at_least(natural_load(), 1.25) == pytest.approx(1.75 / 64 * 8 / 2)
     assert "the capacity path (factor 1.25) drops at least 10.9% of assignments" in "\n".join(
         predict.prediction_lines(synthetic(), H100, natural_load(), 300))
 
@@ -275,11 +276,11 @@ def test_the_expert_load_is_read_from_a_runs_log(tmp_path):
     w.scalars(21, {"loss": 1.0})
     w.close()
     for path in (tmp_path, tmp_path / "metrics.jsonl"):
-        step, load = predict.read_load(str(path), 64)
+        step, load = read_load(str(path), 64)
         assert step == 20 and load == pytest.approx(new)
     with pytest.raises(ConfigError, match=r": 64 experts logged; allowed: a run with the "
                        r"config's model.num_experts=8$"):
-        predict.read_load(str(tmp_path), 8)
+        read_load(str(tmp_path), 8)
 
 
 @functools.cache

@@ -78,7 +78,7 @@ def main() -> None:
                 f"--expert_load: model.routing={config.model.routing!r} is balanced by "
                 "construction; allowed: model.routing='tokens' (the router's own choice)")
         if flags.FLAGS.expert_load:
-            from moejax.plan.predict import read_load
+            from moejax.plan.load import read_load
 
             step, load = read_load(flags.FLAGS.expert_load, config.model.num_experts)
         hbm_gib, per_host = flags.FLAGS.hbm_gib, flags.FLAGS.devices_per_host

@@ -21,7 +21,7 @@ step that estimate.plan compiled, each part priced on the chip of plan/hardware.
   collectives over `tensor` (each between two matmuls of one layer) do not (`overlapped`).
   Memory-bound work does not overlap the matmuls.
 
-Routing: balanced, unless a run's logged expert load is given (`--expert_load`, read_load):
+Routing: balanced, unless a run's logged expert load is given (`--expert_load`, plan/load.py):
 then each MoE layer of a dropless step waits for its busiest expert-parallel rank, whose
 experts compute, read and receive `imbalance` times the mean rank's rows (rank_imbalance:
 the trainer's own moe/ep_imbalance, worked out for the plan's expert axis); the capacity
@@ -31,16 +31,11 @@ MFU counts the model's FLOPs (run/flops.py: 6 per active weight + causal attenti
 recomputed or padded ones, against the dense bf16 peak, as MaxText and Megatron-Core report it.
 """
 
-import json
-import os
-import re
-
 import numpy as np
 
-from moejax.config_ranges import ConfigError
 from moejax.model import kernels
 from moejax.parallel import AXES
-from moejax.run.metrics import Imbalance
+from moejax.plan.load import dropped_at_least, rank_imbalance
 
 # Achieved fraction of the dense peak on the large, well-shaped matmuls of these models: a
 # little under the GPUs' measured best-shape ceilings (docs/performance.md has them).
@@ -239,54 +234,9 @@ def plan_priced(config, mesh: dict | None = None, chip=None) -> dict:
     return p
 
 
-def read_load(path: str, num_experts: int) -> tuple[int, np.ndarray]:
-    """The newest expert load a run logged (its metrics.jsonl, or the workdir holding it):
-    (the step, [MoE layers, E] each layer's fractions of its assignments). A one-line
-    ConfigError naming --expert_load when there is none or its E is not the config's."""
-    file = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
-    key = re.compile(r"moe/layer_(\d+)/load/expert_(\d+)$")
-    lines = []
-    if os.path.isfile(file):
-        with open(file) as f:
-            lines = [line for line in f if "/load/expert_" in line]
-    # Only the newest row is parsed: a long run logs thousands of them, each of L x E values.
-    row = next((r for line in reversed(lines) if (r := _json_or_none(line))), {})
-    step = row.get("step")
-    found = {tuple(map(int, m.groups())): v for k, v in row.items() if (m := key.match(k))}
-    if not found:
-        raise ConfigError(f"--expert_load={path!r}: no expert load logged there; allowed: a "
-                          "run's workdir or its metrics.jsonl (train logs moe/layer_*/load)")
-    layers = sorted({layer for layer, _ in found})
-    if (experts := len(found) // len(layers)) != num_experts:
-        raise ConfigError(f"--expert_load={path!r}: {experts} experts logged; allowed: a run "
-                          f"with the config's model.num_experts={num_experts}")
-    return step, np.array([[found[layer, e] for e in range(experts)] for layer in layers])
-
-
-def _json_or_none(line: str) -> dict | None:
-    try:
-        return json.loads(line)
-    except ValueError:  # a row torn by a kill mid-write
-        return None
-
-
-def rank_imbalance(load: np.ndarray, expert: int) -> float:
-    """The busiest expert-parallel rank's assignments over the mean rank's, averaged over the
-    MoE layers (each waits for its own busiest): the trainer's moe/ep_imbalance on `expert`
-    ranks."""
-    return Imbalance(expert, 1, 0.0, True)(load, np.zeros(len(load)), None)["moe/ep_imbalance"]
-
-
-def dropped_at_least(load: np.ndarray, capacity_factor: float) -> float:
-    """The assignments a capacity path drops at this load, at the least: each expert's share
-    past cf / E of the layer's, averaged over layers (a capacity group's own excess over its
-    average adds more)."""
-    return float(np.mean(np.maximum(load - capacity_factor / load.shape[1], 0).sum(-1)))
-
-
 def predict(p: dict, chip, load: np.ndarray | None = None) -> dict:
     """The predicted step of plan `p` on `chip` (seconds), its parts, MFU and the bound;
-    `load` ([MoE layers, E], read_load): a dropless step paced by its busiest rank."""
+    `load` ([MoE layers, E], load.read_load): a dropless step paced by its busiest rank."""
     flops, share = hardware_flops(p, chip), 1 / chip.devices_per_chip  # a JAX device's part
     wait = (rank_imbalance(load, p["mesh"]["expert"])
             if load is not None and p["model"]["dropless"] else 1.0)
@@ -385,7 +335,7 @@ def attention_line(p: dict, chip, r: dict) -> str:
 
 def prediction_lines(p: dict, chip, load: np.ndarray | None = None,
                      step: int = 0) -> list[str]:
-    """The prediction as `plan --target` prints it; with `load` (read_load, logged at
+    """The prediction as `plan --target` prints it; with `load` (load.read_load, logged at
     `step`), priced at that load and said what it costs."""
     r = predict(p, chip, load)
     ms = 1e3
