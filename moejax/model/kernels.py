@@ -55,24 +55,25 @@ from moejax.model.xla_attention import (
 )
 
 
-def fused(platform: str, dtype, sinks: bool, rows: int) -> bool:
+def fused(platform: str, dtype, sinks: bool, seq: int, context_size: int = 1) -> bool:
     """Whether `causal` runs a fused kernel on `platform`: on "gpu" cuDNN's, for bf16 or f16
-    without sinks; on "tpu" splash, where 128 divides its `rows` (the sequence, or a
-    device's half of its rows under context parallelism). Otherwise XLA's einsums, their
-    scores in HBM (plan/predict.py prices which)."""
+    without sinks; on "tpu" splash, where 128 divides its rows (the sequence; under context
+    parallelism each half of a device's rows, seq / (2 context_size)). Otherwise XLA's
+    einsums, their scores in HBM (plan/predict.py prices which)."""
     if platform == "gpu":
         return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not sinks
+    rows = seq // (2 * context_size) if context_size > 1 else seq
     return platform == "tpu" and rows % 128 == 0
 
 
 def unfused_note(config, platform: str, context_size: int = 1) -> str | None:
     """The start-up line of a run whose attention has no fused kernel on its TPU or GPU
     (`context_size`: its mesh's context axis)."""
-    mc = config.model
-    rows = config.data.seq_len // (2 * context_size) if context_size > 1 else config.data.seq_len
+    mc, seq = config.model, config.data.seq_len
     sinks = bool(mc.get("attention_sinks"))
-    if platform not in ("gpu", "tpu") or fused(platform, mc.dtype, sinks, rows):
+    if platform not in ("gpu", "tpu") or fused(platform, mc.dtype, sinks, seq, context_size):
         return None
+    rows = seq // (2 * context_size) if context_size > 1 else seq
     why = ("attention sinks: cuDNN takes none" if platform == "gpu" and sinks else
            f"model.dtype={mc.dtype}" if platform == "gpu" else
            f"128 does not divide the {rows} rows of a device")
@@ -326,7 +327,7 @@ def context_parallel(q, k, v, mesh: Mesh, scale: float | None = None, segments=N
         return context.attend(functools.partial(_xla_rows, scale=scale, window=window),
                               q, k, v, segments, mesh, extra, extra_spec)
 
-    if not fused("tpu", q.dtype, sinks is not None, q.shape[1] // (2 * context.size(mesh))):
+    if not fused("tpu", q.dtype, sinks is not None, q.shape[1], context.size(mesh)):
         return xla_path(q, k, v, segments, sinks)
     return jax.lax.platform_dependent(q, k, v, segments, sinks, tpu=splash_path,
                                       default=xla_path)

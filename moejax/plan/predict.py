@@ -110,10 +110,9 @@ def attention_fused(p: dict, chip) -> bool:
     cuDNN's, in bf16 and without sinks (cuDNN takes none); on TPU splash, where its blocks
     of 128 rows divide the sequence (each half of a device's rows under context parallelism).
     Otherwise XLA's einsums and softmax (xla_attention_bytes)."""
-    m, context_size = p["model"], p["mesh"]["context"]
-    rows = m["seq_len"] // (2 * context_size) if context_size > 1 else m["seq_len"]
+    m = p["model"]
     return kernels.fused(chip.platform, "bfloat16" if m["act_bytes"] == 2 else "float32",
-                         m["attention_sinks"], rows)
+                         m["attention_sinks"], m["seq_len"], p["mesh"]["context"])
 
 
 def xla_attention_bytes(p: dict) -> float:
@@ -215,12 +214,9 @@ def as_priced(config):
 def target_fused(config, mesh: dict | None, chip) -> bool:
     """Whether `chip` runs config's attention as a fused kernel (kernels.fused): what
     estimate.plan's fused_attention wants, so the compiled memory is the target's."""
-    from moejax.plan.estimate import attention_shape
-
-    a = attention_shape(config)
-    context_size = (mesh or {}).get("context", config.mesh.get("context", 1))
-    rows = a["seq_len"] // (2 * context_size) if context_size > 1 else a["seq_len"]
-    return kernels.fused(chip.platform, config.model.dtype, a["attention_sinks"], rows)
+    return kernels.fused(chip.platform, config.model.dtype,
+                         bool(config.model.get("attention_sinks")), config.data.seq_len,
+                         (mesh or {}).get("context", config.mesh.get("context", 1)))
 
 
 def plan_priced(config, mesh: dict | None = None, chip=None) -> dict:
