@@ -329,7 +329,7 @@ def test_plan_mesh_is_spelled_as_trains(argv, monkeypatch):
         monkeypatch.setenv(name, os.environ.get(name, ""))
     seen = {}
 
-    def planned(config, mesh):
+    def planned(config, mesh, fused_attention=False):
         seen.update(mesh)
         raise config_lib.ConfigError("planned")
 
