@@ -62,8 +62,13 @@ def fused(platform: str, dtype, sinks: bool, seq: int, context_size: int = 1) ->
     einsums, their scores in HBM (plan/predict.py prices which)."""
     if platform == "gpu":
         return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not sinks
-    rows = seq // (2 * context_size) if context_size > 1 else seq
-    return platform == "tpu" and rows % 128 == 0
+    return platform == "tpu" and splash_rows(seq, context_size) % 128 == 0
+
+
+def splash_rows(seq: int, context_size: int = 1) -> int:
+    """The rows splash tiles per call: the sequence, or under context parallelism each half
+    of a device's rows (context.py balances causal work by halves)."""
+    return seq // (2 * context_size) if context_size > 1 else seq
 
 
 def unfused_note(config, platform: str, context_size: int = 1) -> str | None:
@@ -73,7 +78,7 @@ def unfused_note(config, platform: str, context_size: int = 1) -> str | None:
     sinks = bool(mc.get("attention_sinks"))
     if platform not in ("gpu", "tpu") or fused(platform, mc.dtype, sinks, seq, context_size):
         return None
-    rows = seq // (2 * context_size) if context_size > 1 else seq
+    rows = splash_rows(seq, context_size)
     why = ("attention sinks: cuDNN takes none" if platform == "gpu" and sinks else
            f"model.dtype={mc.dtype}" if platform == "gpu" else
            f"128 does not divide the {rows} rows of a device")
