@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, from the repo root, in under 9 minutes on one H100 or H200:
 #   bash bench/gpu.sh        (logs go to $OUT, default /tmp/moejax-gpu)
-# It times what only a GPU runs: the bf16 MoE layer through batched matmuls (capacity) and
-# lax.ragged_dot (dropless), and whole configs/moe_1b.py train steps with cuDNN attention,
+# It checks cuDNN attention against XLA's, and times what only a GPU runs: the bf16 MoE
+# layer through batched matmuls (capacity) and lax.ragged_dot (dropless), and whole configs/moe_1b.py train steps with cuDNN attention,
 # capacity and dropless against the dense twin, with MFU. Numbers go in docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +30,10 @@ python3 -c 'import jax; print("jax", jax.__version__, jax.devices())' | tee -a "
 # FFN of equal active FLOPs, fwd+bwd, on 16384 tokens (a batch of 8 x 2048).
 python3 -m moejax.bench layer --dtype bfloat16 --dispatch=capacity,dropless --experts=8 \
     --top_k 2 --d_model 1024 --d_ff 2304 --tokens 16384 --repeats 50 2>&1 | tee "$out/layer.txt"
+
+# cuDNN's attention paths (plain, windowed, the packed layout for documents either side of
+# kernels.PACKED_RUNS) against XLA's attention in float32, values and gradients.
+python3 bench/attention_gpu.py 2>&1 | tee "$out/attention.txt"
 
 # Whole train steps, round-robin, so all three states (two MoE, one dense: 28.5 GiB of params
 # and AdamW moments) stay on the GPU beside one step's activations. `python -m moejax.plan

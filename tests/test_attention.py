@@ -1,5 +1,6 @@
 """The attention kernels: splash (in Pallas' interpreter) against a NumPy causal attention, with
-and without documents, the TPU program as exported from this CPU host, and the CPU path against
+and without documents, the TPU program as exported from this CPU host, cuDNN's packed call as
+traced (its statistics' size, its runs against blockwise), and the CPU path against
 jax's own attention. Context parallelism: tests/test_context.py."""
 
 import jax
@@ -118,10 +119,67 @@ def test_xla_with_documents_matches_numpy():
 
 def test_packed_runs_for_cudnn():
     # Hand-computed: runs of one id (padding too) with their lengths and start offsets, -1
-    # after the last. (cuDNN itself cannot be traced without a GPU: untested here.)
-    lengths, offsets = kernels.packed_runs(jnp.array([[1, 1, 2, 2, 2, 0], [1] * 6]))
-    np.testing.assert_array_equal(lengths, [[2, 3, 1, -1, -1, -1], [6, -1, -1, -1, -1, -1]])
-    np.testing.assert_array_equal(offsets, [[0, 2, 5, -1, -1, -1, -1], [0] + [-1] * 6])
+    # after the last; a row's runs past the bound are left out (cudnn_packed sends such rows
+    # to blockwise, below).
+    lengths, offsets = kernels.packed_runs(jnp.array([[1, 1, 2, 2, 2, 0], [1] * 6]), 4)
+    np.testing.assert_array_equal(lengths, [[2, 3, 1, -1], [6, -1, -1, -1]])
+    np.testing.assert_array_equal(offsets, [[0, 2, 5, -1, -1], [0, -1, -1, -1, -1]])
+    lengths, offsets = kernels.packed_runs(jnp.array([[1, 1, 2, 2, 2, 0]]), 2)
+    np.testing.assert_array_equal(lengths, [[2, 3]])
+    np.testing.assert_array_equal(offsets, [[0, 2, -1]])
+
+
+def cudnn_as_traced(monkeypatch):
+    """jax's cuDNN module, its device checks answered as on an H100 with cuDNN 9.10, so that
+    its calls trace (not lower) on this CPU host."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
+    return cudnn
+
+
+def test_cudnn_packed_statistics_sized_by_runs_not_sequence(monkeypatch):
+    # cuDNN's packed call saves [b x M, heads, S] float32 statistics for its backward: at
+    # M = S (each row's most possible runs) as many bytes as [S, S] scores per head, which
+    # on a 4,096-token row of 32 heads is 2 GiB an example on every layer.
+    cudnn_as_traced(monkeypatch)
+    q, k, v, _ = inputs(2, 256, 2, jnp.bfloat16)
+    segments = jnp.asarray(documents(2, 256))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda q: jnp.sum(kernels.cudnn_packed(
+        q, k, v, segments).astype(jnp.float32))))(q))
+    assert f"f32[{2 * kernels.PACKED_RUNS},{H},256]" in jaxpr
+    assert "f32[512,4,256]" not in jaxpr
+
+
+@pytest.mark.parametrize("many_runs", [False, True])
+def test_cudnn_packed_takes_blockwise_past_its_runs(monkeypatch, many_runs):
+    # A stand-in for cuDNN that rebuilds each token's run from the packed lengths and offsets
+    # and attends within it; rows of 40 runs (past PACKED_RUNS = 32) must take blockwise.
+    # Each case poisons the path it must not take, so a wrong choice shows as NaN.
+    cudnn = cudnn_as_traced(monkeypatch)
+    seq = 64
+
+    def packed_stand_in(q, k, v, bias, mask, q_seqlen, kv_seqlen, q_offsets, kv_offsets,
+                        **kw):
+        assert q_seqlen.shape == (q.shape[0], kernels.PACKED_RUNS)
+        starts, lengths = q_offsets[:, :-1, None], q_seqlen[:, :, None]
+        pos = jnp.arange(seq)
+        inside = (lengths > 0) & (pos >= starts) & (pos < starts + lengths)  # [b, M, S]
+        run = jnp.where(inside.any(1), jnp.argmax(inside, 1) + 1, 0)
+        y = kernels.xla(q, k, v, kw["scale"], run, kw["sliding_window_length"] or 0)
+        return y + jnp.nan if many_runs else y
+
+    monkeypatch.setattr(cudnn, "dot_product_attention", packed_stand_in)
+    if not many_runs:
+        monkeypatch.setattr(kernels, "blockwise", lambda q, *a: q + jnp.nan)
+    q, k, v, dy = inputs(2, seq, 2)
+    segments = documents(2, seq, seed=3)
+    if many_runs:
+        segments[1] = np.minimum(np.arange(seq) // 1 + 1, 40)  # 40 runs: 39 of one token
+    check_against_numpy(lambda q, k, v: kernels.cudnn_packed(q, k, v, jnp.asarray(segments)),
+                        q, k, v, dy, segments)
 
 
 def exported(fn, platform, *args):

@@ -13,9 +13,11 @@ attends to padding, so no row of the softmax is empty.
          segment id become q_seqlen / kv_seqlen [B, M] and q_offsets / kv_offsets [B, M + 1]
          (-1 past the last run) with mask PADDING_CAUSAL, so every document is its own causal
          sequence and no [S, S] mask exists (kv heads repeated to the query's: jax strides
-         both offsets by the query's). cuDNN takes the packed layout on Hopper or newer;
-         older GPUs take the XLA path. (The public jax.nn.dot_product_attention passes a dense
-         mask to cuDNN as a bias [B, 1, S, S], and returns its gradient too.)
+         both offsets by the query's). M = PACKED_RUNS, as cuDNN's saved statistics grow
+         with it; a device whose rows hold more runs takes XLA's flash attention for that
+         step. cuDNN takes the packed layout on Hopper or newer; older GPUs take XLA's.
+         (The public jax.nn.dot_product_attention passes a dense mask to cuDNN as a bias
+         [B, 1, S, S], and returns its gradient too.)
   other  jax.nn.dot_product_attention's XLA implementation, the document mask explicit.
 
 With mesh.context > 1 the sequence is split over devices and the causal work balanced
@@ -197,13 +199,20 @@ def _hopper() -> bool:
     return int(str(capability).split(".")[0]) >= 9
 
 
-def packed_runs(segments: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """segments [b, S] -> the runs of equal ids as cuDNN's packed layout wants them: lengths
-    [b, S] and start offsets [b, S + 1], -1 past each row's last run (S: the most runs a row
-    can have, so no bound has to be known when tracing)."""
+# cuDNN's packed layout saves softmax statistics [b x runs, heads, S] float32, `runs` being the
+# most runs (documents, padding) a row may hold: sized by the sequence, that is as many bytes
+# per head as [S, S] scores, on every layer. Sized by this, a device whose rows hold more runs
+# takes XLA's flash attention (`blockwise`) for that step instead: exact either way.
+PACKED_RUNS = 32
+
+
+def packed_runs(segments: jax.Array, runs: int = PACKED_RUNS) -> tuple[jax.Array, jax.Array]:
+    """segments [b, S] -> the first `runs` runs of equal ids as cuDNN's packed layout wants
+    them: lengths [b, runs] and start offsets [b, runs + 1], -1 past each row's last run."""
     b, seq = segments.shape
     run = jnp.cumsum(document_starts(segments), axis=1) - 1  # [b, S]: the run each token is in
-    lengths = jnp.zeros((b, seq), jnp.int32).at[jnp.arange(b)[:, None], run].add(1)
+    lengths = jnp.zeros((b, runs), jnp.int32).at[jnp.arange(b)[:, None], run].add(
+        1, mode="drop")
     offsets = jnp.cumsum(lengths, axis=1) - lengths
     lengths, offsets = (jnp.where(lengths > 0, a, -1).astype(jnp.int32)
                         for a in (lengths, offsets))
@@ -213,18 +222,28 @@ def packed_runs(segments: jax.Array) -> tuple[jax.Array, jax.Array]:
 def cudnn_packed(q, k, v, segments, *, scale=None, window: int = 0):
     """cuDNN's packed layout on one device: [b, S, h, hd] with segments [b, S]; each run of
     equal segment ids (padding included) is one causal sequence, with `window` (> 0) cuDNN's
-    sliding_window_length (keys in (q - W, q]) inside it. jax 0.10.2 steps the kv offsets by
-    the query's heads x hd per token, so kv heads are repeated to the query's."""
+    sliding_window_length (keys in (q - W, q]) inside it. If a row holds more than
+    PACKED_RUNS runs, the device's rows take `blockwise` instead. jax 0.10.2 steps the kv
+    offsets by the query's heads x hd per token, so kv heads are repeated to the query's."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
-    if k.shape[2] != q.shape[2]:
-        k, v = (jnp.repeat(a, q.shape[2] // k.shape[2], axis=2) for a in (k, v))
-    lengths, offsets = packed_runs(segments)
-    return cudnn.dot_product_attention(
-        q, k, v, None, None, lengths, lengths, offsets, offsets,
-        scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
-        sliding_window_length=window or None)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+    def packed(q, k, v, segments):
+        if k.shape[2] != q.shape[2]:
+            k, v = (jnp.repeat(a, q.shape[2] // k.shape[2], axis=2) for a in (k, v))
+        lengths, offsets = packed_runs(segments)
+        return cudnn.dot_product_attention(
+            q, k, v, None, None, lengths, lengths, offsets, offsets, scale=scale,
+            mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
+            sliding_window_length=window or None)
+
+    def flash(q, k, v, segments):
+        return blockwise(q, k, v, segments, segments, jnp.arange(q.shape[1]), None, scale,
+                         math.gcd(q.shape[1], 512), window)
+
+    fits = document_starts(segments).sum(1).max() <= PACKED_RUNS
+    return jax.lax.cond(fits, packed, flash, q, k, v, segments)
 
 
 def block_size(seq: int) -> int:
