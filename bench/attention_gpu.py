@@ -1,8 +1,9 @@
 """On a GPU: moejax's cuDNN attention paths against XLA's attention in float32, values and
-gradients, for what no CPU host can run: the plain causal call, a sliding window, and the
-packed layout for documents with few runs per row and with more than kernels.PACKED_RUNS
-(which must take XLA's flash attention instead). Also what the packed step keeps for its
-backward, as XLA compiles it. Run by bench/gpu.sh:
+gradients, for what no CPU host can run: the plain causal call, a sliding window, the packed
+layout for documents with few runs per row and with more than cudnn_attention.PACKED_RUNS
+(which must take XLA's flash attention instead), and gpt-oss's sinks on both layouts
+(cudnn_attention.py). Also what the packed step keeps for its backward, as XLA compiles
+it. Run by bench/gpu.sh:
 
   python bench/attention_gpu.py [SEQ]
 """
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.model import kernels
+from moejax.model import cudnn_attention, kernels
 
 seq = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
 b, h, kv, hd = 2, 8, 2, 128
@@ -33,34 +34,42 @@ def rows_of(runs: int) -> jnp.ndarray:
     return jnp.asarray(out)
 
 
-def step(q, k, v, dy, segments, window: int = 0):
-    """causal's output and its gradients (q, k, v) at cotangent dy, as the train step runs it."""
-    y, vjp = jax.vjp(lambda q, k, v: kernels.causal(q, k, v, None, None, segments, window),
-                     q, k, v)
+def step(q, k, v, dy, segments, sinks, window: int = 0):
+    """causal's output and its gradients (q, k, v[, sinks]) at cotangent dy, as the train
+    step runs it."""
+    args = (q, k, v) if sinks is None else (q, k, v, sinks)
+    y, vjp = jax.vjp(lambda q, k, v, *s: kernels.causal(q, k, v, None, None, segments, window,
+                                                        *s), *args)
     return (y, *vjp(dy))
 
 
-def reference(segments, window: int):
+def reference(segments, sinks, window: int):
     """The same from XLA's attention in float32."""
-    f32 = [a.astype(jnp.float32) for a in (q, k, v, dy)]
-    y, vjp = jax.vjp(lambda q, k, v: kernels.xla(q, k, v, None, segments, window), *f32[:3])
-    return (y, *vjp(f32[3]))
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    args = f32 if sinks is None else (*f32, sinks)
+    y, vjp = jax.vjp(lambda q, k, v, *s: kernels.xla(q, k, v, None, segments, window, *s),
+                     *args)
+    return (y, *vjp(dy.astype(jnp.float32)))
 
 
 step = jax.jit(step, static_argnames="window")
-cases = [("causal", None, 0), ("window 256", None, 256),
-         ("packed, 8 runs", rows_of(8), 0),
-         (f"packed, {kernels.PACKED_RUNS + 8} runs", rows_of(kernels.PACKED_RUNS + 8), 0),
-         ("packed, 8 runs, window 256", rows_of(8), 256)]
+sinks = 2.0 * jax.random.normal(jax.random.key(1), (h,), jnp.float32)
+cases = [("causal", None, None, 0), ("window 256", None, None, 256),
+         ("packed, 8 runs", rows_of(8), None, 0),
+         (f"packed, {cudnn_attention.PACKED_RUNS + 8} runs", rows_of(cudnn_attention.PACKED_RUNS + 8), None, 0),
+         ("packed, 8 runs, window 256", rows_of(8), None, 256),
+         ("sinks, window 128", None, sinks, 128),
+         ("sinks, packed, 8 runs", rows_of(8), sinks, 0),
+         ("sinks, packed, window 128", rows_of(8), sinks, 128)]
 print(f"{jax.devices()[0].device_kind}: b {b}, seq {seq}, heads {h}/{kv}, head dim {hd}, bf16")
-print(f"{'case':<28} {'max |err| y':>12} {'dq':>9} {'dk':>9} {'dv':>9}")
-for name, segments, window in cases:
-    got = step(q, k, v, dy, segments, window=window)
+print(f"{'case':<28} {'max |err| y':>12} {'dq':>9} {'dk':>9} {'dv':>9} {'dsinks':>9}")
+for name, segments, s, window in cases:
+    got = step(q, k, v, dy, segments, s, window=window)
     errors = [float(jnp.abs(g.astype(jnp.float32) - w).max())
-              for g, w in zip(got, reference(segments, window))]
+              for g, w in zip(got, reference(segments, s, window), strict=True)]
     print(f"{name:<28} {errors[0]:>12.3g} " + " ".join(f"{e:>9.3g}" for e in errors[1:]))
 
-memory = step.lower(q, k, v, dy, rows_of(8)).compile().memory_analysis()
+memory = step.lower(q, k, v, dy, rows_of(8), None).compile().memory_analysis()
 print(f"packed step's temporaries: {memory.temp_size_in_bytes / 2**20:.1f} MiB "
-      f"(statistics [b x {kernels.PACKED_RUNS}, heads, seq] f32: "
-      f"{b * kernels.PACKED_RUNS * h * seq * 4 / 2**20:.1f} MiB)")
+      f"(statistics [b x {cudnn_attention.PACKED_RUNS}, heads, seq] f32: "
+      f"{b * cudnn_attention.PACKED_RUNS * h * seq * 4 / 2**20:.1f} MiB)")

@@ -8,9 +8,9 @@ Variants (mesh per hardware; docs/memory.md has the planner's answer for each):
   h100x16  two 8 x H100-80GB nodes: fsdp=2 x expert=8
   v5p64    a TPU v5p slice of 64 chips: fsdp=4 x expert=16
   smoke    the same shapes of everything but size, for tests
-On a GPU no fused attention kernel takes the sinks (cuDNN has none): attention is XLA's,
-its scores through HBM, 2-3x slower per step than a fused kernel's (plan --target prices it;
-docs/performance.md, rows (m) and (n)). On a TPU, splash takes them.
+On a GPU cuDNN has no sink input: moejax runs its kernel and rescales each row for the sink
+(model/cudnn_attention.py); with documents that costs a second q.k in XLA (plan --target
+prices it; docs/performance.md, rows (m) and (n)). On a TPU, splash takes them.
 Every key is explained in configs/tiny.py.
 """
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moejax import parallel
-from moejax.model import kernels
+from moejax.model import cudnn_attention, kernels
 
 H, HD = 4, 16
 
@@ -121,12 +121,21 @@ def test_packed_runs_for_cudnn():
     # Hand-computed: runs of one id (padding too) with their lengths and start offsets, -1
     # after the last; a row's runs past the bound are left out (cudnn_packed sends such rows
     # to blockwise, below).
-    lengths, offsets = kernels.packed_runs(jnp.array([[1, 1, 2, 2, 2, 0], [1] * 6]), 4)
+    lengths, offsets = cudnn_attention.packed_runs(jnp.array([[1, 1, 2, 2, 2, 0], [1] * 6]), 4)
     np.testing.assert_array_equal(lengths, [[2, 3, 1, -1], [6, -1, -1, -1]])
     np.testing.assert_array_equal(offsets, [[0, 2, 5, -1, -1], [0, -1, -1, -1, -1]])
-    lengths, offsets = kernels.packed_runs(jnp.array([[1, 1, 2, 2, 2, 0]]), 2)
+    lengths, offsets = cudnn_attention.packed_runs(jnp.array([[1, 1, 2, 2, 2, 0]]), 2)
     np.testing.assert_array_equal(lengths, [[2, 3]])
     np.testing.assert_array_equal(offsets, [[0, 2, -1]])
+
+
+def run_ids(lengths, offsets, seq: int) -> jax.Array:
+    """[b, S]: each token's run, 1, 2, ..., rebuilt from cuDNN's packed lengths [b, M] and
+    offsets [b, M + 1] (0: in none)."""
+    starts, lengths = offsets[:, :-1, None], lengths[:, :, None]
+    pos = jnp.arange(seq)
+    inside = (lengths > 0) & (pos >= starts) & (pos < starts + lengths)  # [b, M, S]
+    return jnp.where(inside.any(1), jnp.argmax(inside, 1) + 1, 0)
 
 
 def cudnn_as_traced(monkeypatch):
@@ -147,9 +156,9 @@ def test_cudnn_packed_statistics_sized_by_runs_not_sequence(monkeypatch):
     cudnn_as_traced(monkeypatch)
     q, k, v, _ = inputs(2, 256, 2, jnp.bfloat16)
     segments = jnp.asarray(documents(2, 256))
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda q: jnp.sum(kernels.cudnn_packed(
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda q: jnp.sum(cudnn_attention.attention(
         q, k, v, segments).astype(jnp.float32))))(q))
-    assert f"f32[{2 * kernels.PACKED_RUNS},{H},256]" in jaxpr
+    assert f"f32[{2 * cudnn_attention.PACKED_RUNS},{H},256]" in jaxpr
     assert "f32[512,4,256]" not in jaxpr
 
 
@@ -163,22 +172,19 @@ def test_cudnn_packed_takes_blockwise_past_its_runs(monkeypatch, many_runs):
 
     def packed_stand_in(q, k, v, bias, mask, q_seqlen, kv_seqlen, q_offsets, kv_offsets,
                         **kw):
-        assert q_seqlen.shape == (q.shape[0], kernels.PACKED_RUNS)
-        starts, lengths = q_offsets[:, :-1, None], q_seqlen[:, :, None]
-        pos = jnp.arange(seq)
-        inside = (lengths > 0) & (pos >= starts) & (pos < starts + lengths)  # [b, M, S]
-        run = jnp.where(inside.any(1), jnp.argmax(inside, 1) + 1, 0)
+        assert q_seqlen.shape == (q.shape[0], cudnn_attention.PACKED_RUNS)
+        run = run_ids(q_seqlen, q_offsets, seq)
         y = kernels.xla(q, k, v, kw["scale"], run, kw["sliding_window_length"] or 0)
         return y + jnp.nan if many_runs else y
 
     monkeypatch.setattr(cudnn, "dot_product_attention", packed_stand_in)
     if not many_runs:
-        monkeypatch.setattr(kernels, "blockwise", lambda q, *a: q + jnp.nan)
+        monkeypatch.setattr(cudnn_attention, "blockwise", lambda q, *a: q + jnp.nan)
     q, k, v, dy = inputs(2, seq, 2)
     segments = documents(2, seq, seed=3)
     if many_runs:
         segments[1] = np.minimum(np.arange(seq) // 1 + 1, 40)  # 40 runs: 39 of one token
-    check_against_numpy(lambda q, k, v: kernels.cudnn_packed(q, k, v, jnp.asarray(segments)),
+    check_against_numpy(lambda q, k, v: cudnn_attention.attention(q, k, v, jnp.asarray(segments)),
                         q, k, v, dy, segments)
 
 

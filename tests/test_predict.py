@@ -61,7 +61,8 @@ def synthetic(**changes) -> dict:
          "model": {"expert_active": 1e8, "layers": 10, "d_model": 1000, "act_bytes": 2,
                    "quantization": "none", "attention_flops_per_token": 1e8, "moe_layers": 5,
                    "head_dim": 128, "attention_padding": 1.0, "num_heads": 8,
-                   "seq_len": 4096, "attention_sinks": False, "num_experts": 64, "top_k": 4,
+                   "seq_len": 4096, "attention_sinks": False, "documents": False,
+                   "num_experts": 64, "top_k": 4,
                    "d_ff": 500, "dropless": False},
          "mesh": {"data": 1, "fsdp": 1, "expert": 8, "context": 1, "tensor": 1},
          "alltoall_min": {"dropless": False, "effective_cf": 1.25, "ragged_forward": 0,
@@ -136,18 +137,31 @@ def test_attention_runs_slower_at_narrow_heads():
 
 
 def test_attention_is_priced_as_moejax_runs_it_on_the_target():
-    """Sinks on a GPU: no fused kernel takes them, so moejax runs XLA's attention, float32
-    einsums at half the bf16 rate and its scores [S, S] per head through HBM, 14 passes under
-    remat=full; on a TPU splash takes sinks (fused), unless 128 does not divide the sequence.
-    MLA's kernel computes its padded width: attention_padding times the counted FLOPs."""
+    """Sinks on a GPU: cuDNN's kernel, its rows rescaled (model/cudnn_attention); with
+    documents (the packed layout) plus a second q.k in XLA for the normalizer, float32
+    einsums over every [S, S] logit at half the bf16 rate, written and read once per
+    forward, twice under remat=full; under context parallelism no fused kernel takes sinks,
+    so XLA's attention, its scores [S, S] per head through HBM, 14 passes under remat=full.
+    On a TPU splash takes sinks (fused), unless 128 does not divide the sequence. MLA's
+    kernel computes its padded width: attention_padding times the counted FLOPs."""
     plain = predict.predict(synthetic(), H100)
     assert plain["fused_attention"] and plain["parts"]["attention scores through HBM "
                                                      "(XLA's attention)"] == 0
     p = synthetic()
     p["model"] = {**p["model"], "attention_sinks": True}
+    assert predict.predict(p, H100)["step_s"] == plain["step_s"]
+    tokens = 2**20 / 8
+    p["model"]["documents"] = True
+    r = predict.predict(p, H100)
+    assert r["fused_attention"]
+    logits = 2 * 10 * tokens * 8 * 4096  # two forwards, 10 layers, 8 heads, 4,096 keys
+    assert r["parts"]["matmul"] - plain["parts"]["matmul"] == pytest.approx(
+        2 * 128 * logits / (989e12 / 2) / predict.MATMUL_EFFICIENCY)
+    assert r["parts"]["attention scores through HBM (XLA's attention)"] == pytest.approx(
+        8 * logits / 3350e9)
+    p["mesh"] = {**p["mesh"], "context": 2}
     r = predict.predict(p, H100)
     assert not r["fused_attention"]
-    tokens = 2**20 / 8
     attention = 1e8 * tokens * 8 / 6
     fused_time = attention / (989e12 * predict.ATTENTION_EFFICIENCY)
     xla_time = attention / (989e12 / 2) / predict.MATMUL_EFFICIENCY
@@ -155,7 +169,7 @@ def test_attention_is_priced_as_moejax_runs_it_on_the_target():
         xla_time - fused_time)
     scores = 4 * (4 + 4 + 6) * 10 * tokens * 8 * 4096 / 3350e9
     assert r["parts"]["attention scores through HBM (XLA's attention)"] == pytest.approx(scores)
-    assert r["step_s"] - plain["step_s"] == pytest.approx(xla_time - fused_time + scores)
+    p["mesh"] = {**p["mesh"], "context": 1}
     tpu = dataclasses.replace(H100, platform="tpu")
     assert predict.predict(p, tpu)["fused_attention"]
     p["model"] = {**p["model"], "seq_len": 4000}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from moejax import parallel
-from moejax.model import kernels, xla_attention
-from tests.test_attention import documents, visible
+from moejax.model import cudnn_attention, kernels, xla_attention
+from tests.test_attention import cudnn_as_traced, documents, run_ids, visible
 from tests.test_window import H, inputs
 
 
@@ -191,15 +191,16 @@ def test_tpu_export_passes_the_sinks_to_splash():
 
 def test_start_up_says_where_attention_has_no_fused_kernel():
     """One rule (kernels.fused) picks causal's path, prices it in plan --target and prints
-    the start-up line: a GPU has no fused kernel with sinks or outside bf16/f16; a TPU's
-    splash needs 128 to divide a device's rows (halves under context parallelism); a CPU
-    run is told nothing (XLA is all it has)."""
+    the start-up line: a GPU has no fused kernel with sinks under context parallelism or
+    outside bf16/f16; a TPU's splash needs 128 to divide a device's rows (halves under
+    context parallelism); a CPU run is told nothing (XLA is all it has)."""
     from configs import tiny
 
     config = tiny.get_config()
     config.model.update(attention_sinks=True, dtype="bfloat16")
     config.data.seq_len = 512
-    assert "attention sinks: cuDNN takes none" in kernels.unfused_note(config, "gpu")
+    assert kernels.unfused_note(config, "gpu") is None  # cudnn_attention's sinks
+    assert "attention sinks under context parallelism" in kernels.unfused_note(config, "gpu", 2)
     assert kernels.unfused_note(config, "tpu") is None  # splash takes sinks
     assert kernels.unfused_note(config, "cpu") is None
     assert "128 does not divide the 64 rows" in kernels.unfused_note(config, "tpu", 4)
@@ -230,3 +231,93 @@ def test_planner_stand_in_for_a_fused_kernel_is_the_same_attention(window, with_
         got, got_vjp = jax.vjp(run, q, k, v)
     for a, b in zip((got, *got_vjp(dy)), (want, *want_vjp(dy)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+class CudnnStandIn:
+    """cuDNN's forward and backward rules as cudnn_attention calls them, in XLA on this
+    host. The forward returns the output and the softmax statistics: [b, h, S] on the plain
+    layout; NaN on the packed one, whose statistics cudnn_attention must not read. The
+    backward recomputes the probabilities from q, k and the statistics it saved, and takes
+    its row sums dy . y from the output it is handed, as flash attention's backward does."""
+
+    @staticmethod
+    def forward(call, q, k, v, lengths, offsets):
+        seq, group = q.shape[1], q.shape[2] // k.shape[2]
+        k, v = (jnp.repeat(a, group, axis=2) for a in (k, v))
+        runs = (jnp.ones(q.shape[:2], jnp.int32) if lengths is None
+                else run_ids(lengths, offsets, seq))
+        index = jnp.arange(seq)
+        seen = xla_attention.document_mask(runs, runs, index, index, call.window)[:, 0]
+        logits = jnp.where(seen[:, None], jnp.einsum("bqhd,bkhd->bhqk", q, k) * call.scale,
+                           -jnp.inf)
+        lse = jax.nn.logsumexp(logits, -1)  # [b, h, S]
+        out = jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(logits - lse[..., None]), v)
+        stats = jnp.full((q.shape[0] * lengths.shape[1], *lse.shape[1:]), jnp.nan) \
+            if call.packed else lse
+        return out, stats, (q, k, v, logits, lse, group)
+
+    @staticmethod
+    def backward(call, res, y, dy):
+        q, k, v, logits, lse, group = res
+        p = jnp.exp(logits - lse[..., None])
+        dp = jnp.einsum("bqhd,bkhd->bhqk", dy, v)
+        ds = p * (dp - jnp.einsum("bqhd,bqhd->bhq", dy, y)[..., None])
+        dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k) * call.scale
+        dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q) * call.scale
+        dv = jnp.einsum("bhqk,bqhd->bkhd", p, dy)
+        unrepeat = lambda a: a.reshape(*a.shape[:2], -1, group, a.shape[3]).sum(3)  # noqa: E731
+        return dq, unrepeat(dk), unrepeat(dv)
+
+
+@pytest.mark.parametrize("window, runs", [(8, 0), (8, 4), (0, 40)],
+                         ids=["plain-window", "documents-window", "past-packed-runs"])
+def test_cudnn_sinks_match_numpy(monkeypatch, window, runs):
+    """cudnn_attention's sinks with cuDNN's rules stood in for (CudnnStandIn): the kernel's
+    output rescaled by sigmoid(lse - s_h), its backward handed that output, against the
+    definition. Plain: lse from the kernel's statistics (GQA, 4 heads over 2); documents:
+    from row_lse (the packed statistics are NaN here); 40 runs, past PACKED_RUNS: blockwise
+    (the stand-in poisoned)."""
+    monkeypatch.setattr(cudnn_attention._Cudnn, "forward", CudnnStandIn.forward)
+    monkeypatch.setattr(cudnn_attention._Cudnn, "backward", CudnnStandIn.backward)
+    if runs > cudnn_attention.PACKED_RUNS:
+        def poisoned(*a):  # lax.cond traces both branches: a wrong choice gives NaN
+            out, stats, res = CudnnStandIn.forward(*a)
+            return out + jnp.nan, stats, res
+
+        monkeypatch.setattr(cudnn_attention._Cudnn, "forward", poisoned)
+    seq = 48
+    segments = None
+    if runs:
+        segments = documents(2, seq, seed=5)
+        segments[1] = np.minimum(np.arange(seq) + 1, runs) if runs > 4 else segments[1]
+    seg = None if segments is None else jnp.asarray(segments)
+    check(lambda q, k, v, s: cudnn_attention.attention(q, k, v, seg, s, window=window),
+          causal_seen(2, seq, window, segments), batch=2, seq=seq)
+
+
+@pytest.mark.parametrize("documents_", [False, True], ids=["plain", "packed"])
+def test_cudnn_sinks_trace_through_jaxs_rules(monkeypatch, documents_):
+    """The real cuDNN rules, traced (not lowered) with their device checks answered as on an
+    H100: the sink path's forward keeps the kernel's statistics, its backward gets the
+    rescaled output, and every gradient comes back in its input's shape and dtype."""
+    cudnn_as_traced(monkeypatch)
+    q, k, v, _ = inputs(2, 256, 2, jnp.bfloat16)
+    sinks = sink_values().astype(jnp.bfloat16)
+    seg = jnp.asarray(documents(2, 256)) if documents_ else None
+    grads = jax.eval_shape(jax.grad(
+        lambda *a: jnp.sum(cudnn_attention.attention(*a[:3], seg, a[3], window=64)
+                           .astype(jnp.float32)), (0, 1, 2, 3)), q, k, v, sinks)
+    for g, a in zip(grads, (q, k, v, sinks), strict=True):
+        assert (g.shape, g.dtype) == (a.shape, a.dtype)
+    jaxpr = jax.make_jaxpr(jax.grad(
+        lambda q: jnp.sum(cudnn_attention.attention(q, k, v, seg, sinks).astype(
+            jnp.float32))))(q)
+    assert "dot_product_attention_fwd" in str(jaxpr)
+    assert "dot_product_attention_bwd" in str(jaxpr)
+    if not documents_:  # (packed, both sit inside lax.cond's branch)
+        eqns = {e.primitive.name: e for e in jaxpr.eqns}
+        fwd = eqns["dot_product_attention_fwd_wrapper"]
+        bwd = eqns["dot_product_attention_bwd_wrapper"]
+        # The backward's fwd_output operand (its 12th) is the rescaled y, not the kernel's.
+        assert bwd.invars[11] is not fwd.outvars[0]
+        assert bwd.invars[10] is fwd.outvars[1]  # its statistics are the kernel's own

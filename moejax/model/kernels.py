@@ -7,17 +7,9 @@ attends to padding, so no row of the softmax is empty.
   TPU    the splash attention Pallas kernel that ships in jax (a flash-attention that skips
          the blocks above the diagonal), one shard_map'd call per device; documents are its
          SegmentIds(q=, kv=), and-ed with its CausalMask inside the kernel.
-  GPU    cuDNN flash attention (bf16/f16 only) through jax.nn.dot_product_attention. Documents:
-         cuDNN's packed (THD) layout, which jax 0.10.2 offers only in
-         jax._src.cudnn.fused_attention_stablehlo.dot_product_attention: each row's runs of one
-         segment id become q_seqlen / kv_seqlen [B, M] and q_offsets / kv_offsets [B, M + 1]
-         (-1 past the last run) with mask PADDING_CAUSAL, so every document is its own causal
-         sequence and no [S, S] mask exists (kv heads repeated to the query's: jax strides
-         both offsets by the query's). M = PACKED_RUNS, as cuDNN's saved statistics grow
-         with it; a device whose rows hold more runs takes XLA's flash attention for that
-         step. cuDNN takes the packed layout on Hopper or newer; older GPUs take XLA's.
-         (The public jax.nn.dot_product_attention passes a dense mask to cuDNN as a bias
-         [B, 1, S, S], and returns its gradient too.)
+  GPU    cuDNN flash attention (bf16/f16 only) through jax.nn.dot_product_attention;
+         documents (cuDNN's packed layout, Hopper or newer; older GPUs take XLA's) and
+         sinks through cudnn_attention.py, one call per device under shard_map.
   other  jax.nn.dot_product_attention's XLA implementation, the document mask explicit.
 
 With mesh.context > 1 the sequence is split over devices and the causal work balanced
@@ -30,8 +22,9 @@ Sinks (gpt-oss): `sinks` [H] gives each query head h one more logit s_h in every
 unscaled, that takes probability mass and carries no value: p_j = exp(l_j) / (exp(s_h) +
 sum_k exp(l_k)). Splash takes them in its kernel (forward and gradient, per device and over
 context); XLA, `blockwise` and `masked` (xla_attention.py) add the term to the normalizer;
-cuDNN has no such input, so with sinks GPUs take the XLA paths. sinks=None leaves every path
-as it was.
+cuDNN has no such input: cudnn_attention.py rescales each row of its output for the sink
+and hands its backward the rescaled output (not under context parallelism, whose GPU rows
+then take XLA's). sinks=None leaves every path as it was.
 """
 
 import contextlib
@@ -47,23 +40,24 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
 )
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moejax.model import context
+from moejax.model import context, cudnn_attention
 from moejax.model.xla_attention import (
     blockwise,
     document_mask,
-    document_starts,
     masked,
     row_max,
 )
 
 
 def fused(platform: str, dtype, sinks: bool, seq: int, context_size: int = 1) -> bool:
-    """Whether `causal` runs a fused kernel on `platform`: on "gpu" cuDNN's, for bf16 or f16
-    without sinks; on "tpu" splash, where 128 divides its rows (the sequence; under context
-    parallelism each half of a device's rows, seq / (2 context_size)). Otherwise XLA's
-    einsums, their scores in HBM (plan/predict.py prices which)."""
+    """Whether `causal` runs a fused kernel on `platform`: on "gpu" cuDNN's, for bf16 or f16,
+    with sinks not under context parallelism; on "tpu" splash, where 128 divides its rows
+    (the sequence; under context parallelism each half of a device's rows, seq / (2
+    context_size)). Otherwise XLA's einsums, their scores in HBM (plan/predict.py prices
+    which)."""
     if platform == "gpu":
-        return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not sinks
+        return (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+                and not (sinks and context_size > 1))
     return platform == "tpu" and splash_rows(seq, context_size) % 128 == 0
 
 
@@ -81,7 +75,7 @@ def unfused_note(config, platform: str, context_size: int = 1) -> str | None:
     if platform not in ("gpu", "tpu") or fused(platform, mc.dtype, sinks, seq, context_size):
         return None
     rows = splash_rows(seq, context_size)
-    why = ("attention sinks: cuDNN takes none" if platform == "gpu" and sinks else
+    why = ("attention sinks under context parallelism" if platform == "gpu" and sinks else
            f"model.dtype={mc.dtype}" if platform == "gpu" else
            f"128 does not divide the {rows} rows of a device")
     return (f"attention: no fused kernel on {platform} ({why}); XLA's einsums write every "
@@ -135,20 +129,19 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None,
         raise ValueError(f"sliding window {window}; allowed: 0 (off) or a positive int")
     if context.size(mesh) > 1:
         return context_parallel(q, k, v, mesh, scale, segments, window=window, sinks=sinks)
-    # cuDNN (jax 0.10.2) has no sink logit: with sinks, GPUs take the XLA path below.
     if jax.default_backend() == "gpu" and fused("gpu", q.dtype, sinks is not None, 0):
         # cuDNN checks for itself when traced, so it cannot hide in a platform_dependent
-        # branch exported from a CPU host; the GPU benchmark script covers the plain causal
-        # call, nothing on this CPU host the packed one (documents) or the windowed ones.
-        if segments is None:
+        # branch exported from a CPU host; bench/attention_gpu.py checks these on a GPU,
+        # tests/test_attention.py traces them on this CPU host.
+        if segments is None and sinks is None:
             # jax's (left, right) window: keys q - left .. q + right, so W - 1 back.
             return jax.nn.dot_product_attention(
                 q, k, v, is_causal=True, scale=scale, implementation="cudnn",
                 local_window_size=(window - 1, 0) if window else None)
-        if _hopper():
-            return _sharded(functools.partial(cudnn_packed, scale=scale, window=window),
-                            q, k, v, segments, mesh)
-        return xla(q, k, v, scale, segments, window)
+        if segments is None or _hopper():
+            return _sharded(functools.partial(cudnn_attention.attention, scale=scale,
+                                              window=window), q, k, v, segments, mesh, sinks)
+        return xla(q, k, v, scale, segments, window, sinks)
     if not fused("tpu", q.dtype, sinks is not None, q.shape[1]):
         # Splash tiles the sequence in blocks of a multiple of 128 (the TPU lane width):
         # shorter or ragged sequences (the smoke configs' 32) take the XLA path on TPU too.
@@ -197,53 +190,6 @@ def _splash_args(q, k, v, segments, sinks, *, mesh, scale, window):
 def _hopper() -> bool:
     capability = getattr(jax.devices()[0], "compute_capability", "0")
     return int(str(capability).split(".")[0]) >= 9
-
-
-# cuDNN's packed layout saves softmax statistics [b x runs, heads, S] float32, `runs` being the
-# most runs (documents, padding) a row may hold: sized by the sequence, that is as many bytes
-# per head as [S, S] scores, on every layer. Sized by this, a device whose rows hold more runs
-# takes XLA's flash attention (`blockwise`) for that step instead: exact either way.
-PACKED_RUNS = 32
-
-
-def packed_runs(segments: jax.Array, runs: int = PACKED_RUNS) -> tuple[jax.Array, jax.Array]:
-    """segments [b, S] -> the first `runs` runs of equal ids as cuDNN's packed layout wants
-    them: lengths [b, runs] and start offsets [b, runs + 1], -1 past each row's last run."""
-    b, seq = segments.shape
-    run = jnp.cumsum(document_starts(segments), axis=1) - 1  # [b, S]: the run each token is in
-    lengths = jnp.zeros((b, runs), jnp.int32).at[jnp.arange(b)[:, None], run].add(
-        1, mode="drop")
-    offsets = jnp.cumsum(lengths, axis=1) - lengths
-    lengths, offsets = (jnp.where(lengths > 0, a, -1).astype(jnp.int32)
-                        for a in (lengths, offsets))
-    return lengths, jnp.concatenate([offsets, jnp.full((b, 1), -1, jnp.int32)], 1)
-
-
-def cudnn_packed(q, k, v, segments, *, scale=None, window: int = 0):
-    """cuDNN's packed layout on one device: [b, S, h, hd] with segments [b, S]; each run of
-    equal segment ids (padding included) is one causal sequence, with `window` (> 0) cuDNN's
-    sliding_window_length (keys in (q - W, q]) inside it. If a row holds more than
-    PACKED_RUNS runs, the device's rows take `blockwise` instead. jax 0.10.2 steps the kv
-    offsets by the query's heads x hd per token, so kv heads are repeated to the query's."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
-
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-
-    def packed(q, k, v, segments):
-        if k.shape[2] != q.shape[2]:
-            k, v = (jnp.repeat(a, q.shape[2] // k.shape[2], axis=2) for a in (k, v))
-        lengths, offsets = packed_runs(segments)
-        return cudnn.dot_product_attention(
-            q, k, v, None, None, lengths, lengths, offsets, offsets, scale=scale,
-            mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
-            sliding_window_length=window or None)
-
-    def flash(q, k, v, segments):
-        return blockwise(q, k, v, segments, segments, jnp.arange(q.shape[1]), None, scale,
-                         math.gcd(q.shape[1], 512), window)
-
-    fits = document_starts(segments).sum(1).max() <= PACKED_RUNS
-    return jax.lax.cond(fits, packed, flash, q, k, v, segments)
 
 
 def block_size(seq: int) -> int:
@@ -336,9 +282,10 @@ def context_parallel(q, k, v, mesh: Mesh, scale: float | None = None, segments=N
     masked attention, cuDNN with the mask as a bias on GPU, or splash on TPU where the
     halves are multiples of 128 rows (`interpret`: splash in Pallas' interpreter, for tests).
     `window`: `causal`'s; the rows' positions are global (context.query_index), so every
-    path masks by them as the one-device kernels do. `sinks` [H]: `causal`'s (not on cuDNN,
-    which has none: GPUs take the XLA rows)."""
-    if jax.default_backend() == "gpu" and fused("gpu", q.dtype, sinks is not None, 0):
+    path masks by them as the one-device kernels do. `sinks` [H]: `causal`'s (not on cuDNN
+    here: GPUs take the XLA rows)."""
+    if jax.default_backend() == "gpu" and fused("gpu", q.dtype, sinks is not None, 0,
+                                                context.size(mesh)):
         return context.attend(functools.partial(_xla_rows, scale=scale, cudnn=True,
                                                 window=window), q, k, v, segments, mesh)
     splash_path = functools.partial(_splash_rows, mesh=mesh, scale=scale, interpret=interpret,

@@ -60,17 +60,38 @@ def row_max(q, k, q_segments, kv_segments, q_index, scale: float, block: int,
     (`blockwise`'s mask), keys `block` at a time: QK-clip's statistic, where the kernels
     never expose their logits. q [b, Sq, h, hd] at positions q_index [Sq], k [b, S, kv, hd]
     at 0 .. S-1, segments [b, Sq] / [b, S]."""
+    top, _ = _row_scan(q, k, q_segments, kv_segments, q_index, scale, block, window, False)
+    return top.reshape(q.shape[:3])
+
+
+def row_lse(q, k, q_segments, kv_segments, q_index, scale: float, block: int,
+            window: int = 0) -> jax.Array:
+    """[b, Sq, h] float32: each query row's log-sum-exp of its scaled logits over the keys it
+    sees, as row_max walks them, without gradient: the normalizer a sink is weighed against
+    where the kernel does not return its own (cudnn_attention, packed)."""
+    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    top, total = _row_scan(q, k, q_segments, kv_segments, q_index, scale, block, window, True)
+    return (top + jnp.log(total)).reshape(q.shape[:3])
+
+
+def _row_scan(q, k, q_segments, kv_segments, q_index, scale, block, window, total: bool):
+    """Each row's running max of its logits and, if `total`, its sum of exp(logit - max)."""
     qg = _grouped(q, k.shape[2]) * scale
     kv_index = jnp.arange(k.shape[1]).reshape(-1, block)
 
-    def step(top, xs):
+    def step(carry, xs):
+        top, sums = carry
         kb, segments, index = xs
         s = _block_scores(qg, kb, q_segments, segments, q_index, index, window)
-        return jnp.maximum(top, s.max(-1)), None
+        new_top = jnp.maximum(top, s.max(-1))
+        if total:  # every row sees itself, so new_top is finite once a block has shown it
+            safe = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
+            sums = sums * jnp.exp(top - safe) + jnp.exp(s - safe[..., None]).sum(-1)
+        return (new_top, sums), None
 
     xs = (_key_blocks(k, block), _key_blocks(kv_segments, block), kv_index)
-    top, _ = jax.lax.scan(step, jnp.full(qg.shape[:-1], -jnp.inf), xs)
-    return top.reshape(q.shape[:3])
+    start = (jnp.full(qg.shape[:-1], -jnp.inf), jnp.zeros(qg.shape[:-1], jnp.float32))
+    return jax.lax.scan(step, start, xs)[0]
 
 
 def _grouped_sinks(sinks, kv: int):

@@ -127,14 +127,15 @@ def model_summary(config, counts: dict) -> dict:
 def attention_shape(config) -> dict:
     """What plan/predict.py needs to price attention as model/kernels.causal runs it: the
     width its kernel runs at (MLA pads the narrower of its query-key and value widths to the
-    wider: the executed FLOPs over the counted ones is `attention_padding`), heads, sequence
-    and sinks (no fused kernel on GPU takes them)."""
+    wider: the executed FLOPs over the counted ones is `attention_padding`), heads, sequence,
+    sinks and documents (on a GPU the two together cost a second q.k: predict.sink_normalizer)."""
     mc = config.model
     qk, v = ((mc.qk_nope_head_dim + mc.qk_rope_head_dim, mc.v_head_dim)
              if mc.attention == "mla" else (mc.head_dim, mc.head_dim))
     return {"head_dim": max(qk, v), "attention_padding": 2 * max(qk, v) / (qk + v),
             "num_heads": mc.num_heads, "seq_len": config.data.seq_len,
-            "attention_sinks": bool(mc.get("attention_sinks"))}
+            "attention_sinks": bool(mc.get("attention_sinks")),
+            "documents": bool(config.data.get("documents"))}
 
 
 def plan(config, mesh: dict | None = None, fused_attention: bool = False) -> dict:

@@ -107,9 +107,9 @@ def attention_efficiency(head_dim: int) -> float:
 
 def attention_fused(p: dict, chip) -> bool:
     """Whether moejax runs a fused attention kernel on `chip` (model/kernels.causal): on GPU
-    cuDNN's, in bf16 and without sinks (cuDNN takes none); on TPU splash, where its blocks
-    of 128 rows divide the sequence (each half of a device's rows under context parallelism).
-    Otherwise XLA's einsums and softmax (xla_attention_bytes)."""
+    cuDNN's, in bf16 (with sinks, not under context parallelism); on TPU splash, where its
+    blocks of 128 rows divide the sequence (each half of a device's rows under context
+    parallelism). Otherwise XLA's einsums and softmax (xla_attention_bytes)."""
     m = p["model"]
     return kernels.fused(chip.platform, "bfloat16" if m["act_bytes"] == 2 else "float32",
                          m["attention_sinks"], m["seq_len"], p["mesh"]["context"])
@@ -125,6 +125,21 @@ def xla_attention_bytes(p: dict) -> float:
               + XLA_ATTENTION_PASSES["backward"])
     return (4 * passes * m["layers"] * p["tokens_per_step"] / p["devices"] * m["num_heads"]
             * m["seq_len"])
+
+
+def sink_normalizer(p: dict, chip) -> tuple[float, float]:
+    """FLOPs and HBM bytes per device per step of the second q.k that model/cudnn_attention
+    runs for sinks on cuDNN's packed layout (documents on a GPU): each row's log-sum-exp,
+    from every [S, S] logit per head (a causal or window mask skips no block), float32
+    einsums whose logits are written and read once, on each forward (again under
+    remat=full); it has no backward. (0, 0) wherever it does not run."""
+    m = p["model"]
+    if not (chip.platform == "gpu" and m["attention_sinks"] and m["documents"]
+            and attention_fused(p, chip)):
+        return 0.0, 0.0
+    logits = ((1 + (p["remat"] in FORWARD_AGAIN)) * m["layers"] * p["tokens_per_step"]
+              / p["devices"] * m["num_heads"] * m["seq_len"])
+    return 2 * m["head_dim"] * logits, 2 * 4 * logits
 
 
 def hardware_flops(p: dict, chip) -> dict:
@@ -246,10 +261,12 @@ def predict(p: dict, chip, load: np.ndarray | None = None) -> dict:
     else:  # plain einsums; with sinks in float32, which a GPU runs at half the bf16 rate
         f32 = p["model"]["attention_sinks"] and chip.platform == "gpu"
         attention = flops["attention"] / (peak / (2 if f32 else 1)) / MATMUL_EFFICIENCY
+    normalizer_flops, normalizer_bytes = sink_normalizer(p, chip)  # float32: half rate
+    attention += normalizer_flops / (peak / 2) / MATMUL_EFFICIENCY
     matmul = (rest / peak + wait * flops["expert"] / expert_peak) / MATMUL_EFFICIENCY + attention
     hbm = chip.hbm_gb_per_s * 1e9 * share
     memory = memory_bytes(p, wait) / hbm
-    scores = 0.0 if fused else xla_attention_bytes(p) / hbm
+    scores = (normalizer_bytes if fused else xla_attention_bytes(p)) / hbm
     comm = collective_times(p["collective_records"], chip, p["mesh"], wait)
     hidden = sum(sum(v.values()) for (_, how), v in comm.items() if how == "overlapped")
     exposed = sum(sum(v.values()) for (_, how), v in comm.items() if how == "exposed")
@@ -321,10 +338,12 @@ def attention_line(p: dict, chip, r: dict) -> str:
     XLA's einsums and why moejax has no fused kernel there."""
     m = p["model"]
     if r["fused_attention"]:
+        extra = (", and a second q.k in XLA for the sinks' normalizer on the packed layout"
+                 if sink_normalizer(p, chip)[0] else "")
         return (f"attention {attention_efficiency(m['head_dim']):.0%} at head dim "
-                f"{m['head_dim']}: a fused kernel")
-    why = ("sinks: no fused kernel takes them on GPU, float32 einsums" if
-           m["attention_sinks"] and chip.platform == "gpu" else
+                f"{m['head_dim']}: a fused kernel{extra}")
+    why = ("sinks under context parallelism: no fused kernel takes them on GPU, float32 "
+           "einsums" if m["attention_sinks"] and chip.platform == "gpu" else
            "no fused kernel for this dtype or sequence")
     return f"attention XLA's, its scores through HBM ({why})"
 
