@@ -145,8 +145,8 @@ def test_attention_is_priced_as_moejax_runs_it_on_the_target():
     On a TPU splash takes sinks (fused), unless 128 does not divide the sequence. MLA's
     kernel computes its padded width: attention_padding times the counted FLOPs."""
     plain = predict.predict(synthetic(), H100)
-    assert plain["fused_attention"] and plain["parts"]["attention scores through HBM "
-                                                     "(XLA's attention)"] == 0
+    assert plain["fused_attention"] and plain["parts"]["attention logits through HBM "
+                                                     "(XLA's einsums)"] == 0
     p = synthetic()
     p["model"] = {**p["model"], "attention_sinks": True}
     assert predict.predict(p, H100)["step_s"] == plain["step_s"]
@@ -157,8 +157,11 @@ def test_attention_is_priced_as_moejax_runs_it_on_the_target():
     logits = 2 * 10 * tokens * 8 * 4096  # two forwards, 10 layers, 8 heads, 4,096 keys
     assert r["parts"]["matmul"] - plain["parts"]["matmul"] == pytest.approx(
         2 * 128 * logits / (989e12 / 2) / predict.MATMUL_EFFICIENCY)
-    assert r["parts"]["attention scores through HBM (XLA's attention)"] == pytest.approx(
+    assert r["parts"]["attention logits through HBM (XLA's einsums)"] == pytest.approx(
         8 * logits / 3350e9)
+    windowed = {**p, "model": {**p["model"], "windows": [128, 0] * 5}}  # band_lse: 2 tiles
+    assert predict.sink_normalizer(windowed, H100)[1] == pytest.approx(
+        8 * logits * (5 * 256 + 5 * 4096) / (10 * 4096))
     p["mesh"] = {**p["mesh"], "context": 2}
     r = predict.predict(p, H100)
     assert not r["fused_attention"]
@@ -168,7 +171,7 @@ def test_attention_is_priced_as_moejax_runs_it_on_the_target():
     assert r["parts"]["matmul"] - plain["parts"]["matmul"] == pytest.approx(
         xla_time - fused_time)
     scores = 4 * (4 + 4 + 6) * 10 * tokens * 8 * 4096 / 3350e9
-    assert r["parts"]["attention scores through HBM (XLA's attention)"] == pytest.approx(scores)
+    assert r["parts"]["attention logits through HBM (XLA's einsums)"] == pytest.approx(scores)
     p["mesh"] = {**p["mesh"], "context": 1}
     tpu = dataclasses.replace(H100, platform="tpu")
     assert predict.predict(p, tpu)["fused_attention"]
@@ -180,6 +183,25 @@ def test_attention_is_priced_as_moejax_runs_it_on_the_target():
     base = predict.hardware_flops(synthetic(), H100)
     assert flops["attention"] == pytest.approx(1.2 * base["attention"])
     assert flops["hardware"] - base["hardware"] == pytest.approx(0.2 * base["attention"])
+
+
+def test_a_fused_kernel_skips_the_blocks_outside_a_window():
+    """gpt-oss's pattern, a 128-token window on every other layer of 4,096 tokens: a GPU
+    kernel computes 128 + 128 keys a query there (its tiles), a TPU's splash 128 + 512 (its
+    blocks), against the 2,048 a causal layer averages; XLA's attention skips nothing."""
+    p = synthetic()
+    p["model"] = {**p["model"], "windows": [128, 0] * 5}
+    base = predict.hardware_flops(synthetic(), H100)
+    assert predict.window_share(p, H100) == pytest.approx((256 / 2048 + 1) / 2)
+    flops = predict.hardware_flops(p, H100)
+    assert flops["attention"] == pytest.approx(base["attention"] * (256 / 2048 + 1) / 2)
+    assert base["hardware"] - flops["hardware"] == pytest.approx(
+        base["attention"] - flops["attention"])
+    assert flops["model"] == base["model"]  # MFU's numerator counts as run/flops.py does
+    tpu = dataclasses.replace(H100, platform="tpu")
+    assert predict.window_share(p, tpu) == pytest.approx((640 / 2048 + 1) / 2)
+    p["model"]["act_bytes"] = 4  # float32: XLA's attention on a GPU
+    assert predict.window_share(p, H100) == 1.0
 
 
 def test_dropless_is_priced_as_capacity_at_factor_one():

@@ -321,3 +321,24 @@ def test_cudnn_sinks_trace_through_jaxs_rules(monkeypatch, documents_):
         # The backward's fwd_output operand (its 12th) is the rescaled y, not the kernel's.
         assert bwd.invars[11] is not fwd.outvars[0]
         assert bwd.invars[10] is fwd.outvars[1]  # its statistics are the kernel's own
+
+
+@pytest.mark.parametrize("window", [0, 8, 20], ids=["full", "window-8", "window-20"])
+def test_row_normalizers_are_the_definitions(window):
+    """row_lse (all key blocks) and band_lse (only the key tiles a window reaches: 16-row
+    tiles at 48 positions, a band of 2 or 3 of them) against log sum exp of the seen logits,
+    written from the definition in NumPy, with documents and padding."""
+    q, k, _, _ = inputs(2, 48, 2)
+    segments = documents(2, 48, seed=7)
+    seen = causal_seen(2, 48, window, segments)
+    logits = np.einsum("bqkgd,bskd->bqkgs", np.asarray(q, np.float64).reshape(2, 48, 2, 2, -1),
+                       np.asarray(k, np.float64)) * q.shape[-1] ** -0.5
+    logits = np.where(seen[:, :, None, None, :], logits, -np.inf)
+    top = logits.max(-1, keepdims=True)
+    want = (top[..., 0] + np.log(np.exp(logits - top).sum(-1))).reshape(2, 48, H)
+    seg = jnp.asarray(segments)
+    got = xla_attention.row_lse(q, k, seg, seg, jnp.arange(48), q.shape[-1] ** -0.5, 16, window)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    if window:
+        got = xla_attention.band_lse(q, k, seg, q.shape[-1] ** -0.5, window)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

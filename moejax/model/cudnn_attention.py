@@ -19,7 +19,8 @@ dS = sigmoid(.) P (dy . v_j - dy . y) and dv are those of the final probabilitie
 gradient is -sum over rows of (1 - sigmoid(.)) (dy . y). lse is the kernel's softmax
 statistics on the plain layout ([b, heads, S], as jax's return_residual documents them); on
 the packed layout, whose statistics jax lays out per run, a second q.k in XLA a key block at
-a time (xla_attention.row_lse).
+a time (xla_attention.row_lse; under a sliding window only the key tiles its band reaches,
+band_lse).
 """
 
 import dataclasses
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
-from moejax.model.xla_attention import blockwise, document_starts, row_lse
+from moejax.model.xla_attention import band_lse, blockwise, document_starts, row_lse
 
 PACKED_RUNS = 32
 _SEED, _DROPOUT, _NO_BIAS = 42, 0.0, (False, False)  # what jax's public cuDNN call passes
@@ -69,7 +70,8 @@ def attention(q, k, v, segments=None, sinks=None, *, scale=None, window: int = 0
             return cudnn.dot_product_attention(
                 q, k, v, None, None, lengths, lengths, offsets, offsets, scale=scale,
                 mask_type=call.mask, qkv_layout="BTNH", sliding_window_length=window or None)
-        lse = row_lse(q, k, segments, segments, index, scale, block, window)
+        lse = (band_lse(q, k, segments, scale, window) if window else
+               row_lse(q, k, segments, segments, index, scale, block))
         return _sunk(q, k, v, sinks, lengths, offsets, lse, call)
 
     def flash(q, k, v, segments, sinks):

@@ -4,6 +4,7 @@ flash attention whose logits are a block of keys at a time (context parallelism'
 and the planner's). kernels.py picks among these and the accelerator kernels."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,35 @@ def row_lse(q, k, q_segments, kv_segments, q_index, scale: float, block: int,
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     top, total = _row_scan(q, k, q_segments, kv_segments, q_index, scale, block, window, True)
     return (top + jnp.log(total)).reshape(q.shape[:3])
+
+
+def band_lse(q, k, segments, scale: float, window: int) -> jax.Array:
+    """row_lse of a layer with a sliding window, q and k at positions 0 .. S-1 (segments
+    [b, S]): each tile of 128 query rows against only the key tiles its band reaches, not
+    all S keys (for gpt-oss's 128-token window at 4,096 tokens, 256 keys a row, not 4,096)."""
+    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    b, seq = segments.shape
+    tile = math.gcd(seq, 128)
+    n = seq // tile
+    qg = _grouped(q, k.shape[2]) * scale
+    qg = qg.reshape(b, n, tile, *qg.shape[2:])  # [b, n, tile, kv, group, hd]
+    keys, index = k.reshape(b, n, tile, *k.shape[2:]), jnp.arange(seq).reshape(n, tile)
+    rows = segments.reshape(b, n, tile)
+    top, total = jnp.full(qg.shape[:-1], -jnp.inf), jnp.zeros(qg.shape[:-1], jnp.float32)
+    for d in range(min(n, -(-(window - 1) // tile) + 1)):  # query tile i, key tile i - d
+        shifted = jnp.concatenate([jnp.zeros_like(keys[:, :d]), keys[:, :n - d]], 1)
+        segs = jnp.concatenate([jnp.full_like(rows[:, :d], -1), rows[:, :n - d]], 1)
+        at = index - d * tile  # the shifted keys' positions (< 0: none)
+        seen = ((at[:, None, :] >= 0) & (at[:, None, :] <= index[:, :, None])
+                & (index[:, :, None] - at[:, None, :] < window))
+        seen = seen[None] & (rows[..., :, None] == segs[..., None, :])  # [b, n, tile, tile]
+        s = jnp.einsum("bnqkgd,bnskd->bnqkgs", qg, shifted.astype(jnp.float32))
+        s = jnp.where(seen[:, :, :, None, None, :], s, -jnp.inf)
+        new_top = jnp.maximum(top, s.max(-1))
+        safe = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
+        total = total * jnp.exp(top - safe) + jnp.exp(s - safe[..., None]).sum(-1)
+        top = new_top
+    return (top + jnp.log(total)).reshape(b, seq, -1)
 
 
 def _row_scan(q, k, q_segments, kv_segments, q_index, scale, block, window, total: bool):

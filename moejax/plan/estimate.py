@@ -128,14 +128,20 @@ def attention_shape(config) -> dict:
     """What plan/predict.py needs to price attention as model/kernels.causal runs it: the
     width its kernel runs at (MLA pads the narrower of its query-key and value widths to the
     wider: the executed FLOPs over the counted ones is `attention_padding`), heads, sequence,
-    sinks and documents (on a GPU the two together cost a second q.k: predict.sink_normalizer)."""
+    sinks and documents (on a GPU the two together cost a second q.k: predict.sink_normalizer),
+    and the window of every layer's attention (0: full causal; a fused kernel skips the key
+    blocks outside a window: predict.window_share)."""
+    from moejax.model.transformer import layer_window
+
     mc = config.model
     qk, v = ((mc.qk_nope_head_dim + mc.qk_rope_head_dim, mc.v_head_dim)
              if mc.attention == "mla" else (mc.head_dim, mc.head_dim))
     return {"head_dim": max(qk, v), "attention_padding": 2 * max(qk, v) / (qk + v),
             "num_heads": mc.num_heads, "seq_len": config.data.seq_len,
             "attention_sinks": bool(mc.get("attention_sinks")),
-            "documents": bool(config.data.get("documents"))}
+            "documents": bool(config.data.get("documents")),
+            "windows": [layer_window(mc, i) for i in range(mc.num_layers)]
+            + [0] * mc.get("mtp_layers", 0)}
 
 
 def plan(config, mesh: dict | None = None, fused_attention: bool = False) -> dict:

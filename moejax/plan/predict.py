@@ -31,6 +31,8 @@ MFU counts the model's FLOPs (run/flops.py: 6 per active weight + causal attenti
 recomputed or padded ones, against the dense bf16 peak, as MaxText and Megatron-Core report it.
 """
 
+import math
+
 import numpy as np
 
 from moejax.model import kernels
@@ -68,9 +70,9 @@ FORWARD_AGAIN = ("full", "offload")  # remat policies that recompute the whole f
 # published runs", the same letters), as (published, predicted) tokens/s per chip. Every
 # prediction says what a reservation should budget by it (budget_line); a test keeps this
 # and the doc's table the same.
-CHECKED = {"a": (3038, 3013), "l": (2070, 2106), "n": (7626, 8101), "j": (12040, 13735),
+CHECKED = {"a": (3038, 3013), "l": (2070, 2106), "n": (7626, 8393), "j": (12040, 13735),
            "h": (1326, 1549), "i": (1862, 2194), "g": (3897, 4701), "e": (542, 668),
-           "m": (13058, 16797), "f": (1322, 1825), "k": (14796, 30037)}
+           "m": (13058, 17948), "f": (1322, 1825), "k": (14796, 30037)}
 
 
 def axes_of(group: list[int], mesh: dict) -> set:
@@ -130,16 +132,36 @@ def xla_attention_bytes(p: dict) -> float:
 def sink_normalizer(p: dict, chip) -> tuple[float, float]:
     """FLOPs and HBM bytes per device per step of the second q.k that model/cudnn_attention
     runs for sinks on cuDNN's packed layout (documents on a GPU): each row's log-sum-exp,
-    from every [S, S] logit per head (a causal or window mask skips no block), float32
-    einsums whose logits are written and read once, on each forward (again under
-    remat=full); it has no backward. (0, 0) wherever it does not run."""
+    float32 einsums whose logits are written and read once, on each forward (again under
+    remat=full); it has no backward. A row's logits: all S keys on a causal layer
+    (xla_attention.row_lse skips no block), the 128-key tiles its band reaches on a
+    windowed one (band_lse). (0, 0) wherever it does not run."""
     m = p["model"]
     if not (chip.platform == "gpu" and m["attention_sinks"] and m["documents"]
             and attention_fused(p, chip)):
         return 0.0, 0.0
-    logits = ((1 + (p["remat"] in FORWARD_AGAIN)) * m["layers"] * p["tokens_per_step"]
-              / p["devices"] * m["num_heads"] * m["seq_len"])
+    seq = m["seq_len"]
+    tile = math.gcd(seq, 128)
+    keys = sum(min(seq, tile * (-(-(w - 1) // tile) + 1)) if w else seq
+               for w in m.get("windows") or [0] * m["layers"])
+    logits = ((1 + (p["remat"] in FORWARD_AGAIN)) * keys * p["tokens_per_step"]
+              / p["devices"] * m["num_heads"])
     return 2 * m["head_dim"] * logits, 2 * 4 * logits
+
+
+def window_share(p: dict, chip) -> float:
+    """The share of the counted attention work (run/flops.py: every layer causal, S/2 keys a
+    query on average) a fused kernel executes, averaged over the layers: a layer with window W
+    computes the key tiles its band touches, about W + one tile of keys a query (a GPU
+    kernel's 128-key tiles, splash's blocks on TPU), the rest skipped. 1 where no layer has a
+    window or attention is XLA's (which skips nothing)."""
+    m = p["model"]
+    windows = m.get("windows") or [0]
+    if not any(windows) or not attention_fused(p, chip):
+        return 1.0
+    seq = m["seq_len"]
+    tile = 128 if chip.platform == "gpu" else kernels.block_size(seq)
+    return float(np.mean([min(1.0, (w + tile) / (seq / 2)) if w else 1.0 for w in windows]))
 
 
 def hardware_flops(p: dict, chip) -> dict:
@@ -156,11 +178,13 @@ def hardware_flops(p: dict, chip) -> dict:
     slots = a["effective_cf"] if a and not a["dropless"] else 1.0
     slots += group_waste(p, chip)
     recompute = 8 / 6 if p["remat"] in FORWARD_AGAIN else 1.0
-    # MLA's kernel computes its narrower width padded to the wider (attention_padding).
+    # MLA's kernel computes its narrower width padded to the wider (attention_padding); a
+    # fused kernel skips the key blocks outside a layer's window (window_share).
     attention = p["model"]["attention_flops_per_token"] * tokens
-    padded = attention * (p["model"]["attention_padding"] - 1)
-    return {"model": model, "hardware": (model + expert * (slots - 1) + padded) * recompute,
-            "expert": expert * slots * recompute, "attention": (attention + padded) * recompute}
+    executed = attention * p["model"]["attention_padding"] * window_share(p, chip)
+    return {"model": model,
+            "hardware": (model + expert * (slots - 1) + executed - attention) * recompute,
+            "expert": expert * slots * recompute, "attention": executed * recompute}
 
 
 def memory_bytes(p: dict, imbalance: float = 1.0) -> float:
@@ -276,7 +300,7 @@ def predict(p: dict, chip, load: np.ndarray | None = None) -> dict:
     host = 2 * p["activation_offload"] * p["grad_accum"] / (chip.host_gb_per_s * 1e9 * share)
     step = matmul + memory + scores + exposed + overlap_left + max(0.0, host - matmul)
     parts = {"matmul": matmul, "memory-bound": memory,
-             "attention scores through HBM (XLA's attention)": scores,
+             "attention logits through HBM (XLA's einsums)": scores,
              "exposed collectives": exposed,
              "overlapped collectives beyond the matmuls": overlap_left,
              "activation offload beyond the matmuls": max(0.0, host - matmul)}
@@ -340,8 +364,10 @@ def attention_line(p: dict, chip, r: dict) -> str:
     if r["fused_attention"]:
         extra = (", and a second q.k in XLA for the sinks' normalizer on the packed layout"
                  if sink_normalizer(p, chip)[0] else "")
+        share = window_share(p, chip)
+        windows = f", {share:.0%} of the causal work (windows)" if share < 1 else ""
         return (f"attention {attention_efficiency(m['head_dim']):.0%} at head dim "
-                f"{m['head_dim']}: a fused kernel{extra}")
+                f"{m['head_dim']}: a fused kernel{windows}{extra}")
     why = ("sinks under context parallelism: no fused kernel takes them on GPU, float32 "
            "einsums" if m["attention_sinks"] and chip.platform == "gpu" else
            "no fused kernel for this dtype or sequence")
