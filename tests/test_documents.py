@@ -113,6 +113,7 @@ def test_padding_changes_no_router_statistic():
     want_new, want = step(unpadded, {"tokens": real, "segments": np.ones_like(real),
                                      "loss_mask": np.ones_like(real)})
     assert want["dropped_frac"].min() > 0.05  # capacity is really binding
+    assert (metrics["max_row_runs"], want["max_row_runs"]) == (2, 1)  # padding, a document
     for key in ("expert_load", "balance_loss", "z_loss", "dropped_frac", "ce_loss", "loss"):
         np.testing.assert_allclose(metrics[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
     got, expected = flat(new["params"]), flat(want_new["params"])

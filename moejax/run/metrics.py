@@ -202,7 +202,9 @@ class StepLog:
                   "opt/grad_norm": m["grad_norm"],
                   # the targets the loss averages over, of all: padding, prompts and each
                   # document's first token are not scored
-                  "data/scored_frac": m["scored_frac"]}
+                  "data/scored_frac": m["scored_frac"],
+                  # the most runs (documents, padding) a row of the batch holds
+                  "data/max_row_runs": m["max_row_runs"]}
         if perf:
             values.update({"perf/tokens_per_s": perf["perf/tokens_per_s"],
                            "perf/step_ms": perf["perf/step_ms"],

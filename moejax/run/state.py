@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax import parallel
 from moejax.model.transformer import Transformer
+from moejax.model.xla_attention import document_starts
 from moejax.moe import router
 from moejax.run import health, qk_clip
 from moejax.run.checkpoint import path_name
@@ -321,6 +322,8 @@ def train_step(state, batch, step, *, graphdef, tx, lr, config, offloaded: bool 
                              {"params": params, "opt_state": opt_state}, old)
     metrics.update(grad_norm=grad_norm, lr=lr(step), skipped=jnp.logical_not(ok),
                    scored_frac=counts[0] / batch["segments"][:, 1:].size,
+                   # past cudnn_attention.PACKED_RUNS a GPU's attention takes XLA's flash
+                   max_row_runs=document_starts(batch["segments"][:, :-1]).sum(1).max(),
                    health={"finite": finite, "expert_grad_norm": health.expert_norms(grads),
                            "expert_update_norm": health.expert_norms(updates)})
     return new_state, metrics
