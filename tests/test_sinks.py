@@ -342,3 +342,21 @@ def test_row_normalizers_are_the_definitions(window):
     if window:
         got = xla_attention.band_lse(q, k, seg, q.shape[-1] ** -0.5, window)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("documents_, with_sinks", [(False, False), (True, False), (False, True),
+                                                    (True, True)],
+                         ids=["plain", "packed", "plain-sinks", "packed-sinks"])
+def test_causal_on_a_gpu_takes_cudnn(monkeypatch, documents_, with_sinks):
+    """kernels.causal as traced on a Hopper GPU (backend and device checks answered so): every
+    case, sinks included, reaches cuDNN's kernel, forward and backward; none XLA's [S, S]."""
+    cudnn_as_traced(monkeypatch)
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(kernels, "_hopper", lambda: True)
+    q, k, v, _ = inputs(2, 1024, 2, jnp.bfloat16)
+    sinks = sink_values().astype(jnp.bfloat16) if with_sinks else None
+    seg = jnp.asarray(documents(2, 1024)) if documents_ else None
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda q: jnp.sum(kernels.causal(
+        q, k, v, None, segments=seg, window=64, sinks=sinks).astype(jnp.float32))))(q))
+    assert "dot_product_attention_fwd" in jaxpr and "dot_product_attention_bwd" in jaxpr
+    assert "1024,1024" not in jaxpr.replace(" ", "")  # (blockwise's fallback: 512 keys)

@@ -56,7 +56,12 @@ def attention(q, k, v, segments=None, sinks=None, *, scale=None, window: int = 0
     [h] (None: none). Packed, kv heads are repeated to the query's (jax 0.10.2 steps the kv
     offsets by the query's heads x hd per token)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if segments is None:  # (jax.nn.dot_product_attention serves this case without sinks)
+    if segments is None and sinks is None:
+        # jax's (left, right) window: keys q - left .. q + right, so W - 1 back.
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, implementation="cudnn",
+            local_window_size=(window - 1, 0) if window else None)
+    if segments is None:
         return _sunk(q, k, v, sinks, None, None, None, _Cudnn(scale, window, packed=False))
     if k.shape[2] != q.shape[2]:
         k, v = (jnp.repeat(a, q.shape[2] // k.shape[2], axis=2) for a in (k, v))

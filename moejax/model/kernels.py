@@ -133,11 +133,8 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None,
         # cuDNN checks for itself when traced, so it cannot hide in a platform_dependent
         # branch exported from a CPU host; bench/attention_gpu.py checks these on a GPU,
         # tests/test_attention.py traces them on this CPU host.
-        if segments is None and sinks is None:
-            # jax's (left, right) window: keys q - left .. q + right, so W - 1 back.
-            return jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, implementation="cudnn",
-                local_window_size=(window - 1, 0) if window else None)
+        if segments is None and sinks is None:  # cuDNN's own partitioning serves it
+            return cudnn_attention.attention(q, k, v, scale=scale, window=window)
         if segments is None or _hopper():
             return _sharded(functools.partial(cudnn_attention.attention, scale=scale,
                                               window=window), q, k, v, segments, mesh, sinks)
