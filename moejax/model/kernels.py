@@ -132,7 +132,7 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None,
     if jax.default_backend() == "gpu" and fused("gpu", q.dtype, sinks is not None, 0):
         # cuDNN checks for itself when traced, so it cannot hide in a platform_dependent
         # branch exported from a CPU host; bench/attention_gpu.py checks these on a GPU,
-        # tests/test_attention.py traces them on this CPU host.
+        # tests/test_attention.py and test_sinks.py trace them on a CPU host.
         if segments is None and sinks is None:  # cuDNN's own partitioning serves it
             return cudnn_attention.attention(q, k, v, scale=scale, window=window)
         if segments is None or _hopper():
