@@ -9,7 +9,7 @@ import pytest
 
 from configs import tiny
 from moejax.config_ranges import ConfigError
-from moejax.plan import estimate, hardware, predict
+from moejax.plan import attention_cost, estimate, hardware, predict
 from moejax.plan.collectives import first_group
 from moejax.plan.load import dropped_at_least, read_load
 
@@ -85,7 +85,7 @@ def test_each_part_by_hand():
     assert r["flops"]["hardware"] == pytest.approx(hardware_flops)
     attention = 1e8 * tokens * 8 / 6  # the scores and values, at their own efficiency
     matmul = ((hardware_flops - attention) / (989e12 * predict.MATMUL_EFFICIENCY)
-              + attention / (989e12 * predict.ATTENTION_EFFICIENCY))
+              + attention / (989e12 * attention_cost.ATTENTION_EFFICIENCY))
     assert r["parts"]["matmul"] == pytest.approx(matmul)
     assert expert * 8 / 6 == pytest.approx(r["flops"]["expert"])
     # per MoE layer and assignment: a row gathered and scattered, the activation's 3 x d_ff;
@@ -160,13 +160,13 @@ def test_attention_is_priced_as_moejax_runs_it_on_the_target():
     assert r["parts"]["attention logits through HBM (XLA's einsums)"] == pytest.approx(
         8 * logits / 3350e9)
     windowed = {**p, "model": {**p["model"], "windows": [128, 0] * 5}}  # band_lse: 2 tiles
-    assert predict.sink_normalizer(windowed, H100)[1] == pytest.approx(
+    assert attention_cost.sink_normalizer(windowed, H100)[1] == pytest.approx(
         8 * logits * (5 * 256 + 5 * 4096) / (10 * 4096))
     p["mesh"] = {**p["mesh"], "context": 2}
     r = predict.predict(p, H100)
     assert not r["fused_attention"]
     attention = 1e8 * tokens * 8 / 6
-    fused_time = attention / (989e12 * predict.ATTENTION_EFFICIENCY)
+    fused_time = attention / (989e12 * attention_cost.ATTENTION_EFFICIENCY)
     xla_time = attention / (989e12 / 2) / predict.MATMUL_EFFICIENCY
     assert r["parts"]["matmul"] - plain["parts"]["matmul"] == pytest.approx(
         xla_time - fused_time)
@@ -192,16 +192,16 @@ def test_a_fused_kernel_skips_the_blocks_outside_a_window():
     p = synthetic()
     p["model"] = {**p["model"], "windows": [128, 0] * 5}
     base = predict.hardware_flops(synthetic(), H100)
-    assert predict.window_share(p, H100) == pytest.approx((256 / 2048 + 1) / 2)
+    assert attention_cost.window_share(p, H100) == pytest.approx((256 / 2048 + 1) / 2)
     flops = predict.hardware_flops(p, H100)
     assert flops["attention"] == pytest.approx(base["attention"] * (256 / 2048 + 1) / 2)
     assert base["hardware"] - flops["hardware"] == pytest.approx(
         base["attention"] - flops["attention"])
     assert flops["model"] == base["model"]  # MFU's numerator counts as run/flops.py does
     tpu = dataclasses.replace(H100, platform="tpu")
-    assert predict.window_share(p, tpu) == pytest.approx((640 / 2048 + 1) / 2)
+    assert attention_cost.window_share(p, tpu) == pytest.approx((640 / 2048 + 1) / 2)
     p["model"]["act_bytes"] = 4  # float32: XLA's attention on a GPU
-    assert predict.window_share(p, H100) == 1.0
+    assert attention_cost.window_share(p, H100) == 1.0
 
 
 def test_dropless_is_priced_as_capacity_at_factor_one():

@@ -41,6 +41,7 @@ REMAT = {
         names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
         offload_src="device", offload_dst="pinned_host"),
 }
+FORWARD_AGAIN = ("full", "offload")  # the policies that recompute the whole forward
 
 
 def is_moe_layer(cfg, layer: int) -> bool:

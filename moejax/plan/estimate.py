@@ -125,12 +125,12 @@ def model_summary(config, counts: dict) -> dict:
 
 
 def attention_shape(config) -> dict:
-    """What plan/predict.py needs to price attention as model/kernels.causal runs it: the
-    width its kernel runs at (MLA pads the narrower of its query-key and value widths to the
-    wider: the executed FLOPs over the counted ones is `attention_padding`), heads, sequence,
-    sinks and documents (on a GPU the two together cost a second q.k: predict.sink_normalizer),
-    and the window of every layer's attention (0: full causal; a fused kernel skips the key
-    blocks outside a window: predict.window_share)."""
+    """What plan/attention_cost.py needs to price attention as model/kernels.causal runs it:
+    the width its kernel runs at (MLA pads the narrower of its query-key and value widths to
+    the wider: the executed FLOPs over the counted ones is `attention_padding`), heads,
+    sequence, sinks and documents (on a GPU the two together cost a second q.k:
+    sink_normalizer), and the window of every layer's attention (0: full causal; a fused
+    kernel skips the key blocks outside a window: window_share)."""
     from moejax.model.transformer import layer_window
 
     mc = config.model

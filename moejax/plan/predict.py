@@ -31,41 +31,27 @@ MFU counts the model's FLOPs (run/flops.py: 6 per active weight + causal attenti
 recomputed or padded ones, against the dense bf16 peak, as MaxText and Megatron-Core report it.
 """
 
-import math
-
 import numpy as np
 
 from moejax.model import kernels
+from moejax.model.transformer import FORWARD_AGAIN
 from moejax.parallel import AXES
+from moejax.plan import attention_cost
+from moejax.plan.attention_cost import attention_efficiency, sink_normalizer, window_share
 from moejax.plan.load import dropped_at_least, rank_imbalance
 
 # Achieved fraction of the dense peak on the large, well-shaped matmuls of these models: a
 # little under the GPUs' measured best-shape ceilings (docs/performance.md has them).
 MATMUL_EFFICIENCY = 0.75
-# A fused attention kernel's fraction of the peak, forward and backward together: its
-# softmax runs between two matmuls of each block (docs/performance.md: FlashAttention-3's
-# published H100 figures, the backward's 2.5x the forward's FLOPs weighted in).
-ATTENTION_EFFICIENCY = 0.5
-# ... at head dim 128; at other widths the same kernel's throughput relative to 128's
-# (FlashAttention-3's published BF16 forward on H100 at 4k tokens: 476, 638 and 612
-# TFLOP/s at head dims 64, 128 and 256): the nearest width at or above the model's.
-ATTENTION_HEAD_DIM = {64: 476 / 638, 128: 1.0, 256: 612 / 638}
 # Rows a dropless grouped matmul computes in vain per expert group and call. Megablox (TPU)
 # computes the row tile a group boundary falls in once for each group in it: one 512-row
 # tile (moe/experts._row_tile) per group. A GPU grouped GEMM pads each group to whole
 # 128-row tiles: half a tile on average.
 GROUP_WASTE_ROWS = {"tpu": 512, "gpu": 64}
-# Where moejax has no fused attention kernel for the target (attention_fused), XLA's
-# attention writes its scores [rows, heads, S, S] in float32 to HBM and reads them back:
-# passes of them in the forward (the scores, the masked softmax read and written, the
-# values' matmul) and in the backward (the probabilities' gradient written, the softmax's
-# backward reading two and writing one, read by the queries' and the keys' matmuls).
-XLA_ATTENTION_PASSES = {"forward": 4, "backward": 6}
 # Reads or writes of a [tokens, d_model] activation per layer in forward and backward together:
 # norms, residual adds, rotary, softmax statistics.
 ACTIVATION_PASSES = 40
 COLLECTIVE_LATENCY_S = 10e-6  # per collective op launched
-FORWARD_AGAIN = ("full", "offload")  # remat policies that recompute the whole forward
 # The model's record: each published run moejax can lay out (docs/performance.md, "Against
 # published runs", the same letters), as (published, predicted) tokens/s per chip. Every
 # prediction says what a reservation should budget by it (budget_line); a test keeps this
@@ -99,69 +85,6 @@ def group_waste(p: dict, chip) -> float:
     rows = (p["tokens_per_step"] / p["devices"] / p["grad_accum"] * m["top_k"]
             * p["mesh"]["tensor"])
     return m["num_experts"] / p["mesh"]["expert"] * GROUP_WASTE_ROWS[chip.platform] / rows
-
-
-def attention_efficiency(head_dim: int) -> float:
-    """ATTENTION_EFFICIENCY at this query-key width (ATTENTION_HEAD_DIM's)."""
-    width = min((w for w in ATTENTION_HEAD_DIM if w >= head_dim), default=max(ATTENTION_HEAD_DIM))
-    return ATTENTION_EFFICIENCY * ATTENTION_HEAD_DIM[width]
-
-
-def attention_fused(p: dict, chip) -> bool:
-    """Whether moejax runs a fused attention kernel on `chip` (model/kernels.causal): on GPU
-    cuDNN's, in bf16 (with sinks, not under context parallelism); on TPU splash, where its
-    blocks of 128 rows divide the sequence (each half of a device's rows under context
-    parallelism). Otherwise XLA's einsums and softmax (xla_attention_bytes)."""
-    m = p["model"]
-    return kernels.fused(chip.platform, "bfloat16" if m["act_bytes"] == 2 else "float32",
-                         m["attention_sinks"], m["seq_len"], p["mesh"]["context"])
-
-
-def xla_attention_bytes(p: dict) -> float:
-    """HBM bytes per device per step of XLA's attention scores: float32 [S, S] per head,
-    every layer (a window masks them, it does not shrink them), XLA_ATTENTION_PASSES times,
-    the forward's again under remat=full. A device's rows x heads x S is its tokens x heads
-    (tensor parallelism splits heads and repeats rows; context splits rows)."""
-    m = p["model"]
-    passes = (XLA_ATTENTION_PASSES["forward"] * (1 + (p["remat"] in FORWARD_AGAIN))
-              + XLA_ATTENTION_PASSES["backward"])
-    return (4 * passes * m["layers"] * p["tokens_per_step"] / p["devices"] * m["num_heads"]
-            * m["seq_len"])
-
-
-def sink_normalizer(p: dict, chip) -> tuple[float, float]:
-    """FLOPs and HBM bytes per device per step of the second q.k that model/cudnn_attention
-    runs for sinks on cuDNN's packed layout (documents on a GPU): each row's log-sum-exp,
-    float32 einsums whose logits are written and read once, on each forward (again under
-    remat=full); it has no backward. A row's logits: all S keys on a causal layer
-    (xla_attention.row_lse skips no block), the 128-key tiles its band reaches on a
-    windowed one (band_lse). (0, 0) wherever it does not run."""
-    m = p["model"]
-    if not (chip.platform == "gpu" and m["attention_sinks"] and m["documents"]
-            and attention_fused(p, chip)):
-        return 0.0, 0.0
-    seq = m["seq_len"]
-    tile = math.gcd(seq, 128)
-    keys = sum(min(seq, tile * (-(-(w - 1) // tile) + 1)) if w else seq
-               for w in m.get("windows") or [0] * m["layers"])
-    logits = ((1 + (p["remat"] in FORWARD_AGAIN)) * keys * p["tokens_per_step"]
-              / p["devices"] * m["num_heads"])
-    return 2 * m["head_dim"] * logits, 2 * 4 * logits
-
-
-def window_share(p: dict, chip) -> float:
-    """The share of the counted attention work (run/flops.py: every layer causal, S/2 keys a
-    query on average) a fused kernel executes, averaged over the layers: a layer with window W
-    computes the key tiles its band touches, about W + one tile of keys a query (a GPU
-    kernel's 128-key tiles, splash's blocks on TPU), the rest skipped. 1 where no layer has a
-    window or attention is XLA's (which skips nothing)."""
-    m = p["model"]
-    windows = m.get("windows") or [0]
-    if not any(windows) or not attention_fused(p, chip):
-        return 1.0
-    seq = m["seq_len"]
-    tile = 128 if chip.platform == "gpu" else kernels.block_size(seq)
-    return float(np.mean([min(1.0, (w + tile) / (seq / 2)) if w else 1.0 for w in windows]))
 
 
 def hardware_flops(p: dict, chip) -> dict:
@@ -279,18 +202,11 @@ def predict(p: dict, chip, load: np.ndarray | None = None) -> dict:
     expert_peak = (chip.fp8_tflops if p["model"]["quantization"] == "fp8" else
                    chip.bf16_tflops) * 1e12 * share
     rest = flops["hardware"] - flops["expert"] - flops["attention"]
-    fused = attention_fused(p, chip)
-    if fused:
-        attention = flops["attention"] / peak / attention_efficiency(p["model"]["head_dim"])
-    else:  # plain einsums; with sinks in float32, which a GPU runs at half the bf16 rate
-        f32 = p["model"]["attention_sinks"] and chip.platform == "gpu"
-        attention = flops["attention"] / (peak / (2 if f32 else 1)) / MATMUL_EFFICIENCY
-    normalizer_flops, normalizer_bytes = sink_normalizer(p, chip)  # float32: half rate
-    attention += normalizer_flops / (peak / 2) / MATMUL_EFFICIENCY
-    matmul = (rest / peak + wait * flops["expert"] / expert_peak) / MATMUL_EFFICIENCY + attention
     hbm = chip.hbm_gb_per_s * 1e9 * share
+    attention, scores = attention_cost.times(p, chip, flops["attention"], peak,
+                                             MATMUL_EFFICIENCY, hbm)
+    matmul = (rest / peak + wait * flops["expert"] / expert_peak) / MATMUL_EFFICIENCY + attention
     memory = memory_bytes(p, wait) / hbm
-    scores = (normalizer_bytes if fused else xla_attention_bytes(p)) / hbm
     comm = collective_times(p["collective_records"], chip, p["mesh"], wait)
     hidden = sum(sum(v.values()) for (_, how), v in comm.items() if how == "overlapped")
     exposed = sum(sum(v.values()) for (_, how), v in comm.items() if how == "exposed")
@@ -309,7 +225,7 @@ def predict(p: dict, chip, load: np.ndarray | None = None) -> dict:
             "flops": flops, "mfu": mfu, "imbalance": wait,
             "tflops_per_chip": flops["model"] / step / 1e12 * chip.devices_per_chip,
             "tokens_per_s": p["tokens_per_step"] / step,
-            "fused_attention": fused,
+            "fused_attention": attention_cost.attention_fused(p, chip),
             "bound": max(("compute", matmul), ("memory", memory + scores),
                          ("communication", exposed + hidden), key=lambda kv: kv[1])[0]}
 
