@@ -83,12 +83,13 @@ def band_lse(q, k, segments, scale: float, window: int) -> jax.Array:
     b, seq = segments.shape
     tile = math.gcd(seq, 128)
     n = seq // tile
+    reach = band_keys(seq, window) // tile
     qg = _grouped(q, k.shape[2]) * scale
     qg = qg.reshape(b, n, tile, *qg.shape[2:])  # [b, n, tile, kv, group, hd]
     keys, index = k.reshape(b, n, tile, *k.shape[2:]), jnp.arange(seq).reshape(n, tile)
     rows = segments.reshape(b, n, tile)
     top, total = jnp.full(qg.shape[:-1], -jnp.inf), jnp.zeros(qg.shape[:-1], jnp.float32)
-    for d in range(min(n, -(-(window - 1) // tile) + 1)):  # query tile i, key tile i - d
+    for d in range(reach):  # query tile i against key tile i - d
         shifted = jnp.concatenate([jnp.zeros_like(keys[:, :d]), keys[:, :n - d]], 1)
         segs = jnp.concatenate([jnp.full_like(rows[:, :d], -1), rows[:, :n - d]], 1)
         at = index - d * tile  # the shifted keys' positions (< 0: none)
@@ -96,12 +97,23 @@ def band_lse(q, k, segments, scale: float, window: int) -> jax.Array:
                 & (index[:, :, None] - at[:, None, :] < window))
         seen = seen[None] & (rows[..., :, None] == segs[..., None, :])  # [b, n, tile, tile]
         s = jnp.einsum("bnqkgd,bnskd->bnqkgs", qg, shifted.astype(jnp.float32))
-        s = jnp.where(seen[:, :, :, None, None, :], s, -jnp.inf)
-        new_top = jnp.maximum(top, s.max(-1))
-        safe = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
-        total = total * jnp.exp(top - safe) + jnp.exp(s - safe[..., None]).sum(-1)
-        top = new_top
+        top, total = _logsumexp_step(top, total, jnp.where(seen[:, :, :, None, None, :], s,
+                                                            -jnp.inf))
     return (top + jnp.log(total)).reshape(b, seq, -1)
+
+
+def band_keys(seq: int, window: int) -> int:
+    """The keys band_lse computes a row's logits over: the 128-row tiles (or gcd(seq, 128))
+    a `window` reaches back from its own tile, itself included."""
+    tile = math.gcd(seq, 128)
+    return tile * min(seq // tile, -(-(window - 1) // tile) + 1)
+
+
+def _logsumexp_step(top, total, s):
+    """One block of logits s [..., keys] into a running max and sum of exp(logit - max)."""
+    new_top = jnp.maximum(top, s.max(-1))
+    safe = jnp.where(jnp.isfinite(new_top), new_top, 0.0)  # no key seen yet
+    return new_top, total * jnp.exp(top - safe) + jnp.exp(s - safe[..., None]).sum(-1)
 
 
 def _row_scan(q, k, q_segments, kv_segments, q_index, scale, block, window, total: bool):
@@ -113,11 +125,9 @@ def _row_scan(q, k, q_segments, kv_segments, q_index, scale, block, window, tota
         top, sums = carry
         kb, segments, index = xs
         s = _block_scores(qg, kb, q_segments, segments, q_index, index, window)
-        new_top = jnp.maximum(top, s.max(-1))
-        if total:  # every row sees itself, so new_top is finite once a block has shown it
-            safe = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
-            sums = sums * jnp.exp(top - safe) + jnp.exp(s - safe[..., None]).sum(-1)
-        return (new_top, sums), None
+        if total:
+            return _logsumexp_step(top, sums, s), None
+        return (jnp.maximum(top, s.max(-1)), sums), None
 
     xs = (_key_blocks(k, block), _key_blocks(kv_segments, block), kv_index)
     start = (jnp.full(qg.shape[:-1], -jnp.inf), jnp.zeros(qg.shape[:-1], jnp.float32))

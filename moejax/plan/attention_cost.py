@@ -3,12 +3,11 @@ kernel at its head dim's rate, skipping the key blocks outside a layer's window;
 einsums with their scores through HBM where moejax has no fused kernel; and, for sinks on
 cuDNN's packed layout, the second q.k of their normalizer. predict.py adds it to the step."""
 
-import math
-
 import numpy as np
 
 from moejax.model import kernels
 from moejax.model.transformer import FORWARD_AGAIN
+from moejax.model.xla_attention import band_keys
 
 # A fused attention kernel's fraction of the peak, forward and backward together: its
 # softmax runs between two matmuls of each block (docs/performance.md: FlashAttention-3's
@@ -59,16 +58,14 @@ def sink_normalizer(p: dict, chip) -> tuple[float, float]:
     runs for sinks on cuDNN's packed layout (documents on a GPU): each row's log-sum-exp,
     float32 einsums whose logits are written and read once, on each forward (again under
     remat=full); it has no backward. A row's logits: all S keys on a causal layer
-    (xla_attention.row_lse skips no block), the 128-key tiles its band reaches on a
-    windowed one (band_lse). (0, 0) wherever it does not run."""
+    (xla_attention.row_lse skips no block), the key tiles its band reaches on a windowed
+    one (band_lse, band_keys). (0, 0) wherever it does not run."""
     m = p["model"]
     if not (chip.platform == "gpu" and m["attention_sinks"] and m["documents"]
             and attention_fused(p, chip)):
         return 0.0, 0.0
     seq = m["seq_len"]
-    tile = math.gcd(seq, 128)
-    keys = sum(min(seq, tile * (-(-(w - 1) // tile) + 1)) if w else seq
-               for w in m.get("windows") or [0] * m["layers"])
+    keys = sum(band_keys(seq, w) if w else seq for w in m.get("windows") or [0] * m["layers"])
     logits = ((1 + (p["remat"] in FORWARD_AGAIN)) * keys * p["tokens_per_step"]
               / p["devices"] * m["num_heads"])
     return 2 * m["head_dim"] * logits, 2 * 4 * logits
